@@ -1,0 +1,53 @@
+# edgeloop: `make demo` runs the main job, `make test` passes the tests. Both set themselves up.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: all venv devcluster-build crds lint unit e2e test demo demo-down clean \
+	bench-devcluster
+
+all: test
+
+$(VENV)/.installed: pyproject.toml runtime-image/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]' -e './runtime-image'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Builds the pinned Kubernetes components from their Go modules, once per pin (cached in ~/.cache/edgeloop).
+devcluster-build: venv
+	$(BIN)/devcluster build
+
+lint: venv
+	$(BIN)/ruff check .
+
+unit: venv
+	$(BIN)/pytest -m 'not e2e'
+
+e2e: venv devcluster-build
+	$(BIN)/pytest -m e2e
+
+test: venv devcluster-build lint
+	$(BIN)/pytest
+
+demo: venv devcluster-build
+	$(BIN)/devcluster up
+	@echo
+	$(BIN)/devcluster kubectl get nodes -L edgeloop.io/accelerator.gpu,edgeloop.io/accelerator.npu
+	@echo
+	@echo "The devcluster stays up. Use it with:  eval \"\$$($(BIN)/devcluster env)\""
+	@echo "Stop it with:                          make demo-down"
+
+demo-down: venv
+	$(BIN)/devcluster down
+
+bench-devcluster: venv devcluster-build
+	$(BIN)/python bench/devcluster.py
+
+clean: demo-down
+	rm -rf $(VENV)
