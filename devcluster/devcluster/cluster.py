@@ -1,0 +1,396 @@
+"""Run the devcluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok as local
+processes on free loopback ports, plus a simulated edge fleet.
+
+Everything a run owns lives in one run directory: certificates, kubeconfigs, etcd's data, one log per
+component, and state.json with the pid and command line of every process it started. `down` stops
+exactly those processes and removes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from devcluster import pki
+from devcluster.fleet import Fleet, node_manifests
+
+STATE_ROOT = Path(os.environ.get("DEVCLUSTER_HOME", Path.home() / ".local" / "state" / "edgeloop" / "devcluster"))
+SERVICE_CIDR = "10.96.0.0/16"
+
+# Audit what clients do (the operator's calls are checked against the chart's RBAC), not the
+# control plane's and the simulator's own chatter, which would dwarf it on a 1000-node fleet.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "users": [
+            "system:kube-controller-manager", "system:kube-scheduler", "system:apiserver", "kwok-controller",
+        ]},
+        {"level": "None", "userGroups": ["system:nodes"]},
+        {"level": "None", "nonResourceURLs": ["/healthz*", "/readyz*", "/livez*", "/version"]},
+        {"level": "Metadata"},
+    ],
+}
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One devcluster, identified by its run directory."""
+
+    run_dir: Path
+
+    @classmethod
+    def named(cls, name: str) -> Cluster:
+        return cls(STATE_ROOT / name)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.run_dir / "kubeconfig"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def state(self) -> dict | None:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Serialize up/down on one run directory."""
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_running(process: dict) -> bool:
+    """True if the recorded pid is alive and still runs the recorded binary (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{process['pid']}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return cmdline[0].decode(errors="replace") == process["argv"][0]
+
+
+def stop_processes(processes: list[dict], grace_seconds: float = 10.0) -> None:
+    """SIGTERM each recorded process that is still ours, in reverse start order, then SIGKILL."""
+    alive = [p for p in reversed(processes) if is_running(p)]
+    for process in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while any(is_running(p) for p in alive) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for process in alive:
+        if is_running(process):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process["pid"], signal.SIGKILL)
+    for process in alive:  # reap our own children (when `up` and `down` run in one process)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(process["pid"], os.WNOHANG)
+
+
+def start_process(name: str, argv: list[str], log_dir: Path) -> dict:
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child, closed below
+    with log:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return {"name": name, "pid": process.pid, "argv": argv}
+
+
+# ---------------------------------------------------------------------------------------------
+# talking to the apiserver (stdlib only: this runs before any client is installed in the cluster)
+
+
+class Api:
+    def __init__(self, port: int, pki_dir: Path, timeout: float = 10.0):
+        context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
+        context.load_cert_chain(pki_dir / "admin.crt", pki_dir / "admin.key")
+        self._connect = lambda: http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=timeout)
+        self._conn = self._connect()
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload else {}
+        for attempt in (1, 2):
+            try:
+                self._conn.request(method, path, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                raw = response.read().decode()
+                break
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = self._connect()
+                if attempt == 2:
+                    raise
+        try:
+            return response.status, json.loads(raw)
+        except json.JSONDecodeError:
+            return response.status, raw
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def wait_for(what: str, check, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if check():
+                return
+        time.sleep(0.25)
+    hint = f"; see {log}" if log else ""
+    raise ClusterError(f"timed out after {timeout:.0f} s waiting for {what}{hint}")
+
+
+def http_ok(port: int, path: str) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration files
+
+
+def write_kubeconfig(path: Path, port: int, pki_dir: Path, client: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "devcluster", "cluster": {
+            "server": f"https://127.0.0.1:{port}", "certificate-authority": str(pki_dir / "ca.crt")}}],
+        "users": [{"name": client, "user": {
+            "client-certificate": str(pki_dir / f"{client}.crt"),
+            "client-key": str(pki_dir / f"{client}.key")}}],
+        "contexts": [{"name": "devcluster", "context": {"cluster": "devcluster", "user": client}}],
+        "current-context": "devcluster",
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+
+
+def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> dict[str, list[str]]:
+    """The command line of every component, in start order."""
+    pki_dir, kc = run_dir / "pki", run_dir / "kubeconfigs"
+    etcd_url, peer_url = f"http://127.0.0.1:{ports['etcd']}", f"http://127.0.0.1:{ports['etcd-peer']}"
+
+    def authn(client: str) -> list[str]:
+        return [f"--{flag}={kc / client}.kubeconfig" for flag in
+                ("kubeconfig", "authentication-kubeconfig", "authorization-kubeconfig")]
+
+    return {
+        "etcd": [
+            str(bin_dir / "etcd"), "--name=devcluster", f"--data-dir={run_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=devcluster={peer_url}", "--log-level=warn",
+            # A throwaway development store: skip fsync so a 1000-node fleet is not disk-bound.
+            "--unsafe-no-fsync", "--quota-backend-bytes=4294967296",
+        ],
+        "kube-apiserver": [
+            str(bin_dir / "kube-apiserver"), f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--tls-cert-file={pki_dir / 'apiserver.crt'}", f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
+            f"--client-ca-file={pki_dir / 'ca.crt'}",
+            f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki_dir / 'apiserver-kubelet-client.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki_dir / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            # The `kubernetes` Service cannot point at a loopback address; nothing in the fleet needs it.
+            "--endpoint-reconciler-type=none",
+            f"--audit-policy-file={run_dir / 'audit-policy.yaml'}", f"--audit-log-path={run_dir / 'audit.log'}",
+            "--audit-log-maxsize=200", "--audit-log-maxbackup=2",
+            "--profiling=false",
+        ],
+        "kube-controller-manager": [
+            str(bin_dir / "kube-controller-manager"), *authn("kube-controller-manager"),
+            "--bind-address=127.0.0.1", f"--secure-port={ports['controller-manager']}", "--leader-elect=false",
+            f"--service-account-private-key-file={pki_dir / 'sa.key'}", f"--root-ca-file={pki_dir / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki_dir / 'ca.crt'}", f"--cluster-signing-key-file={pki_dir / 'ca.key'}",
+            "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--cluster-name=devcluster", "--profiling=false",
+        ],
+        "kube-scheduler": [
+            str(bin_dir / "kube-scheduler"), *authn("kube-scheduler"),
+            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}", "--leader-elect=false",
+            "--profiling=false",
+        ],
+        "kwok": [
+            str(bin_dir / "kwok"), f"--kubeconfig={kc / 'kwok.kubeconfig'}",
+            "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1", "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# up / down / status
+
+
+def _apiserver(state: dict, run_dir: Path) -> Api:
+    return Api(state["ports"]["apiserver"], run_dir / "pki")
+
+
+def is_healthy(cluster: Cluster) -> bool:
+    state = cluster.state()
+    if not state or not all(is_running(p) for p in state["processes"]):
+        return False
+    api = _apiserver(state, cluster.run_dir)
+    try:
+        return api.request("GET", "/readyz")[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        api.close()
+
+
+def down(cluster: Cluster) -> bool:
+    """Stop what this run started and remove its state. False if there was nothing to stop."""
+    state = cluster.state()
+    if state:
+        stop_processes(state["processes"])
+    existed = cluster.run_dir.exists()
+    shutil.rmtree(cluster.run_dir, ignore_errors=True)
+    return existed
+
+
+def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, log=print) -> None:
+    """Bring the cluster up with `fleet`, or add `fleet`'s missing nodes to a healthy running one."""
+    if is_healthy(cluster):
+        log(f"devcluster: already up ({cluster.run_dir}); ensuring the fleet's {fleet.size} nodes")
+        ensure_fleet(cluster, fleet, timeout, log)
+        return
+    if cluster.run_dir.exists():
+        log(f"devcluster: recovering {cluster.run_dir} left by an earlier run: stopping its processes")
+        down(cluster)
+
+    run_dir = cluster.run_dir
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "kubeconfigs").mkdir()
+    pki.write_pki(run_dir / "pki")
+    (run_dir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
+    ports = {name: free_port() for name in
+             ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+    for client in ("kube-controller-manager", "kube-scheduler", "kwok"):
+        write_kubeconfig(run_dir / "kubeconfigs" / f"{client}.kubeconfig", ports["apiserver"], run_dir / "pki", client)
+
+    state = {"bin_dir": str(bin_dir), "ports": ports, "processes": []}
+    started = time.monotonic()
+    api = Api(ports["apiserver"], run_dir / "pki")
+    try:
+        for name, argv in component_commands(bin_dir, run_dir, ports).items():
+            state["processes"].append(start_process(name, argv, run_dir / "logs"))
+            cluster.state_file.write_text(json.dumps(state, indent=2))  # recorded before we wait on it
+            log_file = run_dir / "logs" / f"{name}.log"
+            if name == "etcd":
+                wait_for("etcd /health", lambda: http_ok(ports["etcd"], "/health"), 30, log_file)
+            elif name == "kube-apiserver":
+                wait_for("kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200, 60, log_file)
+        write_kubeconfig(cluster.kubeconfig, ports["apiserver"], run_dir / "pki", "admin")
+        wait_for(
+            "the default ServiceAccount",
+            lambda: api.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
+            60, run_dir / "logs" / "kube-controller-manager.log",
+        )
+        log(f"devcluster: control plane ready in {time.monotonic() - started:.1f} s")
+    except BaseException:
+        stop_processes(state["processes"])
+        raise
+    finally:
+        api.close()
+    ensure_fleet(cluster, fleet, timeout, log)
+
+
+def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> None:
+    """Create the fleet's nodes that do not exist yet and wait until every one is Ready."""
+    state = cluster.state()
+    api = _apiserver(state, cluster.run_dir)
+    try:
+        started = time.monotonic()
+        created = 0
+        for node in node_manifests(fleet):
+            status, body = api.request("POST", "/api/v1/nodes", node)
+            if status == 201:
+                created += 1
+            elif status != 409:  # 409: it exists already, which is what we want
+                raise ClusterError(f"creating node {node['metadata']['name']}: HTTP {status}: {body}")
+        names = {node["metadata"]["name"] for node in node_manifests(fleet)}
+
+        def all_ready() -> bool:
+            status, body = api.request("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")
+            ready = {item["metadata"]["name"] for item in body.get("items", []) if _is_ready(item)}
+            return status == 200 and names <= ready
+
+        wait_for(f"{len(names)} nodes to be Ready", all_ready, timeout, cluster.run_dir / "logs" / "kwok.log")
+        log(f"devcluster: {len(names)} nodes Ready ({created} created) in {time.monotonic() - started:.1f} s")
+    finally:
+        api.close()
+
+
+def _is_ready(node: dict) -> bool:
+    conditions = node.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def status(cluster: Cluster) -> dict:
+    """What is running, for `devcluster status` and for tests."""
+    state = cluster.state()
+    if not state:
+        return {"running": False, "run_dir": str(cluster.run_dir)}
+    components = {p["name"]: {"pid": p["pid"], "running": is_running(p)} for p in state["processes"]}
+    summary = {
+        "running": all(c["running"] for c in components.values()) and bool(components),
+        "run_dir": str(cluster.run_dir),
+        "kubeconfig": str(cluster.kubeconfig),
+        "server": f"https://127.0.0.1:{state['ports']['apiserver']}",
+        "components": components,
+    }
+    if summary["running"]:
+        api = _apiserver(state, cluster.run_dir)
+        try:
+            code, body = api.request("GET", "/api/v1/nodes")
+            if code == 200:
+                items = body["items"]
+                summary["nodes"] = {"total": len(items), "ready": sum(_is_ready(n) for n in items)}
+        finally:
+            api.close()
+    return summary

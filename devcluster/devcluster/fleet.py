@@ -1,0 +1,85 @@
+"""Fleet specs: node groups of simulated edge nodes, rendered as kwok-managed Node objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_FLEET = Path(__file__).parent / "fleets" / "default.yaml"
+# kwok manages exactly the nodes that carry this annotation; real kubelets (later) never do.
+KWOK_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
+BASE_CAPACITY = {"cpu": "4", "memory": "8Gi", "pods": "110", "ephemeral-storage": "50Gi"}
+
+
+class Taint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+class NodeGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    count: int = Field(ge=0)
+    labels: dict[str, str] = {}
+    taints: list[Taint] = []
+    capacity: dict[str, str] = {}
+
+
+class Fleet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    groups: list[NodeGroup] = Field(min_length=1)
+
+    @property
+    def size(self) -> int:
+        return sum(group.count for group in self.groups)
+
+    def scaled_to(self, total: int) -> Fleet:
+        """The same mix of groups with `total` nodes in all (largest-remainder rounding)."""
+        if self.size == 0:
+            raise ValueError("cannot scale a fleet with no nodes")
+        shares = [group.count * total / self.size for group in self.groups]
+        counts = [int(share) for share in shares]
+        by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - counts[i], reverse=True)
+        for i in by_remainder[: total - sum(counts)]:
+            counts[i] += 1
+        groups = [g.model_copy(update={"count": n}) for g, n in zip(self.groups, counts, strict=True)]
+        return Fleet(groups=groups)
+
+
+def load_fleet(path: Path | None = None) -> Fleet:
+    return Fleet.model_validate(yaml.safe_load((path or DEFAULT_FLEET).read_text()))
+
+
+def node_manifests(fleet: Fleet) -> list[dict]:
+    """Node objects for every node of the fleet; kwok makes them Ready and runs their pods' lifecycle."""
+    nodes = []
+    for group in fleet.groups:
+        capacity = {**BASE_CAPACITY, **group.capacity}
+        for index in range(group.count):
+            name = f"{group.name}-{index}"
+            nodes.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "annotations": dict(KWOK_ANNOTATION),
+                        "labels": {
+                            "kubernetes.io/hostname": name,
+                            "kubernetes.io/os": "linux",
+                            "kubernetes.io/arch": "amd64",
+                            "type": "kwok",
+                            "edgeloop.io/node-group": group.name,
+                            **group.labels,
+                        },
+                    },
+                    "spec": {"taints": [taint.model_dump() for taint in group.taints]},
+                    "status": {"capacity": capacity, "allocatable": capacity},
+                }
+            )
+    return nodes

@@ -1,0 +1,66 @@
+"""The e2e tier: one devcluster (a real kube-apiserver, controller-manager, scheduler and etcd, with a
+kwok-simulated edge fleet) for the whole session, driven with the real kubectl."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from devcluster.fleet import load_fleet
+
+from devcluster import build, cluster
+
+
+@dataclass(frozen=True)
+class DevCluster:
+    kubeconfig: Path
+    bin_dir: Path
+    run_dir: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PATH": f"{self.bin_dir}:{os.environ['PATH']}"}
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.bin_dir / "kubectl"), *args], input=input, env=self.env, capture_output=True, text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def get_json(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+
+@pytest.fixture(scope="session")
+def devcluster() -> DevCluster:
+    """Brought up once per test session (its own run directory, apart from `make demo`'s) and taken down."""
+    target = cluster.Cluster.named(os.environ.get("EDGELOOP_E2E_CLUSTER", "e2e"))
+    bin_dir = build.build()
+    with target.locked():
+        cluster.up(target, bin_dir, load_fleet())
+    yield DevCluster(kubeconfig=target.kubeconfig, bin_dir=bin_dir, run_dir=target.run_dir)
+    with target.locked():
+        cluster.down(target)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/e2e is an e2e test."""
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture
+def namespace(devcluster: DevCluster, request) -> str:
+    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 10000}"
+    devcluster.kubectl("create", "namespace", name)
+    yield name
+    devcluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

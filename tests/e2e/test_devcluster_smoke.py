@@ -1,0 +1,109 @@
+"""The devcluster is a real Kubernetes: its fleet, scheduling, Jobs and CRD validation, through kubectl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from devcluster.fleet import load_fleet, node_manifests
+
+
+def test_components_report_the_pinned_kubernetes_version(devcluster):
+    version = json.loads(devcluster.kubectl("version", "-o", "json").stdout)
+    assert version["serverVersion"]["gitVersion"] == version["clientVersion"]["gitVersion"]
+    assert version["serverVersion"]["gitVersion"].startswith("v1.34.")
+    helm = subprocess.run([str(devcluster.bin_dir / "helm"), "version", "--short"], capture_output=True, text=True)
+    assert helm.stdout.startswith("v3.")
+
+
+def test_fleet_nodes_have_the_specified_labels_and_capacity(devcluster):
+    expected = {node["metadata"]["name"]: node for node in node_manifests(load_fleet())}
+    nodes = {n["metadata"]["name"]: n for n in devcluster.get_json("nodes", "-l", "type=kwok")["items"]}
+    assert set(nodes) == set(expected)
+    for name, want in expected.items():
+        got = nodes[name]
+        assert want["metadata"]["labels"].items() <= got["metadata"]["labels"].items(), name
+        for resource, quantity in want["status"]["capacity"].items():
+            assert got["status"]["capacity"][resource] == quantity, (name, resource)
+    gpu_nodes = devcluster.kubectl("get", "nodes", "-l", "edgeloop.io/accelerator.gpu=true", "-o", "name").stdout
+    assert sorted(gpu_nodes.split()) == ["node/edge-gpu-0", "node/edge-gpu-1"]
+
+
+DAEMONSET = """
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: gpu-only}
+spec:
+  selector: {matchLabels: {app: gpu-only}}
+  template:
+    metadata: {labels: {app: gpu-only}}
+    spec:
+      affinity:
+        nodeAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+            nodeSelectorTerms:
+              - matchExpressions: [{key: edgeloop.io/accelerator.gpu, operator: In, values: ["true"]}]
+      containers:
+        - name: main
+          image: registry.example/runtime:1
+          resources: {limits: {nvidia.com/gpu: "1"}}
+"""
+
+
+def test_daemonset_with_gpu_affinity_runs_on_gpu_nodes_only(devcluster, namespace):
+    devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=DAEMONSET)
+    devcluster.kubectl("rollout", "status", "-n", namespace, "daemonset/gpu-only", "--timeout=90s")
+    pods = devcluster.get_json("pods", "-n", namespace)["items"]
+    assert sorted(p["spec"]["nodeName"] for p in pods) == ["edge-gpu-0", "edge-gpu-1"]
+    assert all(p["status"]["phase"] == "Running" for p in pods)
+
+
+def test_job_completes(devcluster, namespace):
+    devcluster.kubectl("create", "job", "-n", namespace, "hello", "--image=registry.example/busybox:1", "--", "true")
+    devcluster.kubectl("wait", "-n", namespace, "job/hello", "--for=condition=Complete", "--timeout=90s")
+    job = devcluster.get_json("job/hello", "-n", namespace)
+    assert job["status"]["succeeded"] == 1
+
+
+CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.smoke.edgeloop.io}
+spec:
+  group: smoke.edgeloop.io
+  names: {kind: Widget, plural: widgets, singular: widget}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              required: [size]
+              properties:
+                size: {type: integer, minimum: 1}
+"""
+
+
+@pytest.fixture
+def widget_crd(devcluster):
+    devcluster.kubectl("apply", "-f", "-", input=CRD)
+    devcluster.kubectl("wait", "--for=condition=Established", "crd/widgets.smoke.edgeloop.io", "--timeout=30s")
+    yield
+    devcluster.kubectl("delete", "crd", "widgets.smoke.edgeloop.io", "--wait=false")
+
+
+def test_apiserver_validates_custom_resources_against_the_crd_schema(devcluster, namespace, widget_crd):
+    good = "apiVersion: smoke.edgeloop.io/v1\nkind: Widget\nmetadata: {name: ok}\nspec: {size: 3}\n"
+    devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=good)
+    assert devcluster.get_json("widget/ok", "-n", namespace)["spec"]["size"] == 3
+
+    bad = "apiVersion: smoke.edgeloop.io/v1\nkind: Widget\nmetadata: {name: bad}\nspec: {size: 0}\n"
+    result = devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad, check=False)
+    assert result.returncode != 0
+    assert "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1" in result.stderr

@@ -1,0 +1,79 @@
+"""Pure parts of the devcluster: the generated pin and the fleet spec."""
+
+from __future__ import annotations
+
+import pytest
+from devcluster.fleet import Fleet, load_fleet, node_manifests
+from pydantic import ValidationError
+
+from devcluster import pin
+
+RELEASE_GOMOD = """module k8s.io/kubernetes
+
+require (
+\tk8s.io/api v0.0.0
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go
+\tgithub.com/other/thing => github.com/fork/thing v1.0.0
+)
+"""
+
+
+def test_staging_replaces_come_from_the_release_gomod():
+    assert pin.staging_replaces(RELEASE_GOMOD, "v1.34.4") == [
+        "\tk8s.io/api => k8s.io/api v0.34.4",
+        "\tk8s.io/client-go => k8s.io/client-go v0.34.4",
+    ]
+
+
+def test_replace_block_is_rewritten_in_place():
+    first = pin.with_replaces("module x\n\ngo 1.24\n", ["\ta => a v0.1.0"])
+    second = pin.with_replaces(first, ["\ta => a v0.2.0"])
+    assert second.count(pin.BEGIN) == 1
+    assert "a => a v0.2.0" in second and "v0.1.0" not in second
+
+
+def test_committed_gomod_replaces_every_staging_module_of_the_pinned_release():
+    gomod = (pin.MODULE_DIR / "go.mod").read_text()
+    assert "k8s.io/kubernetes v1.34." in gomod
+    for module in ("k8s.io/api", "k8s.io/client-go", "k8s.io/kubectl", "k8s.io/kubelet", "k8s.io/kube-proxy"):
+        assert f"\t{module} => {module} v0.34." in gomod
+
+
+def test_default_fleet_is_two_npu_two_gpu_two_cpu_nodes():
+    nodes = node_manifests(load_fleet())
+    by_group: dict[str, list[dict]] = {}
+    for node in nodes:
+        by_group.setdefault(node["metadata"]["labels"]["edgeloop.io/node-group"], []).append(node)
+    assert {group: len(members) for group, members in by_group.items()} == {
+        "edge-npu": 2, "edge-gpu": 2, "edge-cpu": 2}
+    npu = by_group["edge-npu"][0]
+    assert npu["metadata"]["labels"]["edgeloop.io/accelerator.npu"] == "true"
+    assert npu["status"]["capacity"]["npu.intel.com/accel"] == "1"
+    gpu = by_group["edge-gpu"][0]
+    assert gpu["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
+    assert gpu["status"]["capacity"]["nvidia.com/gpu"] == "1"
+    cpu = by_group["edge-cpu"][0]
+    assert not any(label.startswith(("edgeloop.io/accelerator", "nvidia.com")) for label in cpu["metadata"]["labels"])
+    assert all(node["metadata"]["annotations"] == {"kwok.x-k8s.io/node": "fake"} for node in nodes)
+
+
+@pytest.mark.parametrize("total", [1, 6, 7, 1000])
+def test_scaling_keeps_the_total_and_the_mix(total):
+    scaled = load_fleet().scaled_to(total)
+    assert scaled.size == total
+    counts = [group.count for group in scaled.groups]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_taints_are_rendered_and_unknown_fields_rejected():
+    fleet = Fleet.model_validate({"groups": [{"name": "g", "count": 1,
+                                              "taints": [{"key": "edge", "effect": "NoSchedule"}]}]})
+    assert node_manifests(fleet)[0]["spec"]["taints"] == [{"key": "edge", "value": "", "effect": "NoSchedule"}]
+    with pytest.raises(ValidationError, match="colour"):
+        Fleet.model_validate({"groups": [{"name": "g", "count": 1, "colour": "blue"}]})
+    with pytest.raises(ValidationError):
+        Fleet.model_validate({"groups": [{"name": "Bad_Name", "count": 1}]})
