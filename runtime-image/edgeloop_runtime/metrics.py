@@ -1,0 +1,162 @@
+"""Prometheus metrics in the text exposition format, and Triton's per-model statistics.
+
+Everything here is updated from the event loop's thread only, so nothing needs a lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    escaped = (v.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n") for v in values)
+    return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, escaped, strict=True)) + "}"
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...] = ()) -> None:
+        self.name, self.help, self.labelnames = name, help_text, labelnames
+        self.values: dict[tuple[str, ...], float] = defaultdict(float)
+
+    def inc(self, *labels: str, amount: float = 1) -> None:
+        self.values[labels] += amount
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        lines += [f"{self.name}{_labels(self.labelnames, k)} {v:g}" for k, v in self.values.items()]
+        return lines
+
+
+class Gauge:
+    """A gauge whose value is read when scraped."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], float], labels: dict[str, str]) -> None:
+        self.name, self.help, self.read, self.labels = name, help_text, read, labels
+
+    def render(self) -> list[str]:
+        label_text = _labels(tuple(self.labels), tuple(self.labels.values()))
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} gauge",
+            f"{self.name}{label_text} {self.read():g}",
+        ]
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...], labelnames: tuple[str, ...] = ()) -> None:
+        self.name, self.help, self.buckets, self.labelnames = name, help_text, buckets, labelnames
+        # per label set: counts per bucket (non-cumulative; the last slot is +Inf), sum
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = ([0] * (len(self.buckets) + 1), [0.0])
+        series[0][bisect.bisect_left(self.buckets, value)] += 1
+        series[1][0] += value
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for labels, (counts, total) in self.series.items():
+            cumulative = 0
+            for bound, count in zip((*self.buckets, "+Inf"), counts, strict=True):
+                cumulative += count
+                le = bound if isinstance(bound, str) else f"{bound:g}"
+                lines.append(f"{self.name}_bucket{_labels((*self.labelnames, 'le'), (*labels, le))} {cumulative}")
+            lines.append(f"{self.name}_sum{_labels(self.labelnames, labels)} {total[0]:g}")
+            lines.append(f"{self.name}_count{_labels(self.labelnames, labels)} {cumulative}")
+        return lines
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class TritonStats:
+    """The counters behind Triton's statistics extension (`…/stats`, ModelStatistics)."""
+
+    last_inference_ms: int = 0
+    inference_count: int = 0  # requests' batch sizes added up
+    execution_count: int = 0  # batches run
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)  # batch size → compute_infer
+
+    def record_batch(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.inference_count += size
+        self.execution_count += 1
+        self.compute_input.add(input_ns)
+        self.compute_infer.add(infer_ns)
+        self.compute_output.add(output_ns)
+        self.batches.setdefault(size, Duration()).add(infer_ns)
+
+
+class Metrics:
+    def __init__(self, model: str, version: str, sha256: str, providers: list[str]) -> None:
+        self.model = model
+        self.info = Gauge(
+            "edgeloop_model_info",
+            "The model being served; always 1.",
+            lambda: 1,
+            {"model": model, "version": version, "sha256": sha256, "providers": ",".join(providers)},
+        )
+        self.requests = Counter(
+            "edgeloop_requests_total", "Inference requests by protocol and outcome.", ("model", "protocol", "outcome")
+        )
+        self.latency = Histogram(
+            "edgeloop_request_duration_seconds",
+            "Inference request latency in the server, from the full request to the encoded response.",
+            LATENCY_BUCKETS,
+            ("model", "protocol"),
+        )
+        self.inference = Histogram(
+            "edgeloop_inference_duration_seconds", "ONNX Runtime run time per batch.", LATENCY_BUCKETS, ("model",)
+        )
+        self.batch_size = Histogram(
+            "edgeloop_batch_size", "Batch size (in samples) of each ONNX Runtime run.", BATCH_BUCKETS, ("model",)
+        )
+        self.gauges: list[Gauge] = []
+        self.triton = TritonStats()
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        self.gauges.append(Gauge(name, help_text, read, {"model": self.model}))
+
+    def request_done(self, protocol: str, outcome: str, seconds: float, queue_ns: int = 0) -> None:
+        self.requests.inc(self.model, protocol, outcome)
+        self.latency.observe(seconds, self.model, protocol)
+        duration = self.triton.success if outcome == "success" else self.triton.fail
+        duration.add(int(seconds * 1e9))
+        if queue_ns:
+            self.triton.queue.add(queue_ns)
+
+    def batch_done(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.batch_size.observe(size, self.model)
+        self.inference.observe(infer_ns / 1e9, self.model)
+        self.triton.record_batch(size, input_ns, infer_ns, output_ns)
+
+    def render(self) -> bytes:
+        lines: list[str] = []
+        for metric in (self.info, self.requests, self.latency, self.inference, self.batch_size, *self.gauges):
+            lines += metric.render()
+        return ("\n".join(lines) + "\n").encode()

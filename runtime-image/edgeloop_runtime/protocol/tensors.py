@@ -1,0 +1,150 @@
+"""Tensors on the wire: datatype tables (OIP, ONNX Runtime, numpy, Triton config) and the codecs of one tensor.
+
+Decoders raise BadRequest naming the tensor, since their input is whatever a client sent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeloop_runtime.errors import BadRequest
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One decoded input: what the client declared, and the data as numpy."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+# OIP datatype → numpy dtype, little-endian as the binary extension requires. BYTES is variable length.
+NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+# ONNX Runtime's type strings (NodeArg.type) → OIP datatype.
+FROM_ORT: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# OIP datatype → Triton's model_config DataType enum name (BYTES is TYPE_STRING there).
+TRITON_CONFIG: dict[str, str] = {name: f"TYPE_{'STRING' if name == 'BYTES' else name}" for name in NUMPY}
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """BYTES elements as the binary extension lays them out: a 4-byte little-endian length, then the bytes."""
+    parts = []
+    for item in array.ravel(order="C"):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(len(data).to_bytes(4, "little"))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
+    """The inverse of serialize_bytes; raises ValueError when the buffer does not hold exactly `count` items."""
+    items = []
+    offset = 0
+    view = memoryview(buffer)
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise ValueError("BYTES element length prefix is truncated")
+        size = int.from_bytes(view[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(view):
+            raise ValueError("BYTES element is truncated")
+        items.append(bytes(view[offset : offset + size]))
+        offset += size
+    if len(items) != count:
+        raise ValueError(f"BYTES payload holds {len(items)} elements, the shape needs {count}")
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return array
+
+
+def check_header(name: object, datatype: object, shape: object) -> tuple[str, str, tuple[int, ...]]:
+    if not isinstance(name, str) or not name:
+        raise BadRequest("every input needs a 'name' string")
+    if datatype not in NUMPY:
+        raise BadRequest(f"input '{name}' has unknown datatype {datatype!r}; known: {sorted(NUMPY)}")
+    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise BadRequest(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r}")
+    return name, datatype, tuple(shape)
+
+
+def from_buffer(name: str, datatype: str, shape: tuple[int, ...], buffer: bytes | memoryview) -> Tensor:
+    """A tensor from the binary extension's (or gRPC raw_input_contents') little-endian bytes."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        try:
+            array = deserialize_bytes(buffer, count)
+        except ValueError as error:
+            raise BadRequest(f"input '{name}': {error}") from error
+        return Tensor(name, datatype, shape, array.reshape(shape))
+    dtype = NUMPY[datatype]
+    if len(buffer) != count * dtype.itemsize:
+        raise BadRequest(
+            f"input '{name}' has {len(buffer)} bytes of data, shape {list(shape)} of {datatype} needs "
+            f"{count * dtype.itemsize}"
+        )
+    return Tensor(name, datatype, shape, np.frombuffer(buffer, dtype=dtype).reshape(shape))
+
+
+def from_list(name: str, datatype: str, shape: tuple[int, ...], data: object) -> Tensor:
+    """A tensor from JSON data, flat or nested in row-major order."""
+    try:
+        if datatype == "BYTES":
+            array = np.array(
+                [v.encode() if isinstance(v, str) else bytes(v) for v in np.array(data, dtype=object).ravel()],
+                dtype=object,
+            )
+        else:
+            array = np.array(data, dtype=NUMPY[datatype]).ravel()
+    except (ValueError, TypeError, OverflowError) as error:
+        raise BadRequest(f"input '{name}': data is not a list of {datatype} values ({error})") from error
+    if array.size != math.prod(shape):
+        raise BadRequest(f"input '{name}' has {array.size} values, shape {list(shape)} needs {math.prod(shape)}")
+    return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def to_buffer(datatype: str, array: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    return np.ascontiguousarray(array, dtype=NUMPY[datatype]).tobytes()
+
+
+def to_list(datatype: str, array: np.ndarray) -> object:
+    """Flat row-major JSON data: a contiguous numpy array (orjson writes it natively) or a list of str."""
+    if datatype == "BYTES":
+        return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    return np.ascontiguousarray(array).ravel()

@@ -1,0 +1,178 @@
+"""`edgeloop-runtime serve`: load one verified ONNX model and serve it over OIP v2 HTTP and gRPC.
+
+On SIGTERM (or SIGINT) it drains: readiness turns false, listeners close, requests already in the
+server finish (up to --drain-timeout), then it exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from pathlib import Path
+
+from edgeloop_runtime.fetch import DEFAULT_CACHE, cache_path
+
+log = logging.getLogger("edgeloop_runtime.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-path", type=Path, help="the ONNX file; default: <cache>/sha256/<sha256>")
+    model.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="node model cache (default %(default)s)")
+    model.add_argument("--sha256", help="expected sha256 of the model; a mismatching file is refused")
+    model.add_argument("--model-name", default="model", help="name clients address (default %(default)s)")
+    model.add_argument("--model-version", default="1", help="version reported and accepted (default %(default)s)")
+    runtime = parser.add_argument_group("ONNX Runtime")
+    runtime.add_argument(
+        "--execution-providers",
+        default="CPUExecutionProvider",
+        help="comma-separated ONNX Runtime execution providers, in order of preference (default %(default)s)",
+    )
+    runtime.add_argument(
+        "--allow-cpu-fallback",
+        action="store_true",
+        help="serve on CPU when a requested provider is missing or fails; without it the server refuses to start",
+    )
+    runtime.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads; 0: ONNX Runtime decides (default %(default)s)"
+    )
+    batching = parser.add_argument_group("batching and backpressure")
+    batching.add_argument(
+        "--max-batch-size", type=int, default=8, help="0 disables dynamic batching (default %(default)s)"
+    )
+    batching.add_argument(
+        "--batch-window-us",
+        type=int,
+        default=500,
+        help="under concurrent load, how long a batch waits to fill, in µs (default %(default)s)",
+    )
+    batching.add_argument(
+        "--max-queue",
+        type=int,
+        default=128,
+        help="requests waiting for a batch beyond which new ones get 503/UNAVAILABLE (default %(default)s)",
+    )
+    network = parser.add_argument_group("network")
+    network.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
+    network.add_argument("--http-port", type=int, default=8000, help="default %(default)s")
+    network.add_argument("--grpc-port", type=int, default=8001, help="0 disables gRPC (default %(default)s)")
+    network.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 << 20,
+        help="largest request body (HTTP: 413, gRPC: RESOURCE_EXHAUSTED) (default %(default)s)",
+    )
+    network.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS and gRPC over TLS")
+    network.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    network.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM (default %(default)s)"
+    )
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        log.error("--tls-cert and --tls-key go together")
+        return 2
+    if args.model_path is None and not args.sha256:
+        log.error("give --model-path, or --sha256 to serve <cache>/sha256/<sha256>")
+        return 2
+    # Imported here so that `--help` and argument errors stay fast.
+    import onnxruntime as ort
+
+    from edgeloop_runtime.model import Model, ModelLoadError, create_session, read_verified, resolve_providers
+
+    path = args.model_path or cache_path(args.cache, args.sha256)
+    requested = [p.strip() for p in args.execution_providers.split(",") if p.strip()]
+    try:
+        data, digest = read_verified(path, args.sha256)
+        providers = resolve_providers(requested, ort.get_available_providers(), args.allow_cpu_fallback)
+        session = create_session(data, providers, args.allow_cpu_fallback, args.threads)
+        model = Model(
+            session,
+            name=args.model_name,
+            version=args.model_version,
+            sha256=digest,
+            max_batch_size=max(args.max_batch_size, 0),
+        )
+    except ModelLoadError as error:
+        log.error("%s", error)
+        return 1
+    model.warm_up()
+    log.info(
+        "loaded %s version %s (sha256 %s) from %s; execution providers in use: %s; max batch size %d",
+        model.name,
+        model.version,
+        model.sha256,
+        path,
+        ",".join(model.providers),
+        model.max_batch_size,
+    )
+    import uvloop
+
+    return uvloop.run(_serve(args, model))
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+async def _serve(args: argparse.Namespace, model) -> int:
+    import grpc
+
+    from edgeloop_runtime.grpc_server import build_server
+    from edgeloop_runtime.http_server import App, Connection
+    from edgeloop_runtime.serving import Serving
+
+    loop = asyncio.get_running_loop()
+    serving = Serving(model, max_queue=args.max_queue, window_us=args.batch_window_us)
+    serving.batcher.start()
+    app = App(serving, args.max_body_bytes)
+    connections: set[Connection] = set()
+    http = await loop.create_server(
+        lambda: Connection(app, connections), args.host, args.http_port, ssl=_tls(args), backlog=1024
+    )
+    grpc_server = None
+    if args.grpc_port:
+        grpc_server = build_server(serving, args.max_body_bytes)
+        address = f"{args.host}:{args.grpc_port}"
+        if args.tls_cert:
+            credentials = grpc.ssl_server_credentials([(args.tls_key.read_bytes(), args.tls_cert.read_bytes())])
+            grpc_server.add_secure_port(address, credentials)
+        else:
+            grpc_server.add_insecure_port(address)
+        await grpc_server.start()
+
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    scheme = "https" if args.tls_cert else "http"
+    log.info("ready: %s://%s:%d (HTTP), gRPC port %s", scheme, args.host, args.http_port, args.grpc_port or "off")
+    await stop.wait()
+
+    log.info("draining: %d request(s) in flight", serving.inflight)
+    serving.draining = True
+    http.close()
+    for connection in list(connections):
+        connection.close_if_idle()
+    grpc_stopped = grpc_server.stop(args.drain_timeout) if grpc_server else asyncio.sleep(0)
+    deadline = time.monotonic() + args.drain_timeout
+    while serving.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await grpc_stopped
+    for connection in list(connections):
+        if connection.transport is not None:
+            connection.transport.close()
+    await serving.batcher.stop()
+    log.info("stopped; %d request(s) left unfinished", serving.inflight)
+    return 0

@@ -1,0 +1,123 @@
+"""What HTTP and gRPC share: the model, its batcher and metrics, readiness, and the protocol's documents."""
+
+from __future__ import annotations
+
+import asyncio
+
+from edgeloop_runtime import __version__
+from edgeloop_runtime.batcher import Batcher
+from edgeloop_runtime.errors import BadRequest, NotFound, Unavailable
+from edgeloop_runtime.metrics import Metrics
+from edgeloop_runtime.model import CPU, Model
+from edgeloop_runtime.protocol.tensors import TRITON_CONFIG, Tensor
+
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
+
+
+class Serving:
+    def __init__(self, model: Model, *, max_queue: int, window_us: int) -> None:
+        self.model = model
+        self.window_us = window_us
+        self.metrics = Metrics(model.name, model.version, model.sha256, model.providers)
+        self.batcher = Batcher(model, self.metrics, max_queue=max_queue, window_us=window_us)
+        self.metrics.gauge("edgeloop_queue_depth", "Requests waiting for a batch.", self.batcher.depth)
+        self.metrics.gauge("edgeloop_inflight_requests", "Inference requests in the server.", lambda: self.inflight)
+        self.metrics.gauge("edgeloop_ready", "1 while the server accepts inference requests.", lambda: self.ready)
+        self.inflight = 0
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining
+
+    def find(self, name: str, version: str | None) -> Model:
+        if name != self.model.name or version not in (None, "", self.model.version):
+            wanted = name + (f" version {version}" if version else "")
+            raise NotFound(
+                f"model '{wanted}' is not served here (serving '{self.model.name}' version {self.model.version})"
+            )
+        return self.model
+
+    def submit(self, inputs: list[Tensor], outputs: list[str] | None) -> asyncio.Future:
+        """Checks the request against the model and queues it; the future yields (outputs, queued ns)."""
+        if self.draining:
+            raise Unavailable("the server is shutting down")
+        feeds, size = self.model.check(inputs)
+        unknown = [name for name in outputs or () if name not in self.model.outputs]
+        if unknown:
+            raise BadRequest(f"unknown output(s) {unknown}: model '{self.model.name}' has {list(self.model.outputs)}")
+        return self.batcher.submit(feeds, size)
+
+    def server_metadata(self) -> dict:
+        return {"name": "edgeloop", "version": __version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self) -> dict:
+        model = self.model
+        return {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [spec.as_dict() for spec in model.inputs.values()],
+            "outputs": [spec.as_dict() for spec in model.outputs.values()],
+            "parameters": {"execution_providers": model.providers, "sha256": model.sha256},
+        }
+
+    def model_config(self) -> dict:
+        """Triton's model configuration; with batching, dims leave out the batch dimension, as in Triton."""
+        model = self.model
+        skip = 1 if model.max_batch_size else 0
+
+        def tensors(specs):
+            return [
+                {"name": s.name, "data_type": TRITON_CONFIG[s.datatype], "dims": list(s.shape[skip:])}
+                for s in specs.values()
+            ]
+
+        config = {
+            "name": model.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": model.max_batch_size,
+            "input": tensors(model.inputs),
+            "output": tensors(model.outputs),
+            "instance_group": [
+                {"name": model.name, "count": 1, "kind": "KIND_CPU" if model.providers[0] == CPU else "KIND_GPU"}
+            ],
+            "parameters": {
+                "execution_providers": {"string_value": ",".join(model.providers)},
+                "sha256": {"string_value": model.sha256},
+            },
+        }
+        if model.max_batch_size:
+            config["dynamic_batching"] = {"max_queue_delay_microseconds": self.window_us}
+        return config
+
+    def model_stats(self) -> dict:
+        """Triton's statistics extension document."""
+        stats = self.metrics.triton
+
+        def duration(d):
+            return {"count": d.count, "ns": d.ns}
+
+        return {
+            "model_stats": [
+                {
+                    "name": self.model.name,
+                    "version": self.model.version,
+                    "last_inference": stats.last_inference_ms,
+                    "inference_count": stats.inference_count,
+                    "execution_count": stats.execution_count,
+                    "inference_stats": {
+                        "success": duration(stats.success),
+                        "fail": duration(stats.fail),
+                        "queue": duration(stats.queue),
+                        "compute_input": duration(stats.compute_input),
+                        "compute_infer": duration(stats.compute_infer),
+                        "compute_output": duration(stats.compute_output),
+                    },
+                    "batch_stats": [
+                        {"batch_size": size, "compute_infer": duration(d)} for size, d in sorted(stats.batches.items())
+                    ],
+                }
+            ]
+        }
