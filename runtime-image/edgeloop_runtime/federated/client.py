@@ -1,0 +1,164 @@
+"""The client: trains on one node's data and sends only its (masked) update, its example count and its
+holdout metrics. It follows the aggregator from round to round until the federation ends, and survives an
+aggregator restart by rejoining whatever round is open next."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from . import secagg
+from .data import holdout_split, load_npz
+from .model import Model, load
+from .training import TrainConfig, evaluate, local_train, privatize
+from .transport import Client, RoundGone, pack, retry
+
+log = logging.getLogger("edgeloop.federated.client")
+
+
+@dataclass
+class LocalData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+
+    @classmethod
+    def load(cls, path: str, holdout: float) -> LocalData:
+        x, y = load_npz(path)
+        train, hold = holdout_split(len(y), holdout, seed=0)  # fixed: a restarted client keeps its holdout
+        return cls(x[train], y[train], x[hold], y[hold])
+
+
+class FederatedClient:
+    def __init__(self, conn: Client, client_id: str, data: LocalData, seed: int | None = None,
+                 connect_timeout: float = 600.0):
+        self.conn, self.id, self.data = conn, client_id, data
+        self.seed, self.connect_timeout = seed, connect_timeout
+        self.model: Model | None = None
+        self.model_sha = ""
+        self.features: tuple[np.ndarray, np.ndarray] | None = None
+
+    def run(self) -> int:
+        """Take part in every round until the aggregator reports the end; 0 if it succeeded, 2 if not."""
+        last = ""
+        while True:
+            path = f"/v1/round?after={last}"
+            info = retry(lambda path=path: self._get_json(path), self.connect_timeout, "aggregator")
+            if info["phase"] != "Running":
+                log.info("federation %s %s", info["phase"], info.get("reason", ""))
+                return 0 if info["phase"] == "Succeeded" else 2
+            if "id" not in info or info["id"] == last:
+                continue
+            last = info["id"]
+            joinable = info["stage"] == ("join" if info["task"] == "train" else "collect")
+            if not joinable:
+                log.info("round %d is past joining; waiting for the next", info["round"])
+                continue
+            try:
+                self._round(info)
+            except RoundGone as gone:
+                log.warning("round %d abandoned: %s", info["round"], gone)
+            except (OSError, ConnectionError) as error:
+                log.warning("round %d: lost the aggregator: %s", info["round"], error)
+                self.conn.close()
+
+    # --- one round ----------------------------------------------------------------------------------------
+
+    def _round(self, info: dict) -> None:
+        self.conn.timeout = info["waitSeconds"]
+        self._fetch_model(info["model"], info["trainable"])
+        start = self.model.vector()
+        feats_train, feats_hold = self.features
+        metrics = {**evaluate(self.model, start, feats_hold, self.data.y_holdout),
+                   "examples": len(self.data.y_holdout)}
+        if info["task"] == "evaluate":
+            self._post(info, "evaluate", {"metrics": metrics})
+            log.info("evaluated the final model: %s", metrics)
+            return
+        examples = len(self.data.y_train)
+        cfg = TrainConfig(**info["train"])
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, info["round"]])
+
+        def train() -> np.ndarray:
+            trained = local_train(self.model, start, feats_train, self.data.y_train, cfg, rng)
+            # Noise must be unpredictable, so it never comes from the (maybe seeded) training generator.
+            noise_rng = np.random.default_rng(secrets.randbits(128))
+            return privatize(trained - start, cfg.clip_norm, cfg.noise_multiplier, noise_rng)
+
+        if info["secure"]:
+            self._secure_round(info, examples, metrics, train)
+        else:
+            self._post(info, "join", {"examples": examples})
+            self._post(info, "update", {"metrics": metrics}, train().astype("<f4").tobytes())
+        log.info("round %d: sent update (%d examples, holdout accuracy %.4f before training)",
+                 info["round"], examples, metrics["accuracy"])
+
+    def _secure_round(self, info: dict, examples: int, metrics: dict, train) -> None:
+        context = bytes.fromhex(info["id"])
+        c_key = X25519PrivateKey.generate()
+        s_seed, b_seed = secagg.random_secret(), secagg.random_secret()
+        s_key = secagg.mask_private_key(s_seed)
+        keys = secagg.public_bytes(c_key) + secagg.public_bytes(s_key)
+        roster = self._post(info, "join", {"examples": examples}, keys)
+        me, t, scale, bound = roster["index"], roster["t"], roster["scale"], roster["bound"]
+        peers = {int(v): base64.b64decode(k) for v, k in roster["neighbours"].items()}
+
+        b_shares = secagg.shamir_split(b_seed, t, peers)
+        s_shares = secagg.shamir_split(s_seed, t, peers)
+        order = sorted(peers)
+        ciphertexts = b"".join(secagg.encrypt_shares(c_key, peers[v][:32], context, me, v, b_shares[v],
+                                                     s_shares[v]) for v in order)
+        inbox = self._post(info, "shares", {"to": order}, ciphertexts)["inbox"]
+        # Raises InvalidTag if the aggregator altered or misrouted a share.
+        held = {int(u): secagg.decrypt_shares(c_key, peers[int(u)][:32], context, int(u), me, base64.b64decode(c))
+                for u, c in inbox.items()}
+
+        update = np.clip(train(), -bound, bound) * examples
+        pairwise = {u: secagg.pairwise_seed(s_key, peers[u][32:], context) for u in held}
+        masked = secagg.mask(secagg.quantize(update, scale), me, b_seed, pairwise)
+        decision = self._post(info, "update", {"metrics": metrics}, masked.astype("<u4").tobytes())
+
+        survivors, dropped = set(decision["survivors"]), set(decision["dropped"])
+        if survivors & dropped or not (survivors | dropped) <= set(held):
+            raise RoundGone("inconsistent unmasking request: refusing to reveal shares")
+        b = sorted(survivors)
+        s = sorted(dropped)
+        payload = b"".join(held[u][0].to_bytes(secagg.SHARE_BYTES, "big") for u in b)
+        payload += b"".join(held[u][1].to_bytes(secagg.SHARE_BYTES, "big") for u in s)
+        self._post(info, "unmask", {"b": b, "s": s}, payload)
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+
+    def _fetch_model(self, sha: str, trainable: str) -> None:
+        if sha == self.model_sha:
+            return
+        status, body = self.conn.request("GET", "/v1/model", headers={"X-Edgeloop-Client": self.id})
+        if status != 200:
+            raise RoundGone(f"model download: HTTP {status}")
+        self.model, self.model_sha = load(body, trainable), sha
+        # Only the trainable layers change between rounds, so the frozen prefix's features are computed once.
+        if self.features is None:
+            self.features = (self.model.features(self.data.x_train), self.model.features(self.data.x_holdout))
+
+    def _get_json(self, path: str) -> dict:
+        status, body = self.conn.request("GET", path, headers={"X-Edgeloop-Client": self.id})
+        if status != 200:
+            raise OSError(f"GET {path}: HTTP {status}")
+        return json.loads(body)
+
+    def _post(self, info: dict, action: str, header: dict, payload: bytes = b"") -> dict:
+        status, body = self.conn.request("POST", f"/v1/{action}", pack(header, payload), {
+            "X-Edgeloop-Client": self.id, "X-Edgeloop-Round": info["id"],
+            "Content-Type": "application/octet-stream"})
+        if status == 409:
+            raise RoundGone(json.loads(body).get("error", "conflict"))
+        if status != 200:
+            raise RuntimeError(f"{action}: HTTP {status}: {body[:200]!r}")
+        return json.loads(body)

@@ -1,0 +1,105 @@
+"""The wire between clients and aggregator: HTTP/1.1 (mTLS when certificates are given), compact bodies.
+
+A request body is a 4-byte big-endian length, a JSON header of that length, then raw bytes (public keys,
+ciphertexts, shares, or a little-endian float32/uint32 vector), so that what the byte counts in the
+benchmark measure is the data, not an encoding of it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import time
+from urllib.parse import urlsplit
+
+
+class RoundGone(Exception):
+    """The aggregator moved on (or restarted): the round this client was in no longer exists."""
+
+
+def pack(header: dict, payload: bytes = b"") -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return len(head).to_bytes(4, "big") + head + payload
+
+
+def unpack(body: bytes) -> tuple[dict, bytes]:
+    if len(body) < 4:
+        raise ValueError("body too short")
+    n = int.from_bytes(body[:4], "big")
+    return json.loads(body[4:4 + n]), body[4 + n:]
+
+
+def server_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """TLS for a server when it has a certificate; with a CA, clients must present a certificate it signed."""
+    if not cert:
+        if ca:
+            raise ValueError("a client CA needs a server certificate (--tls-cert, --tls-key)")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+class Client:
+    """A keep-alive HTTP(S) connection to one base URL that reconnects after errors."""
+
+    def __init__(self, base_url: str, context: ssl.SSLContext | None = None, timeout: float = 120.0):
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{base_url}: only http and https URLs")
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.context = context if context is not None or not self.https else client_context(None, None, None)
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self.https:
+                self._conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                                         context=self.context)
+            else:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        return self._conn
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        try:
+            conn = self._connection()
+            conn.request(method, self.prefix + path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def retry(call, give_up_after: float, what: str):
+    """`call()` until it stops raising OSError/HTTPException, with backoff, for at most `give_up_after` s."""
+    start, delay = time.monotonic(), 0.1
+    while True:
+        try:
+            return call()
+        except (OSError, http.client.HTTPException) as error:
+            if time.monotonic() - start > give_up_after:
+                raise ConnectionError(f"{what}: unreachable for {give_up_after:.0f}s: {error}") from error
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
