@@ -1,0 +1,196 @@
+"""Operator configuration: the runtime image, the node cache, and the accelerator classes.
+
+Built-in defaults live here and only here. A YAML or JSON file (the Helm chart's values, rendered into a
+ConfigMap) is merged over them: top-level keys replace the defaults; under `acceleratorClasses`, each class
+is merged field by field over the built-in class of the same name, a new name adds a class, and `null`
+removes one. `python -m edgeloop.config [FILE]` prints the effective configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from edgeloop.api.common import Toleration
+from edgeloop.api.inferencemodel import AcceleratorClassName
+
+CPU_EXECUTION_PROVIDER = "CPUExecutionProvider"
+
+
+class ConfigError(ValueError):
+    """The operator configuration is unusable; the message says which field and why."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True, extra="forbid")
+
+
+class AcceleratorClass(_Config):
+    """A kind of accelerator: how to recognise its nodes and how to run the runtime on them."""
+
+    name: AcceleratorClassName
+    match_any_label: dict[str, str] = Field(
+        description="A node has this class if it carries any of these labels. Empty: every node (the "
+        "catch-all class, which must come last in an InferenceModel's list)."
+    )
+    resource: str | None = Field(
+        default=None, description="Extended resource requested by each pod, e.g. nvidia.com/gpu."
+    )
+    resource_count: int = Field(default=1, ge=1, description="How many of `resource` each pod requests.")
+    runtime_class_name: str | None = Field(default=None, description="The pods' runtimeClassName.")
+    execution_providers: list[str] = Field(
+        min_length=1, description="ONNX Runtime execution providers to try, in order; the last is CPU."
+    )
+    allow_cpu_fallback: bool = Field(
+        default=False,
+        description="Serve on CPU when this class's accelerator provider is missing on a node. Off by "
+        "default: a node that claims an accelerator but cannot use it fails loudly (Degraded) instead of "
+        "serving slowly.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for taints that mark this class's nodes."
+    )
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _ends_with_cpu(cls, providers: list[str]) -> list[str]:
+        if providers[-1] != CPU_EXECUTION_PROVIDER:
+            raise ValueError(f"must end with {CPU_EXECUTION_PROVIDER}, so every node can serve the model")
+        return providers
+
+    @property
+    def is_catch_all(self) -> bool:
+        return not self.match_any_label
+
+
+class OperatorConfig(_Config):
+    runtime_image: str = Field(description="Default image of the edgeloop runtime.")
+    image_pull_policy: str = "IfNotPresent"
+    model_cache_dir: str = Field(
+        default="/var/lib/edgeloop/models",
+        description="Node-local, content-addressed model cache (a hostPath shared by every pod on a node).",
+    )
+    run_as_user: int = Field(
+        default=65532,
+        ge=1,
+        description="UID of the runtime containers; the node's model cache must be writable by it.",
+    )
+    accelerator_classes: dict[str, AcceleratorClass]
+
+    def accelerator_class(self, name: str) -> AcceleratorClass:
+        try:
+            return self.accelerator_classes[name]
+        except KeyError:
+            known = ", ".join(self.accelerator_classes)
+            raise ConfigError(f"unknown accelerator class {name!r} (configured: {known})") from None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("edgeloop")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def _label(key: str) -> dict[str, str]:
+    return {key: "true"}
+
+
+BUILT_IN: dict[str, Any] = {
+    "runtimeImage": f"ghcr.io/edgeloop/runtime:{_version()}",
+    "acceleratorClasses": {
+        # Intel NPUs (Core Ultra): the Intel device plugin's resource, the OpenVINO execution provider.
+        "npu": {
+            "matchAnyLabel": {
+                **_label("edgeloop.io/accelerator.npu"),
+                # NFD's default PCI label: class 1200 (processing accelerator), vendor 8086 (Intel).
+                **_label("feature.node.kubernetes.io/pci-1200_8086.present"),
+            },
+            "resource": "npu.intel.com/accel",
+            "executionProviders": ["OpenVINOExecutionProvider", CPU_EXECUTION_PROVIDER],
+        },
+        # NVIDIA GPUs: labels from GPU Feature Discovery and NFD (vendor 10de); k3s runs GPU pods through
+        # the "nvidia" RuntimeClass, and GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule.
+        "gpu": {
+            "matchAnyLabel": {
+                **_label("edgeloop.io/accelerator.gpu"),
+                **_label("nvidia.com/gpu.present"),
+                **_label("feature.node.kubernetes.io/pci-10de.present"),
+                **_label("feature.node.kubernetes.io/pci-0300_10de.present"),
+                **_label("feature.node.kubernetes.io/pci-0302_10de.present"),
+            },
+            "resource": "nvidia.com/gpu",
+            "runtimeClassName": "nvidia",
+            "executionProviders": ["CUDAExecutionProvider", CPU_EXECUTION_PROVIDER],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "cpu": {
+            "matchAnyLabel": {},
+            "executionProviders": [CPU_EXECUTION_PROVIDER],
+        },
+    },
+}
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base` with the semantics in the module docstring."""
+    merged = {**base, **{k: v for k, v in override.items() if k != "acceleratorClasses"}}
+    classes = dict(base.get("acceleratorClasses", {}))
+    for name, fields in (override.get("acceleratorClasses") or {}).items():
+        if fields is None:
+            classes.pop(name, None)
+        else:
+            classes[name] = {**classes.get(name, {}), **fields}
+    merged["acceleratorClasses"] = classes
+    return merged
+
+
+def build(overrides: dict[str, Any] | None = None) -> OperatorConfig:
+    raw = merge(BUILT_IN, overrides or {})
+    classes = raw.get("acceleratorClasses", {})
+    raw["acceleratorClasses"] = {name: {**fields, "name": name} for name, fields in classes.items()}
+    try:
+        config = OperatorConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(str(error)) from None
+    if not config.accelerator_classes:
+        raise ConfigError("acceleratorClasses: at least one accelerator class is needed")
+    return config
+
+
+def load(path: str | Path | None) -> OperatorConfig:
+    """The built-in configuration, with the YAML or JSON file at `path` merged over it."""
+    if path is None:
+        return build()
+    try:
+        overrides = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: {error}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return build(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgeloop.config", description=__doc__.splitlines()[0])
+    parser.add_argument("file", nargs="?", help="YAML/JSON overrides (default: built-in configuration only)")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.file)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    dumped = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    print(yaml.safe_dump(dumped, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

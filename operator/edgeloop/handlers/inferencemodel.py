@@ -1,0 +1,393 @@
+"""InferenceModel handlers: Kopf glue around one `sync` that renders, applies what changed, and reports.
+
+What the operator knows of the cluster comes from Kopf indexes fed by watches (InferenceModels, the
+DaemonSets and Services it manages, Nodes), so a sync of an unchanged object makes no API call at all:
+each rendered object carries the hash of its content, and only objects whose hash differs are applied
+(server-side apply). Pods are listed only for a variant that has nodes without a ready pod, at most once
+per diagnosis interval. Deletion needs no handler and no finalizer: everything carries an owner
+reference, and the garbage collector removes it with the InferenceModel.
+
+Status changes arrive as DaemonSet watch events; a burst of them costs one sync per InferenceModel. A
+periodic resync re-runs every sync to refresh what has no event of its own (pod failure reasons).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from edgeloop.api import GROUP, VERSION
+from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec, InferenceModelStatus
+from edgeloop.config import ConfigError, OperatorConfig
+from edgeloop.handlers import KeyedRunner
+from edgeloop.kube import Kube, KubeError, kind_of
+from edgeloop.render import MANAGED_BY, RENDER_HASH
+from edgeloop.render.inferencemodel import (
+    ACCELERATOR_LABEL,
+    INFERENCE_MODEL_LABEL,
+    Manifests,
+    Variant,
+    owner_of,
+    render,
+    variants,
+)
+from edgeloop.status import inferencemodel as im_status
+from edgeloop.status.diagnosis import NodeInfo, NodeProblem, eligible_nodes, missing_pod_problems, node_of, pod_problem
+from edgeloop.status.inferencemodel import DaemonSetState, Expected, SpecProblem
+
+log = logging.getLogger(__name__)
+
+PLURAL = INFERENCE_MODEL.plural
+IM_KIND = kind_of(f"{GROUP}/{VERSION}", INFERENCE_MODEL.kind)
+DAEMON_SET = kind_of("apps/v1", "DaemonSet")
+SERVICE = kind_of("v1", "Service")
+POD = kind_of("v1", "Pod")
+EVENT = kind_of("v1", "Event")
+ALL_NODES = "all"
+OWNED = {INFERENCE_MODEL_LABEL: kopf.PRESENT}
+
+Key = tuple[str, str]  # (namespace, name) of an InferenceModel
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    name: str
+    uid: str
+    render_hash: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an InferenceModel's current generation renders to, or why it cannot be rendered."""
+
+    spec: InferenceModelSpec
+    variants: list[Variant] = field(default_factory=list)
+    manifests: Manifests | None = None
+    problem: SpecProblem | None = None
+
+    @property
+    def expected(self) -> list[Expected]:
+        if self.manifests is None:
+            return []
+        return [
+            Expected(
+                accelerator=v.name,
+                daemon_set=v.daemon_set,
+                render_hash=_render_hash(self.manifests.daemon_sets[v.daemon_set]),
+                execution_providers=tuple(v.accelerator.execution_providers),
+            )
+            for v in self.variants
+        ]
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _render_hash(manifest: dict[str, Any]) -> str:
+    return manifest["metadata"]["annotations"][RENDER_HASH]
+
+
+def _one(index: kopf.Index, key: Any) -> Any:
+    return next(iter(index.get(key, [])), None)
+
+
+class InferenceModels:
+    def __init__(
+        self,
+        *,
+        config: OperatorConfig,
+        kube: Kube,
+        models: kopf.Index,
+        daemon_sets: kopf.Index,
+        services: kopf.Index,
+        nodes: kopf.Index,
+        coalesce_seconds: float,
+        diagnosis_interval: float,
+    ):
+        self._config = config
+        self._kube = kube
+        self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
+        self._diagnosis_interval = diagnosis_interval
+        self._plans: dict[tuple[str, int], Plan] = {}  # by (uid, generation): a generation's spec is fixed
+        # Per InferenceModel, per DaemonSet: when its pods were last looked at, and what was found.
+        self._diagnoses: dict[Key, dict[str, tuple[float, list[NodeProblem]]]] = {}
+        self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
+
+    # ---- entry points
+
+    async def reconcile(self, body: dict[str, Any]) -> None:
+        """From the InferenceModel's own handlers, with the body Kopf just received."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        async with self.runner.lock(key):
+            await self._sync(body, fresh=True)
+
+    def request(self, key: Key) -> None:
+        """Something the InferenceModel owns changed: sync it soon."""
+        self.runner.request(key)
+
+    async def resync_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for key in list(self._models):
+                self.runner.request(key, delay=0)
+
+    async def _sync_from_index(self, key: Key) -> None:
+        body = _one(self._models, key)
+        if body is None:  # deleted: the garbage collector removes what it owned
+            self.runner.forget(key)
+            self._diagnoses.pop(key, None)
+            return
+        await self._sync(body, fresh=False)
+
+    # ---- the sync
+
+    async def _sync(self, body: dict[str, Any], *, fresh: bool) -> None:
+        metadata = body["metadata"]
+        if metadata.get("deletionTimestamp"):
+            return
+        key: Key = (metadata["namespace"], metadata["name"])
+        generation = metadata.get("generation", 1)
+        previous = _status_of(body)
+        try:
+            plan = self._plan(body)
+        except ValidationError as error:
+            problem = SpecProblem("InvalidSpec", f"spec does not match the operator's API: {error.errors()[0]['msg']}")
+            await self._publish(body, previous, im_status.unreadable(previous, generation, problem, _now()))
+            return
+
+        daemon_sets = {state.name: state for state in self._daemon_sets.get(key, [])}
+        problem = plan.problem
+        if plan.manifests is not None:
+            try:
+                converged = await self._converge(body, fresh, plan.manifests, daemon_sets)
+            except KubeError as error:
+                if not error.is_permanent:
+                    raise
+                problem = SpecProblem("ApplyRejected", error.message)
+            else:
+                if converged is None:
+                    return  # the index lags behind a newer generation or a deletion; its own event follows
+                daemon_sets = converged
+
+        problems = [] if problem else await self._diagnose(key, plan, daemon_sets)
+        status = im_status.compute(
+            generation=generation,
+            spec=plan.spec,
+            expected=plan.expected,
+            daemon_sets=daemon_sets,
+            problems=problems,
+            previous=previous,
+            now=_now(),
+            spec_problem=problem,
+        )
+        await self._publish(body, previous, status)
+
+    def _plan(self, body: dict[str, Any]) -> Plan:
+        metadata = body["metadata"]
+        cache_key = (metadata["uid"], metadata.get("generation", 1))
+        if cache_key not in self._plans:
+            spec = InferenceModelSpec.model_validate(body.get("spec", {}))
+            owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
+            try:
+                plan = Plan(spec, variants(owner.name, spec, self._config), render(owner, spec, self._config))
+            except ConfigError as error:
+                plan = Plan(spec, problem=SpecProblem("UnknownAcceleratorClass", str(error)))
+            self._plans = {k: v for k, v in self._plans.items() if k[0] != cache_key[0]}
+            self._plans[cache_key] = plan
+        return self._plans[cache_key]
+
+    async def _converge(
+        self,
+        body: dict[str, Any],
+        fresh: bool,
+        manifests: Manifests,
+        daemon_sets: dict[str, DaemonSetState],
+    ) -> dict[str, DaemonSetState] | None:
+        """Applies the objects whose content changed and deletes the variants no longer listed.
+
+        Returns the DaemonSets as they are now, or None when the InferenceModel seen in the index is no
+        longer the current one (nothing is written on its behalf then).
+        """
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        service = _one(self._services, (namespace, name))
+        live_hashes = {ds.name: ds.render_hash for ds in daemon_sets.values()}
+        if service:
+            live_hashes[service.name] = service.render_hash
+        changed = [m for m in manifests.all() if live_hashes.get(m["metadata"]["name"]) != _render_hash(m)]
+        stale = [ds for ds in daemon_sets.values() if ds.name not in manifests.daemon_sets]
+        if not changed and not stale:
+            return daemon_sets
+        if not fresh:
+            current = await asyncio.to_thread(self._kube.get, IM_KIND, namespace, name)
+            if (
+                current is None
+                or current["metadata"]["uid"] != metadata["uid"]
+                or current["metadata"].get("generation") != metadata.get("generation")
+                or current["metadata"].get("deletionTimestamp")
+            ):
+                return None
+
+        result = dict(daemon_sets)
+        for manifest in changed:
+            applied = await asyncio.to_thread(self._kube.apply, manifest)
+            log.info("applied %s %s/%s", manifest["kind"], namespace, manifest["metadata"]["name"])
+            if manifest["kind"] == "DaemonSet":
+                result[applied["metadata"]["name"]] = DaemonSetState.from_object(applied)
+        for ds in stale:
+            await asyncio.to_thread(self._kube.delete, DAEMON_SET, namespace, ds.name, ds.uid)
+            log.info("deleted DaemonSet %s/%s: its class is no longer listed", namespace, ds.name)
+            del result[ds.name]
+        return result
+
+    # ---- diagnosis: why nodes do not serve
+
+    async def _diagnose(self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]) -> list[NodeProblem]:
+        previous = self._diagnoses.get(key, {})
+        current: dict[str, tuple[float, list[NodeProblem]]] = {}
+        now = time.monotonic()
+        for variant in plan.variants:
+            state = daemon_sets.get(variant.daemon_set)
+            if state is None or not state.needs_diagnosis:
+                continue
+            cached = previous.get(variant.daemon_set)
+            if cached is None or now - cached[0] >= self._diagnosis_interval:
+                found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state)
+                cached = (now, found)
+            current[variant.daemon_set] = cached
+        self._diagnoses[key] = current
+        return [problem for _, found in current.values() for problem in found]
+
+    def _diagnose_variant(self, key: Key, plan: Plan, variant: Variant, state: DaemonSetState) -> list[NodeProblem]:
+        namespace, name = key
+        nodes = list(self._nodes.get(ALL_NODES, []))
+        not_ready = {node.name for node in nodes if not node.ready}
+        selector = f"{INFERENCE_MODEL_LABEL}={name},{ACCELERATOR_LABEL}={variant.name}"
+        problems, with_pods = [], set()
+        for pod in self._kube.list(POD, namespace, label_selector=selector):
+            if node := node_of(pod):
+                with_pods.add(node)
+            if found := pod_problem(pod, variant.name, not_ready):
+                problems.append(found)
+        if state.scheduled < state.desired:
+            # A pod the DaemonSet controller cannot create leaves no pod behind, only the controller's events.
+            refusals = list(
+                self._kube.list(EVENT, namespace, field_selector=f"involvedObject.uid={state.uid},reason=FailedCreate")
+            )
+            if refusals:
+                latest = max(refusals, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+                assert plan.manifests is not None
+                pod_spec = plan.manifests.daemon_sets[variant.daemon_set]["spec"]["template"]["spec"]
+                eligible = eligible_nodes(
+                    nodes, variant.node_selector_terms, plan.spec.placement.node_selector,
+                    pod_spec.get("tolerations", []),
+                )
+                problems += missing_pod_problems(eligible, with_pods, variant.name, latest.get("message", ""))
+        return problems
+
+    # ---- status
+
+    async def _publish(
+        self, body: dict[str, Any], previous: InferenceModelStatus, status: InferenceModelStatus
+    ) -> None:
+        if status == previous:
+            return
+        metadata = body["metadata"]
+        await asyncio.to_thread(
+            self._kube.patch_status, IM_KIND, metadata["namespace"], metadata["name"], status.to_wire()
+        )
+        for event in im_status.transitions(previous, status):
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _status_of(body: dict[str, Any]) -> InferenceModelStatus:
+    try:
+        return InferenceModelStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return InferenceModelStatus()  # hand-edited into something else: it is rewritten whole
+
+
+# ---- Kopf registration
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Watch only the DaemonSets and Services edgeloop manages (filtered by the API server)."""
+    selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+    settings.watching.label_selectors["apps", "daemonsets"] = selector
+    settings.watching.label_selectors["", "services"] = selector
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def inference_models(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("apps", "v1", "daemonsets", labels=OWNED)
+def inference_model_daemon_sets(
+    namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[Key, DaemonSetState]:
+    return {(namespace, labels[INFERENCE_MODEL_LABEL]): DaemonSetState.from_object(body)}
+
+
+@kopf.index("", "v1", "services", labels=OWNED)
+def inference_model_services(
+    namespace: str, name: str, uid: str, labels: kopf.Labels, annotations: kopf.Annotations, **_: Any
+) -> dict[Key, ServiceState]:
+    return {(namespace, labels[INFERENCE_MODEL_LABEL]): ServiceState(name, uid, annotations.get(RENDER_HASH, ""))}
+
+
+@kopf.index("", "v1", "nodes")
+def nodes(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
+    return {ALL_NODES: NodeInfo.from_object(body)}
+
+
+@kopf.on.startup()
+async def start(
+    memo: kopf.Memo,
+    inference_models: kopf.Index,
+    inference_model_daemon_sets: kopf.Index,
+    inference_model_services: kopf.Index,
+    nodes: kopf.Index,
+    **_: Any,
+) -> None:
+    memo.inference_models = InferenceModels(
+        config=memo.config,
+        kube=memo.kube,
+        models=inference_models,
+        daemon_sets=inference_model_daemon_sets,
+        services=inference_model_services,
+        nodes=nodes,
+        coalesce_seconds=memo.coalesce_seconds,
+        diagnosis_interval=memo.diagnosis_interval,
+    )
+    memo.resync = asyncio.create_task(memo.inference_models.resync_forever(memo.resync_seconds))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    await memo.inference_models.runner.close()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        await memo.inference_models.reconcile(dict(body))
+    except KubeError as error:
+        raise kopf.TemporaryError(str(error), delay=10) from error
+
+
+@kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
+@kopf.on.event("", "v1", "services", labels=OWNED)
+async def owned_object_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo.inference_models.request((namespace, labels[INFERENCE_MODEL_LABEL]))

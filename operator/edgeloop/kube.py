@@ -1,0 +1,168 @@
+"""The operator's own calls to the Kubernetes API, on plain dicts (Kopf does the watching).
+
+Blocking (the official client's urllib3 pool); handlers call it through `asyncio.to_thread`. Every call
+made here needs a matching rule in the operator's RBAC.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from kubernetes import client, config
+
+FIELD_MANAGER = "edgeloop-operator"
+TIMEOUT_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str = "") -> str:
+        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        parts = [prefix]
+        if self.namespaced and namespace:
+            parts += ["namespaces", quote(namespace, safe="")]
+        parts.append(self.plural)
+        if name:
+            parts.append(quote(name, safe=""))
+        if subresource:
+            parts.append(subresource)
+        return "/".join(parts)
+
+
+KINDS: dict[tuple[str, str], Kind] = {
+    ("apps/v1", "DaemonSet"): Kind("apps/v1", "daemonsets"),
+    ("v1", "Service"): Kind("v1", "services"),
+    ("v1", "Pod"): Kind("v1", "pods"),
+    ("v1", "Event"): Kind("v1", "events"),
+    ("edgeloop.io/v1alpha1", "InferenceModel"): Kind("edgeloop.io/v1alpha1", "inferencemodels"),
+}
+
+
+def kind_of(api_version: str, kind: str) -> Kind:
+    return KINDS[(api_version, kind)]
+
+
+class KubeError(Exception):
+    """A failed API call: the HTTP status and the API server's message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+    @property
+    def is_permanent(self) -> bool:
+        """The request itself is wrong (invalid, forbidden, ...): repeating it cannot succeed."""
+        return self.status in (400, 403, 422)
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient):
+        self._api = api_client
+
+    @classmethod
+    def from_environment(cls) -> Kube:
+        """In-cluster credentials when running in a pod, otherwise $KUBECONFIG or ~/.kube/config."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+        return cls(client.ApiClient(configuration))
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        method, url, headers, body, _ = self._api.param_serialize(
+            method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        if query:
+            url += "?" + urlencode(query)
+        response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=TIMEOUT_SECONDS)
+        response.read()
+        text = (response.data or b"").decode()
+        if not 200 <= response.status < 300:
+            try:
+                message = json.loads(text).get("message", text)
+            except (ValueError, AttributeError):
+                message = text
+            raise KubeError(response.status, message)
+        return json.loads(text) if text else {}
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: creates the object or updates the fields this operator owns."""
+        metadata = manifest["metadata"]
+        path = kind_of(manifest["apiVersion"], manifest["kind"]).path(metadata.get("namespace"), metadata["name"])
+        return self._request(
+            "PATCH",
+            path,
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            body=dict(manifest),
+            content_type="application/apply-patch+yaml",
+        )
+
+    def delete(self, kind: Kind, namespace: str, name: str, uid: str) -> None:
+        """Deletes exactly the object with this uid (a same-named newer object is left alone)."""
+        try:
+            self._request(
+                "DELETE",
+                kind.path(namespace, name),
+                body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
+            )
+        except KubeError as error:
+            if error.status not in (404, 409):  # gone already, or replaced by another object
+                raise
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._request("GET", kind.path(namespace, name))
+        except KubeError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list(
+        self,
+        kind: Kind,
+        namespace: str,
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+        page_size: int = 100,
+    ) -> Iterator[dict[str, Any]]:
+        """Every matching object, fetched page by page to bound the memory one call needs."""
+        query = {"limit": page_size}
+        if label_selector:
+            query["labelSelector"] = label_selector
+        if field_selector:
+            query["fieldSelector"] = field_selector
+        while True:
+            page = self._request("GET", kind.path(namespace), query=query)
+            yield from page.get("items", [])
+            if not (token := page.get("metadata", {}).get("continue")):
+                return
+            query = {**query, "continue": token}
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Replaces the status (a JSON merge patch: lists are replaced whole)."""
+        return self._request(
+            "PATCH",
+            kind.path(namespace, name, "status"),
+            body={"status": dict(status)},
+            content_type="application/merge-patch+json",
+        )

@@ -1,0 +1,125 @@
+"""`edgeloop operator`: run the Kopf operator with structured logs and a liveness endpoint.
+
+Every flag can also come from the environment (EDGELOOP_<FLAG>), which is how the Helm chart sets them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+import kopf
+
+from edgeloop import config as operator_config
+from edgeloop.kube import Kube
+
+COMPONENT = "edgeloop-operator"
+
+
+def _env(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get("EDGELOOP_" + flag.upper().replace("-", "_"), default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=_env("config"),
+        metavar="FILE",
+        help="operator configuration (YAML or JSON) merged over the built-in defaults; "
+        "see `python -m edgeloop.config` (env EDGELOOP_CONFIG)",
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[ns for ns in (_env("namespaces") or "").split(",") if ns],
+        help="watch this namespace (repeatable; globs like 'edge-*' work); env EDGELOOP_NAMESPACES=a,b",
+    )
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", help="watch every namespace (the default without -n)"
+    )
+    parser.add_argument(
+        "--liveness",
+        default=_env("liveness", "http://0.0.0.0:8080/healthz"),
+        metavar="URL",
+        help="Kopf's liveness endpoint; empty disables it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(_env("resync_seconds", "60")),
+        help="re-sync every InferenceModel this often; a sync of an unchanged object writes nothing "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--diagnosis-seconds",
+        type=float,
+        default=float(_env("diagnosis_seconds", "15")),
+        help="look at the pods of a variant with unready nodes at most this often (default %(default)s)",
+    )
+    parser.add_argument(
+        "--coalesce-seconds",
+        type=float,
+        default=float(_env("coalesce_seconds", "1")),
+        help="fold watch events arriving within this window into one sync (default %(default)s)",
+    )
+    parser.add_argument(
+        "--peering",
+        default=_env("peering"),
+        metavar="NAME",
+        help="use Kopf peering object NAME (needs the KopfPeering CRDs); default: standalone",
+    )
+    parser.add_argument("--log-format", choices=["json", "text"], default=_env("log_format", "json"))
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
+
+
+def settings() -> kopf.OperatorSettings:
+    configured = kopf.OperatorSettings()
+    # State lives in annotations under edgeloop.io/, so status holds only what the API describes.
+    configured.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="edgeloop.io")
+    configured.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="edgeloop.io", key="last-handled-configuration"
+    )
+    # Kubernetes Events only for what the handlers report on purpose, not for every log line.
+    configured.posting.level = logging.WARNING
+    configured.posting.reporting_component = COMPONENT
+    configured.posting.reporting_instance = os.environ.get("HOSTNAME", COMPONENT)
+    return configured
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = operator_config.load(args.config)
+    except operator_config.ConfigError as error:
+        print(f"edgeloop operator: bad configuration: {error}")
+        return 2
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
+    )
+    from edgeloop.handlers import inferencemodel  # registers the handlers
+
+    operator_settings = settings()
+    inferencemodel.configure(operator_settings)
+    memo = kopf.Memo(
+        config=config,
+        kube=Kube.from_environment(),
+        resync_seconds=args.resync_seconds,
+        diagnosis_interval=args.diagnosis_seconds,
+        coalesce_seconds=args.coalesce_seconds,
+    )
+    asyncio.run(
+        kopf.operator(
+            settings=operator_settings,
+            clusterwide=args.all_namespaces or not args.namespace,
+            namespaces=[] if args.all_namespaces else args.namespace,
+            liveness_endpoint=args.liveness or None,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            memo=memo,
+        )
+    )
+    return 0

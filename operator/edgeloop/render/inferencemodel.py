@@ -1,0 +1,125 @@
+"""An InferenceModel's manifests: one DaemonSet per accelerator class and one Service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec
+from edgeloop.config import AcceleratorClass, OperatorConfig
+from edgeloop.render import MANAGED_BY, Owner, render_template, with_render_hash
+from edgeloop.render.placement import NodeSelectorTerm, node_selector_terms
+
+INFERENCE_MODEL_LABEL = "edgeloop.io/inferencemodel"
+ACCELERATOR_LABEL = "edgeloop.io/accelerator"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What runs on the nodes of one accelerator class."""
+
+    accelerator: AcceleratorClass
+    daemon_set: str
+    node_selector_terms: list[NodeSelectorTerm]
+
+    @property
+    def name(self) -> str:
+        return self.accelerator.name
+
+
+@dataclass(frozen=True)
+class Manifests:
+    daemon_sets: dict[str, dict[str, Any]]  # by name, in the spec's order of preference
+    service: dict[str, Any]
+
+    def all(self) -> list[dict[str, Any]]:
+        return [*self.daemon_sets.values(), self.service]
+
+
+def owner_of(name: str, namespace: str, uid: str) -> Owner:
+    return Owner(kind=INFERENCE_MODEL.kind, name=name, namespace=namespace, uid=uid)
+
+
+def daemon_set_name(model_name: str, accelerator: str) -> str:
+    return f"{model_name}-{accelerator}"
+
+
+def variants(model_name: str, spec: InferenceModelSpec, config: OperatorConfig) -> list[Variant]:
+    """One variant per listed class, in order. Raises ConfigError for a class the operator lacks."""
+    classes = [config.accelerator_class(name) for name in spec.placement.accelerators]
+    return [
+        Variant(cls, daemon_set_name(model_name, cls.name), node_selector_terms(classes, index))
+        for index, cls in enumerate(classes)
+    ]
+
+
+def labels(model_name: str, accelerator: str | None = None) -> dict[str, str]:
+    common = {
+        "app.kubernetes.io/name": "edgeloop-runtime",
+        "app.kubernetes.io/instance": model_name,
+        "app.kubernetes.io/component": "inference",
+        "app.kubernetes.io/part-of": "edgeloop",
+        **MANAGED_BY,
+        INFERENCE_MODEL_LABEL: model_name,
+    }
+    return {**common, ACCELERATOR_LABEL: accelerator} if accelerator else common
+
+
+def _resources(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> dict[str, Any]:
+    requests = dict(spec.runtime.resources.requests)
+    limits = dict(spec.runtime.resources.limits)
+    if accelerator.resource:
+        # Extended resources are requested through limits; an explicit amount in the spec wins.
+        limits.setdefault(accelerator.resource, requests.get(accelerator.resource, accelerator.resource_count))
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def _tolerations(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> list[dict[str, Any]]:
+    merged: list[dict[str, Any]] = []
+    for toleration in [*accelerator.tolerations, *spec.placement.tolerations]:
+        if (wire := toleration.to_wire()) not in merged:
+            merged.append(wire)
+    return merged
+
+
+def daemon_set(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, variant: Variant) -> dict[str, Any]:
+    return with_render_hash(
+        render_template(
+            "daemonset.yaml.j2",
+            name=variant.daemon_set,
+            namespace=owner.namespace,
+            owner=owner.reference(),
+            labels=labels(owner.name, variant.name),
+            selector={INFERENCE_MODEL_LABEL: owner.name, ACCELERATOR_LABEL: variant.name},
+            model_name=owner.name,
+            spec=spec,
+            config=config,
+            variant=variant,
+            image=spec.runtime.image or config.runtime_image,
+            resources=_resources(spec, variant.accelerator),
+            tolerations=_tolerations(spec, variant.accelerator),
+        )
+    )
+
+
+def service(owner: Owner, spec: InferenceModelSpec) -> dict[str, Any]:
+    return with_render_hash(
+        render_template(
+            "service.yaml.j2",
+            name=owner.name,
+            namespace=owner.namespace,
+            owner=owner.reference(),
+            labels=labels(owner.name),
+            selector={INFERENCE_MODEL_LABEL: owner.name},
+            serving=spec.serving,
+        )
+    )
+
+
+def render(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig) -> Manifests:
+    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class."""
+    daemon_sets = {
+        variant.daemon_set: daemon_set(owner, spec, config, variant)
+        for variant in variants(owner.name, spec, config)
+    }
+    return Manifests(daemon_sets=daemon_sets, service=service(owner, spec))

@@ -1,0 +1,186 @@
+"""Why a node that should serve a variant does not: from its pod (or the lack of one) and the node.
+
+Failure reasons make the InferenceModel Degraded; transitional ones (a pod still fetching or starting)
+only show in unhealthyNodes while a rollout is under way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgeloop.render.placement import NodeSelectorTerm, node_matches
+
+FETCH_CONTAINER = "fetch"
+RUNTIME_CONTAINER = "runtime"
+
+# Failure reasons, most telling first: when nodes fail for several reasons, Degraded names the first.
+FAILURES = (
+    "DigestMismatch",
+    "FetchFailed",
+    "ImagePullFailed",
+    "ContainerCreateFailed",
+    "RuntimeFailed",
+    "PodNotCreated",
+    "Unschedulable",
+    "NodeNotReady",
+)
+# `edgeloop-runtime fetch` logs this on a digest mismatch; the fetch container's termination message
+# carries its last log lines (terminationMessagePolicy: FallbackToLogsOnError).
+_DIGEST_MISMATCH = re.compile(r"has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}")
+_IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+_CREATE_FAILED = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+MAX_MESSAGE = 300
+
+
+@dataclass(frozen=True)
+class NodeProblem:
+    node: str
+    accelerator: str
+    reason: str
+    message: str = ""
+
+    @property
+    def is_failure(self) -> bool:
+        return self.reason in FAILURES
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the operator keeps of a Node."""
+
+    name: str
+    labels: Mapping[str, str]
+    taints: tuple[Mapping[str, str], ...] = ()
+    ready: bool = True
+
+    @classmethod
+    def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
+        conditions = node.get("status", {}).get("conditions", [])
+        return cls(
+            name=node["metadata"]["name"],
+            labels=dict(node["metadata"].get("labels", {})),
+            taints=tuple(
+                {k: t[k] for k in ("key", "value", "effect") if k in t} for t in node.get("spec", {}).get("taints", [])
+            ),
+            ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
+        )
+
+
+def _short(message: str) -> str:
+    """The last non-empty line (log tails put the error last), capped so status stays small."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= MAX_MESSAGE else last[: MAX_MESSAGE - 1] + "…"
+
+
+def node_of(pod: Mapping[str, Any]) -> str | None:
+    """The pod's node: bound, or the one the DaemonSet controller pinned it to before scheduling."""
+    spec = pod.get("spec", {})
+    if spec.get("nodeName"):
+        return spec["nodeName"]
+    terms = (
+        spec.get("affinity", {})
+        .get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    for term in terms:
+        for field in term.get("matchFields", []):
+            if field.get("key") == "metadata.name" and field.get("values"):
+                return field["values"][0]
+    return None
+
+
+def _container_problem(status: Mapping[str, Any], failed_reason: str) -> tuple[str, str] | None:
+    """(reason, message) if the container cannot run or keeps failing."""
+    state, last = status.get("state", {}), status.get("lastState", {})
+    waiting = state.get("waiting", {})
+    if waiting.get("reason") in _IMAGE_PULL:
+        return "ImagePullFailed", waiting.get("message", waiting["reason"])
+    if waiting.get("reason") in _CREATE_FAILED:
+        return "ContainerCreateFailed", waiting.get("message", waiting["reason"])
+    terminated = state.get("terminated") or last.get("terminated") or {}
+    if terminated.get("exitCode", 0) != 0:
+        message = terminated.get("message") or f"exit code {terminated['exitCode']}"
+        if failed_reason == "FetchFailed" and _DIGEST_MISMATCH.search(message):
+            return "DigestMismatch", message
+        return failed_reason, message
+    return None
+
+
+def _condition(pod: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    return next((c for c in pod.get("status", {}).get("conditions", []) if c.get("type") == type_), {})
+
+
+def pod_problem(pod: Mapping[str, Any], accelerator: str, not_ready_nodes: Container[str] = ()) -> NodeProblem | None:
+    """Why this DaemonSet pod does not serve, or None if it is ready."""
+    node = node_of(pod)
+    if node is None or pod["metadata"].get("deletionTimestamp"):
+        return None  # not tied to a node yet, or on its way out during a rollout
+
+    def problem(reason: str, message: str) -> NodeProblem:
+        return NodeProblem(node=node, accelerator=accelerator, reason=reason, message=_short(message))
+
+    if _condition(pod, "Ready").get("status") == "True":
+        return None
+    if node in not_ready_nodes:
+        return problem("NodeNotReady", f"node {node} is not Ready")
+    scheduled = _condition(pod, "PodScheduled")
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return problem("Unschedulable", scheduled.get("message", ""))
+    status = pod.get("status", {})
+    for container in status.get("initContainerStatuses", []):
+        if container.get("name") == FETCH_CONTAINER and (found := _container_problem(container, "FetchFailed")):
+            return problem(*found)
+    for container in status.get("containerStatuses", []):
+        if container.get("name") == RUNTIME_CONTAINER and (found := _container_problem(container, "RuntimeFailed")):
+            return problem(*found)
+    if _condition(pod, "Initialized").get("status") != "True":
+        return problem("FetchingModel", "the init container is fetching and verifying the model")
+    return problem("Starting", "the runtime is loading the model and not ready yet")
+
+
+def _tolerated(taint: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+    for toleration in tolerations:
+        if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
+            continue
+        if not toleration.get("key"):
+            if toleration.get("operator") == "Exists":
+                return True
+            continue
+        if toleration["key"] != taint.get("key"):
+            continue
+        if toleration.get("operator") == "Exists" or toleration.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def eligible_nodes(
+    nodes: Iterable[NodeInfo],
+    terms: Sequence[NodeSelectorTerm],
+    node_selector: Mapping[str, str],
+    tolerations: Sequence[Mapping[str, Any]],
+) -> list[str]:
+    """Nodes where the DaemonSet controller wants a pod: affinity and nodeSelector match, and every
+    NoSchedule/NoExecute taint is tolerated."""
+    return sorted(
+        node.name
+        for node in nodes
+        if node_matches(terms, node_selector, node.labels)
+        and all(_tolerated(t, tolerations) for t in node.taints if t.get("effect") in ("NoSchedule", "NoExecute"))
+    )
+
+
+def missing_pod_problems(
+    eligible: Iterable[str], nodes_with_pods: Iterable[str], accelerator: str, why: str
+) -> list[NodeProblem]:
+    """Nodes that should run the variant but have no pod at all, e.g. because pod creation is refused."""
+    have = set(nodes_with_pods)
+    return [
+        NodeProblem(node=name, accelerator=accelerator, reason="PodNotCreated", message=_short(why))
+        for name in eligible
+        if name not in have
+    ]

@@ -1,0 +1,238 @@
+"""An InferenceModel's status from its DaemonSets and the problems found on its nodes.
+
+Conditions (Kubernetes API conventions; reasons are CamelCase):
+- Ready: every node that should serve the model runs the current model and is ready.
+- Progressing: a rollout is under way (DaemonSets being updated, or new pods starting).
+- Degraded: the model cannot be served as specified on some or all nodes, and waiting will not fix it
+  (no matching nodes, a failed fetch, a digest mismatch, an unschedulable pod, an invalid spec, ...).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edgeloop.api.common import ModelRef
+from edgeloop.api.inferencemodel import (
+    MAX_UNHEALTHY_NODES,
+    InferenceModelSpec,
+    InferenceModelStatus,
+    UnhealthyNode,
+    VariantStatus,
+)
+from edgeloop.render import RENDER_HASH
+from edgeloop.status import ConditionUpdate, condition, merge_conditions
+from edgeloop.status.diagnosis import FAILURES, NodeProblem
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+
+
+@dataclass(frozen=True)
+class DaemonSetState:
+    """What the operator reads from one of its DaemonSets."""
+
+    name: str
+    uid: str
+    render_hash: str
+    generation: int
+    observed_generation: int
+    desired: int
+    scheduled: int
+    ready: int
+    updated: int
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> DaemonSetState:
+        metadata, status = obj["metadata"], obj.get("status", {})
+        return cls(
+            name=metadata["name"],
+            uid=metadata.get("uid", ""),
+            render_hash=metadata.get("annotations", {}).get(RENDER_HASH, ""),
+            generation=metadata.get("generation", 0),
+            observed_generation=status.get("observedGeneration", 0),
+            desired=status.get("desiredNumberScheduled", 0),
+            scheduled=status.get("currentNumberScheduled", 0),
+            ready=status.get("numberReady", 0),
+            updated=status.get("updatedNumberScheduled", 0),
+        )
+
+    @property
+    def settled(self) -> bool:
+        """The DaemonSet controller has processed the current spec, so the counts describe it."""
+        return self.observed_generation >= self.generation
+
+    @property
+    def complete(self) -> bool:
+        return self.settled and self.updated == self.desired and self.ready == self.desired
+
+    @property
+    def needs_diagnosis(self) -> bool:
+        """Some node lacks a ready pod of this DaemonSet, so it is worth looking at pods and nodes."""
+        return self.ready < self.desired or self.scheduled < self.desired
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One variant as the current spec renders it."""
+
+    accelerator: str
+    daemon_set: str
+    render_hash: str
+    execution_providers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """The spec is valid for the API server but cannot be carried out; retrying will not help."""
+
+    reason: str  # e.g. UnknownAcceleratorClass, ApplyRejected
+    message: str
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _degraded_by(problems: Sequence[NodeProblem]) -> ConditionUpdate | None:
+    failures = [p for p in problems if p.is_failure]
+    if not failures:
+        return None
+    counts = Counter(p.reason for p in failures)
+    reason = min(counts, key=FAILURES.index)
+    first = next(p for p in failures if p.reason == reason)
+    others = "" if counts[reason] == 1 else f" (and {counts[reason] - 1} more)"
+    message = f"{_plural(counts[reason], 'node')} {reason}: {first.node}{others}: {first.message}"
+    return ConditionUpdate(DEGRADED, "True", reason, message)
+
+
+def compute(
+    *,
+    generation: int,
+    spec: InferenceModelSpec,
+    expected: Sequence[Expected],
+    daemon_sets: Mapping[str, DaemonSetState],
+    problems: Sequence[NodeProblem],
+    previous: InferenceModelStatus,
+    now: str,
+    spec_problem: SpecProblem | None = None,
+) -> InferenceModelStatus:
+    live = [daemon_sets.get(variant.daemon_set) for variant in expected]
+    applied = spec_problem is None and all(
+        ds is not None and ds.render_hash == variant.render_hash for ds, variant in zip(live, expected, strict=True)
+    )
+    settled = applied and all(ds.settled for ds in live if ds)
+    variants = [
+        VariantStatus(
+            accelerator=variant.accelerator,
+            daemon_set=variant.daemon_set,
+            desired=ds.desired if ds else 0,
+            ready=ds.ready if ds else 0,
+            updated=ds.updated if ds and ds.render_hash == variant.render_hash else 0,
+            execution_providers=list(variant.execution_providers),
+        )
+        for ds, variant in zip(live, expected, strict=True)
+    ]
+    desired = sum(v.desired for v in variants)
+    ready = sum(v.ready for v in variants)
+    updated = sum(v.updated for v in variants)
+    version = spec.model.version
+
+    degraded = _degraded_by(problems)
+    if spec_problem:
+        degraded = ConditionUpdate(DEGRADED, "True", spec_problem.reason, spec_problem.message)
+    elif settled and desired == 0:
+        selector = f" and nodeSelector {dict(spec.placement.node_selector)}" if spec.placement.node_selector else ""
+        degraded = ConditionUpdate(
+            DEGRADED,
+            "True",
+            "NoMatchingNodes",
+            f"no node has any of the accelerator classes {list(spec.placement.accelerators)}{selector}",
+        )
+
+    complete = settled and all(ds.complete for ds in live if ds)
+    if complete and desired > 0:
+        ready_condition = ConditionUpdate(
+            READY, "True", "AllNodesReady", f"{_plural(ready, 'node')} serve version {version}"
+        )
+    elif degraded:
+        ready_condition = ConditionUpdate(READY, "False", degraded.reason, degraded.message)
+    else:
+        ready_condition = ConditionUpdate(
+            READY, "False", "RollingOut", f"{ready}/{desired} nodes ready, {updated} on version {version}"
+        )
+
+    if spec_problem or complete:
+        progressing = ConditionUpdate(
+            PROGRESSING, "False", spec_problem.reason if spec_problem else "RolloutComplete",
+            "" if spec_problem else f"every node runs version {version}",
+        )
+    elif degraded and settled and updated == desired:
+        progressing = ConditionUpdate(
+            PROGRESSING, "False", "RolloutBlocked", "every node is updated but some cannot serve: see Degraded"
+        )
+    else:
+        progressing = ConditionUpdate(
+            PROGRESSING, "True", "RollingOut", f"{updated}/{desired} nodes updated to version {version}"
+        )
+
+    degraded = degraded or ConditionUpdate(DEGRADED, "False", "AsExpected", "")
+    ordered = sorted(problems, key=lambda p: (not p.is_failure, p.node))
+    return InferenceModelStatus(
+        observed_generation=generation if applied or spec_problem else previous.observed_generation,
+        conditions=merge_conditions(previous.conditions, [ready_condition, progressing, degraded], generation, now),
+        model=ModelRef(sha256=spec.model.sha256, version=version) if applied else previous.model,
+        variants=variants,
+        desired_nodes=desired,
+        ready_nodes=ready,
+        nodes=f"{ready}/{desired}",
+        unhealthy_nodes=[
+            UnhealthyNode(node=p.node, accelerator=p.accelerator, reason=p.reason, message=p.message)
+            for p in ordered[:MAX_UNHEALTHY_NODES]
+        ],
+        unhealthy_node_count=len(problems),
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -> list[Event]:
+    """Events worth recording on the InferenceModel: significant changes only, never repeats."""
+    events = []
+    if current.model and (previous.model is None or previous.model.sha256 != current.model.sha256):
+        events.append(
+            Event("Normal", "RollingOut", f"rolling out version {current.model.version} "
+                  f"(sha256 {current.model.sha256[:12]}…)")
+        )
+    before_ready, now_ready = condition(previous.conditions, READY), condition(current.conditions, READY)
+    if now_ready and now_ready.status == "True" and (not before_ready or before_ready.status != "True"):
+        events.append(Event("Normal", "Ready", now_ready.message))
+    before, now = condition(previous.conditions, DEGRADED), condition(current.conditions, DEGRADED)
+    if now and now.status == "True" and (not before or before.status != "True" or before.reason != now.reason):
+        events.append(Event("Warning", now.reason, now.message))
+    if now and now.status == "False" and before and before.status == "True":
+        events.append(Event("Normal", "Recovered", f"no longer degraded (was {before.reason})"))
+    return events
+
+
+def unreadable(
+    previous: InferenceModelStatus, generation: int, problem: SpecProblem, now: str
+) -> InferenceModelStatus:
+    """The spec cannot even be parsed (a CRD older than the operator): say so, keep the last numbers."""
+    updates = [
+        ConditionUpdate(READY, "False", problem.reason, problem.message),
+        ConditionUpdate(PROGRESSING, "False", problem.reason, ""),
+        ConditionUpdate(DEGRADED, "True", problem.reason, problem.message),
+    ]
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": merge_conditions(previous.conditions, updates, generation, now),
+        }
+    )
