@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import http.client
 import ipaddress
 import socket
 import subprocess
@@ -165,6 +166,14 @@ class Server:
         if self.proc.poll() is None:
             self.proc.terminate()
         return self.proc.wait(timeout)
+
+
+def raw_request(server: Server, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """One plain HTTP exchange, for requests that tritonclient would never send."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    return response, response.read()
 
 
 def serve_command(*args: str) -> list[str]:

@@ -1,0 +1,168 @@
+"""The Open Inference Protocol v2 over HTTP, driven by tritonclient's http and http.aio clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+import tritonclient.http.aio as aioclient
+from conftest import mlp_reference, raw_request, sha256_of
+from tritonclient.utils import InferenceServerException
+
+
+@pytest.fixture(scope="module")
+def client(mlp_server):
+    with httpclient.InferenceServerClient(mlp_server.http_url) as client:
+        yield client
+
+
+def make_input(x: np.ndarray, binary: bool, module=httpclient):
+    tensor = module.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    return tensor
+
+
+def test_health_and_server_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert metadata["name"] == "edgeloop"
+    assert "binary_tensor_data" in metadata["extensions"]
+
+
+def test_model_metadata_reports_signature_providers_and_digest(client, mlp_server, mlp_path):
+    assert client.is_model_ready("model")
+    assert client.is_model_ready("model", "1")
+    metadata = client.get_model_metadata("model")
+    assert metadata["platform"] == "onnxruntime_onnx"
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["logits", "label"]
+    assert metadata["parameters"] == {"execution_providers": ["CPUExecutionProvider"], "sha256": sha256_of(mlp_path)}
+    assert client.get_model_metadata("model", "1") == metadata
+
+
+def test_unknown_model_or_version_is_404(client, mlp_server):
+    with pytest.raises(InferenceServerException, match="not served here") as error:
+        client.get_model_metadata("other")
+    assert error.value.status() == "404"
+    assert not client.is_model_ready("model", "2")
+    response, _ = raw_request(mlp_server, "GET", "/v2/nowhere")
+    assert response.status == 404
+
+
+def test_triton_config_leaves_out_the_batch_dimension(client):
+    config = client.get_model_config("model")
+    assert config["max_batch_size"] == 8
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert config["output"][1] == {"name": "label", "data_type": "TYPE_INT64", "dims": []}
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    assert config["parameters"]["execution_providers"] == {"string_value": "CPUExecutionProvider"}
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_matches_onnxruntime(client, mlp_path, binary):
+    x = np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)
+    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "label")]
+    result = client.infer("model", [make_input(x, binary)], outputs=outputs, request_id="r-1")
+    logits, label = mlp_reference(mlp_path, x)
+    np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result.as_numpy("label"), label)
+    assert result.get_response()["id"] == "r-1"
+    assert result.get_output("logits")["shape"] == [3, 10]
+
+
+def test_only_requested_outputs_are_returned(client):
+    x = np.zeros((1, 64), np.float32)
+    result = client.infer("model", [make_input(x, True)], outputs=[httpclient.InferRequestedOutput("label")])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["label"]
+
+
+def test_all_outputs_binary_when_none_requested(client, mlp_path):
+    x = np.ones((2, 64), np.float32)
+    result = client.infer("model", [make_input(x, True)])
+    assert all("binary_data_size" in o["parameters"] for o in result.get_response()["outputs"])
+    np.testing.assert_array_equal(result.as_numpy("label"), mlp_reference(mlp_path, x)[1])
+
+
+def test_body_is_json_whatever_the_content_type_and_the_response_is_not_compressed(mlp_server):
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]})
+    headers = {"Content-Type": "text/plain", "Accept-Encoding": "gzip, deflate"}
+    response, data = raw_request(mlp_server, "POST", "/v2/models/model/versions/1/infer", body.encode(), headers)
+    assert response.status == 200, data
+    assert response.getheader("Content-Encoding") is None
+    outputs = json.loads(data)["outputs"]
+    assert outputs[0]["name"] == "logits" and len(outputs[0]["data"]) == 10
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_accepted(client, mlp_path, algorithm):
+    x = np.full((1, 64), 0.25, np.float32)
+    result = client.infer("model", [make_input(x, True)], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("label"), mlp_reference(mlp_path, x)[1])
+
+
+def test_aio_client_concurrent_requests_are_batched_and_each_gets_its_own_rows(mlp_server, mlp_path):
+    rng = np.random.default_rng(2)
+    inputs = [rng.normal(size=(1 + i % 3, 64)).astype(np.float32) for i in range(48)]
+
+    async def main():
+        async with aioclient.InferenceServerClient(mlp_server.http_url, conn_limit=16) as client:
+            before = (await client.get_inference_statistics("model"))["model_stats"][0]
+
+            async def one(i, x):
+                return await client.infer("model", [make_input(x, i % 2 == 0, aioclient)])
+
+            results = []
+            for start in range(0, len(inputs), 16):
+                results += await asyncio.gather(*(one(i, inputs[i]) for i in range(start, start + 16)))
+            after = (await client.get_inference_statistics("model"))["model_stats"][0]
+            return results, before, after
+
+    results, before, after = asyncio.run(main())
+    for x, result in zip(inputs, results, strict=True):
+        np.testing.assert_allclose(result.as_numpy("logits"), mlp_reference(mlp_path, x)[0], rtol=1e-5, atol=1e-6)
+    samples = after["inference_count"] - before["inference_count"]
+    runs = after["execution_count"] - before["execution_count"]
+    assert samples == sum(len(x) for x in inputs)
+    assert runs < len(inputs), "concurrent requests should share ONNX Runtime runs"
+
+
+def test_metrics_expose_outcomes_latency_batches_queue_and_model_identity(client, mlp_server, mlp_path):
+    client.infer("model", [make_input(np.zeros((1, 64), np.float32), True)])
+    with pytest.raises(InferenceServerException):
+        client.infer("model", [make_input(np.zeros((1, 63), np.float32), True)])
+    response, body = raw_request(mlp_server, "GET", "/metrics")
+    assert response.status == 200
+    assert response.getheader("Content-Type").startswith("text/plain")
+    text = body.decode()
+    assert (
+        f'edgeloop_model_info{{model="model",version="1",sha256="{sha256_of(mlp_path)}",'
+        'providers="CPUExecutionProvider"} 1'
+    ) in text
+    counts = {
+        line.split("{")[1].split("}")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("edgeloop_requests_total{")
+    }
+    assert counts['model="model",protocol="http",outcome="success"'] >= 1
+    assert counts['model="model",protocol="http",outcome="bad_request"'] >= 1
+    for name in (
+        "edgeloop_request_duration_seconds_bucket",
+        "edgeloop_batch_size_bucket",
+        "edgeloop_inference_duration_seconds_count",
+        'edgeloop_queue_depth{model="model"} 0',
+        'edgeloop_ready{model="model"} 1',
+    ):
+        assert name in text
+
+
+def test_triton_statistics_count_inferences(client):
+    before = client.get_inference_statistics("model")["model_stats"][0]
+    client.infer("model", [make_input(np.zeros((2, 64), np.float32), True)])
+    after = client.get_inference_statistics("model")["model_stats"][0]
+    assert after["inference_count"] == before["inference_count"] + 2
+    assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 1
+    assert client.get_inference_statistics()["model_stats"][0]["name"] == "model"
