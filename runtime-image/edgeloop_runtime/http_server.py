@@ -296,7 +296,3 @@ class Connection(asyncio.Protocol):
         self.transport.writelines([b"".join(head), *response.parts])
         if close:
             self.transport.close()
-
-    def close_if_idle(self) -> None:
-        if not self.busy and not self.pending and self.transport is not None:
-            self.transport.close()

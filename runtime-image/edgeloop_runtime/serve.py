@@ -1,7 +1,7 @@
 """`edgeloop-runtime serve`: load one verified ONNX model and serve it over OIP v2 HTTP and gRPC.
 
-On SIGTERM (or SIGINT) it drains: readiness turns false, listeners close, requests already in the
-server finish (up to --drain-timeout), then it exits 0.
+On SIGTERM (or SIGINT) it drains: readiness turns false, new inference gets 503/UNAVAILABLE, requests
+already in the server finish (up to --drain-timeout), then it exits 0.
 """
 
 from __future__ import annotations
@@ -160,16 +160,17 @@ async def _serve(args: argparse.Namespace, model) -> int:
     log.info("ready: %s://%s:%d (HTTP), gRPC port %s", scheme, args.host, args.http_port, args.grpc_port or "off")
     await stop.wait()
 
+    # Draining: HTTP keeps answering, with readiness false and 503 for new inference, so that probes
+    # and clients see why; gRPC refuses new calls. Requests already in the server finish.
     log.info("draining: %d request(s) in flight", serving.inflight)
     serving.draining = True
-    http.close()
-    for connection in list(connections):
-        connection.close_if_idle()
-    grpc_stopped = grpc_server.stop(args.drain_timeout) if grpc_server else asyncio.sleep(0)
+    grpc_stopped = asyncio.ensure_future(grpc_server.stop(args.drain_timeout)) if grpc_server else None
     deadline = time.monotonic() + args.drain_timeout
     while serving.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    await grpc_stopped
+    if grpc_stopped:
+        await grpc_stopped
+    http.close()
     for connection in list(connections):
         if connection.transport is not None:
             connection.transport.close()
