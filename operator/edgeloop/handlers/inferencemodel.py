@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -111,8 +112,10 @@ class InferenceModels:
         nodes: kopf.Index,
         coalesce_seconds: float,
         diagnosis_interval: float,
+        post_event: Callable[..., None] = kopf.event,
     ):
         self._config = config
+        self._post_event = post_event
         self._kube = kube
         self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
         self._diagnosis_interval = diagnosis_interval
@@ -305,7 +308,7 @@ class InferenceModels:
             self._kube.patch_status, IM_KIND, metadata["namespace"], metadata["name"], status.to_wire()
         )
         for event in im_status.transitions(previous, status):
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            self._post_event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 def _status_of(body: dict[str, Any]) -> InferenceModelStatus:

@@ -1,0 +1,216 @@
+"""The InferenceModel sync against an in-memory stand-in for the operator's API client and Kopf's indexes:
+what it writes, and above all what it does not write."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+from edgeloop import config
+from edgeloop.handlers.inferencemodel import ALL_NODES, InferenceModels, ServiceState
+from edgeloop.kube import KubeError
+from edgeloop.render import RENDER_HASH
+from edgeloop.status.diagnosis import NodeInfo
+from edgeloop.status.inferencemodel import DaemonSetState
+from im_factories import SHA_B, daemon_set_status, inference_model
+
+KEY = ("edge", "digits")
+
+
+class FakeKube:
+    """Records every call; `objects` is what the API server holds."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.pods: list[dict] = []
+        self.fail_apply: KubeError | None = None
+
+    def writes(self):
+        return [call for call in self.calls if call[0] in ("apply", "delete", "patch_status")]
+
+    def apply(self, manifest):
+        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        if self.fail_apply:
+            raise self.fail_apply
+        live = copy.deepcopy(manifest)
+        live["metadata"]["uid"] = f"uid-{manifest['metadata']['name']}"
+        live["metadata"]["generation"] = 1
+        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = live
+        return live
+
+    def delete(self, kind, namespace, name, uid):
+        self.calls.append(("delete", kind.plural, name, uid))
+
+    def get(self, kind, namespace, name):
+        self.calls.append(("get", kind.plural, name))
+        return self.objects.get(("InferenceModel", name))
+
+    def list(self, kind, namespace, *, label_selector="", field_selector="", page_size=100):
+        self.calls.append(("list", kind.plural, label_selector or field_selector))
+        return iter(self.pods if kind.plural == "pods" else [])
+
+    def patch_status(self, kind, namespace, name, status):
+        self.calls.append(("patch_status", name))
+        self.objects[("InferenceModel", name)]["status"] = status
+        return {}
+
+
+class World:
+    """The operator's view: Kopf indexes as plain dicts, refreshed from the fake API server."""
+
+    def __init__(self, operator_config=None, body=None):
+        self.kube = FakeKube()
+        self.body = body or inference_model()
+        self.kube.objects[("InferenceModel", "digits")] = self.body
+        self.models, self.daemon_sets, self.services = {}, {}, {}
+        self.nodes = {ALL_NODES: [NodeInfo("edge-cpu-0", {})]}
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.events = []
+        self.controller = InferenceModels(
+            config=operator_config or config.build(), kube=self.kube, models=self.models,
+            daemon_sets=self.daemon_sets, services=self.services, nodes=self.nodes,
+            coalesce_seconds=0, diagnosis_interval=60,
+            post_event=lambda body, **event: self.events.append((event["type"], event["reason"])),
+        )
+        self.refresh()
+
+    def refresh(self, **counts_by_class):
+        """Let the watches catch up; DaemonSets of a class get (desired, ready) from now on, default (1, 1)."""
+        self.counts.update(counts_by_class)
+        self.models[KEY] = [self.kube.objects[("InferenceModel", "digits")]]
+        daemon_sets = []
+        for (kind, _), obj in self.kube.objects.items():
+            if kind == "DaemonSet":
+                accelerator = obj["metadata"]["labels"]["edgeloop.io/accelerator"]
+                desired, ready = self.counts.get(accelerator, (1, 1))
+                daemon_sets.append(DaemonSetState.from_object(daemon_set_status(obj, desired=desired, ready=ready)))
+        self.daemon_sets[KEY] = daemon_sets
+        self.services[KEY] = [
+            ServiceState(o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["annotations"][RENDER_HASH])
+            for (kind, _), o in self.kube.objects.items() if kind == "Service"
+        ]
+
+    def edit(self, **spec_override):
+        current = self.kube.objects[("InferenceModel", "digits")]
+        generation = current["metadata"]["generation"] + 1
+        updated = inference_model(generation=generation, **spec_override)
+        updated["status"] = current.get("status", {})
+        self.kube.objects[("InferenceModel", "digits")] = updated
+        self.refresh()
+        return updated
+
+    def reconcile(self, body=None):
+        asyncio.run(self.controller.reconcile(body or self.kube.objects[("InferenceModel", "digits")]))
+        self.refresh()
+
+    def resync(self):
+        asyncio.run(self.controller.runner.run(KEY))
+        self.refresh()
+
+
+def test_create_applies_every_object_once_and_reports_status():
+    world = World()
+    world.reconcile()
+    applied = [call for call in world.kube.writes() if call[0] == "apply"]
+    assert applied == [("apply", "DaemonSet", "digits-npu"), ("apply", "DaemonSet", "digits-gpu"),
+                       ("apply", "DaemonSet", "digits-cpu"), ("apply", "Service", "digits")]
+    assert world.kube.writes()[-1] == ("patch_status", "digits")
+    assert ("Normal", "RollingOut") in world.events
+
+
+def test_a_resync_of_an_unchanged_object_makes_no_call_at_all():
+    world = World()
+    world.reconcile()
+    world.resync()  # the status now reflects the ready DaemonSets
+    world.kube.calls.clear()
+    world.events.clear()
+    for _ in range(3):
+        world.resync()
+        world.reconcile()  # as on an operator restart (Kopf's resume)
+    assert world.kube.calls == [] and world.events == []
+
+
+def test_a_new_model_rolls_the_daemon_sets_and_leaves_the_service_alone():
+    world = World()
+    world.reconcile()
+    world.kube.calls.clear()
+    world.reconcile(world.edit(model={"sha256": SHA_B, "version": "4"}))
+    applied = [c[2] for c in world.kube.writes() if c[0] == "apply"]
+    assert applied == ["digits-npu", "digits-gpu", "digits-cpu"]
+
+
+def test_a_placement_change_removes_the_variant_no_longer_listed():
+    world = World()
+    world.reconcile()
+    world.kube.calls.clear()
+    world.reconcile(world.edit(placement={"accelerators": ["gpu", "cpu"]}))
+    deletes = [c for c in world.kube.writes() if c[0] == "delete"]
+    assert deletes == [("delete", "daemonsets", "digits-npu", "uid-digits-npu")]
+    assert not [c for c in world.kube.writes() if c[0] == "apply" and c[2] == "digits-npu"]
+
+
+def test_a_sync_from_a_stale_index_writes_nothing_for_a_deleted_model():
+    world = World()
+    world.reconcile()
+    del world.kube.objects[("DaemonSet", "digits-gpu")]  # someone deleted a DaemonSet ...
+    del world.kube.objects[("InferenceModel", "digits")]  # ... or the garbage collector, after the model
+    world.daemon_sets[KEY] = [ds for ds in world.daemon_sets[KEY] if ds.name != "digits-gpu"]
+    world.kube.calls.clear()
+    asyncio.run(world.controller.runner.run(KEY))
+    assert world.kube.calls == [("get", "inferencemodels", "digits")]
+
+
+def test_a_deleted_daemon_set_is_recreated():
+    world = World()
+    world.reconcile()
+    del world.kube.objects[("DaemonSet", "digits-gpu")]
+    world.refresh()
+    world.kube.calls.clear()
+    world.resync()
+    assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "DaemonSet", "digits-gpu")]
+
+
+def test_a_class_the_operator_lacks_is_degraded_without_retrying():
+    world = World(config.build({"acceleratorClasses": {"npu": None}}))
+    world.reconcile()
+    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "UnknownAcceleratorClass")
+    assert not [c for c in world.kube.calls if c[0] == "apply"]
+    world.kube.calls.clear()
+    world.resync()
+    assert world.kube.calls == []
+
+
+def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry():
+    world = World()
+    world.kube.fail_apply = KubeError(422, 'DaemonSet.apps "digits-npu" is invalid')
+    world.reconcile()
+    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "ApplyRejected"
+
+    world.kube.fail_apply = KubeError(503, "etcd leader changed")
+    with pytest.raises(KubeError):
+        world.reconcile(world.edit(model={"sha256": SHA_B}))
+
+
+def test_pods_are_looked_at_only_for_variants_with_unready_nodes_and_not_too_often():
+    world = World()
+    world.reconcile()
+    world.refresh(cpu=(3, 1))
+    world.kube.pods = [{"metadata": {"name": "p"}, "spec": {"nodeName": "edge-cpu-0"}, "status": {
+        "conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}],
+        "containerStatuses": [{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                               "lastState": {"terminated": {"exitCode": 1, "message": "model load failed"}}}]}}]
+    world.kube.calls.clear()
+    world.resync()
+    lists = [c for c in world.kube.calls if c[0] == "list"]
+    assert lists == [("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu")]
+    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    assert status["unhealthyNodes"] == [
+        {"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed", "message": "model load failed"}]
+    world.kube.calls.clear()
+    world.resync()
+    assert world.kube.calls == [], "within the diagnosis interval the last findings are reused"

@@ -1,0 +1,156 @@
+"""Rendering an InferenceModel: golden manifests, the runtime's command-line contract, and the invariants
+every manifest must keep. Regenerate the golden files with EDGELOOP_UPDATE_GOLDEN=1 after a deliberate change."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from edgeloop import config
+from edgeloop.api.inferencemodel import InferenceModelSpec
+from edgeloop.config import ConfigError
+from edgeloop.render import RENDER_HASH
+from edgeloop.render.inferencemodel import owner_of, render
+from im_factories import SHA_B, example_body, spec
+
+GOLDEN = Path(__file__).parent / "golden"
+OWNER = owner_of("digits", "edge", "0b8e6f3c-1111-4222-8333-444455556666")
+
+
+def rendered_example():
+    body = example_body()
+    return render(OWNER, InferenceModelSpec.model_validate(body["spec"]), config.build())
+
+
+def cpu_only():
+    return render(OWNER, spec(placement={"accelerators": ["cpu"]}), config.build())
+
+
+@pytest.mark.parametrize(
+    ("case", "manifests"), [("inferencemodel-digits", rendered_example), ("inferencemodel-cpu-only", cpu_only)]
+)
+def test_matches_golden_file(case, manifests):
+    text = yaml.safe_dump_all(manifests().all(), sort_keys=False, width=110)
+    golden = GOLDEN / f"{case}.yaml"
+    if os.environ.get("EDGELOOP_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"rendering changed; if intended, EDGELOOP_UPDATE_GOLDEN=1 pytest {__file__}"
+
+
+def test_rendering_is_pure():
+    assert rendered_example() == rendered_example()
+
+
+def test_one_daemon_set_per_class_with_its_resource_runtime_class_and_providers():
+    daemon_sets = rendered_example().daemon_sets
+    assert list(daemon_sets) == ["digits-npu", "digits-gpu", "digits-cpu"]
+    pods = {name: ds["spec"]["template"]["spec"] for name, ds in daemon_sets.items()}
+    runtime = {name: pod["containers"][0] for name, pod in pods.items()}
+    assert runtime["digits-gpu"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert runtime["digits-npu"]["resources"]["limits"]["npu.intel.com/accel"] == 1
+    assert runtime["digits-cpu"]["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}
+    }
+    assert pods["digits-gpu"]["runtimeClassName"] == "nvidia" and "runtimeClassName" not in pods["digits-cpu"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pods["digits-gpu"]["tolerations"]
+    providers = {name: c["args"][c["args"].index("--execution-providers") + 1] for name, c in runtime.items()}
+    assert providers == {
+        "digits-npu": "OpenVINOExecutionProvider,CPUExecutionProvider",
+        "digits-gpu": "CUDAExecutionProvider,CPUExecutionProvider",
+        "digits-cpu": "CPUExecutionProvider",
+    }
+    for pod in pods.values():
+        assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}, "the spec's nodeSelector reaches every variant"
+
+
+def test_spec_tolerations_and_resource_amounts_reach_the_variants():
+    manifests = render(OWNER, spec(
+        placement={"tolerations": [{"key": "edge", "operator": "Exists"}]},
+        runtime={"resources": {"limits": {"nvidia.com/gpu": 2}}},
+    ), config.build())
+    gpu = manifests.daemon_sets["digits-gpu"]["spec"]["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2, "an explicit amount wins"
+    assert [t["key"] for t in gpu["tolerations"]] == ["nvidia.com/gpu", "edge"]
+    assert manifests.daemon_sets["digits-cpu"]["spec"]["template"]["spec"]["tolerations"] == [
+        {"key": "edge", "operator": "Exists"}
+    ]
+
+
+def test_restricted_security_context_and_probes():
+    for ds in rendered_example().daemon_sets.values():
+        pod = ds["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for container in [*pod["initContainers"], *pod["containers"]]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+                "capabilities": {"drop": ["ALL"]},
+            }
+        runtime = pod["containers"][0]
+        assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert runtime["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        mounts = {m["name"]: m for m in runtime["volumeMounts"]}
+        assert mounts["model-cache"].get("readOnly") is True, "only the verifying init container writes the cache"
+        assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
+
+
+def test_service_is_node_local_when_asked():
+    assert rendered_example().service["spec"]["internalTrafficPolicy"] == "Local"
+    cluster_wide = render(OWNER, spec(serving={"nodeLocal": False}), config.build()).service
+    assert cluster_wide["spec"]["internalTrafficPolicy"] == "Cluster"
+
+
+def test_everything_is_owned_and_labelled():
+    for manifest in rendered_example().all():
+        metadata = manifest["metadata"]
+        assert metadata["ownerReferences"] == [OWNER.reference()]
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "edgeloop"
+        assert metadata["labels"]["edgeloop.io/inferencemodel"] == "digits"
+        assert len(metadata["annotations"][RENDER_HASH]) == 16
+
+
+def test_the_hash_changes_exactly_when_the_content_does():
+    before = render(OWNER, spec(), config.build())
+    new_model = render(OWNER, spec(model={"sha256": SHA_B, "version": "4"}), config.build())
+    def hashes(manifests):
+        return {name: ds["metadata"]["annotations"][RENDER_HASH] for name, ds in manifests.daemon_sets.items()}
+
+    assert all(hashes(before)[name] != hashes(new_model)[name] for name in before.daemon_sets)
+    assert before.service == new_model.service, "a new model does not touch the Service"
+    assert render(OWNER, spec(), config.build()) == before
+
+
+def test_an_unknown_class_is_a_config_error():
+    custom = config.build({"acceleratorClasses": {"npu": None}})
+    with pytest.raises(ConfigError, match="unknown accelerator class 'npu'"):
+        render(OWNER, spec(), custom)
+
+
+def test_the_runtime_parses_the_rendered_command_lines():
+    """The contract with edgeloop-runtime: its own parser accepts what the templates render."""
+    from edgeloop_runtime.cli import build_parser
+
+    for ds in rendered_example().daemon_sets.values():
+        pod = ds["spec"]["template"]["spec"]
+        [fetch] = pod["initContainers"]
+        [runtime] = pod["containers"]
+        assert fetch["command"] == runtime["command"] == ["edgeloop-runtime"]
+
+        fetched = build_parser(only="fetch").parse_args(fetch["args"])
+        served = build_parser(only="serve").parse_args(runtime["args"])
+        body = example_body()["spec"]
+        assert fetched.uri == body["model"]["uri"] and fetched.sha256 == body["model"]["sha256"]
+        assert str(fetched.cache) == str(served.cache) == "/var/lib/edgeloop/models"
+        assert served.sha256 == body["model"]["sha256"]
+        assert (served.model_name, served.model_version) == ("digits", "1")
+        assert (served.http_port, served.grpc_port) == (8000, 8001)
+        assert (served.max_batch_size, served.batch_window_us, served.threads) == (16, 500, 1)
+        assert served.execution_providers.split(",")[-1] == "CPUExecutionProvider"
+        assert served.allow_cpu_fallback is False
+        ports = {p["name"]: p["containerPort"] for p in runtime["ports"]}
+        assert ports == {"http": served.http_port, "grpc": served.grpc_port}

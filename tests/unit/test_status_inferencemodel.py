@@ -1,0 +1,169 @@
+"""InferenceModel status: conditions, counts and events computed from DaemonSets and node problems."""
+
+from __future__ import annotations
+
+from edgeloop.api.inferencemodel import InferenceModelStatus
+from edgeloop.status import condition
+from edgeloop.status.diagnosis import NodeProblem
+from edgeloop.status.inferencemodel import (
+    DaemonSetState,
+    Expected,
+    SpecProblem,
+    compute,
+    transitions,
+    unreadable,
+)
+from im_factories import SHA_B, spec
+
+EXPECTED = [
+    Expected("npu", "digits-npu", "h-npu", ("OpenVINOExecutionProvider", "CPUExecutionProvider")),
+    Expected("gpu", "digits-gpu", "h-gpu", ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    Expected("cpu", "digits-cpu", "h-cpu", ("CPUExecutionProvider",)),
+]
+
+
+def ds(name, desired, ready, updated=None, *, render_hash=None, settled=True, scheduled=None):
+    return DaemonSetState(
+        name=f"digits-{name}", uid=f"uid-{name}", render_hash=render_hash or f"h-{name}", generation=2,
+        observed_generation=2 if settled else 1, desired=desired, ready=ready,
+        updated=desired if updated is None else updated, scheduled=desired if scheduled is None else scheduled,
+    )
+
+
+def fleet(**counts):
+    """DaemonSets keyed by name; counts per class: (desired, ready[, updated])."""
+    return {f"digits-{name}": ds(name, *values) for name, values in counts.items()}
+
+
+def status(daemon_sets, problems=(), previous=None, generation=2, now="2026-11-28T10:00:00Z", **kwargs):
+    return compute(
+        generation=generation, spec=kwargs.pop("model_spec", spec()), expected=EXPECTED, daemon_sets=daemon_sets,
+        problems=list(problems), previous=previous or InferenceModelStatus(), now=now, **kwargs,
+    )
+
+
+def conditions(result):
+    return {c.type: (c.status, c.reason) for c in result.conditions}
+
+
+def test_before_any_daemon_set_exists():
+    result = status({})
+    assert conditions(result) == {
+        "Ready": ("False", "RollingOut"), "Progressing": ("True", "RollingOut"), "Degraded": ("False", "AsExpected"),
+    }
+    assert result.observed_generation == 0 and result.model is None
+
+
+def test_all_nodes_ready():
+    result = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)))
+    assert conditions(result) == {
+        "Ready": ("True", "AllNodesReady"), "Progressing": ("False", "RolloutComplete"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    assert (result.desired_nodes, result.ready_nodes, result.nodes) == (6, 6, "6/6")
+    assert result.observed_generation == 2 and result.model.version == "3"
+    assert [(v.accelerator, v.daemon_set, v.desired, v.ready, v.updated) for v in result.variants] == [
+        ("npu", "digits-npu", 2, 2, 2), ("gpu", "digits-gpu", 2, 2, 2), ("cpu", "digits-cpu", 2, 2, 2)]
+    assert result.variants[1].execution_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert all(c.observed_generation == 2 for c in result.conditions)
+
+
+def test_a_class_without_nodes_is_fine_when_others_have_some():
+    result = status(fleet(npu=(0, 0), gpu=(2, 2), cpu=(4, 4)))
+    assert conditions(result)["Ready"] == ("True", "AllNodesReady")
+
+
+def test_no_matching_nodes_is_degraded():
+    on_mars = spec(placement={"nodeSelector": {"site": "mars"}})
+    result = status(fleet(npu=(0, 0), gpu=(0, 0), cpu=(0, 0)), model_spec=on_mars)
+    assert conditions(result)["Degraded"] == ("True", "NoMatchingNodes")
+    assert conditions(result)["Ready"] == ("False", "NoMatchingNodes")
+    assert "'site': 'mars'" in condition(result.conditions, "Degraded").message
+
+
+def test_counts_of_a_daemon_set_the_controller_has_not_processed_yet_do_not_mean_no_nodes():
+    daemon_sets = {name: ds(name, 0, 0, settled=False) for name in ("npu", "gpu", "cpu")}
+    assert conditions(status(daemon_sets))["Degraded"] == ("False", "AsExpected")
+
+
+def test_a_new_model_rolls_out():
+    previous = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)))
+    rolling = {  # the cpu DaemonSet already runs the new template on one of its two nodes
+        "digits-npu": ds("npu", 2, 2, render_hash="old"), "digits-gpu": ds("gpu", 2, 2, render_hash="old"),
+        "digits-cpu": ds("cpu", 2, 1, 1),
+    }
+    result = status(rolling, previous=previous, generation=3, model_spec=spec(model={"sha256": SHA_B, "version": "4"}))
+    assert conditions(result)["Progressing"] == ("True", "RollingOut")
+    assert conditions(result)["Ready"] == ("False", "RollingOut")
+    assert result.observed_generation == 2 and result.model.version == "3", "not applied yet everywhere"
+    assert [v.updated for v in result.variants] == [0, 0, 1]
+
+
+def test_failures_degrade_and_name_the_nodes():
+    problems = [
+        NodeProblem("edge-gpu-0", "gpu", "FetchFailed", "connection refused"),
+        NodeProblem("edge-gpu-1", "gpu", "DigestMismatch", "has sha256 ..., expected ..."),
+        NodeProblem("edge-cpu-0", "cpu", "Starting", "loading"),
+    ]
+    result = status(fleet(npu=(0, 0), gpu=(2, 0), cpu=(2, 1)), problems)
+    assert conditions(result)["Degraded"] == ("True", "DigestMismatch"), "the most telling reason wins"
+    assert condition(result.conditions, "Degraded").message.startswith("1 node DigestMismatch: edge-gpu-1")
+    assert conditions(result)["Progressing"] == ("False", "RolloutBlocked")
+    assert [(n.node, n.reason) for n in result.unhealthy_nodes] == [
+        ("edge-gpu-0", "FetchFailed"), ("edge-gpu-1", "DigestMismatch"), ("edge-cpu-0", "Starting")]
+
+
+def test_starting_pods_are_listed_but_not_degraded():
+    result = status(fleet(npu=(0, 0), gpu=(0, 0), cpu=(2, 1)), [NodeProblem("edge-cpu-0", "cpu", "Starting")])
+    assert conditions(result)["Degraded"] == ("False", "AsExpected")
+    assert conditions(result)["Progressing"] == ("True", "RollingOut")
+
+
+def test_unhealthy_nodes_are_capped_at_50_and_counted():
+    problems = [NodeProblem(f"edge-{i:03}", "cpu", "FetchFailed", "boom") for i in range(120)]
+    result = status(fleet(npu=(0, 0), gpu=(0, 0), cpu=(120, 0)), problems)
+    assert len(result.unhealthy_nodes) == 50 and result.unhealthy_node_count == 120
+    assert condition(result.conditions, "Degraded").message.startswith("120 nodes FetchFailed: edge-000 (and 119 more)")
+
+
+def test_spec_problems_degrade_without_a_rollout():
+    result = status(fleet(npu=(1, 1), gpu=(1, 1), cpu=(1, 1)),
+                    spec_problem=SpecProblem("ApplyRejected", "DaemonSet.apps is invalid"))
+    assert conditions(result) == {
+        "Ready": ("False", "ApplyRejected"), "Progressing": ("False", "ApplyRejected"),
+        "Degraded": ("True", "ApplyRejected"),
+    }
+    assert result.observed_generation == 2
+
+
+def test_unreadable_spec_keeps_the_last_numbers():
+    previous = status(fleet(npu=(1, 1), gpu=(1, 1), cpu=(1, 1)))
+    result = unreadable(previous, 3, SpecProblem("InvalidSpec", "bad"), "2026-11-28T11:00:00Z")
+    assert conditions(result)["Degraded"] == ("True", "InvalidSpec")
+    assert result.nodes == "3/3" and result.observed_generation == 3
+
+
+def test_transition_times_move_only_when_the_status_does():
+    ready = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), now="2026-11-28T10:00:00Z")
+    later = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), previous=ready, now="2026-11-28T10:05:00Z")
+    assert later == ready, "an unchanged fleet gives an identical status: nothing to write"
+    broken = status(fleet(npu=(2, 2), gpu=(2, 1), cpu=(2, 2)), [NodeProblem("edge-gpu-0", "gpu", "RuntimeFailed")],
+                    previous=ready, now="2026-11-28T10:06:00Z")
+    times = {c.type: c.last_transition_time for c in broken.conditions}
+    assert times == {"Ready": "2026-11-28T10:06:00Z", "Progressing": "2026-11-28T10:00:00Z",
+                     "Degraded": "2026-11-28T10:06:00Z"}
+
+
+def test_events_on_significant_transitions_only():
+    created = status({})
+    assert transitions(InferenceModelStatus(), created) == []
+    applied = status(fleet(npu=(2, 0, 0), gpu=(2, 0, 0), cpu=(2, 0, 0)), previous=created)
+    assert [(e.type, e.reason) for e in transitions(created, applied)] == [("Normal", "RollingOut")]
+    ready = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), previous=applied)
+    assert [(e.type, e.reason) for e in transitions(applied, ready)] == [("Normal", "Ready")]
+    assert transitions(ready, ready) == []
+    failing = status(fleet(npu=(2, 2), gpu=(2, 1), cpu=(2, 2)), [NodeProblem("edge-gpu-0", "gpu", "RuntimeFailed")],
+                     previous=ready)
+    assert [(e.type, e.reason) for e in transitions(ready, failing)] == [("Warning", "RuntimeFailed")]
+    healed = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), previous=failing)
+    assert [(e.type, e.reason) for e in transitions(failing, healed)] == [("Normal", "Ready"), ("Normal", "Recovered")]
