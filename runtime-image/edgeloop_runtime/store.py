@@ -134,8 +134,9 @@ def make_handler(root: Path, token: str, max_bytes: int):
     return Handler
 
 
-def make_server(root: Path, token: str, host: str, port: int, tls=None,
-                max_bytes: int = 4 << 30) -> ThreadingHTTPServer:
+def make_server(
+    root: Path, token: str, host: str, port: int, tls=None, max_bytes: int = 4 << 30
+) -> ThreadingHTTPServer:
     """The store's server, bound (its `server_address` has the port) but not yet serving."""
     if not token:
         raise ValueError("the store needs an upload token")
@@ -152,20 +153,29 @@ def upload(base_url: str, data: bytes, token: str | None, timeout: float = 60.0)
     if not token:
         raise ValueError("uploading to the store needs a token")
     uri = f"{base_url.rstrip('/')}/sha256/{hashlib.sha256(data).hexdigest()}"
-    request = urllib.request.Request(uri, data=data, method="PUT", headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
+    request = urllib.request.Request(
+        uri,
+        data=data,
+        method="PUT",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+    )
     with urllib.request.urlopen(request, timeout=timeout):
         pass  # urlopen raises on anything but 2xx
     return uri
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, default=Path("/var/lib/edgeloop/store"),
-                        help="the volume; blobs go to ROOT/sha256/<hex> (default %(default)s)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/var/lib/edgeloop/store"),
+        help="the volume; blobs go to ROOT/sha256/<hex> (default %(default)s)",
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--token-file", type=Path,
-                        help="file holding the upload bearer token (default: $EDGELOOP_STORE_TOKEN)")
+    parser.add_argument(
+        "--token-file", type=Path, help="file holding the upload bearer token (default: $EDGELOOP_STORE_TOKEN)"
+    )
     parser.add_argument("--max-bytes", type=int, default=4 << 30, help="largest blob accepted (default 4 GiB)")
     parser.add_argument("--tls-cert", help="certificate (PEM): serve HTTPS")
     parser.add_argument("--tls-key", help="private key (PEM)")
@@ -179,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         log.error("no upload token: pass --token-file or set EDGELOOP_STORE_TOKEN")
         return 2
-    server = make_server(args.root, token, args.host, args.port, server_context(args.tls_cert, args.tls_key, None),
-                   args.max_bytes)
+    server = make_server(
+        args.root, token, args.host, args.port, server_context(args.tls_cert, args.tls_key, None), args.max_bytes
+    )
     log.info("serving %s on %s:%d", args.root, *server.server_address[:2])
     server.serve_forever()
     return 0

@@ -112,8 +112,15 @@ class Aggregator:
         self.models_dir = settings.state_dir / "models"
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = settings.state_dir / "checkpoint.json"
-        self.state = {"phase": "Running", "round": 0, "history": [], "baseline": None, "metrics": None,
-                      "result": None, "reason": ""}
+        self.state = {
+            "phase": "Running",
+            "round": 0,
+            "history": [],
+            "baseline": None,
+            "metrics": None,
+            "result": None,
+            "reason": "",
+        }
         if self.checkpoint_path.exists():
             self.state = json.loads(self.checkpoint_path.read_text())
             self.model_bytes = (self.models_dir / f"{self.state['model']}.onnx").read_bytes()
@@ -136,16 +143,26 @@ class Aggregator:
         s, r = self.state, self.round
         last = s["history"][-1] if s["history"] else None
         if r is not None and r.task == "train" and s["phase"] == "Running":
-            participants = {"selected": self.settings.clients, "reported": len(r.updates),
-                            "dropped": self.settings.clients - len(r.updates)}
+            participants = {
+                "selected": self.settings.clients,
+                "reported": len(r.updates),
+                "dropped": self.settings.clients - len(r.updates),
+            }
         else:
-            participants = last["participants"] if last else {"selected": self.settings.clients,
-                                                             "reported": 0, "dropped": 0}
+            participants = (
+                last["participants"] if last else {"selected": self.settings.clients, "reported": 0, "dropped": 0}
+            )
         return {
-            "phase": s["phase"], "round": r.number if r and r.task == "train" else s["round"],
-            "rounds": self.settings.rounds, "stage": r.stage if r else None,
-            "secureAggregation": self.settings.secure, "participants": participants,
-            "metrics": s["metrics"], "baseline": s["baseline"], "result": s["result"], "reason": s["reason"],
+            "phase": s["phase"],
+            "round": r.number if r and r.task == "train" else s["round"],
+            "rounds": self.settings.rounds,
+            "stage": r.stage if r else None,
+            "secureAggregation": self.settings.secure,
+            "participants": participants,
+            "metrics": s["metrics"],
+            "baseline": s["baseline"],
+            "result": s["result"],
+            "reason": s["reason"],
             "history": s["history"],
         }
 
@@ -154,9 +171,19 @@ class Aggregator:
         info = {"phase": self.state["phase"], "reason": self.state["reason"]}
         if r is None or self.state["phase"] != "Running":
             return info
-        return {**info, "id": r.id, "round": r.number, "rounds": cfg.rounds, "task": r.task, "stage": r.stage,
-                "secure": cfg.secure, "model": self.model_sha, "trainable": cfg.trainable,
-                "train": asdict(cfg.train), "waitSeconds": cfg.deadline + 2 * cfg.stage_timeout}
+        return {
+            **info,
+            "id": r.id,
+            "round": r.number,
+            "rounds": cfg.rounds,
+            "task": r.task,
+            "stage": r.stage,
+            "secure": cfg.secure,
+            "model": self.model_sha,
+            "trainable": cfg.trainable,
+            "train": asdict(cfg.train),
+            "waitSeconds": cfg.deadline + 2 * cfg.stage_timeout,
+        }
 
     # --- the coordinator ----------------------------------------------------------------------------------
 
@@ -200,8 +227,10 @@ class Aggregator:
             self._wait(lambda: len(r.members) >= cfg.min_clients, deadline)
         with self.cond:
             if len(r.members) < cfg.min_clients:
-                raise RoundFailed(f"round {number}: {len(r.members)} of {cfg.clients} clients joined "
-                                  f"by the deadline, minClients is {cfg.min_clients}")
+                raise RoundFailed(
+                    f"round {number}: {len(r.members)} of {cfg.clients} clients joined "
+                    f"by the deadline, minClients is {cfg.min_clients}"
+                )
             joined = {m.index for m in r.members.values()}
             if cfg.secure:
                 degree = cfg.neighbours or secagg.default_degree(len(joined))
@@ -255,8 +284,10 @@ class Aggregator:
             self_seeds = {u: secagg.shamir_combine(b_shares[u], r.t) for u in r.survivors}
             dropped_keys = {d: secagg.shamir_combine(s_shares[d], r.t) for d in dropped}
         except secagg.SecAggError as error:
-            raise RoundFailed(f"round {r.number}: cannot remove the masks: {error} "
-                              f"({len(r.reveals)} of {len(r.survivors)} survivors revealed shares)") from error
+            raise RoundFailed(
+                f"round {r.number}: cannot remove the masks: {error} "
+                f"({len(r.reveals)} of {len(r.survivors)} survivors revealed shares)"
+            ) from error
         masked = np.zeros(self.model.size, dtype=np.uint32)
         for u in r.survivors:
             masked += r.updates[u][0]
@@ -274,22 +305,33 @@ class Aggregator:
         if self.state["baseline"] is None:
             self.state["baseline"] = metrics or None
         uploads = [r.uploaded[m.client] for m in r.members.values() if m.index in r.survivors]
-        self.state["history"].append({
-            "round": r.number,
-            "participants": {"selected": self.settings.clients, "reported": len(r.survivors),
-                             "dropped": self.settings.clients - len(r.survivors)},
-            "metricsBefore": metrics, "seconds": round(time.monotonic() - r.opened, 4),
-            "uploadBytesPerClient": round(sum(uploads) / len(uploads)),
-        })
+        self.state["history"].append(
+            {
+                "round": r.number,
+                "participants": {
+                    "selected": self.settings.clients,
+                    "reported": len(r.survivors),
+                    "dropped": self.settings.clients - len(r.survivors),
+                },
+                "metricsBefore": metrics,
+                "seconds": round(time.monotonic() - r.opened, 4),
+                "uploadBytesPerClient": round(sum(uploads) / len(uploads)),
+            }
+        )
         self.state["round"] = r.number
         self._checkpoint()
-        log.info("round %d done: %d clients, holdout accuracy before %.4f", r.number, len(r.survivors),
-                 metrics.get("accuracy", float("nan")))
+        log.info(
+            "round %d done: %d clients, holdout accuracy before %.4f",
+            r.number,
+            len(r.survivors),
+            metrics.get("accuracy", float("nan")),
+        )
 
     def _evaluate(self) -> None:
         cfg = self.settings
         r = self._open(self.state["round"], "evaluate", "collect")
-        self._wait(lambda: len(r.evaluations) >= cfg.clients, r.opened + cfg.stage_timeout)
+        expected = self.state["history"][-1]["participants"]["reported"]  # the clients alive at the end
+        self._wait(lambda: len(r.evaluations) >= expected, r.opened + cfg.stage_timeout)
         with self.cond:
             if not r.evaluations:
                 raise RoundFailed("no client evaluated the final model")
@@ -323,8 +365,10 @@ class Aggregator:
 
     def wait_for_round(self, previous: str) -> dict:
         with self.cond:
-            self.cond.wait_for(lambda: (self.round is not None and self.round.id != previous)
-                               or self.state["phase"] != "Running", timeout=LONG_POLL_SECONDS)
+            self.cond.wait_for(
+                lambda: (self.round is not None and self.round.id != previous) or self.state["phase"] != "Running",
+                timeout=LONG_POLL_SECONDS,
+            )
             return self.round_info()
 
     def handle(self, client: str, round_id: str, action: str, header: dict, payload: bytes) -> dict:
@@ -358,8 +402,13 @@ class Aggregator:
         if not self.settings.secure:
             return {"index": me.index}
         self._await_stage_after(r, "join")
-        return {"index": me.index, "t": r.t, "scale": r.scale, "bound": self.settings.bound,
-                "neighbours": {v: _b64(r.member(v).keys) for v in sorted(r.graph[me.index])}}
+        return {
+            "index": me.index,
+            "t": r.t,
+            "scale": r.scale,
+            "bound": self.settings.bound,
+            "neighbours": {v: _b64(r.member(v).keys) for v in sorted(r.graph[me.index])},
+        }
 
     def _on_shares(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
         self._expect(r, "share")
@@ -368,7 +417,7 @@ class Aggregator:
         if set(to) != r.graph[me.index] or len(payload) != len(to) * secagg.CIPHERTEXT_BYTES:
             raise BadRequest("shares must go to exactly this client's neighbours, one ciphertext each")
         n = secagg.CIPHERTEXT_BYTES
-        r.shares[me.index] = {v: payload[i * n:(i + 1) * n] for i, v in enumerate(to)}
+        r.shares[me.index] = {v: payload[i * n : (i + 1) * n] for i, v in enumerate(to)}
         self.cond.notify_all()
         self._await_stage_after(r, "share")
         return {"inbox": {u: _b64(c[me.index]) for u, c in r.shares.items() if me.index in c}}
@@ -400,9 +449,8 @@ class Aggregator:
         if set(b) & set(s) or not set(b) <= r.survivors or set(s) & r.survivors:
             raise BadRequest("reveal b shares of survivors and s shares of dropped clients only")
         n = secagg.SHARE_BYTES
-        values = [int.from_bytes(payload[i * n:(i + 1) * n], "big") for i in range(len(b) + len(s))]
-        r.reveals[me.index] = (dict(zip(b, values[:len(b)], strict=True)),
-                               dict(zip(s, values[len(b):], strict=True)))
+        values = [int.from_bytes(payload[i * n : (i + 1) * n], "big") for i in range(len(b) + len(s))]
+        r.reveals[me.index] = (dict(zip(b, values[: len(b)], strict=True)), dict(zip(s, values[len(b) :], strict=True)))
         self.cond.notify_all()
         return {}
 
@@ -441,8 +489,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-ACTIONS = {"/v1/join": "join", "/v1/shares": "shares", "/v1/update": "update", "/v1/unmask": "unmask",
-           "/v1/evaluate": "evaluate"}
+ACTIONS = {
+    "/v1/join": "join",
+    "/v1/shares": "shares",
+    "/v1/update": "update",
+    "/v1/unmask": "unmask",
+    "/v1/evaluate": "evaluate",
+}
 
 
 def make_handler(agg: Aggregator):

@@ -43,13 +43,20 @@ def _add_tls(parser: argparse.ArgumentParser, server: bool) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="federated_command", required=True, metavar="ROLE")
 
-    agg = sub.add_parser("aggregate", help="run the aggregator service for a federated training job",
-                         description="Serve the rounds, aggregate (securely), checkpoint, publish the model.")
+    agg = sub.add_parser(
+        "aggregate",
+        help="run the aggregator service for a federated training job",
+        description="Serve the rounds, aggregate (securely), checkpoint, publish the model.",
+    )
     agg.add_argument("--model", required=True, help="starting ONNX model: a path, file://, http:// or https:// URI")
     agg.add_argument("--model-sha256", help="expected sha256 of --model; a mismatch is an error")
-    agg.add_argument("--trainable", choices=["auto", "all", "last"], default="auto",
-                     help="all: every dense layer (MLP); last: only the final Gemm/MatMul+Add; "
-                          "auto: all when the graph is only dense layers, else last (default)")
+    agg.add_argument(
+        "--trainable",
+        choices=["auto", "all", "last"],
+        default="auto",
+        help="all: every dense layer (MLP); last: only the final Gemm/MatMul+Add; "
+        "auto: all when the graph is only dense layers, else last (default)",
+    )
     agg.add_argument("--rounds", type=int, default=5, help="training rounds (default 5)")
     agg.add_argument("--clients", type=int, required=True, help="clients selected: expected in every round")
     agg.add_argument("--min-clients", type=int, default=3, help="quorum: fewer updates fail the round (default 3)")
@@ -59,55 +66,110 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agg.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
     agg.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx mu (needs --strategy fedprox)")
     agg.add_argument("--clip-norm", type=_positive_float, help="clip each client's update to this L2 norm")
-    agg.add_argument("--noise-multiplier", type=float, default=0.0,
-                     help="Gaussian noise std per coordinate = this x --clip-norm (default 0)")
-    agg.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=True,
-                     help="mask updates so the aggregator learns only their sum (default on)")
-    agg.add_argument("--threshold", type=_fraction, default=0.66,
-                     help="fraction of key-sharing clients (and of each client's neighbours) that must "
-                          "survive for the sum to be recovered (default 0.66)")
-    agg.add_argument("--neighbours", type=int, default=0,
-                     help="SecAgg+ neighbours per client; 0 = min(n-1, 2·ceil(log2 n)+2) (default)")
-    agg.add_argument("--quantization-bound", type=_positive_float, default=8.0,
-                     help="secure aggregation clips update values to ±this before fixed-point encoding")
-    agg.add_argument("--deadline", type=_positive_float, default=900.0,
-                     help="seconds from a round's start until late updates are dropped (default 900)")
-    agg.add_argument("--stage-timeout", type=_positive_float, default=60.0,
-                     help="seconds the join (past quorum), share, unmask and evaluation stages wait (default 60)")
+    agg.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=0.0,
+        help="Gaussian noise std per coordinate = this x --clip-norm (default 0)",
+    )
+    agg.add_argument(
+        "--secure-aggregation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mask updates so the aggregator learns only their sum (default on)",
+    )
+    agg.add_argument(
+        "--threshold",
+        type=_fraction,
+        default=0.66,
+        help="fraction of key-sharing clients (and of each client's neighbours) that must "
+        "survive for the sum to be recovered (default 0.66)",
+    )
+    agg.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="SecAgg+ neighbours per client; 0 = min(n-1, 2·ceil(log2 n)+2) (default)",
+    )
+    agg.add_argument(
+        "--quantization-bound",
+        type=_positive_float,
+        default=8.0,
+        help="secure aggregation clips update values to ±this before fixed-point encoding",
+    )
+    agg.add_argument(
+        "--deadline",
+        type=_positive_float,
+        default=900.0,
+        help="seconds from a round's start until late updates are dropped (default 900)",
+    )
+    agg.add_argument(
+        "--stage-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds the join (past quorum), share, unmask and evaluation stages wait (default 60)",
+    )
     agg.add_argument("--host", default="0.0.0.0")
     agg.add_argument("--port", type=int, default=8080)
-    agg.add_argument("--state-dir", type=Path, default=Path("/var/lib/edgeloop/federated"),
-                     help="checkpoints; a restarted aggregator resumes from here")
-    agg.add_argument("--store", help="model store base URL, e.g. http://edgeloop-store:8000; the final model is "
-                                     "PUT there (without it, the result URI is file:// in --state-dir)")
-    agg.add_argument("--store-token-file", type=Path,
-                     help="file with the store's bearer token (default: $EDGELOOP_STORE_TOKEN)")
+    agg.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/edgeloop/federated"),
+        help="checkpoints; a restarted aggregator resumes from here",
+    )
+    agg.add_argument(
+        "--store",
+        help="model store base URL, e.g. http://edgeloop-store:8000; the final model is "
+        "PUT there (without it, the result URI is file:// in --state-dir)",
+    )
+    agg.add_argument(
+        "--store-token-file", type=Path, help="file with the store's bearer token (default: $EDGELOOP_STORE_TOKEN)"
+    )
     agg.add_argument("--status-file", type=Path, help="rewrite the status JSON here at every change")
-    agg.add_argument("--linger", type=float, default=30.0,
-                     help="seconds to keep answering after the end, so clients learn the outcome (default 30)")
+    agg.add_argument(
+        "--linger",
+        type=float,
+        default=30.0,
+        help="seconds to keep answering after the end, so clients learn the outcome (default 30)",
+    )
     _add_tls(agg, server=True)
     agg.set_defaults(federated_run=run_aggregate)
 
-    train = sub.add_parser("train", help="run a federated client on this node's data",
-                           description="Train on local data each round; send only the (masked) update.")
+    train = sub.add_parser(
+        "train",
+        help="run a federated client on this node's data",
+        description="Train on local data each round; send only the (masked) update.",
+    )
     train.add_argument("--aggregator", required=True, help="aggregator base URL, http://… or https://…")
-    train.add_argument("--data", required=True,
-                       help="an .npz file with arrays x (n x features, float) and y (n, int labels), "
-                            "or a directory holding exactly one")
-    train.add_argument("--client-id", default=os.environ.get("NODE_NAME") or socket.gethostname(),
-                       help="unique client name (default: $NODE_NAME, else the host name)")
+    train.add_argument(
+        "--data",
+        required=True,
+        help="an .npz file with arrays x (n x features, float) and y (n, int labels), "
+        "or a directory holding exactly one",
+    )
+    train.add_argument(
+        "--client-id",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        help="unique client name (default: $NODE_NAME, else the host name)",
+    )
     train.add_argument("--holdout", type=float, default=0.2, help="fraction kept for evaluation (default 0.2)")
-    train.add_argument("--seed", type=int, help="seed of the batch order (default: random); the holdout split "
-                                                "is always the same for the same data")
-    train.add_argument("--connect-timeout", type=_positive_float, default=600.0,
-                       help="give up when the aggregator is unreachable this long (default 600 s)")
+    train.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the batch order (default: random); the holdout split is always the same for the same data",
+    )
+    train.add_argument(
+        "--connect-timeout",
+        type=_positive_float,
+        default=600.0,
+        help="give up when the aggregator is unreachable this long (default 600 s)",
+    )
     _add_tls(train, server=False)
     train.set_defaults(federated_run=run_train)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.federated_run(args)
 
 
@@ -120,15 +182,32 @@ def run_aggregate(args: argparse.Namespace) -> int:
         raise SystemExit("--min-clients must be between 1 and --clients")
     if args.strategy == "fedavg" and args.proximal_mu:
         raise SystemExit("--proximal-mu needs --strategy fedprox")
-    token = (args.store_token_file.read_text().strip() if args.store_token_file
-             else os.environ.get("EDGELOOP_STORE_TOKEN"))
+    token = (
+        args.store_token_file.read_text().strip() if args.store_token_file else os.environ.get("EDGELOOP_STORE_TOKEN")
+    )
     settings = Settings(
-        rounds=args.rounds, clients=args.clients, min_clients=args.min_clients, state_dir=args.state_dir,
-        train=TrainConfig(args.local_epochs, args.batch_size, args.learning_rate, args.proximal_mu,
-                          args.clip_norm, args.noise_multiplier),
-        trainable=args.trainable, secure=args.secure_aggregation, threshold=args.threshold,
-        neighbours=args.neighbours, bound=args.quantization_bound, deadline=args.deadline,
-        stage_timeout=args.stage_timeout, store=args.store, store_token=token)
+        rounds=args.rounds,
+        clients=args.clients,
+        min_clients=args.min_clients,
+        state_dir=args.state_dir,
+        train=TrainConfig(
+            args.local_epochs,
+            args.batch_size,
+            args.learning_rate,
+            args.proximal_mu,
+            args.clip_norm,
+            args.noise_multiplier,
+        ),
+        trainable=args.trainable,
+        secure=args.secure_aggregation,
+        threshold=args.threshold,
+        neighbours=args.neighbours,
+        bound=args.quantization_bound,
+        deadline=args.deadline,
+        stage_timeout=args.stage_timeout,
+        store=args.store,
+        store_token=token,
+    )
     agg = Aggregator(settings, _initial_model(args.model, args.model_sha256, args.state_dir))
     if args.status_file:
         agg.on_change = lambda status: _write_json(args.status_file, status)
@@ -143,11 +222,9 @@ def run_aggregate(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from .client import FederatedClient, LocalData
 
-    context = client_context(args.tls_ca, args.tls_cert, args.tls_key) if args.aggregator.startswith("https") \
-        else None
+    context = client_context(args.tls_ca, args.tls_cert, args.tls_key) if args.aggregator.startswith("https") else None
     data = LocalData.load(args.data, args.holdout)
-    client = FederatedClient(Client(args.aggregator, context), args.client_id, data, args.seed,
-                             args.connect_timeout)
+    client = FederatedClient(Client(args.aggregator, context), args.client_id, data, args.seed, args.connect_timeout)
     return client.run()
 
 

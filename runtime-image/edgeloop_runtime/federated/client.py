@@ -5,6 +5,7 @@ aggregator restart by rejoining whatever round is open next."""
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import secrets
@@ -37,8 +38,9 @@ class LocalData:
 
 
 class FederatedClient:
-    def __init__(self, conn: Client, client_id: str, data: LocalData, seed: int | None = None,
-                 connect_timeout: float = 600.0):
+    def __init__(
+        self, conn: Client, client_id: str, data: LocalData, seed: int | None = None, connect_timeout: float = 600.0
+    ):
         self.conn, self.id, self.data = conn, client_id, data
         self.seed, self.connect_timeout = seed, connect_timeout
         self.model: Model | None = None
@@ -65,7 +67,7 @@ class FederatedClient:
                 self._round(info)
             except RoundGone as gone:
                 log.warning("round %d abandoned: %s", info["round"], gone)
-            except (OSError, ConnectionError) as error:
+            except (OSError, http.client.HTTPException) as error:
                 log.warning("round %d: lost the aggregator: %s", info["round"], error)
                 self.conn.close()
 
@@ -76,8 +78,7 @@ class FederatedClient:
         self._fetch_model(info["model"], info["trainable"])
         start = self.model.vector()
         feats_train, feats_hold = self.features
-        metrics = {**evaluate(self.model, start, feats_hold, self.data.y_holdout),
-                   "examples": len(self.data.y_holdout)}
+        metrics = {**evaluate(self.model, start, feats_hold, self.data.y_holdout), "examples": len(self.data.y_holdout)}
         if info["task"] == "evaluate":
             self._post(info, "evaluate", {"metrics": metrics})
             log.info("evaluated the final model: %s", metrics)
@@ -97,8 +98,12 @@ class FederatedClient:
         else:
             self._post(info, "join", {"examples": examples})
             self._post(info, "update", {"metrics": metrics}, train().astype("<f4").tobytes())
-        log.info("round %d: sent update (%d examples, holdout accuracy %.4f before training)",
-                 info["round"], examples, metrics["accuracy"])
+        log.info(
+            "round %d: sent update (%d examples, holdout accuracy %.4f before training)",
+            info["round"],
+            examples,
+            metrics["accuracy"],
+        )
 
     def _secure_round(self, info: dict, examples: int, metrics: dict, train) -> None:
         context = bytes.fromhex(info["id"])
@@ -113,12 +118,15 @@ class FederatedClient:
         b_shares = secagg.shamir_split(b_seed, t, peers)
         s_shares = secagg.shamir_split(s_seed, t, peers)
         order = sorted(peers)
-        ciphertexts = b"".join(secagg.encrypt_shares(c_key, peers[v][:32], context, me, v, b_shares[v],
-                                                     s_shares[v]) for v in order)
+        ciphertexts = b"".join(
+            secagg.encrypt_shares(c_key, peers[v][:32], context, me, v, b_shares[v], s_shares[v]) for v in order
+        )
         inbox = self._post(info, "shares", {"to": order}, ciphertexts)["inbox"]
         # Raises InvalidTag if the aggregator altered or misrouted a share.
-        held = {int(u): secagg.decrypt_shares(c_key, peers[int(u)][:32], context, int(u), me, base64.b64decode(c))
-                for u, c in inbox.items()}
+        held = {
+            int(u): secagg.decrypt_shares(c_key, peers[int(u)][:32], context, int(u), me, base64.b64decode(c))
+            for u, c in inbox.items()
+        }
 
         update = np.clip(train(), -bound, bound) * examples
         pairwise = {u: secagg.pairwise_seed(s_key, peers[u][32:], context) for u in held}
@@ -154,9 +162,12 @@ class FederatedClient:
         return json.loads(body)
 
     def _post(self, info: dict, action: str, header: dict, payload: bytes = b"") -> dict:
-        status, body = self.conn.request("POST", f"/v1/{action}", pack(header, payload), {
-            "X-Edgeloop-Client": self.id, "X-Edgeloop-Round": info["id"],
-            "Content-Type": "application/octet-stream"})
+        status, body = self.conn.request(
+            "POST",
+            f"/v1/{action}",
+            pack(header, payload),
+            {"X-Edgeloop-Client": self.id, "X-Edgeloop-Round": info["id"], "Content-Type": "application/octet-stream"},
+        )
         if status == 409:
             raise RoundGone(json.loads(body).get("error", "conflict"))
         if status != 200:

@@ -36,8 +36,7 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def dirichlet_partition(y: np.ndarray, clients: int, alpha: float, seed: int,
-                        min_size: int = 10) -> list[np.ndarray]:
+def dirichlet_partition(y: np.ndarray, clients: int, alpha: float, seed: int, min_size: int = 10) -> list[np.ndarray]:
     """Row indices per client; each class is spread over clients with proportions ~ Dirichlet(alpha).
 
     Small alpha means strong label skew. Draws again until every client has `min_size` rows.

@@ -150,10 +150,14 @@ class Model:
         self.feature_input = chain[0][1]
         self.frozen_prefix = self.feature_input not in graph_inputs
         self.specs = [
-            ParamSpec(name, tuple(self._inits[name].dims), np.dtype(helper.tensor_dtype_to_np_dtype(
-                self._inits[name].data_type)))
+            ParamSpec(
+                name,
+                tuple(self._inits[name].dims),
+                np.dtype(helper.tensor_dtype_to_np_dtype(self._inits[name].data_type)),
+            )
             for layer in self.layers
-            for name in (layer.weight, layer.bias) if name is not None
+            for name in (layer.weight, layer.bias)
+            if name is not None
         ]
         self._feature_session = None
 
@@ -190,8 +194,13 @@ class Model:
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             if bias is not None and bias not in self._inits:
                 return None
-            return Dense(node.input[1], bias, bool(attrs.get("transB", 0)), float(attrs.get("alpha", 1.0)),
-                         float(attrs.get("beta", 1.0))), node.input[0]
+            return Dense(
+                node.input[1],
+                bias,
+                bool(attrs.get("transB", 0)),
+                float(attrs.get("alpha", 1.0)),
+                float(attrs.get("beta", 1.0)),
+            ), node.input[0]
         if node.op_type == "Add":
             bias = next((i for i in node.input if i in self._inits), None)
             other = next((i for i in node.input if i != bias), None)
@@ -213,13 +222,14 @@ class Model:
 
     def vector(self) -> np.ndarray:
         """The current trainable parameters, flattened in a fixed order."""
-        return np.concatenate([numpy_helper.to_array(self._inits[s.name]).astype(np.float32).ravel()
-                               for s in self.specs])
+        return np.concatenate(
+            [numpy_helper.to_array(self._inits[s.name]).astype(np.float32).ravel() for s in self.specs]
+        )
 
     def weights(self, vector: np.ndarray) -> dict[str, np.ndarray]:
         out, offset = {}, 0
         for s in self.specs:
-            out[s.name] = vector[offset:offset + s.size].reshape(s.shape).astype(np.float32, copy=False)
+            out[s.name] = vector[offset : offset + s.size].reshape(s.shape).astype(np.float32, copy=False)
             offset += s.size
         if offset != len(vector):
             raise ValueError(f"parameter vector has {len(vector)} values, the model needs {offset}")
@@ -247,10 +257,8 @@ class Model:
             proto = onnx.ModelProto()
             proto.CopyFrom(self.proto)
             del proto.graph.output[:]
-            proto.graph.output.append(helper.make_tensor_value_info(self.feature_input, onnx.TensorProto.FLOAT,
-                                                                    None))
-            self._feature_session = ort.InferenceSession(proto.SerializeToString(),
-                                                         providers=["CPUExecutionProvider"])
+            proto.graph.output.append(helper.make_tensor_value_info(self.feature_input, onnx.TensorProto.FLOAT, None))
+            self._feature_session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         name = self._feature_session.get_inputs()[0].name
         feats = self._feature_session.run(None, {name: np.asarray(x, dtype=np.float32)})[0]
         return feats.reshape(len(feats), -1)
@@ -285,8 +293,10 @@ def mlp(sizes: list[int], seed: int = 0, softmax: bool = True) -> bytes:
     nodes, inits, tensor = [], [], "input"
     for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         limit = np.sqrt(6 / (fan_in + fan_out))
-        inits += [numpy_helper.from_array(rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32), f"w{i}"),
-                  numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{i}"),
+        ]
         nodes.append(helper.make_node("Gemm", [tensor, f"w{i}", f"b{i}"], [f"z{i}"]))
         tensor = f"z{i}"
         if i < len(sizes) - 2:
@@ -296,8 +306,12 @@ def mlp(sizes: list[int], seed: int = 0, softmax: bool = True) -> bytes:
         nodes.append(helper.make_node("Softmax", [tensor], ["probabilities"], axis=1))
         tensor = "probabilities"
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", sizes[0]])],
-        [helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, ["batch", sizes[-1]])], inits)
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", sizes[0]])],
+        [helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, ["batch", sizes[-1]])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -118,14 +118,22 @@ def _share_key(private: X25519PrivateKey, peer_public: bytes, context: bytes, se
     return AESGCM(_hkdf(private.exchange(X25519PublicKey.from_public_bytes(peer_public)), info))
 
 
-def encrypt_shares(private: X25519PrivateKey, peer_public: bytes, context: bytes, sender: int, receiver: int,
-                   b_share: int, s_share: int) -> bytes:
+def encrypt_shares(
+    private: X25519PrivateKey,
+    peer_public: bytes,
+    context: bytes,
+    sender: int,
+    receiver: int,
+    b_share: int,
+    s_share: int,
+) -> bytes:
     plain = b_share.to_bytes(SHARE_BYTES, "big") + s_share.to_bytes(SHARE_BYTES, "big")
     return _share_key(private, peer_public, context, sender, receiver).encrypt(bytes(12), plain, None)
 
 
-def decrypt_shares(private: X25519PrivateKey, peer_public: bytes, context: bytes, sender: int, receiver: int,
-                   ciphertext: bytes) -> tuple[int, int]:
+def decrypt_shares(
+    private: X25519PrivateKey, peer_public: bytes, context: bytes, sender: int, receiver: int, ciphertext: bytes
+) -> tuple[int, int]:
     """(share of b_sender, share of s_sender's seed); raises InvalidTag if it was not made for us."""
     plain = _share_key(private, peer_public, context, sender, receiver).decrypt(bytes(12), ciphertext, None)
     return int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big")
@@ -189,9 +197,15 @@ def mask(q: np.ndarray, me: int, self_seed: int, pairwise: Mapping[int, bytes]) 
     return y
 
 
-def unmask_sum(masked_sum: np.ndarray, self_seeds: Mapping[int, int], dropped_keys: Mapping[int, int],
-               public: Mapping[int, bytes], graph: Mapping[int, Iterable[int]], survivors: Iterable[int],
-               context: bytes) -> np.ndarray:
+def unmask_sum(
+    masked_sum: np.ndarray,
+    self_seeds: Mapping[int, int],
+    dropped_keys: Mapping[int, int],
+    public: Mapping[int, bytes],
+    graph: Mapping[int, Iterable[int]],
+    survivors: Iterable[int],
+    context: bytes,
+) -> np.ndarray:
     """Σ q(x_u) over the survivors, from Σ y_u, the survivors' rebuilt self-mask seeds and the dropped
     clients' rebuilt mask-key seeds (`public` maps each client to its s-public key)."""
     survivors = set(survivors)

@@ -19,8 +19,9 @@ class TrainConfig:
     noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier * clip_norm
 
 
-def local_train(model: Model, start: np.ndarray, feats: np.ndarray, y: np.ndarray, cfg: TrainConfig,
-                rng: np.random.Generator) -> np.ndarray:
+def local_train(
+    model: Model, start: np.ndarray, feats: np.ndarray, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
+) -> np.ndarray:
     """Parameters after `cfg.epochs` passes of SGD from `start`.
 
     FedProx adds (mu/2)·||w - start||² to the local loss, which keeps clients with skewed data from drifting
@@ -30,7 +31,7 @@ def local_train(model: Model, start: np.ndarray, feats: np.ndarray, y: np.ndarra
     for _ in range(cfg.epochs):
         order = rng.permutation(len(y))
         for i in range(0, len(y), cfg.batch_size):
-            batch = order[i:i + cfg.batch_size]
+            batch = order[i : i + cfg.batch_size]
             _, grad = model.loss_and_grad(w, feats[batch], y[batch])
             if cfg.proximal_mu:
                 grad += cfg.proximal_mu * (w - start)
@@ -38,8 +39,9 @@ def local_train(model: Model, start: np.ndarray, feats: np.ndarray, y: np.ndarra
     return w
 
 
-def privatize(update: np.ndarray, clip_norm: float | None, noise_multiplier: float,
-              rng: np.random.Generator) -> np.ndarray:
+def privatize(
+    update: np.ndarray, clip_norm: float | None, noise_multiplier: float, rng: np.random.Generator
+) -> np.ndarray:
     """Clip the update to L2 norm `clip_norm`, then add N(0, (noise_multiplier·clip_norm)²) per coordinate."""
     if clip_norm is None:
         if noise_multiplier:

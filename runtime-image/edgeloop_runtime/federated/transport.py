@@ -27,7 +27,7 @@ def unpack(body: bytes) -> tuple[dict, bytes]:
     if len(body) < 4:
         raise ValueError("body too short")
     n = int.from_bytes(body[:4], "big")
-    return json.loads(body[4:4 + n]), body[4 + n:]
+    return json.loads(body[4 : 4 + n]), body[4 + n :]
 
 
 def server_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
@@ -69,14 +69,16 @@ class Client:
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             if self.https:
-                self._conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                                         context=self.context)
+                self._conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=self.context
+                )
             else:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         return self._conn
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         try:
             conn = self._connection()
             conn.request(method, self.prefix + path, body=body, headers=headers or {})
