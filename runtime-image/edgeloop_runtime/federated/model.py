@@ -227,12 +227,12 @@ class Model:
         )
 
     def weights(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        if len(vector) != self.size:
+            raise ValueError(f"parameter vector has {len(vector)} values, the model needs {self.size}")
         out, offset = {}, 0
         for s in self.specs:
-            out[s.name] = vector[offset : offset + s.size].reshape(s.shape).astype(np.float32, copy=False)
+            out[s.name] = vector[offset : offset + s.size].reshape(s.shape)
             offset += s.size
-        if offset != len(vector):
-            raise ValueError(f"parameter vector has {len(vector)} values, the model needs {offset}")
         return out
 
     def export(self, vector: np.ndarray) -> bytes:
