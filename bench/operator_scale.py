@@ -1,0 +1,228 @@
+"""InferenceModel operator at fleet scale on the devcluster: 1000 kwok nodes, 50 InferenceModels at once.
+
+    python bench/operator_scale.py [--nodes 1000] [--models 50] [--idle-seconds 300] [--resync-seconds 60]
+
+The fleet is split into one site per model (labelled bench.edgeloop.io/site, each a mix of NPU, GPU and
+CPU-only nodes), and each InferenceModel serves [npu, gpu, cpu] on its site, so the controllers create one
+pod per node. Measured:
+
+- time from applying all models to all of them Ready, and the same for the peer: `kubectl apply` of the
+  very DaemonSets the operator renders, with no operator (what the control plane alone needs);
+- the operator's peak RSS (VmHWM);
+- the operator's API calls during an idle window with a resync every --resync-seconds, from the API
+  server's audit log (the operator runs as its own ServiceAccount, with the RBAC of edgeloop.rbac).
+
+Targets (issue 3): all Ready within 60 s, peak RSS under 250 MiB, zero writes while idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from devcluster.fleet import Fleet, NodeGroup
+from edgeloop import config
+from edgeloop.api.inferencemodel import InferenceModelSpec
+from edgeloop.render.inferencemodel import owner_of, render
+from edgeloop.testing import WRITE_VERBS, OperatorProcess, audited_calls, install_service_account, service_account_user
+
+from devcluster import build, cluster
+
+ROOT = Path(__file__).parents[1]
+SITE_LABEL = "bench.edgeloop.io/site"
+# k3s ships this RuntimeClass for GPU nodes; the gpu variant's pods need it to be admitted.
+RUNTIME_CLASS = {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"},
+                 "handler": "nvidia"}
+SHA = "5f0c3d8e2a1b4c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f"
+# Per site: 30% NPU, 30% GPU, 40% CPU-only nodes.
+MIX = (("npu", 0.3, {"edgeloop.io/accelerator.npu": "true"}, {"npu.intel.com/accel": "1"}),
+       ("gpu", 0.3, {"edgeloop.io/accelerator.gpu": "true", "nvidia.com/gpu.present": "true"}, {"nvidia.com/gpu": "1"}),
+       ("cpu", 0.4, {}, {}))
+
+
+def site(index: int) -> str:
+    return f"site-{index:02d}"
+
+
+def fleet(nodes: int, sites: int) -> Fleet:
+    groups = []
+    for index in range(sites):
+        size = nodes // sites + (1 if index < nodes % sites else 0)
+        counts = [int(size * share) for _, share, _, _ in MIX]
+        counts[-1] = size - sum(counts[:-1])
+        for (kind, _, labels, capacity), count in zip(MIX, counts, strict=True):
+            groups.append(NodeGroup(name=f"{site(index)}-{kind}", count=count,
+                                    labels={**labels, SITE_LABEL: site(index)}, capacity=capacity))
+    return Fleet(groups=groups)
+
+
+def model_spec(index: int) -> dict:
+    return {
+        "model": {"uri": f"http://edgeloop-store:8000/sha256/{SHA}", "sha256": SHA, "version": "1"},
+        "placement": {"accelerators": ["npu", "gpu", "cpu"], "nodeSelector": {SITE_LABEL: site(index)}},
+    }
+
+
+def inference_models(count: int, namespace: str) -> list[dict]:
+    return [{"apiVersion": "edgeloop.io/v1alpha1", "kind": "InferenceModel",
+             "metadata": {"name": f"model-{i:02d}", "namespace": namespace}, "spec": model_spec(i)}
+            for i in range(count)]
+
+
+def peer_daemon_sets(count: int, namespace: str) -> list[dict]:
+    """The DaemonSets the operator would render, without the owner (nothing would own them)."""
+    daemon_sets = []
+    for i in range(count):
+        owner = owner_of(f"model-{i:02d}", namespace, "00000000-0000-0000-0000-000000000000")
+        manifests = render(owner, InferenceModelSpec.model_validate(model_spec(i)), config.build())
+        for rendered in manifests.daemon_sets.values():
+            manifest = copy.deepcopy(rendered)
+            del manifest["metadata"]["ownerReferences"]
+            daemon_sets.append(manifest)
+    return daemon_sets
+
+
+class Bench:
+    def __init__(self, target: cluster.Cluster, bin_dir: Path):
+        self.target = target
+        self.bin_dir = bin_dir
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([str(self.bin_dir / "kubectl"), f"--kubeconfig={self.target.kubeconfig}", *args],
+                                input=input, capture_output=True, text=True, timeout=300)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr}")
+        return result
+
+    def get(self, *args: str) -> list[dict]:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)["items"]
+
+    def wait(self, what: str, done, timeout: float) -> float:
+        started = time.monotonic()
+        while not done():
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{what}: not done after {timeout:.0f} s")
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+
+def all_ready(items: list[dict], expected: int) -> bool:
+    def ready(im: dict) -> bool:
+        status = im.get("status", {})
+        return status.get("observedGeneration") == im["metadata"]["generation"] and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+
+    return len(items) == expected and all(ready(im) for im in items)
+
+
+def daemon_sets_ready(items: list[dict], expected: int) -> bool:
+    def ready(ds: dict) -> bool:
+        status = ds.get("status", {})
+        return (status.get("observedGeneration") == ds["metadata"]["generation"]
+                and status.get("numberReady", -1) == status.get("desiredNumberScheduled")
+                and status.get("updatedNumberScheduled") == status.get("desiredNumberScheduled"))
+
+    return len(items) == expected and all(ready(ds) for ds in items)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--models", type=int, default=50)
+    parser.add_argument("--idle-seconds", type=float, default=300)
+    parser.add_argument("--resync-seconds", type=float, default=60)
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args()
+
+    bin_dir = build.build()
+    target = cluster.Cluster.named("bench-operator")
+    bench = Bench(target, bin_dir)
+    rows: list[tuple[str, str]] = []
+    results: dict[str, float] = {}
+    with target.locked():
+        cluster.down(target)
+        started = time.monotonic()
+        cluster.up(target, bin_dir, fleet(args.nodes, args.models), timeout=args.timeout)
+        rows.append((f"devcluster up, {args.nodes} kwok nodes Ready", f"{time.monotonic() - started:.0f} s"))
+    scratch = Path(tempfile.mkdtemp(prefix="operator-scale-"))
+    operator = None
+    try:
+        bench.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        bench.kubectl("wait", "--for=condition=Established", "crd/inferencemodels.edgeloop.io")
+        bench.kubectl("apply", "-f", "-", input=yaml.safe_dump(RUNTIME_CLASS))
+        expected_ds = 3 * args.models
+
+        # Peer: the same DaemonSets straight from kubectl, no operator.
+        bench.kubectl("create", "namespace", "bench-peer")
+        started = time.monotonic()
+        bench.kubectl("apply", "--server-side", "-f", "-",
+                      input=yaml.safe_dump_all(peer_daemon_sets(args.models, "bench-peer")))
+        results["peer_ready_s"] = time.monotonic() - started + bench.wait(
+            "peer DaemonSets ready",
+            lambda: daemon_sets_ready(bench.get("daemonsets", "-n", "bench-peer"), expected_ds),
+            args.timeout,
+        )
+        pods = len(bench.get("pods", "-n", "bench-peer"))
+        bench.kubectl("delete", "namespace", "bench-peer", "--timeout=600s")
+
+        # The operator.
+        kubeconfig = install_service_account(bench.kubectl, target.kubeconfig, scratch, namespace="edgeloop-bench")
+        bench.kubectl("create", "namespace", "bench")
+        operator = OperatorProcess(kubeconfig, scratch / "operator.log",
+                                   ("--namespace", "bench", "--resync-seconds", str(args.resync_seconds))).start()
+        started = time.monotonic()
+        bench.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(inference_models(args.models, "bench")))
+        results["operator_ready_s"] = time.monotonic() - started + bench.wait(
+            "InferenceModels Ready", lambda: all_ready(bench.get("inferencemodels", "-n", "bench"), args.models),
+            args.timeout)
+        results["rss_after_ready_mib"] = operator.peak_rss_mib()
+
+        time.sleep(10)  # the last status writes and events of the rollout
+        user = service_account_user("edgeloop-bench")
+        since = time.time()
+        time.sleep(args.idle_seconds)
+        calls = audited_calls(target.run_dir / "audit.log", user, since, time.time())
+        writes = Counter(f"{c['verb']} {c['objectRef'].get('resource')}" for c in calls if c["verb"] in WRITE_VERBS)
+        reads = Counter(c["verb"] for c in calls if c["verb"] not in WRITE_VERBS)
+        results["idle_writes"] = sum(writes.values())
+        results["peak_rss_mib"] = operator.peak_rss_mib()
+
+        rows += [
+            (f"peer: kubectl apply of the {expected_ds} rendered DaemonSets ({pods} pods), all ready",
+             f"{results['peer_ready_s']:.1f} s"),
+            (f"operator: {args.models} InferenceModels applied at once, all Ready",
+             f"{results['operator_ready_s']:.1f} s"),
+            ("  ratio operator / peer", f"{results['operator_ready_s'] / results['peer_ready_s']:.2f}x"),
+            ("  target", "<= 60 s"),
+            ("operator peak RSS (VmHWM), whole run", f"{results['peak_rss_mib']:.0f} MiB  (target < 250 MiB)"),
+            (f"operator API writes in {args.idle_seconds:.0f} s idle, resync every {args.resync_seconds:.0f} s",
+             f"{results['idle_writes']}  (target 0) {dict(writes) or ''}"),
+            ("operator API reads in the same window", f"{sum(reads.values())} {dict(reads)}"),
+        ]
+    finally:
+        if operator:
+            operator.stop()
+        with target.locked():
+            cluster.down(target)
+
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "operator_scale.json").write_text(json.dumps({"args": vars(args), **results}, indent=2))
+    ok = results["operator_ready_s"] <= 60 and results["peak_rss_mib"] < 250 and results["idle_writes"] == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

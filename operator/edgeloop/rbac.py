@@ -1,0 +1,69 @@
+"""The Kubernetes permissions the operator uses: exactly the calls it makes, and nothing else.
+
+The e2e tests and the scale benchmark run the operator under a ServiceAccount bound to these rules, so a
+missing rule fails there. `python -m edgeloop.rbac` prints them as a ClusterRole and its binding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from edgeloop.api import GROUP
+
+RULES: list[dict[str, Any]] = [
+    # Kopf watches InferenceModels and keeps its last-handled state in annotations (patch); the
+    # operator reads one before writing on behalf of a possibly stale cache (get) and writes status.
+    {"apiGroups": [GROUP], "resources": ["inferencemodels"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": ["inferencemodels/status"], "verbs": ["patch"]},
+    # Owner references with blockOwnerDeletion, where OwnerReferencesPermissionEnforcement is enabled.
+    {"apiGroups": [GROUP], "resources": ["inferencemodels/finalizers"], "verbs": ["update"]},
+    # Server-side apply creates (create) or updates (patch) what the operator renders.
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
+    # Status: pods of variants with unready nodes, nodes for readiness and placement, the DaemonSet
+    # controller's FailedCreate events; Kopf posts the operator's own events.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
+    # Kopf's cluster observation: served namespaces (namespaced mode) and CRDs appearing at run time.
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+]
+
+
+def manifests(name: str, service_account: str, namespace: str) -> list[dict[str, Any]]:
+    """A ServiceAccount, a ClusterRole with RULES, and the binding between them."""
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account, "namespace": namespace}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": name},
+            "rules": RULES,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgeloop.rbac", description=__doc__.splitlines()[0])
+    parser.add_argument("--name", default="edgeloop-operator")
+    parser.add_argument("--service-account", default="edgeloop-operator")
+    parser.add_argument("--namespace", default="edgeloop-system")
+    args = parser.parse_args(argv)
+    print(yaml.safe_dump_all(manifests(args.name, args.service_account, args.namespace), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Running the real operator as a process against a cluster, under its own ServiceAccount, for the e2e
+tests and benchmarks (what `kopf.testing` is for Kopf, but out of process so it can be SIGKILLed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from edgeloop import rbac
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def install_service_account(
+    kubectl: Kubectl, admin_kubeconfig: Path, directory: Path, *, namespace: str, name: str = "edgeloop-operator"
+) -> Path:
+    """Creates the operator's ServiceAccount with the RBAC of edgeloop.rbac and returns a kubeconfig
+    that authenticates as it (a short-lived token)."""
+    kubectl("create", "namespace", namespace, check=False)
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac.manifests(name, name, namespace)))
+    token = kubectl("create", "token", name, "-n", namespace, "--duration=2h").stdout.strip()
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    cluster = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": name, "context": {"cluster": cluster["name"], "user": name}}],
+        "current-context": name,
+    }
+    path = directory / f"{name}.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def service_account_user(namespace: str, name: str = "edgeloop-operator") -> str:
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class OperatorProcess:
+    """`edgeloop operator` as a child process; its JSON log goes to `log_path`."""
+
+    kubeconfig: Path
+    log_path: Path
+    args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    liveness_port: int = 0
+
+    def start(self, timeout: float = 60.0) -> OperatorProcess:
+        self.liveness_port = _free_port()
+        command = [
+            str(Path(sys.executable).with_name("edgeloop")), "operator",
+            "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz", *self.args,
+        ]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self.alive():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the operator exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the operator's liveness endpoint did not answer; see {self.log_path}")
+            time.sleep(0.2)
+        return self
+
+    def alive(self) -> bool:
+        url = f"http://127.0.0.1:{self.liveness_port}/healthz"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no final writes, as when a node dies or the OOM killer strikes."""
+        self.stop(signal.SIGKILL)
+
+    def peak_rss_mib(self) -> float:
+        """The process's peak resident set size so far (VmHWM)."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def log_records(self) -> Iterator[dict]:
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+
+def audited_calls(audit_log: Path, user: str, since: float, until: float | None = None) -> list[dict]:
+    """The API calls `user` made between two wall-clock times, from the API server's audit log."""
+    calls = []
+    # The API server rotates audit.log into audit-<time>.log.
+    for path in sorted(audit_log.parent.glob(f"{audit_log.stem}*{audit_log.suffix}")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("user", {}).get("username") != user or event.get("stage") != "ResponseComplete":
+                    continue
+                stamp = _epoch(event["requestReceivedTimestamp"])
+                if stamp >= since and (until is None or stamp <= until):
+                    calls.append(event)
+    return calls
+
+
+WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
+
+
+def _epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
