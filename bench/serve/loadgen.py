@@ -63,8 +63,14 @@ async def _worker(host, port, request, deadline, max_requests, counter, latencie
         while time.perf_counter() < deadline and counter[0] < max_requests:
             counter[0] += 1
             start = time.perf_counter()
-            writer.write(request)
-            status = await _read_response(reader)
+            try:
+                writer.write(request)
+                status = await _read_response(reader)
+            except (ConnectionError, asyncio.IncompleteReadError) as error:  # the server closed: reconnect
+                errors.append(type(error).__name__)
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
             if status == 200:
                 latencies.append(time.perf_counter() - start)
             else:
