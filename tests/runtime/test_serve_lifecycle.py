@@ -122,7 +122,7 @@ def test_overload_gets_503_at_once_and_no_crash(slow_path, server_factory):
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_path, server_factory):
     server = server_factory(slow_path, "--max-batch-size", "0")
-    x = np.ones((64, 1024), np.float32)  # long enough to still be running when SIGTERM arrives
+    x = np.ones((256, 1024), np.float32)  # about a second each: still running while the test looks
     results: dict[str, object] = {}
 
     def http_infer():
@@ -150,7 +150,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_path, server_fac
         time.sleep(0.01)
 
     server.proc.terminate()
-    time.sleep(0.2)
+    while b'edgeloop_ready{model="model"} 0' not in raw_request(server, "GET", "/metrics")[1]:
+        time.sleep(0.01)
     probe.request("GET", "/v2/health/ready")
     response = probe.getresponse()
     assert response.status == 503 and response.read() == b'{"ready":false}'
