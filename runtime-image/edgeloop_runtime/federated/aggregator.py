@@ -5,7 +5,7 @@ block until the stage they wait on closes (long polling), so a round moves as fa
 client and never waits on a dead one past its deadline.
 
     join ──► share ──► collect ──► unmask        (secure aggregation)
-    join ──► collect                             (plain)
+    collect                                      (plain: update and example count in one request)
 
 After the last training round comes an evaluation round: clients score the final model on their holdout
 data, and the weighted means become the result's metrics. See FEDERATED.md for the API and the status.
@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import math
 import os
 import secrets
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -109,9 +111,13 @@ class Aggregator:
     def __init__(self, settings: Settings, initial_model: bytes):
         self.settings = settings
         self.cond = threading.Condition()
-        self.models_dir = settings.state_dir / "models"
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.weights_dir = settings.state_dir / "weights"
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = settings.state_dir / "checkpoint.json"
+        # The graph never changes: clients download the model once, then only the weights of each round.
+        self.model_bytes = initial_model
+        self.model_sha = hashlib.sha256(initial_model).hexdigest()
+        self.model = load(initial_model, settings.trainable)
         self.state = {
             "phase": "Running",
             "round": 0,
@@ -123,12 +129,13 @@ class Aggregator:
         }
         if self.checkpoint_path.exists():
             self.state = json.loads(self.checkpoint_path.read_text())
-            self.model_bytes = (self.models_dir / f"{self.state['model']}.onnx").read_bytes()
+            if self.state["model"] != self.model_sha:
+                raise ValueError(f"{settings.state_dir} holds a checkpoint of another model ({self.state['model']})")
+            self.weights = np.load(self.weights_dir / f"{self.state['weights']}.npy")
             log.info("resuming after round %d from %s", self.state["round"], self.checkpoint_path)
         else:
-            self.model_bytes = initial_model
-        self.model = load(self.model_bytes, settings.trainable)
-        self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
+            self.weights = self.model.vector()
+        self.weights_bytes = self.weights.astype("<f4").tobytes()
         self.round: Round | None = None
         self.on_change = lambda status: None
 
@@ -136,6 +143,7 @@ class Aggregator:
 
     def _set_stage(self, stage: str) -> None:
         self.round.stage = stage
+        log.debug("round %d: stage %s", self.round.number, stage)
         self.cond.notify_all()
         self.on_change(self.status())
 
@@ -180,6 +188,7 @@ class Aggregator:
             "stage": r.stage,
             "secure": cfg.secure,
             "model": self.model_sha,
+            "weights": hashlib.sha256(self.weights_bytes).hexdigest(),
             "trainable": cfg.trainable,
             "train": asdict(cfg.train),
             "waitSeconds": cfg.deadline + 2 * cfg.stage_timeout,
@@ -220,45 +229,63 @@ class Aggregator:
             return self.round
 
     def _train_round(self, number: int) -> None:
+        r = self._open(number, "train", "join" if self.settings.secure else "collect")
+        update = self._secure_round(r) if self.settings.secure else self._plain_round(r)
+        with self.cond:
+            self._apply(r, update)
+
+    def _plain_round(self, r: Round) -> np.ndarray:
+        """Clients train as soon as the round opens and send update and example count in one request."""
         cfg = self.settings
-        r = self._open(number, "train", "join")
+        self._wait(lambda: len(r.updates) >= cfg.clients, r.opened + cfg.deadline)
+        with self.cond:
+            r.survivors = set(r.updates)
+            self._require(r.number, "sent updates", len(r.survivors), cfg.clients)
+            total = sum(r.member(i).examples for i in r.survivors)
+            return sum(r.updates[i][0].astype(np.float64) * r.member(i).examples for i in r.survivors) / total
+
+    def _secure_round(self, r: Round) -> np.ndarray:
+        cfg = self.settings
         deadline = r.opened + cfg.deadline
         if not self._wait(lambda: len(r.members) >= cfg.clients, r.opened + cfg.stage_timeout):
             self._wait(lambda: len(r.members) >= cfg.min_clients, deadline)
         with self.cond:
             if len(r.members) < cfg.min_clients:
                 raise RoundFailed(
-                    f"round {number}: {len(r.members)} of {cfg.clients} clients joined "
+                    f"round {r.number}: {len(r.members)} of {cfg.clients} clients joined "
                     f"by the deadline, minClients is {cfg.min_clients}"
                 )
             joined = {m.index for m in r.members.values()}
-            if cfg.secure:
-                degree = cfg.neighbours or secagg.default_degree(len(joined))
-                r.graph = secagg.neighbour_graph(joined, degree, r.context)
-                r.t = secagg.share_threshold(min(len(v) for v in r.graph.values()), cfg.threshold)
-                r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()))
-                self._set_stage("share")
-            else:
-                self._set_stage("collect")
-        if cfg.secure:
-            self._wait(lambda: len(r.shares) == len(joined), time.monotonic() + cfg.stage_timeout)
-            with self.cond:
-                shared = set(r.shares)
-                self._require(number, "shared keys", len(shared), len(joined))
-                self._set_stage("collect")
-        else:
-            shared = joined
+            degree = cfg.neighbours or secagg.default_degree(len(joined))
+            r.graph = secagg.neighbour_graph(joined, degree, r.context)
+            r.t = secagg.share_threshold(min(len(v) for v in r.graph.values()), cfg.threshold)
+            r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()))
+            self._set_stage("share")
+        self._wait(lambda: len(r.shares) == len(joined), time.monotonic() + cfg.stage_timeout)
+        with self.cond:
+            shared = set(r.shares)
+            self._require(r.number, "shared keys", len(shared), len(joined))
+            self._set_stage("collect")
         self._wait(lambda: len(r.updates) == len(shared), deadline)
         with self.cond:
             r.survivors = set(r.updates)
-            self._require(number, "uploaded updates", len(r.survivors), len(shared))
-            if cfg.secure:
-                self._set_stage("unmask")
-        if cfg.secure:
-            self._wait(lambda: set(r.reveals) >= r.survivors, time.monotonic() + cfg.stage_timeout)
+            self._require(r.number, "uploaded updates", len(r.survivors), len(shared))
+            self._set_stage("unmask")
+        self._wait(lambda: self._recoverable(r, shared), time.monotonic() + cfg.stage_timeout)
         with self.cond:
-            update = self._secure_mean(r, shared) if cfg.secure else self._plain_mean(r)
-            self._apply(r, update)
+            return self._secure_mean(r, shared)
+
+    def _recoverable(self, r: Round, shared: set[int]) -> bool:
+        """Whether t shares have come in for every secret the sum needs (not every survivor must answer)."""
+        counts = defaultdict(int)
+        for b, s in r.reveals.values():
+            for owner in b:
+                counts["b", owner] += 1
+            for owner in s:
+                counts["s", owner] += 1
+        return all(counts["b", u] >= r.t for u in r.survivors) and all(
+            counts["s", d] >= r.t for d in shared - r.survivors
+        )
 
     def _require(self, number: int, what: str, have: int, of: int) -> None:
         cfg = self.settings
@@ -266,10 +293,6 @@ class Aggregator:
         if have < need:
             rule = f"minClients {cfg.min_clients}" + (f", threshold {cfg.threshold}" if cfg.secure else "")
             raise RoundFailed(f"round {number}: only {have} of {of} clients {what}, {need} needed ({rule})")
-
-    def _plain_mean(self, r: Round) -> np.ndarray:
-        total = sum(r.member(i).examples for i in r.survivors)
-        return sum(r.updates[i][0].astype(np.float64) * r.member(i).examples for i in r.survivors) / total
 
     def _secure_mean(self, r: Round, shared: set[int]) -> np.ndarray:
         """Σ n_u·Δ_u / Σ n_u over the survivors, from masked vectors and the revealed shares only."""
@@ -297,10 +320,8 @@ class Aggregator:
 
     def _apply(self, r: Round, update: np.ndarray) -> None:
         """New global model, history entry and checkpoint: the round is durable once this returns."""
-        vector = self.model.vector() + update.astype(np.float32)
-        self.model_bytes = self.model.export(vector)
-        self.model = load(self.model_bytes, self.settings.trainable)
-        self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
+        self.weights = self.weights + update.astype(np.float32)
+        self.weights_bytes = self.weights.astype("<f4").tobytes()
         metrics = weighted_mean([m for _, m in r.updates.values()])  # of the model the round started from
         if self.state["baseline"] is None:
             self.state["baseline"] = metrics or None
@@ -338,27 +359,31 @@ class Aggregator:
             self.state["metrics"] = weighted_mean(list(r.evaluations.values()))
 
     def _publish(self) -> None:
+        data = self.model.export(self.weights)
         final = self.settings.state_dir / "final.onnx"
-        final.write_bytes(self.model_bytes)
+        _atomic_write(final, data)
         if self.settings.store:
             from ..store import upload
 
-            uri = upload(self.settings.store, self.model_bytes, self.settings.store_token)
+            uri = upload(self.settings.store, data, self.settings.store_token)
         else:
             uri = final.resolve().as_uri()
-        self.state["result"] = {"uri": uri, "sha256": self.model_sha}
+        self.state["result"] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest()}
         log.info("published %s", uri)
 
     def _checkpoint(self) -> None:
-        """Model first, then the checkpoint that names it, each by atomic rename: a crash leaves one or the
-        other complete, never a checkpoint that points at a model that is not there."""
-        model_path = self.models_dir / f"{self.model_sha}.onnx"
-        if not model_path.exists():
-            _atomic_write(model_path, self.model_bytes)
-        self.state["model"] = self.model_sha
+        """Weights first, then the checkpoint that names them, each by atomic rename: a crash leaves the old
+        checkpoint or the new one, never one that points at weights that are not there."""
+        sha = hashlib.sha256(self.weights_bytes).hexdigest()
+        path = self.weights_dir / f"{sha}.npy"
+        if not path.exists():
+            buffer = io.BytesIO()
+            np.save(buffer, self.weights)
+            _atomic_write(path, buffer.getvalue())
+        self.state["model"], self.state["weights"] = self.model_sha, sha
         _atomic_write(self.checkpoint_path, json.dumps(self.state, indent=1).encode())
-        for old in self.models_dir.glob("*.onnx"):
-            if old != model_path:
+        for old in self.weights_dir.glob("*.npy"):
+            if old != path:
                 old.unlink()
 
     # --- what request threads do ----------------------------------------------------------------------------
@@ -390,17 +415,9 @@ class Aggregator:
 
     def _on_join(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
         self._expect(r, "join")
-        examples = int(header["examples"])
-        if examples <= 0 or (self.settings.secure and len(payload) != 2 * secagg.KEY_BYTES):
-            raise BadRequest("join needs examples > 0 (and two 32-byte public keys with secure aggregation)")
-        if client not in r.members:
-            if len(r.members) >= self.settings.clients:
-                raise Conflict(f"round {r.number} is full ({self.settings.clients} clients)")
-            r.members[client] = Member(client, len(r.members) + 1, examples, payload)
-            self.cond.notify_all()
-        me = r.members[client]
-        if not self.settings.secure:
-            return {"index": me.index}
+        if len(payload) != 2 * secagg.KEY_BYTES:
+            raise BadRequest("join needs two 32-byte public keys")
+        me = self._add_member(r, client, header, payload)
         self._await_stage_after(r, "join")
         return {
             "index": me.index,
@@ -423,8 +440,9 @@ class Aggregator:
         return {"inbox": {u: _b64(c[me.index]) for u, c in r.shares.items() if me.index in c}}
 
     def _on_update(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
-        if self.settings.secure or r.stage != "join":  # plain clients may train before the others joined
-            self._expect(r, "collect")
+        self._expect(r, "collect")
+        if not self.settings.secure:
+            self._add_member(r, client, header)
         me = self._member(r, client)
         if self.settings.secure and me.index not in r.shares:
             raise Conflict("this client did not share its keys in this round")
@@ -461,6 +479,17 @@ class Aggregator:
         r.evaluations[client] = {k: float(header["metrics"][k]) for k in ("accuracy", "loss", "examples")}
         self.cond.notify_all()
         return {}
+
+    def _add_member(self, r: Round, client: str, header: dict, keys: bytes = b"") -> Member:
+        if client not in r.members:
+            examples = int(header["examples"])
+            if examples <= 0:
+                raise BadRequest("examples must be > 0")
+            if len(r.members) >= self.settings.clients:
+                raise Conflict(f"round {r.number} is full ({self.settings.clients} clients)")
+            r.members[client] = Member(client, len(r.members) + 1, examples, keys)
+            self.cond.notify_all()
+        return r.members[client]
 
     def _member(self, r: Round, client: str) -> Member:
         if client not in r.members:
@@ -503,6 +532,11 @@ def make_handler(agg: Aggregator):
         protocol_version = "HTTP/1.1"
         server_version = "edgeloop-aggregator"
 
+        def setup(self):
+            super().setup()
+            # Small request/response pairs: without this, Nagle + delayed ACKs add ~40 ms to many replies.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, fmt, *args):  # per-request lines would drown the round log
             log.debug(fmt, *args)
 
@@ -530,9 +564,10 @@ def make_handler(agg: Aggregator):
             self._count(0)
             if url.path == "/v1/round":
                 self._json(200, agg.wait_for_round(parse_qs(url.query).get("after", [""])[0]))
-            elif url.path == "/v1/model":
+            elif url.path in ("/v1/model", "/v1/weights"):
                 with agg.cond:
-                    body, sha = agg.model_bytes, agg.model_sha
+                    body = agg.model_bytes if url.path == "/v1/model" else agg.weights_bytes
+                    sha = hashlib.sha256(body).hexdigest()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))

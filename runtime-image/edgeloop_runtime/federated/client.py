@@ -5,10 +5,12 @@ aggregator restart by rejoining whatever round is open next."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +61,7 @@ class FederatedClient:
             if "id" not in info or info["id"] == last:
                 continue
             last = info["id"]
-            joinable = info["stage"] == ("join" if info["task"] == "train" else "collect")
+            joinable = info["stage"] == ("join" if info["task"] == "train" and info["secure"] else "collect")
             if not joinable:
                 log.info("round %d is past joining; waiting for the next", info["round"])
                 continue
@@ -76,7 +78,7 @@ class FederatedClient:
     def _round(self, info: dict) -> None:
         self.conn.timeout = info["waitSeconds"]
         self._fetch_model(info["model"], info["trainable"])
-        start = self.model.vector()
+        start = self._fetch_weights()
         feats_train, feats_hold = self.features
         metrics = {**evaluate(self.model, start, feats_hold, self.data.y_holdout), "examples": len(self.data.y_holdout)}
         if info["task"] == "evaluate":
@@ -94,10 +96,11 @@ class FederatedClient:
             return privatize(trained - start, cfg.clip_norm, cfg.noise_multiplier, noise_rng)
 
         if info["secure"]:
-            self._secure_round(info, examples, metrics, train)
+            # Train while the key exchange waits on the other clients: the masks need the keys, not the update.
+            with ThreadPoolExecutor(1) as pool:
+                self._secure_round(info, examples, metrics, pool.submit(train).result)
         else:
-            self._post(info, "join", {"examples": examples})
-            self._post(info, "update", {"metrics": metrics}, train().astype("<f4").tobytes())
+            self._post(info, "update", {"examples": examples, "metrics": metrics}, train().astype("<f4").tobytes())
         log.info(
             "round %d: sent update (%d examples, holdout accuracy %.4f before training)",
             info["round"],
@@ -145,15 +148,24 @@ class FederatedClient:
     # --- plumbing ------------------------------------------------------------------------------------------
 
     def _fetch_model(self, sha: str, trainable: str) -> None:
+        """The ONNX graph, once: rounds only change its weights."""
         if sha == self.model_sha:
             return
         status, body = self.conn.request("GET", "/v1/model", headers={"X-Edgeloop-Client": self.id})
         if status != 200:
             raise RoundGone(f"model download: HTTP {status}")
+        if hashlib.sha256(body).hexdigest() != sha:
+            raise RoundGone("model download does not match the round's sha256")
         self.model, self.model_sha = load(body, trainable), sha
         # Only the trainable layers change between rounds, so the frozen prefix's features are computed once.
         if self.features is None:
             self.features = (self.model.features(self.data.x_train), self.model.features(self.data.x_holdout))
+
+    def _fetch_weights(self) -> np.ndarray:
+        status, body = self.conn.request("GET", "/v1/weights", headers={"X-Edgeloop-Client": self.id})
+        if status != 200 or len(body) != 4 * self.model.size:
+            raise RoundGone(f"weights download: HTTP {status}, {len(body)} bytes")
+        return np.frombuffer(body, "<f4").copy()
 
     def _get_json(self, path: str) -> dict:
         status, body = self.conn.request("GET", path, headers={"X-Edgeloop-Client": self.id})

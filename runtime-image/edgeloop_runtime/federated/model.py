@@ -159,6 +159,7 @@ class Model:
             for name in (layer.weight, layer.bias)
             if name is not None
         ]
+        self.size = sum(s.size for s in self.specs)
         self._feature_session = None
 
     def _dense_chain(self, tensor: str) -> list[tuple[Dense, str]]:
@@ -215,10 +216,6 @@ class Model:
         return None
 
     # --- parameters -------------------------------------------------------------------------------
-
-    @property
-    def size(self) -> int:
-        return sum(s.size for s in self.specs)
 
     def vector(self) -> np.ndarray:
         """The current trainable parameters, flattened in a fixed order."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -74,6 +75,8 @@ class Client:
                 )
             else:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self._conn.connect()
+            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages, no Nagle wait
         return self._conn
 
     def request(
