@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -403,3 +404,105 @@ def test_restarted_aggregator_resumes_from_its_checkpoint(federation):
     assert [h["round"] for h in status["history"]] == [1, 2, 3, 4]
     assert status["history"][: checkpoint["round"]] == checkpoint["history"]
     assert all(client.returncode == 0 for client in run.clients.values())
+
+
+def issue_certificates(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(name, key, issuer_name, issuer_key, ca=False, san=None, usage=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeloop test CA")])
+    files = {}
+    pem = serialization.Encoding.PEM
+    files["ca"] = directory / "ca.crt"
+    files["ca"].write_bytes(certificate("edgeloop test CA", ca_key, ca_name, ca_key, ca=True).public_bytes(pem))
+    for role, san, usage in [
+        ("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], ExtendedKeyUsageOID.SERVER_AUTH),
+        ("client", None, ExtendedKeyUsageOID.CLIENT_AUTH),
+    ]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        files[role] = directory / f"{role}.crt"
+        files[role].write_bytes(certificate(role, key, ca_name, ca_key, san=san, usage=usage).public_bytes(pem))
+        files[f"{role}-key"] = directory / f"{role}.key"
+        files[f"{role}-key"].write_bytes(
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
+    return files
+
+
+def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
+    import ssl
+
+    tls = issue_certificates(tmp_path)
+    port = free_port()
+    aggregator = runtime(
+        "federated", "aggregate", "--model", str(federation / "m.onnx"), "--clients", "3", "--min-clients", "3",
+        "--rounds", "1", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(tmp_path / "state"),
+        "--linger", "1", "--tls-cert", str(tls["server"]), "--tls-key", str(tls["server-key"]),
+        "--tls-ca", str(tls["ca"]), *TRAINING, log=tmp_path / "aggregator.log",
+    )  # fmt: skip
+    clients = [
+        runtime(
+            "federated",
+            "train",
+            "--aggregator",
+            f"https://127.0.0.1:{port}",
+            "--data",
+            str(federation / f"c{i}.npz"),
+            "--client-id",
+            f"c{i}",
+            "--tls-ca",
+            str(tls["ca"]),
+            "--tls-cert",
+            str(tls["client"]),
+            "--tls-key",
+            str(tls["client-key"]),
+            log=tmp_path / f"c{i}.log",
+        )
+        for i in range(3)
+    ]
+    try:
+        # Without a client certificate the handshake is refused.
+        time.sleep(0.5)
+        anonymous = ssl.create_default_context(cafile=str(tls["ca"]))
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            for _ in range(50):  # until the aggregator listens
+                try:
+                    urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=anonymous, timeout=5).read()
+                except urllib.error.URLError as error:
+                    if not isinstance(error.reason, ConnectionRefusedError):
+                        raise error.reason from error
+                    time.sleep(0.1)
+        assert aggregator.wait(90) == 0, (tmp_path / "aggregator.log").read_text()
+        assert [c.wait(30) for c in clients] == [0, 0, 0]
+    finally:
+        for process in [aggregator, *clients]:
+            if process.poll() is None:
+                process.kill()
+    status = json.loads((tmp_path / "aggregator.log").read_text().strip().splitlines()[-1])
+    assert status["phase"] == "Succeeded" and status["participants"]["reported"] == 3

@@ -50,11 +50,16 @@ class FederatedClient:
         self.features: tuple[np.ndarray, np.ndarray] | None = None
 
     def run(self) -> int:
-        """Take part in every round until the aggregator reports the end; 0 if it succeeded, 2 if not."""
+        """Take part in every round until the aggregator reports the end: 0 if the federation succeeded,
+        2 if it failed, 1 if the aggregator stayed unreachable for `connect_timeout` seconds."""
         last = ""
         while True:
             path = f"/v1/round?after={last}"
-            info = retry(lambda path=path: self._get_json(path), self.connect_timeout, "aggregator")
+            try:
+                info = retry(lambda path=path: self._get_json(path), self.connect_timeout, "aggregator")
+            except ConnectionError as error:
+                log.error("%s", error)
+                return 1
             if info["phase"] != "Running":
                 log.info("federation %s %s", info["phase"], info.get("reason", ""))
                 return 0 if info["phase"] == "Succeeded" else 2
