@@ -230,6 +230,8 @@ class Connection(asyncio.Protocol):
         length = self.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.app.max_body_bytes:
             self.too_large = True  # the body is read and dropped, so that the client sees the 413
+        elif self.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before a large body
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)

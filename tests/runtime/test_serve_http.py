@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -166,3 +167,16 @@ def test_triton_statistics_count_inferences(client):
     assert after["inference_count"] == before["inference_count"] + 2
     assert after["inference_stats"]["success"]["count"] == before["inference_stats"]["success"]["count"] + 1
     assert client.get_inference_statistics()["model_stats"][0]["name"] == "model"
+
+
+def test_expect_100_continue_is_answered_before_the_body(mlp_server):
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]})
+    head = (
+        f"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", mlp_server.http_port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body.encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK\r\n")
