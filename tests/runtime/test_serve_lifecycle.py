@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import ssl
 import subprocess
+import sys
 import threading
 import time
 
@@ -188,3 +189,14 @@ def test_tls_for_https_and_grpc(mlp_path, tls_files, server_factory):
         assert client.infer("model", [tensor]).as_numpy("logits").shape == (1, 10)
     with pytest.raises((ConnectionError, http.client.HTTPException)):
         raw_request(server, "GET", "/v2/health/ready")  # plain HTTP to the TLS port is not answered
+
+    sample = tls_files.cert.parent / "x.npy"
+    np.save(sample, x)
+    for protocol, port in (("http", server.http_port), ("grpc", server.grpc_port)):
+        command = [
+            sys.executable, "-m", "edgeloop.cli", "infer", "--url", f"localhost:{port}", "--protocol", protocol,
+            "--model", "model", "--input", str(sample), "--ssl", "--ca-cert", str(tls_files.cert),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert '"label"' in result.stdout
