@@ -124,8 +124,9 @@ class Batcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
         started = time.perf_counter_ns()
+        inline = self._recent_run_s is not None and self._recent_run_s < INLINE_BELOW_S
         try:
-            if self._recent_run_s is not None and self._recent_run_s < INLINE_BELOW_S:
+            if inline:
                 results, timings = self._infer(batch)
             else:
                 results, timings = await loop.run_in_executor(self._executor, self._infer, batch)
@@ -139,8 +140,10 @@ class Batcher:
         self._recent_run_s = run_s if self._recent_run_s is None else 0.8 * self._recent_run_s + 0.2 * run_s
         self.metrics.batch_done(sum(item.size for item in batch), *timings)
         for item, result in zip(batch, results, strict=True):
-            if not item.future.done():  # a request whose client went away is cancelled
+            if not item.future.done():  # a gRPC call whose client went away is cancelled
                 item.future.set_result((result, started - item.enqueued_ns))
+        if inline:
+            await asyncio.sleep(0)  # let this batch's responses go out before the next batch runs
 
     def _infer(self, batch: list[Pending]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
         """Runs in the ONNX Runtime thread, or inline for a fast model."""
