@@ -85,27 +85,31 @@ class FederatedClient:
         self._fetch_model(info["model"], info["trainable"])
         start = self._fetch_weights()
         feats_train, feats_hold = self.features
-        metrics = {**evaluate(self.model, start, feats_hold, self.data.y_holdout), "examples": len(self.data.y_holdout)}
-        if info["task"] == "evaluate":
-            self._post(info, "evaluate", {"metrics": metrics})
-            log.info("evaluated the final model: %s", metrics)
-            return
         examples = len(self.data.y_train)
         cfg = TrainConfig(**info["train"])
         rng = np.random.default_rng(None if self.seed is None else [self.seed, info["round"]])
 
-        def train() -> np.ndarray:
+        def evaluate_start() -> dict:
+            return {**evaluate(self.model, start, feats_hold, self.data.y_holdout), "examples": len(feats_hold)}
+
+        def evaluate_and_train() -> tuple[dict, np.ndarray]:
             trained = local_train(self.model, start, feats_train, self.data.y_train, cfg, rng)
             # Noise must be unpredictable, so it never comes from the (maybe seeded) training generator.
             noise_rng = np.random.default_rng(secrets.randbits(128))
-            return privatize(trained - start, cfg.clip_norm, cfg.noise_multiplier, noise_rng)
+            return evaluate_start(), privatize(trained - start, cfg.clip_norm, cfg.noise_multiplier, noise_rng)
 
+        if info["task"] == "evaluate":
+            metrics = evaluate_start()
+            self._post(info, "evaluate", {"metrics": metrics})
+            log.info("evaluated the final model: %s", metrics)
+            return
         if info["secure"]:
-            # Train while the key exchange waits on the other clients: the masks need the keys, not the update.
+            # Work while the key exchange waits on the other clients: the masks need the keys, not the update.
             with ThreadPoolExecutor(1) as pool:
-                self._secure_round(info, examples, metrics, pool.submit(train).result)
+                metrics = self._secure_round(info, examples, pool.submit(evaluate_and_train).result)
         else:
-            self._post(info, "update", {"examples": examples, "metrics": metrics}, train().astype("<f4").tobytes())
+            metrics, update = evaluate_and_train()
+            self._post(info, "update", {"examples": examples, "metrics": metrics}, update.astype("<f4").tobytes())
         log.info(
             "round %d: sent update (%d examples, holdout accuracy %.4f before training)",
             info["round"],
@@ -113,7 +117,8 @@ class FederatedClient:
             metrics["accuracy"],
         )
 
-    def _secure_round(self, info: dict, examples: int, metrics: dict, train) -> None:
+    def _secure_round(self, info: dict, examples: int, work) -> dict:
+        """Bonawitz et al.'s four steps; `work()` yields (holdout metrics, update). Returns the metrics."""
         context = bytes.fromhex(info["id"])
         c_key = X25519PrivateKey.generate()
         s_seed, b_seed = secagg.random_secret(), secagg.random_secret()
@@ -136,7 +141,8 @@ class FederatedClient:
             for u, c in inbox.items()
         }
 
-        update = np.clip(train(), -bound, bound) * examples
+        metrics, update = work()
+        update = np.clip(update, -bound, bound) * examples
         pairwise = {u: secagg.pairwise_seed(s_key, peers[u][32:], context) for u in held}
         masked = secagg.mask(secagg.quantize(update, scale), me, b_seed, pairwise)
         decision = self._post(info, "update", {"metrics": metrics}, masked.astype("<u4").tobytes())
@@ -149,6 +155,7 @@ class FederatedClient:
         payload = b"".join(held[u][0].to_bytes(secagg.SHARE_BYTES, "big") for u in b)
         payload += b"".join(held[u][1].to_bytes(secagg.SHARE_BYTES, "big") for u in s)
         self._post(info, "unmask", {"b": b, "s": s}, payload)
+        return metrics
 
     # --- plumbing ------------------------------------------------------------------------------------------
 
