@@ -167,7 +167,7 @@ class Model:
                     f"input '{tensor.name}' has shape {list(tensor.shape)}, the model expects "
                     f"{list(spec.shape)} (-1: any size)"
                 )
-            feeds[tensor.name] = tensor.data
+            feeds[tensor.name] = _onnx_strings(tensor) if spec.datatype == "BYTES" else tensor.data
         missing = [name for name in self.inputs if name not in feeds]
         if missing:
             raise BadRequest(f"missing input(s) {missing} for model '{self.name}'")
@@ -183,3 +183,12 @@ class Model:
         if not 1 <= size <= self.max_batch_size:
             raise BadRequest(f"batch size {size} is outside 1..{self.max_batch_size} (--max-batch-size)")
         return size
+
+
+def _onnx_strings(tensor: Tensor) -> np.ndarray:
+    """OIP BYTES elements are bytes; ONNX Runtime's string tensors take str (UTF-8 text)."""
+    try:
+        text = [v.decode() if isinstance(v, bytes) else str(v) for v in tensor.data.ravel()]
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"input '{tensor.name}' is not UTF-8 text, which ONNX strings must be: {error}") from None
+    return np.array(text, dtype=object).reshape(tensor.data.shape)

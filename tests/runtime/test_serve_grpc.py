@@ -92,3 +92,18 @@ def test_oversized_message_is_resource_exhausted(mlp_path, server_factory):
             client.infer("model", [make_input(np.zeros((1, 64 * 32), np.float32))])  # 8 KiB: refused unread
         assert error.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         assert client.is_server_live()
+
+
+def test_typed_contents_as_kserve_clients_send_them(mlp_server, mlp_path):
+    """KServe's own clients may send InferTensorContents instead of raw_input_contents."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+    request = pb.ModelInferRequest(model_name="model")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(x.ravel())
+    with grpc.insecure_channel(mlp_server.grpc_url) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    label = np.frombuffer(response.raw_output_contents[1], dtype="<i8")
+    np.testing.assert_array_equal(label, mlp_reference(mlp_path, x)[1])
