@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    dumped = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    dumped = config.model_dump(
+        mode="json", by_alias=True, exclude_none=True, exclude={"accelerator_classes": {"__all__": {"name"}}}
+    )
     print(yaml.safe_dump(dumped, sort_keys=False), end="")
     return 0
 
