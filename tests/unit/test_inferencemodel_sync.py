@@ -79,7 +79,7 @@ class World:
     def refresh(self, **counts_by_class):
         """Let the watches catch up; DaemonSets of a class get (desired, ready) from now on, default (1, 1)."""
         self.counts.update(counts_by_class)
-        self.models[KEY] = [self.kube.objects[("InferenceModel", "digits")]]
+        self.models[KEY] = [copy.deepcopy(self.kube.objects[("InferenceModel", "digits")])]
         daemon_sets = []
         for (kind, _), obj in self.kube.objects.items():
             if kind == "DaemonSet":
@@ -129,6 +129,17 @@ def test_a_resync_of_an_unchanged_object_makes_no_call_at_all():
     for _ in range(3):
         world.resync()
         world.reconcile()  # as on an operator restart (Kopf's resume)
+    assert world.kube.calls == [] and world.events == []
+
+
+def test_a_sync_before_the_watch_delivers_the_written_status_neither_writes_nor_repeats_events():
+    world = World()
+    world.reconcile()
+    asyncio.run(world.controller.runner.run(KEY))  # the DaemonSets are ready; the index has the old status
+    assert ("Normal", "Ready") in world.events
+    world.kube.calls.clear()
+    world.events.clear()
+    asyncio.run(world.controller.runner.run(KEY))
     assert world.kube.calls == [] and world.events == []
 
 

@@ -119,7 +119,11 @@ class InferenceModels:
         self._kube = kube
         self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
         self._diagnosis_interval = diagnosis_interval
-        self._plans: dict[tuple[str, int], Plan] = {}  # by (uid, generation): a generation's spec is fixed
+        # The plan of each InferenceModel's current (uid, generation): a generation's spec never changes.
+        self._plans: dict[Key, tuple[tuple[str, int], Plan]] = {}
+        # The status last written, until the watch delivers it: compared against instead of the indexed
+        # status meanwhile, so a quick second sync neither writes nor posts events twice.
+        self._published: dict[Key, InferenceModelStatus] = {}
         # Per InferenceModel, per DaemonSet: when its pods were last looked at, and what was found.
         self._diagnoses: dict[Key, dict[str, tuple[float, list[NodeProblem]]]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
@@ -146,7 +150,8 @@ class InferenceModels:
         body = _one(self._models, key)
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
-            self._diagnoses.pop(key, None)
+            for kept in (self._plans, self._published, self._diagnoses):
+                kept.pop(key, None)
             return
         await self._sync(body, fresh=False)
 
@@ -158,9 +163,9 @@ class InferenceModels:
             return
         key: Key = (metadata["namespace"], metadata["name"])
         generation = metadata.get("generation", 1)
-        previous = _status_of(body)
+        previous = self._previous_status(key, body)
         try:
-            plan = self._plan(body)
+            plan = self._plan(key, body)
         except ValidationError as error:
             problem = SpecProblem("InvalidSpec", f"spec does not match the operator's API: {error.errors()[0]['msg']}")
             await self._publish(body, previous, im_status.unreadable(previous, generation, problem, _now()))
@@ -193,19 +198,27 @@ class InferenceModels:
         )
         await self._publish(body, previous, status)
 
-    def _plan(self, body: dict[str, Any]) -> Plan:
+    def _previous_status(self, key: Key, body: dict[str, Any]) -> InferenceModelStatus:
+        indexed = _status_of(body)
+        published = self._published.get(key)
+        if published is None or published == indexed:
+            self._published.pop(key, None)  # the watch has caught up
+            return indexed
+        return published
+
+    def _plan(self, key: Key, body: dict[str, Any]) -> Plan:
         metadata = body["metadata"]
-        cache_key = (metadata["uid"], metadata.get("generation", 1))
-        if cache_key not in self._plans:
+        version = (metadata["uid"], metadata.get("generation", 1))
+        cached = self._plans.get(key)
+        if cached is None or cached[0] != version:
             spec = InferenceModelSpec.model_validate(body.get("spec", {}))
             owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
             try:
                 plan = Plan(spec, variants(owner.name, spec, self._config), render(owner, spec, self._config))
             except ConfigError as error:
                 plan = Plan(spec, problem=SpecProblem("UnknownAcceleratorClass", str(error)))
-            self._plans = {k: v for k, v in self._plans.items() if k[0] != cache_key[0]}
-            self._plans[cache_key] = plan
-        return self._plans[cache_key]
+            cached = self._plans[key] = (version, plan)
+        return cached[1]
 
     async def _converge(
         self,
@@ -307,6 +320,7 @@ class InferenceModels:
         await asyncio.to_thread(
             self._kube.patch_status, IM_KIND, metadata["namespace"], metadata["name"], status.to_wire()
         )
+        self._published[(metadata["namespace"], metadata["name"])] = status
         for event in im_status.transitions(previous, status):
             self._post_event(body, type=event.type, reason=event.reason, message=event.message)
 
