@@ -83,7 +83,8 @@ async def run(
     host: str, port: int, request: bytes, *, concurrency: int, seconds: float, max_requests: int, warmup: int = 20
 ) -> Result:
     """Warms up, then runs `concurrency` closed loops for `seconds` or `max_requests`, whichever ends first."""
-    await _run_loops(host, port, request, 1, time.perf_counter() + 10, warmup)
+    if warmup:
+        await _run_loops(host, port, request, 1, time.perf_counter() + 10, warmup)
     started = time.perf_counter()
     latencies, errors = await _run_loops(host, port, request, concurrency, started + seconds, max_requests)
     elapsed = time.perf_counter() - started

@@ -47,6 +47,7 @@ THREADS = 1  # onnxruntime intra-op threads, the same for every contender
 CONCURRENCY = (1, 8)
 # Per model: the largest request count per measurement (resnet50 is slow on one thread).
 MAX_REQUESTS = {"mlp": 50_000, "squeezenet": 2_000, "resnet50": 200}
+ROUNDS = 4  # alternations of raw onnxruntime and edgeloop per measurement
 
 
 def venv_python(name: str) -> Path:
@@ -158,14 +159,17 @@ def request_body(contender: str, model_name: str, input_name: str, x: np.ndarray
     return header + x.tobytes(), headers
 
 
-def measure_raw(model: Path, x: np.ndarray, input_name: str, concurrency: int, seconds: float, max_requests: int):
-    """The limit: onnxruntime called in-process, `concurrency` threads sharing one session."""
+def raw_session(model: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    for _ in range(10):
-        session.run(None, {input_name: x})
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def measure_raw(session, feeds: dict, concurrency: int, seconds: float, max_requests: int) -> loadgen.Result:
+    """The limit: onnxruntime called in-process, `concurrency` threads sharing one session."""
+    for _ in range(3):
+        session.run(None, feeds)
     latencies: list[float] = []
     count = [0]
     deadline = time.perf_counter() + seconds
@@ -174,7 +178,7 @@ def measure_raw(model: Path, x: np.ndarray, input_name: str, concurrency: int, s
         while time.perf_counter() < deadline and count[0] < max_requests:
             count[0] += 1
             start = time.perf_counter()
-            session.run(None, {input_name: x})
+            session.run(None, feeds)
             latencies.append(time.perf_counter() - start)
 
     started = time.perf_counter()
@@ -186,37 +190,54 @@ def measure_raw(model: Path, x: np.ndarray, input_name: str, concurrency: int, s
     return loadgen.Result(concurrency, len(latencies), 0, time.perf_counter() - started, np.array(latencies))
 
 
+def measure_http(port: int, request: bytes, concurrency: int, seconds: float, max_requests: int, warmup: int):
+    run = loadgen.run(
+        "127.0.0.1", port, request, concurrency=concurrency, seconds=seconds, max_requests=max_requests, warmup=warmup
+    )
+    return uvloop.run(run)
+
+
+def merge(parts: list[loadgen.Result]) -> loadgen.Result:
+    return loadgen.Result(
+        parts[0].concurrency,
+        sum(p.requests for p in parts),
+        sum(p.errors for p in parts),
+        sum(p.seconds for p in parts),
+        np.concatenate([p.latencies for p in parts]),
+    )
+
+
+def row(model: str, contender: str, result: loadgen.Result) -> dict:
+    return {
+        "model": model, "contender": contender, "concurrency": result.concurrency,
+        "requests": result.requests, "errors": result.errors, "rps": result.rps,
+        "p50_ms": result.percentile(50), "p99_ms": result.percentile(99),
+    }  # fmt: skip
+
+
 def run(models: dict[str, Path], contenders: list[str], seconds: float, workdir: Path) -> list[dict]:
     rows = []
     for name, path in models.items():
         input_name, x = sample(path)
-        for contender in contenders:
+        session = raw_session(path)
+        limit = MAX_REQUESTS[name]
+        for contender in (c for c in contenders if c != "onnxruntime"):
             print(f"{name}: {contender} ...", flush=True)
-            if contender == "onnxruntime":
-                results = [measure_raw(path, x, input_name, c, seconds, MAX_REQUESTS[name]) for c in CONCURRENCY]
-            else:
-                with server(contender, path, name, workdir) as port:
-                    body, headers = request_body(contender, name, input_name, x)
-                    request = loadgen.build_request("127.0.0.1", port, f"/v2/models/{name}/infer", body, headers)
-                    results = [
-                        uvloop.run(
-                            loadgen.run(
-                                "127.0.0.1",
-                                port,
-                                request,
-                                concurrency=c,
-                                seconds=seconds,
-                                max_requests=MAX_REQUESTS[name],
-                            )
-                        )
-                        for c in CONCURRENCY
-                    ]
-            for result in results:
-                rows.append({
-                    "model": name, "contender": contender, "concurrency": result.concurrency,
-                    "requests": result.requests, "errors": result.errors, "rps": result.rps,
-                    "p50_ms": result.percentile(50), "p99_ms": result.percentile(99),
-                })  # fmt: skip
+            with server(contender, path, name, workdir) as port:
+                body, headers = request_body(contender, name, input_name, x)
+                request = loadgen.build_request("127.0.0.1", port, f"/v2/models/{name}/infer", body, headers)
+                for c in CONCURRENCY:
+                    if contender != "edgeloop" or "onnxruntime" not in contenders:
+                        rows.append(row(name, contender, measure_http(port, request, c, seconds, limit, 20)))
+                        continue
+                    # Raw onnxruntime and edgeloop alternate in short rounds, so that both meet the same
+                    # load from whatever else runs on the machine; the rounds are pooled.
+                    raw, own = [], []
+                    for i in range(ROUNDS):
+                        raw.append(measure_raw(session, {input_name: x}, c, seconds / ROUNDS, limit // ROUNDS))
+                        warmup = 20 if i == 0 else 0
+                        own.append(measure_http(port, request, c, seconds / ROUNDS, limit // ROUNDS, warmup))
+                    rows += [row(name, "edgeloop", merge(own)), row(name, "onnxruntime", merge(raw))]
     return rows
 
 

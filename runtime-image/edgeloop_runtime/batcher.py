@@ -3,9 +3,11 @@
 One worker takes the oldest request, adds the queued requests that can share its batch (same shapes
 past the batch dimension), and, when the server is under concurrent load, waits up to the batch
 window for more. Under a single stream of requests it never waits, so a lone client pays no window.
-ONNX Runtime runs in one worker thread, which releases the GIL: the event loop keeps decoding the
-next requests meanwhile. A model whose recent batches ran faster than handing them to that thread
-costs (two thread wake-ups: tens of µs, far more on a busy node) runs on the event loop itself.
+While other requests wait, ONNX Runtime runs in one worker thread, which releases the GIL, so that
+the event loop keeps decoding them meanwhile. Handing a batch to that thread costs two thread
+wake-ups (tens of µs, far more on a busy node), so a batch runs on the event loop itself when the
+model's recent batches ran faster than the hand-off, or, for models of a few milliseconds, when nothing
+else is waiting.
 The queue is bounded: a full queue refuses at once instead of growing.
 """
 
@@ -23,7 +25,10 @@ from edgeloop_runtime.errors import ServingError, Unavailable
 from edgeloop_runtime.metrics import Metrics
 from edgeloop_runtime.model import Model
 
-INLINE_BELOW_S = 0.0003  # recent ONNX Runtime time per batch under which a batch skips the thread hop
+# Recent ONNX Runtime time per batch under which a batch runs on the event loop: always, or when no other
+# request waits. The second bound caps how long health probes and metrics scrapes can be kept waiting.
+INLINE_BELOW_S = 0.0003
+INLINE_IDLE_BELOW_S = 0.025
 
 
 @dataclass(eq=False)
@@ -124,7 +129,8 @@ class Batcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
         started = time.perf_counter_ns()
-        inline = self._recent_run_s is not None and self._recent_run_s < INLINE_BELOW_S
+        recent = self._recent_run_s if self._recent_run_s is not None else float("inf")
+        inline = recent < INLINE_BELOW_S or (recent < INLINE_IDLE_BELOW_S and not self.queue)
         try:
             if inline:
                 results, timings = self._infer(batch)
