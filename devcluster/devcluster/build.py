@@ -20,27 +20,36 @@ from pathlib import Path
 MODULE_DIR = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop")) / "devcluster"
 
-# binary name -> Go package, in build order (the first one warms the shared build cache the most).
+# kwok has a module of its own (kwok/go.mod): it needs newer client libraries than the pinned release.
+KWOK_MODULE_DIR = MODULE_DIR / "kwok"
+# binary name -> (module directory, Go package), in build order (the first warms the build cache most).
 COMPONENTS = {
-    "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
-    "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
-    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
-    "kubectl": "k8s.io/kubernetes/cmd/kubectl",
-    "etcd": "./cmd/etcd",
-    "kwok": "sigs.k8s.io/kwok/cmd/kwok",
-    "helm": "helm.sh/helm/v3/cmd/helm",
+    "kube-apiserver": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-apiserver"),
+    "kube-controller-manager": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-controller-manager"),
+    "kube-scheduler": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-scheduler"),
+    "kubectl": (MODULE_DIR, "k8s.io/kubernetes/cmd/kubectl"),
+    "etcd": (MODULE_DIR, "./cmd/etcd"),
+    "helm": (MODULE_DIR, "helm.sh/helm/v3/cmd/helm"),
+    "kwok": (KWOK_MODULE_DIR, "sigs.k8s.io/kwok/cmd/kwok"),
+    "kwok-default-stages": (KWOK_MODULE_DIR, "./cmd/kwok-default-stages"),
 }
+PIN_FILES = [
+    "go.mod", "go.sum", "cmd/etcd/main.go", "kwok/go.mod", "kwok/go.sum", "kwok/cmd/kwok-default-stages/main.go",
+]
+# kwok's lifecycle stages, written beside the binaries by `kwok-default-stages`.
+KWOK_STAGES = "kwok-stages.yaml"
 
 
-def _go(*args: str) -> str:
+def _go(*args: str, module_dir: Path = MODULE_DIR) -> str:
     return subprocess.run(
-        ["go", *args], cwd=MODULE_DIR, check=True, capture_output=True, text=True
+        ["go", *args], cwd=module_dir, check=True, capture_output=True, text=True
     ).stdout
 
 
 def module_versions() -> dict[str, str]:
-    out = _go("list", "-m", "-f", "{{.Path}} {{.Version}}", "k8s.io/kubernetes", "helm.sh/helm/v3", "sigs.k8s.io/kwok")
-    return dict(line.split() for line in out.splitlines())
+    listing = _go("list", "-m", "-f", "{{.Path}} {{.Version}}", "k8s.io/kubernetes", "helm.sh/helm/v3")
+    listing += _go("list", "-m", "-f", "{{.Path}} {{.Version}}", "sigs.k8s.io/kwok", module_dir=KWOK_MODULE_DIR)
+    return dict(line.split() for line in listing.splitlines())
 
 
 def ldflags(versions: dict[str, str]) -> str:
@@ -67,7 +76,7 @@ def ldflags(versions: dict[str, str]) -> str:
 
 def pin_digest() -> str:
     digest = hashlib.sha256()
-    for path in ("go.mod", "go.sum", "cmd/etcd/main.go"):
+    for path in PIN_FILES:
         digest.update((MODULE_DIR / path).read_bytes())
     digest.update(Path(__file__).read_bytes())  # the recipe: components and ldflags
     digest.update(_go("env", "GOVERSION").encode())
@@ -93,18 +102,21 @@ def build(force: bool = False) -> Path:
     print(f"devcluster: building {len(COMPONENTS)} components of Kubernetes {versions['k8s.io/kubernetes']}"
           f" into {target} (the first build takes a while; later ones are cached)", flush=True)
     started = time.monotonic()
-    for number, (name, package) in enumerate(COMPONENTS.items(), start=1):
+    for number, (name, (module_dir, package)) in enumerate(COMPONENTS.items(), start=1):
         step = time.monotonic()
         print(f"  [{number}/{len(COMPONENTS)}] {name:<24}", end="", flush=True)
         result = subprocess.run(
             ["go", "build", "-trimpath", "-ldflags", flags, "-o", str(staging / name), package],
-            cwd=MODULE_DIR, env=env, capture_output=True, text=True,
+            cwd=module_dir, env=env, capture_output=True, text=True,
         )
         if result.returncode != 0:
             print("FAILED", flush=True)
             sys.stderr.write(result.stderr)
+            shutil.rmtree(staging, ignore_errors=True)
             raise SystemExit(f"devcluster: building {name} failed")
         print(f"{time.monotonic() - step:6.0f} s", flush=True)
+    with open(staging / KWOK_STAGES, "w") as stages:
+        subprocess.run([staging / "kwok-default-stages"], stdout=stages, check=True)
     (staging / ".complete").write_text(json.dumps(versions, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from devcluster import pki
+from devcluster.build import KWOK_STAGES
 from devcluster.fleet import Fleet, node_manifests
 
 STATE_ROOT = Path(os.environ.get("DEVCLUSTER_HOME", Path.home() / ".local" / "state" / "edgeloop" / "devcluster"))
@@ -254,7 +255,7 @@ def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> d
             "--profiling=false",
         ],
         "kwok": [
-            str(bin_dir / "kwok"), f"--kubeconfig={kc / 'kwok.kubeconfig'}",
+            str(bin_dir / "kwok"), f"--kubeconfig={kc / 'kwok.kubeconfig'}", f"--config={bin_dir / KWOK_STAGES}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1", "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
