@@ -5,12 +5,15 @@ partitions of scikit-learn's digits, the same MLP (64-32-10, one ONNX file), the
 and hyperparameters, and the same number of rounds. Flower runs in its own venv, created on first use
 under bench/.venvs/flwr (its pins must not touch the project's).
 
-    .venv/bin/python bench/federated.py [--rounds 10] [--clients 10] [--skip-flower]
+    .venv/bin/python bench/federated.py [--rounds 10] [--clients 10] [--repeat 3] [--skip-flower]
 
-It prints, for each run: final accuracy (of the final model on the union of the clients' holdout
-splits), wall time per round (median over rounds 2.., server side, from opening a round to the
-aggregated model: round 1 also pays for process start-up), and bytes uploaded per client per round; then
-the ratios against the targets.
+It prints, for each contender (median of --repeat interleaved runs): final accuracy (of the final model on
+the union of the clients' holdout splits); wall time per round (median over rounds 2.., measured by the
+server from opening a round to the aggregated model; round 1 also pays for process start-up); and bytes
+uploaded per client per round. edgeloop counts every byte of every HTTP request a client sends during
+the round (request line, headers, body: keys, shares, masked vector, polls); for Flower it is the
+serialized FitRes message each client sends (its gRPC/HTTP2 framing is not counted). Then the ratios
+against the targets.
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ def holdout_accuracy(work: Path, data: list[Path], vector: np.ndarray) -> float:
     return evaluate(model, vector, x, y)["accuracy"]
 
 
-def run_edgeloop(work: Path, data: list[Path], rounds: int, secure: bool) -> dict:
+def run_edgeloop(work: Path, out: Path, data: list[Path], rounds: int, secure: bool) -> dict:
     name = "edgeloop-secagg" if secure else "edgeloop-plain"
-    out = work / name
+    out = out / name
     out.mkdir()
     port = free_port()
     cli = [sys.executable, "-m", "edgeloop_runtime.cli", "federated"]
@@ -131,8 +134,8 @@ def flower_python() -> Path:
     return python
 
 
-def run_flower(work: Path, data: list[Path], rounds: int) -> dict:
-    out = work / "flower-fedavg"
+def run_flower(work: Path, out: Path, data: list[Path], rounds: int) -> dict:
+    out = out / "flower-fedavg"
     out.mkdir()
     python, port = flower_python(), free_port()
     script = str(ROOT / "bench" / "federated_flower.py")
@@ -185,18 +188,32 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each, interleaved (default 3)")
     parser.add_argument("--skip-flower", action="store_true")
     args = parser.parse_args()
 
-    work = ROOT / "bench" / "results" / time.strftime("federated-%Y%m%d-%H%M%S")
+    root = ROOT / "bench" / "results" / time.strftime("federated-%Y%m%d-%H%M%S")
+    work = root / "data"
     work.mkdir(parents=True)
     data = prepare(work, args.clients, args.seed)
-    runs = [run_edgeloop(work, data, args.rounds, secure=False), run_edgeloop(work, data, args.rounds, secure=True)]
-    if not args.skip_flower:
-        runs.append(run_flower(work, data, args.rounds))
+    results: dict[str, list[dict]] = {}
+    for i in range(args.repeat):
+        # Interleaved, so that a change in the machine's load hits every contender alike.
+        out = root / f"run{i}"
+        out.mkdir()
+        attempts = [run_edgeloop(work, out, data, args.rounds, False), run_edgeloop(work, out, data, args.rounds, True)]
+        if not args.skip_flower:
+            attempts.append(run_flower(work, out, data, args.rounds))
+        for r in attempts:
+            results.setdefault(r["name"], []).append(r)
+    runs = [
+        {"name": name, **{k: statistics.median(r[k] for r in rs) for k in ("accuracy", "seconds", "bytes")}}
+        for name, rs in results.items()
+    ]
 
     print(f"\n{args.clients} clients, digits Dirichlet(0.5) seed {args.seed}, MLP 64-32-10 "
-          f"({load((work / 'model.onnx').read_bytes()).size} params), {args.rounds} rounds, {TRAIN}")  # fmt: skip
+          f"({load((work / 'model.onnx').read_bytes()).size} params), {args.rounds} rounds, {TRAIN}, "
+          f"median of {args.repeat} runs")  # fmt: skip
     print(f"{'run':<18}{'accuracy':>10}{'s/round':>10}{'bytes up/client/round':>24}")
     for r in runs:
         print(f"{r['name']:<18}{r['accuracy']:>10.4f}{r['seconds']:>10.3f}{r['bytes']:>24,.0f}")
@@ -210,7 +227,7 @@ def main() -> int:
             speed = r["seconds"] / flower["seconds"]
             print(f"{r['name']}: accuracy - flower = {gap:+.2f} points (target >= -0.5); "
                   f"s/round / flower = {speed:.3f} (target <= 1)")  # fmt: skip
-    print(f"\nlogs and models: {work}")
+    print(f"\nlogs and models: {root}")
     return 0
 
 

@@ -274,10 +274,11 @@ def test_secure_sum_equals_plain_sum_within_quantization_error(one_round, federa
 
 def test_masked_upload_differs_from_the_update_and_looks_uniform(one_round):
     (plain, _), (secure, _) = one_round["plain"], one_round["secure"]
-    header, masked_bytes = secure.proxy.uploads("/v1/update")["c0"]
-    masked = np.frombuffer(masked_bytes, "<u4")
+    header, payload = secure.proxy.uploads("/v1/update")["c0"]
     examples = secure.proxy.uploads("/v1/join")["c0"][0]["examples"]
     update = np.frombuffer(plain.proxy.uploads("/v1/update")["c0"][1], "<f4")  # c0's update (same seeds)
+    assert len(payload) == 4 * len(update) + 64  # the masked vector, then public keys for the next round
+    masked = np.frombuffer(payload[: 4 * len(update)], "<u4")
     scale = secagg.quantization_scale(8.0, sum(h["examples"] for h, _ in secure.proxy.uploads("/v1/join").values()))
     quantized = secagg.quantize(update * examples, scale)
 
@@ -331,6 +332,8 @@ def test_secure_training_reaches_accuracy_and_publishes_to_the_store(federation,
     assert status["metrics"]["accuracy"] >= 0.85, status
     assert status["metrics"]["accuracy"] > status["baseline"]["accuracy"] + 0.5
     assert [h["round"] for h in status["history"]] == [1, 2, 3, 4, 5]
+    # Only round 1 has a join step: later rounds start from the keys that came with the previous updates.
+    assert [path for _, path, _ in run.proxy.posts].count("/v1/join") == CLIENTS
     sha = status["result"]["sha256"]
     assert status["result"]["uri"] == f"http://127.0.0.1:{store_port}/sha256/{sha}"
     blob = (tmp_path / "store" / "sha256" / sha).read_bytes()

@@ -137,6 +137,7 @@ class Aggregator:
             self.weights = self.model.vector()
         self.weights_bytes = self.weights.astype("<f4").tobytes()
         self.round: Round | None = None
+        self.advertised: dict[str, tuple[int, bytes]] = {}  # next round's (examples, keys), by client
         self.on_change = lambda status: None
 
     # --- state shared with request threads (call with self.cond held) ---------------------------------------
@@ -174,7 +175,7 @@ class Aggregator:
             "history": s["history"],
         }
 
-    def round_info(self) -> dict:
+    def round_info(self, client: str = "") -> dict:
         r, cfg = self.round, self.settings
         info = {"phase": self.state["phase"], "reason": self.state["reason"]}
         if r is None or self.state["phase"] != "Running":
@@ -192,6 +193,18 @@ class Aggregator:
             "trainable": cfg.trainable,
             "train": asdict(cfg.train),
             "waitSeconds": cfg.deadline + 2 * cfg.stage_timeout,
+            # A client whose keys came with its last update finds its neighbours here and skips joining.
+            **({"roster": self._roster(r, r.members[client])} if r.stage == "share" and client in r.members else {}),
+        }
+
+    def _roster(self, r: Round, me: Member) -> dict:
+        return {
+            "index": me.index,
+            "keys": _b64(me.keys),
+            "t": r.t,
+            "scale": r.scale,
+            "bound": self.settings.bound,
+            "neighbours": {v: _b64(r.member(v).keys) for v in sorted(r.graph[me.index])},
         }
 
     # --- the coordinator ----------------------------------------------------------------------------------
@@ -222,7 +235,13 @@ class Aggregator:
 
     def _open(self, number: int, task: str, stage: str) -> Round:
         with self.cond:
-            self.round = Round(number, task, stage=stage)
+            self.round = r = Round(number, task, stage=stage)
+            if task == "train" and self.settings.secure:
+                for client, (examples, keys) in self.advertised.items():
+                    r.members[client] = Member(client, len(r.members) + 1, examples, keys)
+                self.advertised = {}
+                if len(r.members) == self.settings.clients:
+                    self._close_join(r)  # everyone advertised keys with their last update: no join stage
             self.cond.notify_all()
             self.on_change(self.status())
             log.info("round %d (%s) open", number, task)
@@ -247,20 +266,18 @@ class Aggregator:
     def _secure_round(self, r: Round) -> np.ndarray:
         cfg = self.settings
         deadline = r.opened + cfg.deadline
-        if not self._wait(lambda: len(r.members) >= cfg.clients, r.opened + cfg.stage_timeout):
-            self._wait(lambda: len(r.members) >= cfg.min_clients, deadline)
-        with self.cond:
-            if len(r.members) < cfg.min_clients:
-                raise RoundFailed(
-                    f"round {r.number}: {len(r.members)} of {cfg.clients} clients joined "
-                    f"by the deadline, minClients is {cfg.min_clients}"
-                )
-            joined = {m.index for m in r.members.values()}
-            degree = cfg.neighbours or secagg.default_degree(len(joined))
-            r.graph = secagg.neighbour_graph(joined, degree, r.context)
-            r.t = secagg.share_threshold(min(len(v) for v in r.graph.values()), cfg.threshold)
-            r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()))
-            self._set_stage("share")
+        if r.stage == "join":
+            if not self._wait(lambda: len(r.members) >= cfg.clients, r.opened + cfg.stage_timeout):
+                self._wait(lambda: len(r.members) >= cfg.min_clients, deadline)
+            with self.cond:
+                if len(r.members) < cfg.min_clients:
+                    raise RoundFailed(
+                        f"round {r.number}: {len(r.members)} of {cfg.clients} clients joined "
+                        f"by the deadline, minClients is {cfg.min_clients}"
+                    )
+                self._close_join(r)
+                self._set_stage("share")
+        joined = set(r.graph)
         self._wait(lambda: len(r.shares) == len(joined), time.monotonic() + cfg.stage_timeout)
         with self.cond:
             shared = set(r.shares)
@@ -274,6 +291,16 @@ class Aggregator:
         self._wait(lambda: self._recoverable(r, shared), time.monotonic() + cfg.stage_timeout)
         with self.cond:
             return self._secure_mean(r, shared)
+
+    def _close_join(self, r: Round) -> None:
+        """Fix the round's members: neighbour graph, share threshold, fixed-point scale."""
+        cfg = self.settings
+        joined = {m.index for m in r.members.values()}
+        degree = cfg.neighbours or secagg.default_degree(len(joined))
+        r.graph = secagg.neighbour_graph(joined, degree, r.context)
+        r.t = secagg.share_threshold(min(len(v) for v in r.graph.values()), cfg.threshold)
+        r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()))
+        r.stage = "share"
 
     def _recoverable(self, r: Round, shared: set[int]) -> bool:
         """Whether t shares have come in for every secret the sum needs (not every survivor must answer)."""
@@ -388,13 +415,13 @@ class Aggregator:
 
     # --- what request threads do ----------------------------------------------------------------------------
 
-    def wait_for_round(self, previous: str) -> dict:
+    def wait_for_round(self, previous: str, client: str) -> dict:
         with self.cond:
             self.cond.wait_for(
                 lambda: (self.round is not None and self.round.id != previous) or self.state["phase"] != "Running",
                 timeout=LONG_POLL_SECONDS,
             )
-            return self.round_info()
+            return self.round_info(client)
 
     def handle(self, client: str, round_id: str, action: str, header: dict, payload: bytes) -> dict:
         """Record one client message and, for the blocking steps, wait until the stage closes."""
@@ -419,13 +446,7 @@ class Aggregator:
             raise BadRequest("join needs two 32-byte public keys")
         me = self._add_member(r, client, header, payload)
         self._await_stage_after(r, "join")
-        return {
-            "index": me.index,
-            "t": r.t,
-            "scale": r.scale,
-            "bound": self.settings.bound,
-            "neighbours": {v: _b64(r.member(v).keys) for v in sorted(r.graph[me.index])},
-        }
+        return self._roster(r, me)
 
     def _on_shares(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
         self._expect(r, "share")
@@ -447,10 +468,14 @@ class Aggregator:
         if self.settings.secure and me.index not in r.shares:
             raise Conflict("this client did not share its keys in this round")
         dtype = np.dtype("<u4") if self.settings.secure else np.dtype("<f4")
-        if len(payload) != self.model.size * dtype.itemsize:
+        size = self.model.size * dtype.itemsize
+        # With secure aggregation, the public keys for the next round may follow the vector.
+        if len(payload) not in (size, size + 2 * secagg.KEY_BYTES if self.settings.secure else size):
             raise BadRequest(f"update must be {self.model.size} {dtype} values")
         metrics = {k: float(header["metrics"][k]) for k in ("accuracy", "loss", "examples")}
-        r.updates[me.index] = (np.frombuffer(payload, dtype=dtype), metrics)
+        r.updates[me.index] = (np.frombuffer(payload[:size], dtype=dtype), metrics)
+        if len(payload) > size:
+            self.advertised[client] = (me.examples, payload[size:])
         self.cond.notify_all()
         if not self.settings.secure:
             return {}
@@ -563,7 +588,8 @@ def make_handler(agg: Aggregator):
             url = urlsplit(self.path)
             self._count(0)
             if url.path == "/v1/round":
-                self._json(200, agg.wait_for_round(parse_qs(url.query).get("after", [""])[0]))
+                previous = parse_qs(url.query).get("after", [""])[0]
+                self._json(200, agg.wait_for_round(previous, self.headers.get("X-Edgeloop-Client", "")))
             elif url.path in ("/v1/model", "/v1/weights"):
                 with agg.cond:
                     body = agg.model_bytes if url.path == "/v1/model" else agg.weights_bytes

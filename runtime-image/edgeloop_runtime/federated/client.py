@@ -48,6 +48,8 @@ class FederatedClient:
         self.model: Model | None = None
         self.model_sha = ""
         self.features: tuple[np.ndarray, np.ndarray] | None = None
+        # Secure aggregation keys (c private key, s seed) advertised with the last update, for the next round.
+        self.next_keys: tuple[X25519PrivateKey, int] | None = None
 
     def run(self) -> int:
         """Take part in every round until the aggregator reports the end: 0 if the federation succeeded,
@@ -66,7 +68,10 @@ class FederatedClient:
             if "id" not in info or info["id"] == last:
                 continue
             last = info["id"]
-            joinable = info["stage"] == ("join" if info["task"] == "train" and info["secure"] else "collect")
+            if info["task"] == "train" and info["secure"]:
+                joinable = info["stage"] == "join" or "roster" in info
+            else:
+                joinable = info["stage"] == "collect"
             if not joinable:
                 log.info("round %d is past joining; waiting for the next", info["round"])
                 continue
@@ -120,11 +125,15 @@ class FederatedClient:
     def _secure_round(self, info: dict, examples: int, work) -> dict:
         """Bonawitz et al.'s four steps; `work()` yields (holdout metrics, update). Returns the metrics."""
         context = bytes.fromhex(info["id"])
-        c_key = X25519PrivateKey.generate()
-        s_seed, b_seed = secagg.random_secret(), secagg.random_secret()
-        s_key = secagg.mask_private_key(s_seed)
+        c_key, s_seed = self.next_keys or _new_keys()
+        self.next_keys = None
+        s_key, b_seed = secagg.mask_private_key(s_seed), secagg.random_secret()
         keys = secagg.public_bytes(c_key) + secagg.public_bytes(s_key)
-        roster = self._post(info, "join", {"examples": examples}, keys)
+        roster = info.get("roster")
+        if roster is None or base64.b64decode(roster["keys"]) != keys:
+            if info["stage"] != "join":
+                raise RoundGone("the round started without this client's current keys")
+            roster = self._post(info, "join", {"examples": examples}, keys)
         me, t, scale, bound = roster["index"], roster["t"], roster["scale"], roster["bound"]
         peers = {int(v): base64.b64decode(k) for v, k in roster["neighbours"].items()}
 
@@ -145,7 +154,12 @@ class FederatedClient:
         update = np.clip(update, -bound, bound) * examples
         pairwise = {u: secagg.pairwise_seed(s_key, peers[u][32:], context) for u in held}
         masked = secagg.mask(secagg.quantize(update, scale), me, b_seed, pairwise)
-        decision = self._post(info, "update", {"metrics": metrics}, masked.astype("<u4").tobytes())
+        # Fresh keys for the next round ride along, so that round can start without a join step.
+        self.next_keys = _new_keys()
+        next_public = secagg.public_bytes(self.next_keys[0]) + secagg.public_bytes(
+            secagg.mask_private_key(self.next_keys[1])
+        )
+        decision = self._post(info, "update", {"metrics": metrics}, masked.astype("<u4").tobytes() + next_public)
 
         survivors, dropped = set(decision["survivors"]), set(decision["dropped"])
         if survivors & dropped or not (survivors | dropped) <= set(held):
@@ -197,3 +211,7 @@ class FederatedClient:
         if status != 200:
             raise RuntimeError(f"{action}: HTTP {status}: {body[:200]!r}")
         return json.loads(body)
+
+
+def _new_keys() -> tuple[X25519PrivateKey, int]:
+    return X25519PrivateKey.generate(), secagg.random_secret()
