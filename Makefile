@@ -47,7 +47,7 @@ demo-down: venv
 	$(BIN)/devcluster down
 
 bench-devcluster: venv devcluster-build
-	$(BIN)/python bench/devcluster.py
+	$(BIN)/python bench/devcluster_bench.py
 
 clean: demo-down
 	rm -rf $(VENV)

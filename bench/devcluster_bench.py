@@ -2,7 +2,7 @@
 for a 1000-node kwok fleet to become Ready. With --cold-build, also the cold build time (an empty Go
 build cache and binary cache; the Go module cache is kept, since downloads measure the network).
 
-    python bench/devcluster.py [--cold-build] [--nodes 1000] [--idle-seconds 30]
+    python bench/devcluster_bench.py [--cold-build] [--nodes 1000] [--idle-seconds 30]
 """
 
 from __future__ import annotations
