@@ -60,8 +60,8 @@ class Settings:
     store_token: str | None = None
 
 
-class RoundFailed(RuntimeError):
-    pass
+class JobFailed(RuntimeError):
+    """The job cannot succeed: reported as phase Failed with this message as the reason."""
 
 
 @dataclass
@@ -218,8 +218,8 @@ class Aggregator:
                 self._evaluate()
                 self._publish()
                 self.state["phase"] = "Succeeded"
-        except RoundFailed as failure:
-            log.error("round failed: %s", failure)
+        except JobFailed as failure:
+            log.error("failed: %s", failure)
             self.state["phase"], self.state["reason"] = "Failed", str(failure)
         with self.cond:
             self.round = None
@@ -240,8 +240,9 @@ class Aggregator:
                 for client, (examples, keys) in self.advertised.items():
                     r.members[client] = Member(client, len(r.members) + 1, examples, keys)
                 self.advertised = {}
-                if len(r.members) == self.settings.clients:
-                    self._close_join(r)  # everyone advertised keys with their last update: no join stage
+                if len(r.members) == self.settings.clients:  # all keys came with the last updates: no join
+                    self._close_join(r)
+                    r.stage = "share"
             self.cond.notify_all()
             self.on_change(self.status())
             log.info("round %d (%s) open", number, task)
@@ -271,7 +272,7 @@ class Aggregator:
                 self._wait(lambda: len(r.members) >= cfg.min_clients, deadline)
             with self.cond:
                 if len(r.members) < cfg.min_clients:
-                    raise RoundFailed(
+                    raise JobFailed(
                         f"round {r.number}: {len(r.members)} of {cfg.clients} clients joined "
                         f"by the deadline, minClients is {cfg.min_clients}"
                     )
@@ -300,7 +301,6 @@ class Aggregator:
         r.graph = secagg.neighbour_graph(joined, degree, r.context)
         r.t = secagg.share_threshold(min(len(v) for v in r.graph.values()), cfg.threshold)
         r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()))
-        r.stage = "share"
 
     def _recoverable(self, r: Round, shared: set[int]) -> bool:
         """Whether t shares have come in for every secret the sum needs (not every survivor must answer)."""
@@ -319,7 +319,7 @@ class Aggregator:
         need = max(cfg.min_clients, math.ceil(cfg.threshold * of) if cfg.secure else 0)
         if have < need:
             rule = f"minClients {cfg.min_clients}" + (f", threshold {cfg.threshold}" if cfg.secure else "")
-            raise RoundFailed(f"round {number}: only {have} of {of} clients {what}, {need} needed ({rule})")
+            raise JobFailed(f"round {number}: only {have} of {of} clients {what}, {need} needed ({rule})")
 
     def _secure_mean(self, r: Round, shared: set[int]) -> np.ndarray:
         """Σ n_u·Δ_u / Σ n_u over the survivors, from masked vectors and the revealed shares only."""
@@ -334,7 +334,7 @@ class Aggregator:
             self_seeds = {u: secagg.shamir_combine(b_shares[u], r.t) for u in r.survivors}
             dropped_keys = {d: secagg.shamir_combine(s_shares[d], r.t) for d in dropped}
         except secagg.SecAggError as error:
-            raise RoundFailed(
+            raise JobFailed(
                 f"round {r.number}: cannot remove the masks: {error} "
                 f"({len(r.reveals)} of {len(r.survivors)} survivors revealed shares)"
             ) from error
@@ -382,7 +382,7 @@ class Aggregator:
         self._wait(lambda: len(r.evaluations) >= expected, r.opened + cfg.stage_timeout)
         with self.cond:
             if not r.evaluations:
-                raise RoundFailed("no client evaluated the final model")
+                raise JobFailed("no client evaluated the final model")
             self.state["metrics"] = weighted_mean(list(r.evaluations.values()))
 
     def _publish(self) -> None:
@@ -392,7 +392,10 @@ class Aggregator:
         if self.settings.store:
             from ..store import upload
 
-            uri = upload(self.settings.store, data, self.settings.store_token)
+            try:
+                uri = upload(self.settings.store, data, self.settings.store_token)
+            except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+                raise JobFailed(f"publishing to {self.settings.store} failed: {error}") from error
         else:
             uri = final.resolve().as_uri()
         self.state["result"] = {"uri": uri, "sha256": hashlib.sha256(data).hexdigest()}

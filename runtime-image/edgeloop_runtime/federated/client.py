@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from . import secagg
@@ -144,11 +145,13 @@ class FederatedClient:
             secagg.encrypt_shares(c_key, peers[v][:32], context, me, v, b_shares[v], s_shares[v]) for v in order
         )
         inbox = self._post(info, "shares", {"to": order}, ciphertexts)["inbox"]
-        # Raises InvalidTag if the aggregator altered or misrouted a share.
-        held = {
-            int(u): secagg.decrypt_shares(c_key, peers[int(u)][:32], context, int(u), me, base64.b64decode(c))
-            for u, c in inbox.items()
-        }
+        try:
+            held = {
+                int(u): secagg.decrypt_shares(c_key, peers[int(u)][:32], context, int(u), me, base64.b64decode(c))
+                for u, c in inbox.items()
+            }
+        except InvalidTag as error:
+            raise RoundGone("a share failed authentication: altered or misrouted by the aggregator") from error
 
         metrics, update = work()
         update = np.clip(update, -bound, bound) * examples
@@ -164,6 +167,8 @@ class FederatedClient:
         survivors, dropped = set(decision["survivors"]), set(decision["dropped"])
         if survivors & dropped or not (survivors | dropped) <= set(held):
             raise RoundGone("inconsistent unmasking request: refusing to reveal shares")
+        if len(survivors) + 1 < t:  # as in the paper: too few survivors, and the sum must not be recovered
+            raise RoundGone(f"only {len(survivors) + 1} of this client's neighbourhood survived, {t} needed")
         b = sorted(survivors)
         s = sorted(dropped)
         payload = b"".join(held[u][0].to_bytes(secagg.SHARE_BYTES, "big") for u in b)
