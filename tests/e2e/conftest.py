@@ -40,13 +40,15 @@ class DevCluster:
 
 @pytest.fixture(scope="session")
 def devcluster() -> DevCluster:
-    """Brought up once per test session (its own run directory, apart from `make demo`'s) and taken down."""
+    """Brought up once per test session (its own run directory, apart from `make demo`'s) and taken down.
+
+    The session holds the cluster's lock throughout, so a second test session waits for this one
+    rather than sharing (and tearing down) a cluster whose nodes the tests relabel."""
     target = cluster.Cluster.named(os.environ.get("EDGELOOP_E2E_CLUSTER", "e2e"))
     bin_dir = build.build()
     with target.locked():
         cluster.up(target, bin_dir, load_fleet())
-    yield DevCluster(kubeconfig=target.kubeconfig, bin_dir=bin_dir, run_dir=target.run_dir)
-    with target.locked():
+        yield DevCluster(kubeconfig=target.kubeconfig, bin_dir=bin_dir, run_dir=target.run_dir)
         cluster.down(target)
 
 
