@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test demo demo-down clean \
-	bench-devcluster
+	bench-devcluster bench-serve bench-federated bench-operator-scale
 
 all: test
 
@@ -22,6 +22,10 @@ venv: $(VENV)/.installed
 # Builds the pinned Kubernetes components from their Go modules, once per pin (cached in ~/.cache/edgeloop).
 devcluster-build: venv
 	$(BIN)/devcluster build
+
+# The CRDs are generated from the pydantic API models (operator/edgeloop/api); a unit test fails when stale.
+crds: venv
+	$(BIN)/python -m edgeloop.crdgen --output-dir crds
 
 lint: venv
 	$(BIN)/ruff check .
@@ -46,8 +50,18 @@ demo: venv devcluster-build
 demo-down: venv
 	$(BIN)/devcluster down
 
+# Benchmarks print figures and ratios against peers measured in the same run; none is a test.
 bench-devcluster: venv devcluster-build
 	$(BIN)/python bench/devcluster_bench.py
+
+bench-serve: venv
+	$(BIN)/python bench/serve/run.py
+
+bench-federated: venv
+	$(BIN)/python bench/federated.py --rounds 10 --repeat 5
+
+bench-operator-scale: venv devcluster-build
+	$(BIN)/python bench/operator_scale.py
 
 clean: demo-down
 	rm -rf $(VENV)
