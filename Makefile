@@ -23,9 +23,11 @@ venv: $(VENV)/.installed
 devcluster-build: venv
 	$(BIN)/devcluster build
 
-# The CRDs are generated from the pydantic API models (operator/edgeloop/api); a unit test fails when stale.
+# The CRDs are generated from the pydantic API models (operator/edgeloop/api), and the Helm chart's CRDs and
+# RBAC rules from the same sources (edgeloop.chartgen); unit tests fail when either is stale.
 crds: venv
 	$(BIN)/python -m edgeloop.crdgen --output-dir crds
+	$(BIN)/python -m edgeloop.chartgen --chart-dir charts/edgeloop
 
 lint: venv
 	$(BIN)/ruff check .

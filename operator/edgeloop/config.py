@@ -77,6 +77,12 @@ class OperatorConfig(_Config):
         default="/var/lib/edgeloop/models",
         description="Node-local, content-addressed model cache (a hostPath shared by every pod on a node).",
     )
+    model_cache_claim: str | None = Field(
+        default=None,
+        description="Mount the node cache through this PersistentVolumeClaim of the model's namespace instead of "
+        "a hostPath volume, so that the pods meet the Pod Security restricted level. The claim is bound to a "
+        "hostPath PersistentVolume of modelCacheDir (the Helm chart creates both).",
+    )
     run_as_user: int = Field(
         default=65532,
         ge=1,

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 
 import kopf
 
@@ -72,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="use Kopf peering object NAME (needs the KopfPeering CRDs); default: standalone",
     )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=int(_env("priority") or secrets.randbelow(1 << 31)),
+        help="peering priority: among running replicas the highest serves, the others stand by; peers of equal "
+        "priority all pause, so each replica picks a random one by default",
+    )
     parser.add_argument("--log-format", choices=["json", "text"], default=_env("log_format", "json"))
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logs")
 
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             liveness_endpoint=args.liveness or None,
             standalone=args.peering is None,
             peering_name=args.peering,
+            priority=args.priority,
             memo=memo,
         )
     )

@@ -34,6 +34,16 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
 ]
 
+# With --peering (the Helm chart's replicas): Kopf watches its peering object and patches its own entry in
+# it; a ClusterKopfPeering when watching every namespace, a KopfPeering in each watched namespace otherwise.
+PEERING_RULES: list[dict[str, Any]] = [
+    {
+        "apiGroups": ["kopf.dev"],
+        "resources": ["clusterkopfpeerings", "kopfpeerings"],
+        "verbs": ["list", "watch", "patch"],
+    },
+]
+
 
 def manifests(name: str, service_account: str, namespace: str) -> list[dict[str, Any]]:
     """A ServiceAccount, a ClusterRole with RULES, and the binding between them."""

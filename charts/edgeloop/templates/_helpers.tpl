@@ -1,0 +1,111 @@
+{{/* Names, labels and derived values shared by the templates. */}}
+
+{{- define "edgeloop.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: the release name, prefixed with the chart name unless it contains it. */}}
+{{- define "edgeloop.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "edgeloop.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "edgeloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: edgeloop
+{{- end }}
+
+{{- define "edgeloop.operatorSelector" -}}
+app.kubernetes.io/name: {{ include "edgeloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "edgeloop.storeSelector" -}}
+app.kubernetes.io/name: {{ include "edgeloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: store
+{{- end }}
+
+{{- define "edgeloop.serviceAccountName" -}}
+{{- default (include "edgeloop.fullname" .) .Values.serviceAccount.name }}
+{{- end }}
+
+{{- define "edgeloop.operatorImage" -}}
+{{- $image := .Values.operator.image }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default .Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "edgeloop.runtimeImage" -}}
+{{- default (printf "ghcr.io/edgeloop/runtime:%s" .Chart.AppVersion) .Values.config.runtimeImage }}
+{{- end }}
+
+{{- define "edgeloop.storeImage" -}}
+{{- if .Values.store.image.repository }}
+{{- printf "%s:%s" .Values.store.image.repository (default .Chart.AppVersion .Values.store.image.tag) }}
+{{- else }}
+{{- include "edgeloop.runtimeImage" . }}
+{{- end }}
+{{- end }}
+
+{{/* The operator configuration file, as edgeloop.config reads it. */}}
+{{- define "edgeloop.operatorConfig" -}}
+{{- $config := deepCopy .Values.config }}
+{{- /* The operator merges classes over its built-in ones (values.yaml lists them, and a unit test keeps the two
+equal): a built-in class removed from the values (set to null) is removed with an explicit null. */}}
+{{- range list "npu" "gpu" "cpu" }}
+{{- if not (hasKey $config.acceleratorClasses .) }}
+{{- $_ := set $config.acceleratorClasses . nil }}
+{{- end }}
+{{- end }}
+{{- range $name, $class := $config.acceleratorClasses }}
+{{- if and $class (ne (last $class.executionProviders) "CPUExecutionProvider") }}
+{{- fail (printf "config.acceleratorClasses.%s.executionProviders must end with CPUExecutionProvider, so every node can serve" $name) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $config "runtimeImage" (include "edgeloop.runtimeImage" .) }}
+{{- if .Values.modelCache.persistentVolume }}
+{{- $_ := set $config "modelCacheClaim" .Values.modelCache.claimName }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* Namespaces that get the per-namespace objects, as a list. */}}
+{{- define "edgeloop.workloadNamespaces" -}}
+{{- toJson (default .Values.watchNamespaces .Values.workloadNamespaces | uniq) }}
+{{- end }}
+
+{{- define "edgeloop.storeTokenSecret" -}}
+{{- default (printf "%s-store-token" (include "edgeloop.fullname" .)) .Values.store.token.existingSecret }}
+{{- end }}
+
+{{/* The security context of every container in this chart: the Pod Security "restricted" level. */}}
+{{- define "edgeloop.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "edgeloop.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}

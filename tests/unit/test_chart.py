@@ -1,0 +1,326 @@
+"""The Helm chart, rendered with the pinned helm (`helm template`, no cluster): generated parts up to date,
+values validated, RBAC exactly the operator's, and the objects wired to what the operator renders."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from edgeloop import chartgen, config, operator_main, rbac
+from edgeloop.api.inferencemodel import InferenceModelSpec
+from edgeloop.render.inferencemodel import owner_of, render
+
+from devcluster import build
+
+ROOT = Path(__file__).parents[2]
+CHART = ROOT / "charts" / "edgeloop"
+HELM = build.bin_dir() / "helm"
+
+needs_helm = pytest.mark.skipif(not HELM.exists(), reason="the pinned helm is not built (make devcluster-build)")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def template(*sets: str, namespace: str = "edgeloop-system") -> list[dict]:
+    args = ["template", "edgeloop", str(CHART), "--namespace", namespace]
+    for value in sets:
+        args += ["--set", value]
+    return [doc for doc in yaml.safe_load_all(helm(*args).stdout) if doc]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    [doc] = [doc for doc in by_kind(docs, kind) if doc["metadata"]["name"] == name]
+    return doc
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def rule_set(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+# ---- generated parts
+
+
+def test_generated_chart_files_are_up_to_date():
+    for name, text in chartgen.render_all(config.build()).items():
+        assert (CHART / name).read_text() == text, f"charts/edgeloop/{name} is stale: run `make crds`"
+
+
+def test_chart_crds_are_the_repository_crds_with_a_sync_wave():
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        chart_crd = yaml.safe_load((CHART / "crds" / path.name).read_text())
+        assert chart_crd["metadata"].pop("annotations") == {"argocd.argoproj.io/sync-wave": "-1"}
+        assert chart_crd == yaml.safe_load(path.read_text()), f"charts/edgeloop/crds/{path.name} differs from crds/"
+    peering = {p.name for p in (CHART / "crds").glob("kopf.dev_*.yaml")}
+    assert peering == {"kopf.dev_clusterkopfpeerings.yaml", "kopf.dev_kopfpeerings.yaml"}
+
+
+def test_check_mode_reports_stale_chart_files(tmp_path):
+    assert chartgen.main(["--chart-dir", str(tmp_path), "--check"]) == 1
+    assert chartgen.main(["--chart-dir", str(tmp_path)]) == 0
+    assert chartgen.main(["--chart-dir", str(tmp_path), "--check"]) == 0
+
+
+def test_accelerator_class_defaults_in_values_are_the_operators_built_in_ones():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["config"]["acceleratorClasses"] == config.BUILT_IN["acceleratorClasses"]
+    # The helper that turns a class removed from the values into an explicit null knows the same names.
+    names = " ".join(f'"{name}"' for name in config.BUILT_IN["acceleratorClasses"])
+    assert f"range list {names}" in (CHART / "templates" / "_helpers.tpl").read_text()
+
+
+# ---- values
+
+
+@needs_helm
+def test_lint_passes():
+    helm("lint", "--strict", str(CHART))
+
+
+BAD_VALUES = [
+    ("unknown top-level key", "replicas=3", "additional properties 'replicas' not allowed"),
+    ("negative replicas", "operator.replicas=-1", "/operator/replicas"),
+    ("store persistence mode", "store.persistence.mode=nfs", "value must be one of 'storageClass', 'hostPath'"),
+    ("relative cache dir", "config.modelCacheDir=var/cache", "/config/modelCacheDir"),
+    ("namespace name", "watchNamespaces={Edge_A}", "/watchNamespaces/0"),
+    ("class without providers", "config.acceleratorClasses.hailo.resource=hailo.ai/npu",
+     "missing properties 'matchAnyLabel', 'executionProviders'"),
+    ("provider name", "config.acceleratorClasses.gpu.executionProviders={CUDA}", "does not match pattern"),
+    ("provider list not ending on CPU", "config.acceleratorClasses.gpu.executionProviders={CUDAExecutionProvider}",
+     "must end with CPUExecutionProvider"),
+    ("log format", "operator.logFormat=xml", "/operator/logFormat"),
+    ("resource quantity", "operator.resources.limits.memory=lots", "/operator/resources/limits/memory"),
+    ("image digest", "operator.image.digest=latest", "/operator/image/digest"),
+]
+
+
+@needs_helm
+@pytest.mark.parametrize(("case", "value", "message"), BAD_VALUES, ids=[case for case, _, _ in BAD_VALUES])
+def test_bad_values_are_rejected(case, value, message):
+    # values.schema.json fails both; the template's own checks (`fail`) are only warnings to `helm lint`.
+    schema = "must end with" not in message
+    for command in ("template", "lint") if schema else ("template",):
+        args = [command, *(["edgeloop"] if command == "template" else []), str(CHART), "--set", value]
+        result = helm(*args, check=False)
+        assert result.returncode != 0, f"{case}: helm {command} accepted {value}"
+        assert message in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+# ---- the operator
+
+
+@needs_helm
+def test_operator_deployment_defaults():
+    docs = template()
+    deployment = one(docs, "Deployment", "edgeloop-operator")
+    spec = deployment["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    assert deployment["spec"]["replicas"] == 2
+    assert container["image"] == "ghcr.io/edgeloop/operator:0.1.0"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    assert by_kind(docs, "PodDisruptionBudget")
+    assert one(docs, "ClusterKopfPeering", "edgeloop")
+
+
+def operator_args(container: dict, monkeypatch) -> argparse.Namespace:
+    """The operator's own parser, fed the Deployment's environment: every variable is a real flag."""
+    for name, value in env_of(container).items():
+        if name.startswith("EDGELOOP_"):
+            monkeypatch.setenv(name, value)
+    parser = argparse.ArgumentParser()
+    operator_main.add_arguments(parser)
+    return parser.parse_args(container["args"][1:])
+
+
+@needs_helm
+def test_the_environment_sets_the_operators_flags(monkeypatch):
+    docs = template("watchNamespaces={edge-a,edge-b}", "operator.resyncSeconds=30")
+    [container] = one(docs, "Deployment", "edgeloop-operator")["spec"]["template"]["spec"]["containers"]
+    known = {"EDGELOOP_" + action.dest.upper() for action in _actions()}
+    assert {name for name in env_of(container) if name.startswith("EDGELOOP_")} <= known | {"EDGELOOP_NAMESPACES"}
+    args = operator_args(container, monkeypatch)
+    assert args.namespace == ["edge-a", "edge-b"] and args.peering == "edgeloop" and args.resync_seconds == 30
+    assert args.config == "/etc/edgeloop/config.yaml" and args.liveness == "http://0.0.0.0:8080/healthz"
+
+
+def _actions():
+    parser = argparse.ArgumentParser()
+    operator_main.add_arguments(parser)
+    return parser._actions
+
+
+@needs_helm
+def test_one_replica_runs_without_peering(monkeypatch):
+    docs = template("operator.replicas=1")
+    [container] = one(docs, "Deployment", "edgeloop-operator")["spec"]["template"]["spec"]["containers"]
+    assert operator_args(container, monkeypatch).peering is None
+    assert not by_kind(docs, "ClusterKopfPeering") and not by_kind(docs, "PodDisruptionBudget")
+
+
+@needs_helm
+def test_the_config_map_is_a_valid_operator_configuration(tmp_path):
+    docs = template("config.acceleratorClasses.gpu.resourceCount=2", "config.acceleratorClasses.npu=null")
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    loaded = config.load(path)
+    assert list(loaded.accelerator_classes) == ["gpu", "cpu"]
+    assert loaded.accelerator_classes["gpu"].resource_count == 2
+    assert loaded.runtime_image == "ghcr.io/edgeloop/runtime:0.1.0"
+    assert loaded.model_cache_claim == "edgeloop-model-cache"
+
+
+# ---- RBAC: exactly edgeloop.rbac
+
+
+@needs_helm
+def test_cluster_wide_rbac_is_the_operators_rules():
+    docs = template()
+    [role] = by_kind(docs, "ClusterRole")
+    assert not by_kind(docs, "Role")
+    expected = rule_set(rbac.RULES) | {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
+    assert rule_set(role["rules"]) == expected
+    assert not any("*" in item for rule in role["rules"] for key in rule for item in rule[key])
+    [binding] = by_kind(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "edgeloop", "namespace": "edgeloop-system"}]
+
+
+@needs_helm
+def test_watching_namespaces_grants_namespaced_rules_only_there():
+    docs = template("watchNamespaces={edge-a,edge-b}")
+    [cluster_role] = by_kind(docs, "ClusterRole")
+    split = chartgen.split_by_scope(rbac.RULES)
+    assert rule_set(cluster_role["rules"]) == rule_set(split["cluster"])
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["edge-a", "edge-b"]
+    for role in roles:
+        assert rule_set(role["rules"]) == rule_set(split["namespaced"]) | {
+            ("kopf.dev", "kopfpeerings", v) for v in ("list", "watch", "patch")}
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["edge-a", "edge-b"]
+    assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["edge-a", "edge-b"]
+    assert not by_kind(docs, "ClusterKopfPeering")
+
+
+# ---- what the chart provides for the pods the operator renders
+
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
+
+
+def rendered_daemon_set(operator_config: config.OperatorConfig) -> dict:
+    spec = InferenceModelSpec.model_validate(EXAMPLE["spec"])
+    manifests = render(owner_of("digits", "edge-a", "uid-1"), spec, operator_config)
+    return next(iter(manifests.daemon_sets.values()))
+
+
+@needs_helm
+def test_runtime_network_policy_selects_the_rendered_pods_and_their_named_ports():
+    docs = template("watchNamespaces={edge-a}")
+    policy = one(docs, "NetworkPolicy", "edgeloop-runtime")
+    assert policy["metadata"]["namespace"] == "edge-a"
+    pod = rendered_daemon_set(config.build())["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    [rule] = policy["spec"]["ingress"]
+    assert "from" not in rule, "inference is open to every client by default"
+    container_ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert {p["port"] for p in rule["ports"]} == container_ports == {"http", "grpc"}
+
+
+@needs_helm
+def test_store_network_policy_admits_runtime_and_aggregator_pods_only():
+    docs = template()
+    policy = one(docs, "NetworkPolicy", "edgeloop-store")
+    [rule] = policy["spec"]["ingress"]
+    [peer] = rule["from"]
+    assert peer["namespaceSelector"] == {}
+    expressions = {e["key"]: e["values"] for e in peer["podSelector"]["matchExpressions"]}
+    assert expressions == {"app.kubernetes.io/part-of": ["edgeloop"],
+                           "app.kubernetes.io/component": ["inference", "aggregator"]}
+    runtime_labels = rendered_daemon_set(config.build())["spec"]["template"]["metadata"]["labels"]
+    assert runtime_labels["app.kubernetes.io/component"] in expressions["app.kubernetes.io/component"]
+    operator_policy = one(docs, "NetworkPolicy", "edgeloop-operator")
+    assert operator_policy["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in operator_policy["spec"]
+
+
+@needs_helm
+def test_model_cache_claim_is_what_the_rendered_pods_mount(tmp_path):
+    docs = template("watchNamespaces={edge-a}")
+    claim = one(docs, "PersistentVolumeClaim", "edgeloop-model-cache")
+    volume = one(docs, "PersistentVolume", "edgeloop-model-cache-edge-a")
+    assert claim["metadata"]["namespace"] == "edge-a" and claim["spec"]["volumeName"] == "edgeloop-model-cache-edge-a"
+    assert volume["spec"]["claimRef"] == {"namespace": "edge-a", "name": "edgeloop-model-cache"}
+    assert volume["spec"]["hostPath"]["path"] == "/var/lib/edgeloop/models"
+    assert "nodeAffinity" not in volume["spec"], "each pod must get its own node's directory"
+
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    volumes = {v["name"]: v for v in rendered_daemon_set(config.load(path))["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model-cache"] == {"name": "model-cache",
+                                      "persistentVolumeClaim": {"claimName": "edgeloop-model-cache"}}
+    assert not any("hostPath" in v for v in volumes.values())
+
+
+# ---- the store
+
+
+@needs_helm
+def test_store_uses_a_storage_class_by_default():
+    docs = template("store.persistence.storageClassName=local-path")
+    claim = one(docs, "PersistentVolumeClaim", "edgeloop-store")
+    assert claim["spec"]["storageClassName"] == "local-path" and "volumeName" not in claim["spec"]
+    assert not [v for v in by_kind(docs, "PersistentVolume") if "store" in v["metadata"]["name"]]
+    deployment = one(docs, "Deployment", "edgeloop-store")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["store", "--root"] and "--token-file" in container["args"]
+    assert one(docs, "Service", "edgeloop-store")["spec"]["ports"][0]["port"] == 8000
+    assert one(docs, "Secret", "edgeloop-store-token")["data"]["token"]
+
+
+@needs_helm
+def test_store_host_path_mode_binds_its_own_volume():
+    docs = template("store.persistence.mode=hostPath", "store.persistence.hostPath.node=edge-cpu-0")
+    claim = one(docs, "PersistentVolumeClaim", "edgeloop-store")
+    volume = one(docs, "PersistentVolume", claim["spec"]["volumeName"])
+    assert claim["spec"]["storageClassName"] == "" == volume["spec"]["storageClassName"]
+    assert volume["spec"]["claimRef"] == {"namespace": "edgeloop-system", "name": "edgeloop-store"}
+    [term] = volume["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert term["matchExpressions"][0]["values"] == ["edge-cpu-0"]
+
+
+@needs_helm
+def test_an_existing_token_secret_replaces_the_generated_one():
+    docs = template("store.token.existingSecret=my-token")
+    assert not by_kind(docs, "Secret")
+    volumes = one(docs, "Deployment", "edgeloop-store")["spec"]["template"]["spec"]["volumes"]
+    secrets = [v["secret"] for v in volumes if "secret" in v]
+    assert secrets == [{"secretName": "my-token", "items": [{"key": "token", "path": "token"}]}]
+
+
+@needs_helm
+def test_every_pod_of_the_chart_is_restricted():
+    for deployment in by_kind(template(), "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+            assert context["readOnlyRootFilesystem"] is True
+        assert not any("hostPath" in v for v in pod.get("volumes", []))
