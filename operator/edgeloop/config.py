@@ -1,4 +1,4 @@
-"""Operator configuration: the runtime image, the node cache, and the accelerator classes.
+"""Operator configuration: the runtime image, the node cache, the accelerator classes, the model store.
 
 Built-in defaults live here and only here. A YAML or JSON file (the Helm chart's values, rendered into a
 ConfigMap) is merged over them: top-level keys replace the defaults; under `acceleratorClasses`, each class
@@ -89,6 +89,29 @@ class OperatorConfig(_Config):
         description="UID of the runtime containers; the node's model cache must be writable by it.",
     )
     accelerator_classes: dict[str, AcceleratorClass]
+    store_url: str = Field(
+        default="http://edgeloop-store.edgeloop-system.svc:8000",
+        pattern=r"^https?://[^/]+$",
+        description="The model store's base URL; FederatedRounds publish trained models there.",
+    )
+    store_token_secret: str = Field(
+        default="edgeloop-store-token",
+        description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",
+    )
+    aggregator_status_url: str = Field(
+        default="http://{service}.{namespace}.svc:{port}/v1/status",
+        description="Where the operator reads a FederatedRound aggregator's status; {service}, {namespace} and "
+        "{port} are filled in. The default resolves inside the cluster.",
+    )
+
+    @field_validator("aggregator_status_url")
+    @classmethod
+    def _known_placeholders(cls, template: str) -> str:
+        try:
+            template.format(service="s", namespace="n", port=1)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"only {{service}}, {{namespace}} and {{port}} can be filled in: {error}") from None
+        return template
 
     def accelerator_class(self, name: str) -> AcceleratorClass:
         try:

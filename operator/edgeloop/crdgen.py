@@ -21,9 +21,10 @@ import yaml
 from edgeloop import config as operator_config
 from edgeloop.api import GROUP, VERSION
 from edgeloop.api.common import ResourceDefinition, cel
+from edgeloop.api.federatedround import FEDERATED_ROUND
 from edgeloop.api.inferencemodel import INFERENCE_MODEL
 
-RESOURCES: tuple[ResourceDefinition, ...] = (INFERENCE_MODEL,)
+RESOURCES: tuple[ResourceDefinition, ...] = (INFERENCE_MODEL, FEDERATED_ROUND)
 
 # Marks a list of accelerator class names in the models; replaced here by the configured classes.
 ACCELERATOR_CLASS_LIST = "x-edgeloop-accelerator-class-list"
@@ -55,6 +56,9 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return structural({**branches[0], **node}, defs)
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if exclusive in node:  # JSON Schema's number; OpenAPI v3.0 (the CRD's dialect) wants a flag
+            node[bound], node[exclusive] = node[exclusive], True
 
     if node.get("default", 0) is None:
         del node["default"]  # an optional field without a value is simply absent

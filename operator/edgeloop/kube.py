@@ -43,6 +43,8 @@ KINDS: dict[tuple[str, str], Kind] = {
     ("v1", "Pod"): Kind("v1", "pods"),
     ("v1", "Event"): Kind("v1", "events"),
     ("edgeloop.io/v1alpha1", "InferenceModel"): Kind("edgeloop.io/v1alpha1", "inferencemodels"),
+    ("batch/v1", "Job"): Kind("batch/v1", "jobs"),
+    ("edgeloop.io/v1alpha1", "FederatedRound"): Kind("edgeloop.io/v1alpha1", "federatedrounds"),
 }
 
 
@@ -87,6 +89,19 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        text = self._call(method, path, query=query, body=body, content_type=content_type)
+        return json.loads(text) if text else {}
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, Any] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> str:
+        """The response body as text; non-2xx responses raise KubeError."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self._api.param_serialize(
             method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
@@ -102,7 +117,7 @@ class Kube:
             except (ValueError, AttributeError):
                 message = text
             raise KubeError(response.status, message)
-        return json.loads(text) if text else {}
+        return text
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply: creates the object or updates the fields this operator owns."""
@@ -157,6 +172,17 @@ class Kube:
             if not (token := page.get("metadata", {}).get("continue")):
                 return
             query = {**query, "continue": token}
+
+    def merge_patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch; with metadata.resourceVersion in it, it applies only to that version (409)."""
+        return self._request(
+            "PATCH", kind.path(namespace, name), body=dict(patch), content_type="application/merge-patch+json"
+        )
+
+    def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
+        """The last `lines` lines of a container's log (of its current run)."""
+        query = {"container": container, "tailLines": lines}
+        return self._call("GET", kind_of("v1", "Pod").path(namespace, pod, "log"), query=query)
 
     def patch_status(self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Replaces the status (a JSON merge patch: lists are replaced whole)."""

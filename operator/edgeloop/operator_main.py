@@ -108,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    if not args.verbose:
+        # Kopf logs every handler call per object, and aiohttp every liveness probe: at fleet scale only
+        # their warnings and errors are news. The operator logs what it changes itself.
+        for chatty in ("kopf.objects", "aiohttp.access"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     from edgeloop.handlers import inferencemodel  # registers the handlers
 
     operator_settings = settings()

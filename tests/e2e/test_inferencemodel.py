@@ -45,13 +45,19 @@ def cluster(devcluster, tmp_path_factory):
 
 
 @pytest.fixture
-def operator(cluster, namespace, tmp_path):
-    """The operator, watching only this test's namespace."""
+def operator(devcluster, cluster, namespace, tmp_path):
+    """The operator, watching only this test's namespace. Afterwards the test's models are deleted and
+    their pods waited for: each node has one NPU or GPU, which the next test's pods need."""
     process = OperatorProcess(cluster, tmp_path / "operator.log", ("--namespace", namespace, *OPERATOR_ARGS))
     process.start()
     yield process
+    devcluster.kubectl("delete", "inferencemodels", "--all", "-n", namespace, "--wait=true")
+    wait_for("the model's pods to be gone", lambda: not devcluster.get_json("pods", "-n", namespace)["items"])
     process.stop()
-    errors = [r for r in process.log_records() if r.get("severity") in ("error", "fatal")]
+    # Kopf logs each retried API request as an error (a fresh CRD answers 429 for a moment); those it
+    # retries itself. Anything else, a failed handler above all, fails the test.
+    errors = [r for r in process.log_records() if r.get("severity") in ("error", "fatal")
+              and not r["message"].startswith("Request attempt #")]
     assert not errors, f"the operator logged errors: {errors[:3]}"
 
 
@@ -164,9 +170,14 @@ def test_a_node_that_loses_its_accelerator_label_moves_to_the_cpu_variant(devclu
         wait_for("edge-npu-1 to run the cpu variant",
                  lambda: pods_by_node(devcluster, namespace).get("edge-npu-1") == ["cpu"],
                  debug=lambda: json.dumps(pods_by_node(devcluster, namespace)))
-        body = wait_ready(devcluster, namespace)
-        variants = {v["accelerator"]: (v["desired"], v["ready"]) for v in body["status"]["variants"]}
-        assert variants == {"npu": (1, 1), "gpu": (2, 2), "cpu": (3, 3)}
+
+        def moved():
+            body = wait_ready(devcluster, namespace)
+            variants = {v["accelerator"]: (v["desired"], v["ready"]) for v in body["status"]["variants"]}
+            return variants == {"npu": (1, 1), "gpu": (2, 2), "cpu": (3, 3)}
+
+        wait_for("status to count edge-npu-1 in the cpu variant", moved,
+                 debug=lambda: json.dumps(model(devcluster, namespace)["status"]))
     finally:
         devcluster.kubectl("label", "node", "edge-npu-1", "edgeloop.io/accelerator.npu=true", "--overwrite")
     wait_for("edge-npu-1 back on the npu variant",
@@ -185,6 +196,10 @@ def test_a_node_labelled_with_a_gpu_it_lacks_is_degraded_then_recovers(devcluste
         assert conditions(body)["Ready"] == ("False", "Unschedulable")
     finally:
         devcluster.kubectl("label", "node", "edge-cpu-1", "edgeloop.io/accelerator.gpu-")
+        # Kubernetes 1.34's DaemonSet controller matches node updates to pods by spec.nodeName, so the
+        # unschedulable pod, which has none, is not noticed until the DaemonSet syncs for another reason.
+        devcluster.kubectl("delete", "pods", "-n", namespace, "-l", "edgeloop.io/accelerator=gpu",
+                           "--field-selector=status.phase=Pending")
     body = wait_ready(devcluster, namespace)
     assert conditions(body)["Degraded"] == ("False", "AsExpected")
     reasons = [e["reason"] for e in devcluster.get_json("events", "-n", namespace,
@@ -198,8 +213,9 @@ def test_no_matching_nodes_is_degraded_without_retrying(devcluster, namespace, o
     apply(devcluster, namespace, nowhere)
     body = wait_condition(devcluster, namespace, "Degraded", ("True", "NoMatchingNodes"))
     assert body["status"]["observedGeneration"] == 1 and body["status"]["desiredNodes"] == 0
-    kopf_state = [a for a in body["metadata"].get("annotations", {}) if a.startswith("edgeloop.io/")]
-    assert kopf_state == ["edgeloop.io/last-handled-configuration"], "handled once; no retry is pending"
+    kopf_state = {a for a in body["metadata"].get("annotations", {}) if a.startswith("edgeloop.io/")}
+    assert kopf_state <= {"edgeloop.io/last-handled-configuration", "edgeloop.io/kopf-managed"}, (
+        f"handled once, with no retry pending: {kopf_state}")
     time.sleep(3)
     assert operator.process.poll() is None
 

@@ -68,7 +68,8 @@ def test_names_columns_and_status_subresource(crd):
 
 def test_defaults_fill_omitted_sections(schema):
     spec = schema["properties"]["spec"]["properties"]
-    assert spec["runtime"]["default"] == {} and spec["serving"]["default"] == {}
+    assert spec["serving"]["default"] == {"httpPort": 8000, "grpcPort": 8001, "nodeLocal": True}
+    assert spec["runtime"]["default"]["maxBatchSize"] == 8
     assert spec["runtime"]["properties"]["maxBatchSize"]["default"] == 8
     assert spec["serving"]["properties"]["nodeLocal"]["default"] is True
     assert spec["rollout"]["properties"]["maxUnavailable"]["default"] == "10%"

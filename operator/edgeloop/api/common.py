@@ -32,8 +32,12 @@ class ApiModel(BaseModel):
 
 
 def section(model: type[ApiModel], description: str) -> Any:
-    """A sub-object that is filled with its own defaults when omitted, also by the API server."""
-    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+    """A sub-object that is filled with its own defaults when omitted, also by the API server.
+
+    The CRD's default is the complete default object: the API server validates defaults against the
+    schema's rules without defaulting inside them first.
+    """
+    return Field(default_factory=model, description=description, json_schema_extra={"default": model().to_wire()})
 
 
 Sha256Hex = Annotated[

@@ -322,6 +322,7 @@ class InferenceModels:
         )
         self._published[(metadata["namespace"], metadata["name"])] = status
         for event in im_status.transitions(previous, status):
+            log.info("%s/%s: %s: %s", metadata["namespace"], metadata["name"], event.reason, event.message)
             self._post_event(body, type=event.type, reason=event.reason, message=event.message)
 
 

@@ -1,0 +1,160 @@
+"""A FederatedRound's manifests: the aggregator Job and its Service, and one client Job per selected node.
+
+What is decided when the round starts (the nodes, the starting model, the model the InferenceModel served)
+is recorded on the aggregator Job, which is created first: every later render of the round comes from
+that record, so the Jobs never disagree with each other, whatever the nodes or the InferenceModel do since.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from edgeloop.api.common import ModelSource
+from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec
+from edgeloop.config import OperatorConfig
+from edgeloop.render import MANAGED_BY, Owner, render_template
+
+ROUND_LABEL = "edgeloop.io/federatedround"
+ROLE_LABEL = "edgeloop.io/role"
+AGGREGATOR, CLIENT = "aggregator", "client"
+START_ANNOTATION = "edgeloop.io/start"
+NODE_ANNOTATION = "edgeloop.io/node"
+STORE_TOKEN_KEY = "token"
+AGGREGATOR_PORT = 8080
+
+# The runtime's defaults for what the spec does not set (FEDERATED.md): the short stages' timeout and how
+# long the aggregator keeps answering after the end. Only the Jobs' safety deadline depends on them.
+_STAGE_TIMEOUT_SECONDS = 60
+_LINGER_SECONDS = 30
+# Pulling the image and fetching the starting model.
+_STARTUP_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class Start:
+    """The decisions taken when a round starts."""
+
+    nodes: tuple[str, ...]
+    model: ModelSource
+    serving_sha256: str | None  # what modelRef's InferenceModel served then; promotion replaces only that
+
+    def to_annotation(self) -> str:
+        return json.dumps(
+            {"nodes": list(self.nodes), "model": self.model.to_wire(), "servingSha256": self.serving_sha256},
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_annotation(cls, text: str) -> Start:
+        record = json.loads(text)
+        return cls(tuple(record["nodes"]), ModelSource.model_validate(record["model"]), record["servingSha256"])
+
+
+@dataclass(frozen=True)
+class Manifests:
+    service: dict[str, Any]
+    aggregator: dict[str, Any]
+    clients: list[dict[str, Any]]  # in the order of Start.nodes
+
+    def all(self) -> list[dict[str, Any]]:
+        """In creation order: the aggregator Job records the start, so it comes first."""
+        return [self.aggregator, self.service, *self.clients]
+
+
+def owner_of(name: str, namespace: str, uid: str) -> Owner:
+    return Owner(kind=FEDERATED_ROUND.kind, name=name, namespace=namespace, uid=uid)
+
+
+def aggregator_name(round_name: str) -> str:
+    return f"{round_name}-aggregator"
+
+
+def client_name(round_name: str, index: int) -> str:
+    return f"{round_name}-client-{index}"
+
+
+def aggregator_url(owner: Owner) -> str:
+    return f"http://{aggregator_name(owner.name)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
+
+
+def labels(round_name: str, role: str | None = None) -> dict[str, str]:
+    common = {
+        "app.kubernetes.io/name": "edgeloop-runtime",
+        "app.kubernetes.io/instance": round_name,
+        "app.kubernetes.io/component": "federated-training",
+        "app.kubernetes.io/part-of": "edgeloop",
+        **MANAGED_BY,
+        ROUND_LABEL: round_name,
+    }
+    return {**common, ROLE_LABEL: role} if role else common
+
+
+def active_deadline_seconds(spec: FederatedRoundSpec) -> int:
+    """A bound no healthy round reaches: every training round and the evaluation round at their
+    deadlines, the short stages at their timeouts, the linger and the start-up."""
+    per_round = spec.deadline_seconds + 2 * _STAGE_TIMEOUT_SECONDS
+    return (spec.training.rounds + 1) * per_round + _LINGER_SECONDS + _STARTUP_SECONDS
+
+
+def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> dict[str, Any]:
+    return {
+        "namespace": owner.namespace,
+        "owner": owner.reference(),
+        "spec": spec,
+        "config": config,
+        "image": spec.runtime.image or config.runtime_image,
+        "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
+        "active_deadline": active_deadline_seconds(spec),
+    }
+
+
+def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, start: Start) -> dict[str, Any]:
+    return render_template(
+        "federatedround-aggregator.yaml.j2",
+        name=aggregator_name(owner.name),
+        labels=labels(owner.name, AGGREGATOR),
+        start_annotation=START_ANNOTATION,
+        start=start.to_annotation(),
+        model=start.model,
+        training=spec.training,
+        clients=len(start.nodes),
+        port=AGGREGATOR_PORT,
+        store_token_key=STORE_TOKEN_KEY,
+        **_common(owner, spec, config),
+    )
+
+
+def service(owner: Owner) -> dict[str, Any]:
+    return render_template(
+        "federatedround-service.yaml.j2",
+        name=aggregator_name(owner.name),
+        namespace=owner.namespace,
+        owner=owner.reference(),
+        labels=labels(owner.name, AGGREGATOR),
+        selector={ROUND_LABEL: owner.name, ROLE_LABEL: AGGREGATOR},
+        port=AGGREGATOR_PORT,
+    )
+
+
+def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, index: int, node: str) -> dict[str, Any]:
+    return render_template(
+        "federatedround-client.yaml.j2",
+        name=client_name(owner.name, index),
+        labels=labels(owner.name, CLIENT),
+        node_annotation=NODE_ANNOTATION,
+        node=node,
+        aggregator_url=aggregator_url(owner),
+        tolerations=[t.to_wire() for t in spec.participants.tolerations],
+        **_common(owner, spec, config),
+    )
+
+
+def render(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, start: Start) -> Manifests:
+    """Everything a started round consists of."""
+    return Manifests(
+        service=service(owner),
+        aggregator=aggregator_job(owner, spec, config, start),
+        clients=[client_job(owner, spec, config, index, node) for index, node in enumerate(start.nodes)],
+    )

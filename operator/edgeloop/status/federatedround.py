@@ -1,0 +1,354 @@
+"""A FederatedRound's status from its Jobs and the aggregator's report, and the promotion gate.
+
+The aggregator reports its status as JSON (FEDERATED.md: `GET /v1/status` while it runs, the last line of
+its log when it is done); everything here is a pure function of that report, the Jobs' states and the
+status written before.
+
+Conditions (Kubernetes API conventions; reasons are CamelCase):
+- Started: the round's Jobs exist. False while it waits (NotEnoughNodes, InferenceModelNotFound, ...).
+- Succeeded: Unknown while training; True once the model is trained and published; False if the round failed.
+- Promoted: whether the InferenceModel now serves the trained model, and if not, why not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from edgeloop.api.common import ModelRef
+from edgeloop.api.federatedround import (
+    FederatedRoundSpec,
+    FederatedRoundStatus,
+    Metrics,
+    ParticipantsStatus,
+    Promote,
+    Result,
+)
+from edgeloop.status import ConditionUpdate, condition, merge_conditions
+
+STARTED, SUCCEEDED, PROMOTED = "Started", "Succeeded", "Promoted"
+TERMINAL = ("Succeeded", "Failed")
+MAX_NAMES_IN_MESSAGES = 10
+
+
+# ---- inputs
+
+
+@dataclass(frozen=True)
+class JobState:
+    """What the operator reads from one of a round's Jobs."""
+
+    name: str
+    owner_uid: str
+    finished: str  # "", "Complete" or "Failed"
+    reason: str  # of the Failed condition
+    message: str
+    annotations: Mapping[str, str]
+
+    @classmethod
+    def from_object(cls, obj: Mapping[str, Any]) -> JobState:
+        metadata = obj["metadata"]
+        owner = next((o for o in metadata.get("ownerReferences", []) if o.get("controller")), {})
+        final = next(
+            (
+                c
+                for c in obj.get("status", {}).get("conditions", [])
+                if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            ),
+            {},
+        )
+        return cls(
+            name=metadata["name"],
+            owner_uid=owner.get("uid", ""),
+            finished=final.get("type", ""),
+            reason=final.get("reason", ""),
+            message=final.get("message", ""),
+            annotations=dict(metadata.get("annotations", {})),
+        )
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ReportParticipants(_Report):
+    selected: int
+    reported: int
+    dropped: int
+
+
+class ReportResult(_Report):
+    uri: str
+    sha256: str
+
+
+class AggregatorReport(_Report):
+    """The aggregator's status JSON (FEDERATED.md, "Status and result"); `history` is not needed here."""
+
+    phase: Literal["Running", "Succeeded", "Failed"]
+    round: int
+    rounds: int
+    stage: str | None = None
+    participants: ReportParticipants
+    metrics: Metrics | None = None
+    baseline: Metrics | None = None
+    result: ReportResult | None = None
+    reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+
+def parse_report(text: str) -> AggregatorReport:
+    """Raises ValueError (pydantic's ValidationError is one) when `text` is not a status report."""
+    return AggregatorReport.model_validate(json.loads(text))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a round has not started."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Whether the trained model was promoted, and why (not)."""
+
+    promoted: bool
+    reason: str
+    message: str
+
+
+# ---- the promotion gate
+
+
+def improves(trained: Metrics, baseline: Metrics) -> bool:
+    """Higher accuracy, or the same accuracy at a lower loss, on the same clients' holdout data."""
+    return trained.accuracy > baseline.accuracy or (
+        trained.accuracy == baseline.accuracy and trained.loss < baseline.loss
+    )
+
+
+def gate(promote: Promote, has_target: bool, report: AggregatorReport) -> Promotion | None:
+    """Why a round that succeeded may not be promoted, or None when it may."""
+    if not promote.enabled:
+        return Promotion(False, "PromotionDisabled", "promote.enabled is false: the model is published only")
+    if not has_target:
+        return Promotion(False, "NoModelRef", "no modelRef to promote into: the model is published only")
+    trained = report.metrics
+    if report.result is None or trained is None:
+        return Promotion(False, "NoResult", "the aggregator reported success without a published, evaluated model")
+    if trained.accuracy < promote.min_accuracy:
+        return Promotion(
+            False,
+            "BelowMinAccuracy",
+            f"accuracy {trained.accuracy:.4f} is below minAccuracy {promote.min_accuracy:g}",
+        )
+    if promote.require_improvement:
+        if report.baseline is None:
+            return Promotion(False, "NoBaseline", "requireImprovement, but the starting model was not evaluated")
+        if not improves(trained, report.baseline):
+            return Promotion(
+                False,
+                "NotImproved",
+                f"accuracy {trained.accuracy:.4f} (loss {trained.loss:.4f}) does not improve on the starting "
+                f"model's {report.baseline.accuracy:.4f} (loss {report.baseline.loss:.4f})",
+            )
+    return None
+
+
+def promoted_version(promote: Promote, base_version: str, round_name: str) -> str:
+    if promote.version:
+        return promote.version
+    if base_version.isdigit():
+        return str(int(base_version) + 1)
+    return f"{base_version}-{round_name}"[:63]
+
+
+# ---- status
+
+
+def _names(nodes: Sequence[str]) -> str:
+    shown = ", ".join(nodes[:MAX_NAMES_IN_MESSAGES])
+    return shown + (f" and {len(nodes) - MAX_NAMES_IN_MESSAGES} more" if len(nodes) > MAX_NAMES_IN_MESSAGES else "")
+
+
+def pending(
+    *, generation: int, spec: FederatedRoundSpec, waiting: Waiting, previous: FederatedRoundStatus, now: str
+) -> FederatedRoundStatus:
+    """A round that has not started."""
+    updates = [
+        ConditionUpdate(STARTED, "False", waiting.reason, waiting.message),
+        ConditionUpdate(SUCCEEDED, "Unknown", "NotStarted", ""),
+        ConditionUpdate(PROMOTED, "Unknown", "NotStarted", ""),
+    ]
+    return FederatedRoundStatus(
+        observed_generation=generation,
+        phase="Pending",
+        rounds=spec.training.rounds,
+        progress=f"0/{spec.training.rounds}",
+        conditions=merge_conditions(previous.conditions, updates, generation, now),
+    )
+
+
+def is_done(status: FederatedRoundStatus) -> bool:
+    """Nothing about the round can change any more: it ended, and promotion was decided."""
+    promoted = condition(status.conditions, PROMOTED)
+    return status.phase in TERMINAL and promoted is not None and promoted.status != "Unknown"
+
+
+def _succeeded(
+    phase: str,
+    status: FederatedRoundStatus,
+    aggregator: JobState,
+    report: AggregatorReport | None,
+    report_error: str,
+) -> ConditionUpdate:
+    if phase == "Succeeded":
+        trained, baseline, result = status.metrics, status.baseline, status.result
+        message = ", ".join(
+            part
+            for part in (
+                trained and f"accuracy {trained.accuracy:.4f}",
+                baseline and f"starting model {baseline.accuracy:.4f}",
+                f"{status.participants.reported} of {status.participants.selected} clients in the last round",
+                result and f"published sha256 {result.sha256[:12]}…",
+            )
+            if part
+        )
+        return ConditionUpdate(SUCCEEDED, "True", "Trained", message)
+    if phase == "Failed" and report is not None:
+        return ConditionUpdate(SUCCEEDED, "False", "RoundFailed", report.reason)
+    if phase == "Failed":
+        return ConditionUpdate(
+            SUCCEEDED,
+            "False",
+            "AggregatorFailed",
+            f"the aggregator Job failed ({aggregator.reason}): {aggregator.message}",
+        )
+    if aggregator.finished:
+        return ConditionUpdate(
+            SUCCEEDED,
+            "Unknown",
+            "AwaitingReport",
+            f"the aggregator Job completed, but its final report could not be read yet: {report_error}",
+        )
+    if not status.round:
+        return ConditionUpdate(
+            SUCCEEDED,
+            "Unknown",
+            "WaitingForAggregator",
+            f"the aggregator has not reported yet: {report_error}" if report_error else "",
+        )
+    stage = f", stage {status.stage}" if status.stage else ""
+    return ConditionUpdate(
+        SUCCEEDED,
+        "Unknown",
+        "Training",
+        f"round {status.progress}{stage}: {status.participants.reported} of {status.participants.selected} "
+        "clients reported",
+    )
+
+
+def _promoted(phase: str, promotion: Promotion | None, previous: FederatedRoundStatus) -> ConditionUpdate:
+    before = condition(previous.conditions, PROMOTED)
+    if promotion is not None:
+        return ConditionUpdate(PROMOTED, "True" if promotion.promoted else "False", promotion.reason, promotion.message)
+    if before is not None and before.status != "Unknown":
+        return ConditionUpdate(PROMOTED, before.status, before.reason, before.message)
+    if phase == "Failed":
+        return ConditionUpdate(PROMOTED, "False", "RoundFailed", "the round failed: there is nothing to promote")
+    return ConditionUpdate(PROMOTED, "Unknown", "AwaitingResult", "decided when the round succeeds")
+
+
+def compute(
+    *,
+    generation: int,
+    spec: FederatedRoundSpec,
+    round_name: str,
+    nodes: Sequence[str],
+    base_model: ModelRef,
+    aggregator: JobState,
+    report: AggregatorReport | None,
+    report_error: str,
+    promotion: Promotion | None,
+    previous: FederatedRoundStatus,
+    now: str,
+) -> FederatedRoundStatus:
+    """A started round, from its aggregator Job and the latest report. With no report (none could be read
+    this time), what earlier reports said stands."""
+    rounds = spec.training.rounds
+    if report is not None:
+        round_, stage = report.round, report.stage or ""
+        participants = ParticipantsStatus(**report.participants.model_dump(), nodes=list(nodes))
+        baseline, metrics = report.baseline, report.metrics
+        version = promoted_version(spec.promote, base_model.version, round_name)
+        result = Result(uri=report.result.uri, sha256=report.result.sha256, version=version) if report.result else None
+    else:
+        round_, stage = previous.round, previous.stage
+        participants = previous.participants.model_copy(update={"nodes": list(nodes)})
+        if not previous.participants.selected:
+            participants = participants.model_copy(update={"selected": len(nodes)})
+        baseline, metrics, result = previous.baseline, previous.metrics, previous.result
+
+    if report is not None and report.terminal:
+        phase = report.phase
+    elif aggregator.finished == "Failed":
+        phase = "Failed"
+    else:
+        phase = "Running"
+
+    status = FederatedRoundStatus(
+        observed_generation=generation,
+        phase=phase,
+        round=round_,
+        rounds=rounds,
+        progress=f"{round_}/{rounds}",
+        stage="" if phase in TERMINAL else stage,
+        participants=participants,
+        base_model=base_model,
+        baseline=baseline,
+        metrics=metrics,
+        result=result,
+    )
+    started = ConditionUpdate(
+        STARTED, "True", "JobsCreated", f"an aggregator and {len(nodes)} clients, on {_names(nodes)}"
+    )
+    succeeded = _succeeded(phase, status, aggregator, report if report and report.terminal else None, report_error)
+    promoted = _promoted(phase, promotion, previous)
+    return status.model_copy(
+        update={
+            "promoted": promoted.status == "True",
+            "conditions": merge_conditions(previous.conditions, [started, succeeded, promoted], generation, now),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def transitions(previous: FederatedRoundStatus, current: FederatedRoundStatus) -> list[Event]:
+    """Events worth recording on the FederatedRound: a condition reaching a new status or reason."""
+    events = []
+    for type_ in (STARTED, SUCCEEDED, PROMOTED):
+        before, now = condition(previous.conditions, type_), condition(current.conditions, type_)
+        if now is None or now.status == "Unknown":
+            continue
+        if before is not None and (before.status, before.reason) == (now.status, now.reason):
+            continue
+        if now.status == "True":
+            events.append(Event("Normal", type_, now.message))
+        else:
+            events.append(Event("Warning", now.reason, now.message))
+    return events
