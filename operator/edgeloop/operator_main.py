@@ -68,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fold watch events arriving within this window into one sync (default %(default)s)",
     )
     parser.add_argument(
+        "--federated-poll-seconds",
+        type=float,
+        default=float(_env("federated_poll_seconds", "5")),
+        help="read the aggregator's status of every FederatedRound in progress this often (default %(default)s)",
+    )
+    parser.add_argument(
         "--peering",
         default=_env("peering"),
         metavar="NAME",
@@ -113,16 +119,18 @@ def run(args: argparse.Namespace) -> int:
         # their warnings and errors are news. The operator logs what it changes itself.
         for chatty in ("kopf.objects", "aiohttp.access"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
-    from edgeloop.handlers import inferencemodel  # registers the handlers
+    from edgeloop.handlers import federatedround, inferencemodel  # registers the handlers
 
     operator_settings = settings()
     inferencemodel.configure(operator_settings)
+    federatedround.configure(operator_settings)
     memo = kopf.Memo(
         config=config,
         kube=Kube.from_environment(),
         resync_seconds=args.resync_seconds,
         diagnosis_interval=args.diagnosis_seconds,
         coalesce_seconds=args.coalesce_seconds,
+        federated_poll_seconds=args.federated_poll_seconds,
     )
     asyncio.run(
         kopf.operator(

@@ -24,6 +24,14 @@ RULES: list[dict[str, Any]] = [
     # Server-side apply creates (create) or updates (patch) what the operator renders.
     {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
+    # FederatedRounds as InferenceModels (Kopf's annotations, status, owner references). Their Jobs are
+    # applied too, and read once before a round starts, in case the watch has not shown them yet.
+    {"apiGroups": [GROUP], "resources": ["federatedrounds"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": ["federatedrounds/status"], "verbs": ["patch"]},
+    {"apiGroups": [GROUP], "resources": ["federatedrounds/finalizers"], "verbs": ["update"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
+    # A finished aggregator's final report is the last line of its log.
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     # Status: pods of variants with unready nodes, nodes for readiness and placement, the DaemonSet
     # controller's FailedCreate events; Kopf posts the operator's own events.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},

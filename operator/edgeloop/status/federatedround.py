@@ -43,6 +43,7 @@ class JobState:
     """What the operator reads from one of a round's Jobs."""
 
     name: str
+    uid: str
     owner_uid: str
     finished: str  # "", "Complete" or "Failed"
     reason: str  # of the Failed condition
@@ -63,6 +64,7 @@ class JobState:
         )
         return cls(
             name=metadata["name"],
+            uid=metadata.get("uid", ""),
             owner_uid=owner.get("uid", ""),
             finished=final.get("type", ""),
             reason=final.get("reason", ""),
@@ -181,7 +183,7 @@ def _names(nodes: Sequence[str]) -> str:
 
 
 def pending(
-    *, generation: int, spec: FederatedRoundSpec, waiting: Waiting, previous: FederatedRoundStatus, now: str
+    *, generation: int, rounds: int, waiting: Waiting, previous: FederatedRoundStatus, now: str
 ) -> FederatedRoundStatus:
     """A round that has not started."""
     updates = [
@@ -192,8 +194,8 @@ def pending(
     return FederatedRoundStatus(
         observed_generation=generation,
         phase="Pending",
-        rounds=spec.training.rounds,
-        progress=f"0/{spec.training.rounds}",
+        rounds=rounds,
+        progress=f"0/{rounds}",
         conditions=merge_conditions(previous.conditions, updates, generation, now),
     )
 

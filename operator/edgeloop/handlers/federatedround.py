@@ -1,0 +1,438 @@
+"""FederatedRound handlers: Kopf glue around one `sync` that starts a round, follows it and promotes it.
+
+A round starts once: the participants are selected from the nodes (a Kopf index), the starting model is
+resolved, and the aggregator Job is created first, carrying those decisions, then its Service and one
+client Job per node. Later syncs render from the aggregator Job's record and create only what is missing.
+
+The round's progress has no watch event: the aggregator reports it as JSON at `GET /v1/status` (polled
+through its Service every few seconds while the round runs) and as the last line of its log when it is
+done (read once its Job has finished, should the operator have missed the last poll). The status is a
+pure function of that report and the aggregator Job (edgeloop.status.federatedround). When the report
+says Succeeded, the promotion gate decides, and a model that passes replaces the InferenceModel's
+spec.model, which rolls the fleet. A round whose outcome and promotion are decided is never looked at again.
+
+Deletion needs no handler: everything carries an owner reference, and the garbage collector removes the
+Jobs (stopping their pods) and the Service with the FederatedRound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from edgeloop.api import API_VERSION, GROUP, VERSION
+from edgeloop.api.common import ModelRef, ModelSource
+from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec, FederatedRoundStatus
+from edgeloop.config import OperatorConfig
+from edgeloop.handlers import KeyedRunner
+from edgeloop.kube import Kube, KubeError, kind_of
+from edgeloop.render import MANAGED_BY, Owner
+from edgeloop.render.federatedround import (
+    AGGREGATOR,
+    AGGREGATOR_PORT,
+    ROLE_LABEL,
+    ROUND_LABEL,
+    START_ANNOTATION,
+    Start,
+    aggregator_name,
+    owner_of,
+    render,
+)
+from edgeloop.render.participants import Candidate, select, shortfall_message
+from edgeloop.status import federatedround as fr_status
+from edgeloop.status.federatedround import AggregatorReport, JobState, Promotion, Waiting, parse_report
+
+log = logging.getLogger(__name__)
+
+PLURAL = FEDERATED_ROUND.plural
+IM_KIND = kind_of(API_VERSION, "InferenceModel")
+JOB = kind_of("batch/v1", "Job")
+POD = kind_of("v1", "Pod")
+ALL_NODES = "all"
+OWNED = {ROUND_LABEL: kopf.PRESENT}
+STATUS_TIMEOUT_SECONDS = 3.0
+
+Key = tuple[str, str]  # (namespace, name) of a FederatedRound
+
+# Straight to the Service: a proxy from the environment would not know cluster names.
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def read_url(url: str) -> str:
+    with _direct.open(url, timeout=STATUS_TIMEOUT_SECONDS) as response:
+        return response.read().decode()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _one(index: kopf.Index, key: Any) -> Any:
+    return next(iter(index.get(key, [])), None)
+
+
+def _status_of(body: dict[str, Any]) -> FederatedRoundStatus:
+    try:
+        return FederatedRoundStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return FederatedRoundStatus()  # hand-edited into something else: it is rewritten whole
+
+
+class FederatedRounds:
+    def __init__(
+        self,
+        *,
+        config: OperatorConfig,
+        kube: Kube,
+        rounds: kopf.Index,
+        jobs: kopf.Index,
+        services: kopf.Index,
+        nodes: kopf.Index,
+        coalesce_seconds: float,
+        read_url: Callable[[str], str] = read_url,
+        post_event: Callable[..., None] = kopf.event,
+    ):
+        self._config = config
+        self._kube = kube
+        self._rounds, self._jobs, self._services, self._nodes = rounds, jobs, services, nodes
+        self._read_url = read_url
+        self._post_event = post_event
+        # The status last written, until the watch delivers it (as for InferenceModels).
+        self._published: dict[Key, FederatedRoundStatus] = {}
+        # Rounds waiting for nodes: synced again when a node changes.
+        self._waiting_for_nodes: set[Key] = set()
+        self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
+
+    # ---- entry points
+
+    async def reconcile(self, body: dict[str, Any]) -> None:
+        """From the FederatedRound's own handlers, with the body Kopf just received."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        async with self.runner.lock(key):
+            await self._sync(body)
+
+    def request(self, key: Key) -> None:
+        self.runner.request(key)
+
+    def nodes_changed(self) -> None:
+        for key in self._waiting_for_nodes:
+            self.runner.request(key)
+
+    async def poll_forever(self, interval: float) -> None:
+        """Every round in progress is synced this often: its aggregator's report has no watch event."""
+        while True:
+            await asyncio.sleep(interval)
+            for key, bodies in list(self._rounds.items()):
+                body = next(iter(bodies), None)
+                status = self._published.get(key) or _status_of(body or {})
+                if body is not None and not fr_status.is_done(status):
+                    self.runner.request(key, delay=0)
+
+    async def _sync_from_index(self, key: Key) -> None:
+        body = _one(self._rounds, key)
+        if body is None:  # deleted: the garbage collector removes what it owned
+            self.runner.forget(key)
+            self._published.pop(key, None)
+            self._waiting_for_nodes.discard(key)
+            return
+        await self._sync(body)
+
+    # ---- the sync
+
+    async def _sync(self, body: dict[str, Any]) -> None:
+        metadata = body["metadata"]
+        if metadata.get("deletionTimestamp"):
+            return
+        key: Key = (metadata["namespace"], metadata["name"])
+        generation = metadata.get("generation", 1)
+        previous = self._previous_status(key, body)
+        if fr_status.is_done(previous):
+            return
+        self._waiting_for_nodes.discard(key)
+        try:
+            spec = FederatedRoundSpec.model_validate(body.get("spec", {}))
+        except ValidationError as error:
+            waiting = Waiting("InvalidSpec", f"spec does not match the operator's API: {error.errors()[0]['msg']}")
+            status = fr_status.pending(
+                generation=generation, rounds=previous.rounds, waiting=waiting, previous=previous, now=_now()
+            )
+            await self._publish(body, previous, status)
+            return
+
+        owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
+        jobs = {job.name: job for job in self._jobs.get(key, []) if job.owner_uid == owner.uid}
+        aggregator = jobs.get(aggregator_name(owner.name))
+        if aggregator is None:
+            started = await self._start(owner, spec)
+            if isinstance(started, Waiting):
+                if started.reason == "NotEnoughNodes":
+                    self._waiting_for_nodes.add(key)
+                status = fr_status.pending(
+                    generation=generation, rounds=spec.training.rounds, waiting=started, previous=previous, now=_now()
+                )
+                await self._publish(body, previous, status)
+                return
+            aggregator = started
+        else:
+            await self._create_missing(owner, spec, aggregator, jobs)
+
+        start = Start.from_annotation(aggregator.annotations[START_ANNOTATION])
+        report, report_error = await self._report(owner, aggregator)
+        promotion = None
+        if report is not None and report.phase == "Succeeded":
+            promotion = fr_status.gate(spec.promote, spec.model_ref is not None, report)
+            promotion = promotion or await self._promote(owner, spec, start, report)
+        status = fr_status.compute(
+            generation=generation,
+            spec=spec,
+            round_name=owner.name,
+            nodes=start.nodes,
+            base_model=ModelRef(sha256=start.model.sha256, version=start.model.version),
+            aggregator=aggregator,
+            report=report,
+            report_error=report_error,
+            promotion=promotion,
+            previous=previous,
+            now=_now(),
+        )
+        await self._publish(body, previous, status)
+
+    def _previous_status(self, key: Key, body: dict[str, Any]) -> FederatedRoundStatus:
+        indexed = _status_of(body)
+        published = self._published.get(key)
+        if published is None or published == indexed:
+            self._published.pop(key, None)  # the watch has caught up
+            return indexed
+        return published
+
+    # ---- starting
+
+    async def _start(self, owner: Owner, spec: FederatedRoundSpec) -> JobState | Waiting:
+        """Selects the nodes, resolves the starting model and creates the round's objects, aggregator
+        Job first; or says why the round cannot start yet."""
+        selection = select(self._nodes.get(ALL_NODES, []), spec.participants)
+        if not selection.enough:
+            return Waiting("NotEnoughNodes", shortfall_message(selection, spec.participants))
+        resolved = await self._starting_model(owner, spec)
+        if isinstance(resolved, Waiting):
+            return resolved
+        # A round started moments ago (or by the operator's previous run) may not be in the index yet.
+        existing = await asyncio.to_thread(self._kube.get, JOB, owner.namespace, aggregator_name(owner.name))
+        if existing is not None:
+            job = JobState.from_object(existing)
+            if job.owner_uid != owner.uid:
+                return Waiting(
+                    "PreviousRoundNotGone", f"Job {job.name} of an earlier FederatedRound {owner.name} is being deleted"
+                )
+            await self._create_missing(owner, spec, job, {job.name: job})
+            return job
+
+        model, serving_sha256 = resolved
+        start = Start(tuple(selection.nodes), model, serving_sha256)
+        manifests = render(owner, spec, self._config, start)
+        created = [await asyncio.to_thread(self._kube.apply, manifest) for manifest in manifests.all()]
+        log.info("%s/%s: started on %s", owner.namespace, owner.name, ", ".join(start.nodes))
+        return JobState.from_object(created[0])
+
+    async def _starting_model(self, owner: Owner, spec: FederatedRoundSpec) -> tuple[ModelSource, str | None] | Waiting:
+        """The model to start from, and the digest modelRef's InferenceModel serves (None without one)."""
+        if spec.model_ref is None:
+            assert spec.model is not None  # admission requires one of them
+            return spec.model, None
+        target = await asyncio.to_thread(self._kube.get, IM_KIND, owner.namespace, spec.model_ref.name)
+        if target is None:
+            return Waiting("InferenceModelNotFound", f"InferenceModel {spec.model_ref.name} does not exist")
+        serving = ModelSource.model_validate(target["spec"]["model"])
+        return spec.model or serving, serving.sha256
+
+    async def _create_missing(
+        self, owner: Owner, spec: FederatedRoundSpec, aggregator: JobState, jobs: dict[str, JobState]
+    ) -> None:
+        """Recreates what is missing from a started round (a crash between creations, a Job deleted by
+        hand), from the aggregator Job's record. Existing Jobs are left alone: a Job's pods are immutable."""
+        key = (owner.namespace, owner.name)
+        have = {("Job", name) for name in jobs} | {
+            ("Service", name) for name, uid in self._services.get(key, []) if uid == owner.uid
+        }
+        start = Start.from_annotation(aggregator.annotations[START_ANNOTATION])
+        for manifest in render(owner, spec, self._config, start).all():
+            if (manifest["kind"], manifest["metadata"]["name"]) not in have:
+                await asyncio.to_thread(self._kube.apply, manifest)
+                log.info("%s/%s: created %s %s", *key, manifest["kind"], manifest["metadata"]["name"])
+
+    # ---- following
+
+    async def _report(self, owner: Owner, aggregator: JobState) -> tuple[AggregatorReport | None, str]:
+        """The aggregator's latest report, or None and why none could be read."""
+        url = self._config.aggregator_status_url.format(
+            service=aggregator_name(owner.name), namespace=owner.namespace, port=AGGREGATOR_PORT
+        )
+        try:
+            return parse_report(await asyncio.to_thread(self._read_url, url)), ""
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            unreachable = f"GET {url}: {error}"
+        if not aggregator.finished:
+            return None, unreachable
+        try:
+            return await asyncio.to_thread(self._last_logged_report, owner, aggregator), ""
+        except (KubeError, LookupError, ValueError) as error:
+            return None, f"{unreachable}; its log: {error}"
+
+    def _last_logged_report(self, owner: Owner, aggregator: JobState) -> AggregatorReport:
+        """The aggregator prints its final report as the last line of its log."""
+        selector = f"{ROUND_LABEL}={owner.name},{ROLE_LABEL}={AGGREGATOR}"
+        pods = [
+            pod
+            for pod in self._kube.list(POD, owner.namespace, label_selector=selector)
+            if any(o.get("uid") == aggregator.uid for o in pod["metadata"].get("ownerReferences", []))
+        ]
+        if not pods:
+            raise LookupError("no pod of the aggregator Job is left")
+        latest = max(pods, key=lambda pod: pod["metadata"]["creationTimestamp"])
+        lines = self._kube.log_tail(owner.namespace, latest["metadata"]["name"], AGGREGATOR, 1).splitlines()
+        return parse_report(lines[-1] if lines else "")
+
+    # ---- promoting
+
+    async def _promote(
+        self, owner: Owner, spec: FederatedRoundSpec, start: Start, report: AggregatorReport
+    ) -> Promotion:
+        """Points modelRef's InferenceModel at the trained model, unless it moved on since the round started."""
+        assert spec.model_ref is not None and report.result is not None  # the gate passed
+        name = spec.model_ref.name
+        version = fr_status.promoted_version(spec.promote, start.model.version, owner.name)
+        target = await asyncio.to_thread(self._kube.get, IM_KIND, owner.namespace, name)
+        if target is None:
+            return Promotion(False, "InferenceModelNotFound", f"InferenceModel {name} no longer exists")
+        serving = target["spec"]["model"]
+        done = f"InferenceModel {name} serves version {version} (sha256 {report.result.sha256[:12]}…)"
+        if serving["sha256"] == report.result.sha256:
+            return Promotion(True, "Promoted", done)  # already, e.g. just before the operator restarted
+        if serving["sha256"] != start.serving_sha256:
+            return Promotion(
+                False,
+                "InferenceModelChanged",
+                f"InferenceModel {name} moved on to version {serving.get('version')} since the round started; "
+                "it is left alone",
+            )
+        model = {"uri": report.result.uri, "sha256": report.result.sha256, "version": version}
+        # Conditional on the version read: a change in between answers 409, and the sync is retried.
+        patch = {"metadata": {"resourceVersion": target["metadata"]["resourceVersion"]}, "spec": {"model": model}}
+        try:
+            await asyncio.to_thread(self._kube.merge_patch, IM_KIND, owner.namespace, name, patch)
+        except KubeError as error:
+            if not error.is_permanent:
+                raise
+            return Promotion(False, "PromotionRejected", error.message)
+        log.info("%s/%s: promoted into %s: version %s", owner.namespace, owner.name, name, version)
+        self._post_event(
+            target,
+            type="Normal",
+            reason="Promoted",
+            message=f"version {version} from FederatedRound {owner.name} (accuracy {report.metrics.accuracy:.4f})",
+        )
+        return Promotion(True, "Promoted", done)
+
+    # ---- status
+
+    async def _publish(
+        self, body: dict[str, Any], previous: FederatedRoundStatus, status: FederatedRoundStatus
+    ) -> None:
+        if status == previous:
+            return
+        metadata = body["metadata"]
+        key = (metadata["namespace"], metadata["name"])
+        await asyncio.to_thread(
+            self._kube.patch_status, kind_of(API_VERSION, FEDERATED_ROUND.kind), *key, status.to_wire()
+        )
+        self._published[key] = status
+        for event in fr_status.transitions(previous, status):
+            log.info("%s/%s: %s: %s", *key, event.reason, event.message)
+            self._post_event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+# ---- Kopf registration
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Watch only the Jobs edgeloop manages (filtered by the API server)."""
+    settings.watching.label_selectors["batch", "jobs"] = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def federated_rounds(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def federated_round_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, JobState]:
+    return {(namespace, labels[ROUND_LABEL]): JobState.from_object(body)}
+
+
+@kopf.index("", "v1", "services", labels=OWNED)
+def federated_round_services(
+    namespace: str, name: str, labels: kopf.Labels, meta: kopf.Meta, **_: Any
+) -> dict[Key, tuple[str, str]]:
+    owner = next((o.get("uid", "") for o in meta.get("ownerReferences", []) if o.get("controller")), "")
+    return {(namespace, labels[ROUND_LABEL]): (name, owner)}
+
+
+@kopf.index("", "v1", "nodes")
+def federated_round_nodes(body: kopf.Body, **_: Any) -> dict[str, Candidate]:
+    return {ALL_NODES: Candidate.from_object(body)}
+
+
+@kopf.on.startup()
+async def start_federated_rounds(
+    memo: kopf.Memo,
+    federated_rounds: kopf.Index,
+    federated_round_jobs: kopf.Index,
+    federated_round_services: kopf.Index,
+    federated_round_nodes: kopf.Index,
+    **_: Any,
+) -> None:
+    memo.federated_rounds = FederatedRounds(
+        config=memo.config,
+        kube=memo.kube,
+        rounds=federated_rounds,
+        jobs=federated_round_jobs,
+        services=federated_round_services,
+        nodes=federated_round_nodes,
+        coalesce_seconds=memo.coalesce_seconds,
+    )
+    memo.federated_poll = asyncio.create_task(memo.federated_rounds.poll_forever(memo.federated_poll_seconds))
+
+
+@kopf.on.cleanup()
+async def stop_federated_rounds(memo: kopf.Memo, **_: Any) -> None:
+    memo.federated_poll.cancel()
+    await memo.federated_rounds.runner.close()
+
+
+# The spec is immutable (admission enforces it), so there is no update handler.
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+async def reconcile_federated_round(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        await memo.federated_rounds.reconcile(dict(body))
+    except KubeError as error:
+        raise kopf.TemporaryError(str(error), delay=10) from error
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+@kopf.on.event("", "v1", "services", labels=OWNED)
+async def federated_round_object_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+    memo.federated_rounds.request((namespace, labels[ROUND_LABEL]))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_changed_for_federated_rounds(memo: kopf.Memo, **_: Any) -> None:
+    memo.federated_rounds.nodes_changed()
