@@ -1,0 +1,367 @@
+"""The FederatedRound sync against an in-memory stand-in for the API server, Kopf's indexes and the
+aggregator's status endpoint: what it creates, when it promotes, and what it leaves alone."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import pytest
+from edgeloop import config
+from edgeloop.handlers.federatedround import ALL_NODES, FederatedRounds
+from edgeloop.kube import KubeError
+from edgeloop.render.participants import Candidate
+from edgeloop.status.federatedround import JobState
+from fr_factories import SHA_TRAINED, report
+from im_factories import SHA_A, SHA_B, inference_model, node
+
+KEY = ("edge", "r1")
+STATUS_URL = "http://r1-aggregator.edge.svc:8080/v1/status"
+
+
+class FakeKube:
+    """Records every call; `objects` is what the API server holds, by (kind, name)."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.pods: list[dict] = []
+        self.log = ""
+
+    def writes(self):
+        return [c for c in self.calls if c[0] in ("apply", "merge_patch", "patch_status")]
+
+    def apply(self, manifest):
+        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        live = copy.deepcopy(manifest)
+        live["metadata"]["uid"] = f"uid-{manifest['kind']}-{manifest['metadata']['name']}"
+        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = live
+        return live
+
+    def get(self, kind, namespace, name):
+        self.calls.append(("get", kind.plural, name))
+        return copy.deepcopy(
+            self.objects.get(({"jobs": "Job", "inferencemodels": "InferenceModel"}[kind.plural], name))
+        )
+
+    def list(self, kind, namespace, *, label_selector="", field_selector="", page_size=100):
+        self.calls.append(("list", kind.plural, label_selector))
+        return iter(self.pods)
+
+    def log_tail(self, namespace, pod, container, lines):
+        self.calls.append(("log", pod, container, lines))
+        if isinstance(self.log, Exception):
+            raise self.log
+        return self.log
+
+    def merge_patch(self, kind, namespace, name, patch):
+        self.calls.append(("merge_patch", kind.plural, name, copy.deepcopy(patch)))
+        target = self.objects[("InferenceModel", name)]
+        if patch["metadata"]["resourceVersion"] != target["metadata"]["resourceVersion"]:
+            raise KubeError(409, "the object has been modified")
+        target["spec"]["model"].update(patch["spec"]["model"])
+        target["metadata"]["resourceVersion"] = str(int(target["metadata"]["resourceVersion"]) + 1)
+        return target
+
+    def patch_status(self, kind, namespace, name, status):
+        self.calls.append(("patch_status", kind.plural, name))
+        self.objects[("FederatedRound", name)]["status"] = status
+        return {}
+
+
+def federated_round(**spec_override):
+    spec = {
+        "modelRef": {"name": "digits"},
+        "dataset": {"hostPath": "/var/lib/edgeloop/data/digits"},
+        "participants": {"minClients": 2, "maxClients": 3},
+        **spec_override,
+    }
+    return {
+        "apiVersion": "edgeloop.io/v1alpha1",
+        "kind": "FederatedRound",
+        "metadata": {"name": "r1", "namespace": "edge", "uid": "uid-r1", "generation": 1},
+        "spec": spec,
+    }
+
+
+class World:
+    """The operator's view: Kopf indexes as plain dicts, refreshed from the fake API server."""
+
+    def __init__(self, nodes=("edge-a", "edge-b", "edge-c", "edge-d"), body=None):
+        self.kube = FakeKube()
+        self.kube.objects[("FederatedRound", "r1")] = body or federated_round()
+        model = inference_model()
+        model["metadata"]["resourceVersion"] = "10"
+        self.kube.objects[("InferenceModel", "digits")] = model
+        self.rounds, self.jobs, self.services = {}, {}, {}
+        self.nodes = {ALL_NODES: [Candidate.from_object(node(name)) for name in nodes]}
+        self.report: dict | None = None  # what GET /v1/status answers; None: unreachable
+        self.events: list[tuple] = []
+        self.controller = FederatedRounds(
+            config=config.build(),
+            kube=self.kube,
+            rounds=self.rounds,
+            jobs=self.jobs,
+            services=self.services,
+            nodes=self.nodes,
+            coalesce_seconds=0,
+            read_url=self.read_url,
+            post_event=lambda body, **e: self.events.append((body["kind"], e["type"], e["reason"])),
+        )
+        self.refresh()
+
+    def read_url(self, url):
+        assert url == STATUS_URL
+        if self.report is None:
+            raise ConnectionRefusedError("connection refused")
+        return json.dumps(self.report)
+
+    def refresh(self, finished: dict[str, str] | None = None):
+        """Let the watches catch up; `finished` sets Job conditions by name."""
+        self.rounds[KEY] = [copy.deepcopy(self.kube.objects[("FederatedRound", "r1")])]
+        for (kind, name), obj in self.kube.objects.items():
+            if kind == "Job" and name in (finished or {}):
+                obj["status"] = {
+                    "conditions": [{"type": finished[name], "status": "True", "reason": "", "message": ""}]
+                }
+        self.jobs[KEY] = [JobState.from_object(o) for (kind, _), o in self.kube.objects.items() if kind == "Job"]
+        self.services[KEY] = [
+            (o["metadata"]["name"], o["metadata"]["ownerReferences"][0]["uid"])
+            for (kind, _), o in self.kube.objects.items()
+            if kind == "Service"
+        ]
+
+    def sync(self):
+        asyncio.run(self.controller.runner.run(KEY))
+        self.refresh()
+
+    @property
+    def status(self):
+        return self.kube.objects[("FederatedRound", "r1")].get("status", {})
+
+    def conditions(self):
+        return {c["type"]: (c["status"], c["reason"]) for c in self.status.get("conditions", [])}
+
+    @property
+    def model(self):
+        return self.kube.objects[("InferenceModel", "digits")]["spec"]["model"]
+
+
+def started_world(**kwargs) -> World:
+    world = World(**kwargs)
+    world.sync()
+    world.kube.calls.clear()
+    world.events.clear()
+    return world
+
+
+def test_start_creates_the_aggregator_first_then_its_service_and_one_client_per_selected_node():
+    world = World()
+    world.sync()
+    applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
+    assert applied == [
+        ("Job", "r1-aggregator"),
+        ("Service", "r1-aggregator"),
+        ("Job", "r1-client-0"),
+        ("Job", "r1-client-1"),
+        ("Job", "r1-client-2"),
+    ]
+    pinned = [
+        world.kube.objects[("Job", f"r1-client-{i}")]["metadata"]["annotations"]["edgeloop.io/node"] for i in range(3)
+    ]
+    assert pinned == ["edge-a", "edge-b", "edge-c"], "the first maxClients by name"
+    assert world.status["phase"] == "Running" and world.status["participants"]["nodes"] == pinned
+    assert world.status["baseModel"] == {"sha256": SHA_A, "version": "3"}
+    assert world.conditions()["Started"] == ("True", "JobsCreated")
+    assert ("FederatedRound", "Normal", "Started") in world.events
+
+
+def test_too_few_nodes_waits_without_calls_and_starts_when_a_node_arrives():
+    world = World(nodes=("edge-a",))
+    world.sync()
+    assert world.kube.writes() == [("patch_status", "federatedrounds", "r1")]
+    assert world.status["phase"] == "Pending"
+    assert world.conditions()["Started"] == ("False", "NotEnoughNodes")
+    world.kube.calls.clear()
+    world.sync()
+    assert world.kube.calls == [], "waiting reads only the node index"
+
+    world.nodes[ALL_NODES].append(Candidate.from_object(node("edge-b")))
+
+    async def node_event():  # what the node watch does: a sync soon of every round waiting for nodes
+        world.controller.nodes_changed()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(node_event())
+    world.refresh()
+    assert world.status["phase"] == "Running"
+    assert world.status["participants"]["nodes"] == ["edge-a", "edge-b"]
+
+
+def test_a_missing_inference_model_waits():
+    world = World()
+    del world.kube.objects[("InferenceModel", "digits")]
+    world.sync()
+    assert world.conditions()["Started"] == ("False", "InferenceModelNotFound")
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+
+
+def test_an_explicit_model_needs_no_inference_model():
+    explicit = {"uri": f"http://store/sha256/{SHA_B}", "sha256": SHA_B, "version": "7"}
+    world = World(body=federated_round(modelRef=None, model=explicit))
+    del world.kube.objects[("FederatedRound", "r1")]["spec"]["modelRef"]
+    world.refresh()
+    world.sync()
+    args = world.kube.objects[("Job", "r1-aggregator")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model-sha256") + 1] == SHA_B
+    assert world.status["baseModel"] == {"sha256": SHA_B, "version": "7"}
+
+
+def test_live_reports_update_the_status_and_an_unchanged_one_writes_nothing():
+    world = started_world()
+    world.report = report()
+    world.sync()
+    assert (world.status["round"], world.status["progress"], world.status["stage"]) == (2, "2/5", "collect")
+    assert world.status["participants"]["reported"] == 2
+    world.kube.calls.clear()
+    world.sync()
+    assert world.kube.calls == [], "no write, and the status endpoint is no API call"
+
+
+def test_success_promotes_by_a_conditional_merge_patch_of_only_the_model_fields():
+    world = started_world()
+    world.report = report("Succeeded")
+    world.sync()
+    [patch] = [c for c in world.kube.writes() if c[0] == "merge_patch"]
+    assert patch[1:3] == ("inferencemodels", "digits")
+    assert patch[3] == {
+        "metadata": {"resourceVersion": "10"},
+        "spec": {"model": {"uri": report("Succeeded")["result"]["uri"], "sha256": SHA_TRAINED, "version": "4"}},
+    }
+    assert world.model["sha256"] == SHA_TRAINED
+    assert world.status["phase"] == "Succeeded" and world.status["promoted"] is True
+    assert world.status["result"]["version"] == "4"
+    assert ("InferenceModel", "Normal", "Promoted") in world.events
+    assert ("FederatedRound", "Normal", "Promoted") in world.events
+
+    world.kube.calls.clear()
+    world.report = None
+    for _ in range(3):
+        world.sync()
+        asyncio.run(world.controller.reconcile(world.rounds[KEY][0]))  # as on an operator restart
+    assert world.kube.calls == [], "a decided round is never looked at again"
+
+
+def test_a_model_below_the_gate_is_published_but_not_promoted():
+    world = started_world(body=federated_round(promote={"minAccuracy": 0.99}))
+    world.report = report("Succeeded")
+    world.sync()
+    assert not [c for c in world.kube.calls if c[0] in ("merge_patch", "get") and c[1] == "inferencemodels"]
+    assert world.model["sha256"] == SHA_A
+    assert world.conditions()["Promoted"] == ("False", "BelowMinAccuracy")
+    assert world.status["result"]["sha256"] == SHA_TRAINED
+
+
+def test_an_inference_model_that_moved_on_is_left_alone():
+    world = started_world()
+    world.model.update(sha256=SHA_B, version="9")
+    world.report = report("Succeeded")
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "merge_patch"]
+    assert world.conditions()["Promoted"] == ("False", "InferenceModelChanged")
+    assert world.model["sha256"] == SHA_B
+
+
+def test_a_conflicting_write_is_retried_and_then_promotes():
+    world = started_world()
+    world.report = report("Succeeded")
+    real_get = world.kube.get
+
+    def stale_get(kind, namespace, name):  # someone else writes the InferenceModel in between
+        found = real_get(kind, namespace, name)
+        world.kube.objects[("InferenceModel", "digits")]["metadata"]["resourceVersion"] = "11"
+        return found
+
+    world.kube.get = stale_get
+    with pytest.raises(KubeError) as error:
+        asyncio.run(world.controller.runner.run(KEY))
+    assert error.value.status == 409 and "status" not in world.status
+    world.kube.get = real_get
+    world.sync()
+    assert world.status["promoted"] is True and world.model["sha256"] == SHA_TRAINED
+
+
+def test_a_promotion_done_before_a_restart_is_recognised_without_patching_again():
+    world = started_world()
+    world.model.update(sha256=SHA_TRAINED, version="4")  # patched; the status write was lost
+    world.report = report("Succeeded")
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "merge_patch"]
+    assert world.conditions()["Promoted"] == ("True", "Promoted")
+
+
+def test_a_finished_aggregator_missed_by_the_polls_is_read_from_its_log():
+    world = started_world()
+    aggregator = world.kube.objects[("Job", "r1-aggregator")]
+    world.kube.pods = [
+        {
+            "metadata": {
+                "name": name,
+                "creationTimestamp": stamp,
+                "ownerReferences": [{"uid": aggregator["metadata"]["uid"]}],
+            }
+        }
+        for name, stamp in (
+            ("r1-aggregator-old", "2026-11-28T10:00:00Z"),
+            ("r1-aggregator-new", "2026-11-28T10:05:00Z"),
+        )
+    ]
+    world.kube.log = "…\n" + json.dumps(report("Succeeded")) + "\n"
+    world.refresh(finished={"r1-aggregator": "Complete"})
+    world.sync()
+    assert ("log", "r1-aggregator-new", "aggregator", 1) in world.kube.calls
+    assert world.status["phase"] == "Succeeded" and world.status["promoted"] is True
+
+
+def test_an_unreadable_log_leaves_the_round_awaiting_its_report():
+    world = started_world()
+    world.kube.pods = [
+        {"metadata": {"name": "p", "creationTimestamp": "x", "ownerReferences": [{"uid": "uid-Job-r1-aggregator"}]}}
+    ]
+    world.kube.log = KubeError(502, "no kubelet")
+    world.refresh(finished={"r1-aggregator": "Complete"})
+    world.sync()
+    assert world.status["phase"] == "Running"
+    assert world.conditions()["Succeeded"] == ("Unknown", "AwaitingReport")
+    assert "no kubelet" in next(c["message"] for c in world.status["conditions"] if c["type"] == "Succeeded")
+
+
+def test_a_deleted_client_job_is_recreated_and_existing_jobs_are_never_reapplied():
+    world = started_world()
+    del world.kube.objects[("Job", "r1-client-1")]
+    world.refresh()
+    world.sync()
+    assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "Job", "r1-client-1")]
+    assert world.kube.objects[("Job", "r1-client-1")]["metadata"]["annotations"]["edgeloop.io/node"] == "edge-b"
+
+
+def test_a_round_started_but_not_yet_in_the_index_is_not_started_again():
+    world = started_world()
+    world.nodes[ALL_NODES] = [Candidate.from_object(node(n)) for n in ("edge-x", "edge-y")]  # the fleet changed
+    world.jobs[KEY] = []  # the watch lags behind
+    world.services[KEY] = []
+    asyncio.run(world.controller.runner.run(KEY))
+    assert ("get", "jobs", "r1-aggregator") in world.kube.calls
+    assert ("apply", "Job", "r1-aggregator") not in world.kube.calls
+    assert world.kube.objects[("Job", "r1-client-0")]["metadata"]["annotations"]["edgeloop.io/node"] == "edge-a"
+
+
+def test_jobs_of_an_earlier_round_of_the_same_name_are_not_this_rounds():
+    world = started_world()
+    world.kube.objects[("FederatedRound", "r1")]["metadata"]["uid"] = "uid-r1-again"  # deleted and recreated
+    del world.kube.objects[("FederatedRound", "r1")]["status"]
+    world.refresh()
+    world.sync()
+    assert world.conditions()["Started"] == ("False", "PreviousRoundNotGone")
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
