@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 from edgeloop import chartgen, config, operator_main, rbac
+from edgeloop.api.common import ModelSource
+from edgeloop.api.federatedround import FederatedRoundSpec
 from edgeloop.api.inferencemodel import InferenceModelSpec
+from edgeloop.render import federatedround
 from edgeloop.render.inferencemodel import owner_of, render
 
 from devcluster import build
@@ -61,10 +64,11 @@ def test_generated_chart_files_are_up_to_date():
         assert (CHART / name).read_text() == text, f"charts/edgeloop/{name} is stale: run `make crds`"
 
 
-def test_chart_crds_are_the_repository_crds_with_a_sync_wave():
+def test_chart_crds_are_the_repository_crds_with_argocd_annotations():
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         chart_crd = yaml.safe_load((CHART / "crds" / path.name).read_text())
-        assert chart_crd["metadata"].pop("annotations") == {"argocd.argoproj.io/sync-wave": "-1"}
+        assert chart_crd["metadata"].pop("annotations") == {
+            "argocd.argoproj.io/sync-wave": "-1", "argocd.argoproj.io/sync-options": "Delete=false"}
         assert chart_crd == yaml.safe_load(path.read_text()), f"charts/edgeloop/crds/{path.name} differs from crds/"
     peering = {p.name for p in (CHART / "crds").glob("kopf.dev_*.yaml")}
     assert peering == {"kopf.dev_clusterkopfpeerings.yaml", "kopf.dev_kopfpeerings.yaml"}
@@ -222,6 +226,7 @@ def test_watching_namespaces_grants_namespaced_rules_only_there():
 # ---- what the chart provides for the pods the operator renders
 
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
+FR_EXAMPLE = ROOT / "examples" / "federatedround-digits.yaml"
 
 
 def rendered_daemon_set(operator_config: config.OperatorConfig) -> dict:
@@ -243,20 +248,67 @@ def test_runtime_network_policy_selects_the_rendered_pods_and_their_named_ports(
     assert {p["port"] for p in rule["ports"]} == container_ports == {"http", "grpc"}
 
 
+def federated_pods(operator_config: config.OperatorConfig) -> dict[str, dict]:
+    """The aggregator's and a client's pod templates, as the operator renders a FederatedRound."""
+    spec = FederatedRoundSpec.model_validate(yaml.safe_load(FR_EXAMPLE.read_text())["spec"])
+    owner = federatedround.owner_of("round", "edge-a", "uid-2")
+    model = ModelSource(uri="http://store/sha256/" + "a" * 64, sha256="a" * 64, version="1")
+    start = federatedround.Start(("edge-cpu-0",), model, "a" * 64)
+    return {
+        "aggregator": federatedround.aggregator_job(owner, spec, operator_config, start)["spec"]["template"],
+        "client": federatedround.client_job(owner, spec, operator_config, 0, "edge-cpu-0")["spec"]["template"],
+    }
+
+
+def selects(peer_or_policy: dict, labels: dict[str, str]) -> bool:
+    return peer_or_policy["podSelector"]["matchLabels"].items() <= labels.items()
+
+
 @needs_helm
-def test_store_network_policy_admits_runtime_and_aggregator_pods_only():
+def test_store_network_policy_admits_runtime_pods_and_aggregators_only():
     docs = template()
     policy = one(docs, "NetworkPolicy", "edgeloop-store")
     [rule] = policy["spec"]["ingress"]
-    [peer] = rule["from"]
-    assert peer["namespaceSelector"] == {}
-    expressions = {e["key"]: e["values"] for e in peer["podSelector"]["matchExpressions"]}
-    assert expressions == {"app.kubernetes.io/part-of": ["edgeloop"],
-                           "app.kubernetes.io/component": ["inference", "aggregator"]}
-    runtime_labels = rendered_daemon_set(config.build())["spec"]["template"]["metadata"]["labels"]
-    assert runtime_labels["app.kubernetes.io/component"] in expressions["app.kubernetes.io/component"]
+    assert all(peer["namespaceSelector"] == {} for peer in rule["from"])
+    runtime = rendered_daemon_set(config.build())["spec"]["template"]["metadata"]["labels"]
+    pods = federated_pods(config.build())
+    assert [selects(peer, runtime) for peer in rule["from"]] == [True, False]
+    assert [selects(peer, pods["aggregator"]["metadata"]["labels"]) for peer in rule["from"]] == [False, True]
+    assert not any(selects(peer, pods["client"]["metadata"]["labels"]) for peer in rule["from"])
     operator_policy = one(docs, "NetworkPolicy", "edgeloop-operator")
     assert operator_policy["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in operator_policy["spec"]
+
+
+@needs_helm
+def test_aggregator_network_policy_admits_its_clients_and_the_operator():
+    docs = template("watchNamespaces={edge-a}")
+    policy = one(docs, "NetworkPolicy", "edgeloop-aggregator")
+    pods = federated_pods(config.build())
+    assert selects(policy["spec"], pods["aggregator"]["metadata"]["labels"])
+    assert not selects(policy["spec"], pods["client"]["metadata"]["labels"])
+    [rule] = policy["spec"]["ingress"]
+    clients, operator = rule["from"]
+    assert selects(clients, pods["client"]["metadata"]["labels"]) and "namespaceSelector" not in clients
+    operator_pod = one(docs, "Deployment", "edgeloop-operator")["spec"]["template"]["metadata"]["labels"]
+    assert selects(operator, operator_pod)
+    assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "edgeloop-system"}
+    aggregator_ports = {p["name"] for p in pods["aggregator"]["spec"]["containers"][0]["ports"]}
+    assert {p["port"] for p in rule["ports"]} == aggregator_ports
+
+
+@needs_helm
+def test_federated_rounds_find_the_store_and_its_token(tmp_path):
+    docs = template("watchNamespaces={edge-a}")
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    loaded = config.load(path)
+    assert loaded.store_url == "http://edgeloop-store.edgeloop-system.svc:8000"
+    secrets = {s["metadata"]["namespace"]: s for s in by_kind(docs, "Secret")}
+    assert sorted(secrets) == ["edge-a", "edgeloop-system"]
+    assert {s["metadata"]["name"] for s in secrets.values()} == {loaded.store_token_secret}
+    assert secrets["edge-a"]["data"] == secrets["edgeloop-system"]["data"], "one token, in every namespace"
+    volumes = federated_pods(loaded)["aggregator"]["spec"]["volumes"]
+    assert loaded.store_token_secret in [v.get("secret", {}).get("secretName") for v in volumes]
 
 
 @needs_helm
@@ -308,6 +360,7 @@ def test_store_host_path_mode_binds_its_own_volume():
 def test_an_existing_token_secret_replaces_the_generated_one():
     docs = template("store.token.existingSecret=my-token")
     assert not by_kind(docs, "Secret")
+    assert "storeTokenSecret: my-token" in one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"]
     volumes = one(docs, "Deployment", "edgeloop-store")["spec"]["template"]["spec"]["volumes"]
     secrets = [v["secret"] for v in volumes if "secret" in v]
     assert secrets == [{"secretName": "my-token", "items": [{"key": "token", "path": "token"}]}]

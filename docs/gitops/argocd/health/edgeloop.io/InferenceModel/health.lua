@@ -1,0 +1,37 @@
+-- Argo CD health of an edgeloop.io InferenceModel, from the conditions the operator writes.
+-- Healthy: Ready for the current generation. Degraded: Degraded=True (the reason says why: no matching
+-- nodes, unschedulable, a crashing runtime, a model that does not verify, ...). Progressing: otherwise,
+-- including until the operator has seen the current generation.
+local hs = {status = "Progressing", message = "Waiting for the operator to report"}
+local status = obj.status
+if status == nil or status.conditions == nil then
+  return hs
+end
+if obj.metadata.generation ~= nil and status.observedGeneration ~= obj.metadata.generation then
+  hs.message = "Waiting for the operator to observe generation " .. obj.metadata.generation
+  return hs
+end
+local conditions = {}
+for _, condition in ipairs(status.conditions) do
+  conditions[condition.type] = condition
+end
+local function describe(condition)
+  local text = condition.reason or ""
+  if condition.message ~= nil and condition.message ~= "" then
+    text = text .. ": " .. condition.message
+  end
+  return text
+end
+local degraded, ready, progressing = conditions["Degraded"], conditions["Ready"], conditions["Progressing"]
+if degraded ~= nil and degraded.status == "True" then
+  hs.status = "Degraded"
+  hs.message = describe(degraded)
+elseif ready ~= nil and ready.status == "True" then
+  hs.status = "Healthy"
+  hs.message = "Serving on " .. (status.nodes or "") .. " nodes"
+elseif progressing ~= nil and progressing.status == "True" then
+  hs.message = describe(progressing)
+elseif ready ~= nil then
+  hs.message = describe(ready)
+end
+return hs
