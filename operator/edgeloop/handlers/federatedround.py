@@ -109,6 +109,7 @@ class FederatedRounds:
         self._published: dict[Key, FederatedRoundStatus] = {}
         # Rounds waiting for nodes: synced again when a node changes.
         self._waiting_for_nodes: set[Key] = set()
+        self._polling: asyncio.Task[None] | None = None
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
 
     # ---- entry points
@@ -126,8 +127,15 @@ class FederatedRounds:
         for key in self._waiting_for_nodes:
             self.runner.request(key)
 
-    async def poll_forever(self, interval: float) -> None:
-        """Every round in progress is synced this often: its aggregator's report has no watch event."""
+    def start_polling(self, interval: float) -> None:
+        """Syncs every round in progress this often: its aggregator's report has no watch event.
+
+        Called from a handler rather than at startup: the syncs post Kubernetes events, which Kopf allows
+        in handlers and the tasks they start only."""
+        if self._polling is None:
+            self._polling = asyncio.create_task(self._poll_forever(interval))
+
+    async def _poll_forever(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             for key, bodies in list(self._rounds.items()):
@@ -135,6 +143,11 @@ class FederatedRounds:
                 status = self._published.get(key) or _status_of(body or {})
                 if body is not None and not fr_status.is_done(status):
                     self.runner.request(key, delay=0)
+
+    async def close(self) -> None:
+        if self._polling is not None:
+            self._polling.cancel()
+        await self.runner.close()
 
     async def _sync_from_index(self, key: Key) -> None:
         body = _one(self._rounds, key)
@@ -408,19 +421,18 @@ async def start_federated_rounds(
         nodes=federated_round_nodes,
         coalesce_seconds=memo.coalesce_seconds,
     )
-    memo.federated_poll = asyncio.create_task(memo.federated_rounds.poll_forever(memo.federated_poll_seconds))
 
 
 @kopf.on.cleanup()
 async def stop_federated_rounds(memo: kopf.Memo, **_: Any) -> None:
-    memo.federated_poll.cancel()
-    await memo.federated_rounds.runner.close()
+    await memo.federated_rounds.close()
 
 
 # The spec is immutable (admission enforces it), so there is no update handler.
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 async def reconcile_federated_round(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.federated_rounds.start_polling(memo.federated_poll_seconds)
     try:
         await memo.federated_rounds.reconcile(dict(body))
     except KubeError as error:

@@ -1,0 +1,428 @@
+"""FederatedRound on the devcluster: the real operator process, under its own ServiceAccount and RBAC,
+against a real API server, controller manager (Job controller, garbage collector) and scheduler, with
+kwok-simulated edge nodes (2 NPU, 2 GPU, 2 CPU-only).
+
+No container runs here: kwok marks a Job's pods Succeeded as soon as they are scheduled. So the pod-level
+work is simulated, and the tests that depend on it say so in their names: the aggregator's status endpoint
+is served by this test process (`SimulatedAggregator`, answering what the runtime's aggregator answers at
+`GET /v1/status`), and the operator is pointed at it through its `aggregatorStatusUrl` configuration
+instead of the in-cluster Service address. Everything else - selection, Jobs, pinning, status writes,
+promotion into the InferenceModel and its rollout, cleanup, admission - is the real thing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from edgeloop.testing import OperatorProcess, install_service_account
+
+ROOT = Path(__file__).parents[2]
+EXAMPLE = yaml.safe_load((ROOT / "examples" / "federatedround-digits.yaml").read_text())
+MODEL_EXAMPLE = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
+OPERATOR_NAMESPACE = "edgeloop-e2e-fr-operator"
+OPERATOR_ARGS = ("--resync-seconds", "2", "--coalesce-seconds", "0.5", "--federated-poll-seconds", "1")
+ROUND = EXAMPLE["metadata"]["name"]
+TRAINED_SHA = "d" * 64
+PARTICIPANT_LABEL = "e2e.edgeloop.io/federated"
+
+
+class SimulatedAggregator:
+    """Answers `GET /<namespace>/<service>/v1/status` with the report set for that aggregator (404 until
+    one is), as the runtime's aggregator answers `GET /v1/status` on its Service."""
+
+    def __init__(self):
+        self.reports: dict[tuple[str, str], dict] = {}
+        reports = self.reports
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                namespace, service, *rest = self.path.strip("/").split("/")
+                found = reports.get((namespace, service)) if rest == ["v1", "status"] else None
+                body = json.dumps(found).encode() if found else b"{}"
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url_template(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{{namespace}}/{{service}}/v1/status"
+
+    def report(self, namespace: str, phase: str, **fields) -> None:
+        """What the aggregator of ROUND in `namespace` reports from now on (FEDERATED.md's JSON)."""
+        report = {
+            "phase": phase,
+            "round": 2,
+            "rounds": 10,
+            "stage": "collect",
+            "secureAggregation": True,
+            "participants": {"selected": 3, "reported": 2, "dropped": 1},
+            "metrics": None,
+            "baseline": {"accuracy": 0.61, "loss": 1.2},
+            "result": None,
+            "reason": "",
+            "history": [],
+        }
+        if phase == "Succeeded":
+            report.update(
+                round=10,
+                stage=None,
+                participants={"selected": 3, "reported": 3, "dropped": 0},
+                metrics={"accuracy": 0.94, "loss": 0.21},
+                result={
+                    "uri": f"http://edgeloop-store.edgeloop-system.svc:8000/sha256/{TRAINED_SHA}",
+                    "sha256": TRAINED_SHA,
+                },
+            )
+        self.reports[(namespace, f"{ROUND}-aggregator")] = {**report, **fields}
+
+
+@pytest.fixture(scope="module")
+def aggregator():
+    simulated = SimulatedAggregator()
+    yield simulated
+    simulated.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(devcluster, tmp_path_factory):
+    """The CRDs and the operator's ServiceAccount and RBAC (the cluster is the session's own)."""
+    for crd in ("inferencemodels.edgeloop.io", "federatedrounds.edgeloop.io"):
+        # A module before this one may have deleted the CRDs without waiting.
+        devcluster.kubectl("wait", "--for=delete", f"crd/{crd}", "--timeout=60s", check=False)
+    devcluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    devcluster.kubectl("wait", "--for=condition=Established", "crd/federatedrounds.edgeloop.io", "--timeout=60s")
+    yield install_service_account(
+        devcluster.kubectl, devcluster.kubeconfig, tmp_path_factory.mktemp("operator"), namespace=OPERATOR_NAMESPACE
+    )
+    devcluster.kubectl("delete", "namespace", OPERATOR_NAMESPACE, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture
+def operator(devcluster, cluster, aggregator, namespace, tmp_path):
+    """The operator, watching only this test's namespace, reading aggregator status from the simulation.
+    Afterwards the test's rounds and models are deleted and their pods waited for."""
+    config = tmp_path / "operator.yaml"
+    config.write_text(yaml.safe_dump({"aggregatorStatusUrl": aggregator.url_template}))
+    process = OperatorProcess(
+        cluster, tmp_path / "operator.log", ("--namespace", namespace, "--config", str(config), *OPERATOR_ARGS)
+    )
+    process.start()
+    yield process
+    devcluster.kubectl("delete", "federatedrounds,inferencemodels", "--all", "-n", namespace, "--wait=true")
+    wait_for("the round's pods to be gone", lambda: not devcluster.get_json("pods", "-n", namespace)["items"])
+    process.stop()
+    errors = [
+        r
+        for r in process.log_records()
+        if r.get("severity") in ("error", "fatal") and not r["message"].startswith("Request attempt #")
+    ]
+    assert not errors, f"the operator logged errors: {errors[:3]}"
+
+
+@pytest.fixture
+def participants(devcluster):
+    """Labels nodes as participants for one test, and cordons some; undone afterwards."""
+    labelled, cordoned = [], []
+
+    def label(*nodes: str, cordon: tuple[str, ...] = ()) -> None:
+        for node in nodes:
+            devcluster.kubectl("label", "node", node, f"{PARTICIPANT_LABEL}=yes", "--overwrite")
+            labelled.append(node)
+        for node in cordon:
+            devcluster.kubectl("cordon", node)
+            cordoned.append(node)
+
+    yield label
+    for node in labelled:
+        devcluster.kubectl("label", "node", node, f"{PARTICIPANT_LABEL}-", check=False)
+    for node in cordoned:
+        devcluster.kubectl("uncordon", node, check=False)
+
+
+def apply(devcluster, namespace: str, body: dict) -> None:
+    devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0, debug: Callable[[], str] = str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
+
+
+def federated_round(devcluster, namespace: str) -> dict:
+    return devcluster.get_json("federatedround", ROUND, "-n", namespace)
+
+
+def conditions(body: dict) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in body.get("status", {}).get("conditions", [])}
+
+
+def wait_round(devcluster, namespace: str, what: str, check: Callable[[dict], bool]) -> dict:
+    def reached():
+        body = federated_round(devcluster, namespace)
+        return body if check(body) else None
+
+    return wait_for(what, reached, debug=lambda: json.dumps(federated_round(devcluster, namespace)))
+
+
+def started_message(body: dict) -> str:
+    return next((c["message"] for c in body.get("status", {}).get("conditions", []) if c["type"] == "Started"), "")
+
+
+def a_round(**spec) -> dict:
+    """The example round, selecting nodes labelled by the `participants` fixture."""
+    body = copy.deepcopy(EXAMPLE)
+    body["spec"]["participants"] = {"nodeSelector": {PARTICIPANT_LABEL: "yes"}, "minClients": 3, "maxClients": 3}
+    for field, value in spec.items():  # None: leave the field out
+        body["spec"][field] = value
+        if value is None:
+            del body["spec"][field]
+    return body
+
+
+def client_pods_by_node(devcluster, namespace: str) -> dict[str, str]:
+    pods = devcluster.get_json("pods", "-n", namespace, "-l", "edgeloop.io/role=client")["items"]
+    return {pod["spec"].get("nodeName", ""): pod["metadata"]["labels"]["job-name"] for pod in pods}
+
+
+def test_client_jobs_land_on_exactly_the_selected_nodes(devcluster, namespace, operator, participants):
+    participants("edge-npu-1", "edge-gpu-0", "edge-cpu-0", "edge-cpu-1", cordon=("edge-cpu-1",))
+    apply(
+        devcluster,
+        namespace,
+        a_round(
+            participants={"nodeSelector": {PARTICIPANT_LABEL: "yes"}, "minClients": 2, "maxClients": 2},
+            modelRef=None,
+            model=MODEL_EXAMPLE["spec"]["model"],
+        ),
+    )
+    # Eligible: the three uncordoned labelled nodes; the first two by name take part.
+    selected = ["edge-cpu-0", "edge-gpu-0"]
+    body = wait_round(
+        devcluster, namespace, "the round to start", lambda b: b.get("status", {}).get("phase") == "Running"
+    )
+    assert body["status"]["participants"]["nodes"] == selected
+    assert conditions(body)["Started"] == ("True", "JobsCreated")
+
+    placed = wait_for(
+        "both client pods to be scheduled",
+        lambda: (p := client_pods_by_node(devcluster, namespace)) and len(p) == 2 and p,
+    )
+    assert sorted(placed) == selected, "each client on its own selected node"
+    jobs = {job["metadata"]["name"]: job for job in devcluster.get_json("jobs", "-n", namespace)["items"]}
+    assert sorted(jobs) == [f"{ROUND}-aggregator", f"{ROUND}-client-0", f"{ROUND}-client-1"]
+    for name in (f"{ROUND}-client-0", f"{ROUND}-client-1"):
+        volume = jobs[name]["spec"]["template"]["spec"]["volumes"][0]
+        assert volume["hostPath"] == {"path": "/var/lib/edgeloop/data/digits", "type": "Directory"}
+    service = devcluster.get_json("service", f"{ROUND}-aggregator", "-n", namespace)
+    for obj in [service, *jobs.values()]:
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "edgeloop"
+
+    # kwok "completed" every pod and no aggregator reported: the round waits for a report, never guesses.
+    body = wait_round(
+        devcluster,
+        namespace,
+        "the aggregator Job to complete without a report",
+        lambda b: conditions(b).get("Succeeded") == ("Unknown", "AwaitingReport"),
+    )
+    assert body["status"]["phase"] == "Running" and body["status"]["promoted"] is False
+
+
+def test_too_few_nodes_waits_with_a_condition_then_starts_when_a_node_joins(
+    devcluster, namespace, operator, participants
+):
+    participants("edge-gpu-0", "edge-gpu-1")
+    apply(devcluster, namespace, a_round(modelRef=None, model=MODEL_EXAMPLE["spec"]["model"]))
+    body = wait_round(
+        devcluster,
+        namespace,
+        "the round to wait for a third node",
+        lambda b: started_message(b).startswith("2 of the minClients 3 nodes are available"),
+    )
+    assert body["status"]["phase"] == "Pending"
+    assert conditions(body)["Started"] == ("False", "NotEnoughNodes")
+    assert devcluster.get_json("jobs", "-n", namespace)["items"] == []
+    events = devcluster.get_json("events", "-n", namespace, "--field-selector=involvedObject.kind=FederatedRound")
+    assert "NotEnoughNodes" in {e["reason"] for e in events["items"]}
+
+    participants("edge-cpu-1")
+    body = wait_round(
+        devcluster,
+        namespace,
+        "the round to start on the new node",
+        lambda b: b.get("status", {}).get("phase") == "Running",
+    )
+    assert body["status"]["participants"]["nodes"] == ["edge-cpu-1", "edge-gpu-0", "edge-gpu-1"]
+    placed = wait_for(
+        "three client pods", lambda: (p := client_pods_by_node(devcluster, namespace)) and len(p) == 3 and p
+    )
+    assert sorted(placed) == ["edge-cpu-1", "edge-gpu-0", "edge-gpu-1"]
+
+
+def test_status_follows_the_simulated_aggregator_and_promotion_rolls_the_inference_model(
+    devcluster, namespace, operator, participants, aggregator
+):
+    participants("edge-npu-0", "edge-gpu-0", "edge-cpu-0")
+    apply(devcluster, namespace, MODEL_EXAMPLE)
+    aggregator.report(namespace, "Running")
+    apply(devcluster, namespace, a_round())
+
+    body = wait_round(
+        devcluster, namespace, "round 2 of 10 in the status", lambda b: b.get("status", {}).get("progress") == "2/10"
+    )
+    status = body["status"]
+    assert (status["phase"], status["stage"]) == ("Running", "collect")
+    assert status["participants"] == {
+        "selected": 3,
+        "reported": 2,
+        "dropped": 1,
+        "nodes": ["edge-cpu-0", "edge-gpu-0", "edge-npu-0"],
+    }
+    assert status["baseModel"] == {"sha256": MODEL_EXAMPLE["spec"]["model"]["sha256"], "version": "1"}
+    row = devcluster.kubectl("get", "fr", "-n", namespace).stdout.splitlines()
+    assert row[0].split() == ["NAME", "PHASE", "ROUND", "CLIENTS", "ACCURACY", "PROMOTED", "AGE"]
+    assert row[1].split()[:4] == [ROUND, "Running", "2/10", "3"]
+
+    aggregator.report(namespace, "Succeeded")
+    body = wait_round(
+        devcluster,
+        namespace,
+        "the round to succeed and promote",
+        lambda b: conditions(b).get("Promoted", ("",))[0] == "True",
+    )
+    status = body["status"]
+    assert status["phase"] == "Succeeded" and status["promoted"] is True
+    assert status["metrics"] == {"accuracy": 0.94, "loss": 0.21}
+    assert status["result"]["sha256"] == TRAINED_SHA and status["result"]["version"] == "2"
+
+    model = devcluster.get_json("inferencemodel", "digits", "-n", namespace)
+    assert model["spec"]["model"] == {
+        "uri": status["result"]["uri"],
+        "sha256": TRAINED_SHA,
+        "version": "2",
+        "format": "onnx",
+    }
+    assert model["spec"]["placement"] == MODEL_EXAMPLE["spec"]["placement"], "only spec.model is patched"
+
+    def rolled():
+        daemon_set = devcluster.get_json("daemonset", "digits-cpu", "-n", namespace)
+        args = daemon_set["spec"]["template"]["spec"]["containers"][0]["args"]
+        return args[args.index("--sha256") + 1] == TRAINED_SHA
+
+    wait_for("the fleet to roll to the trained model", rolled)
+    round_events = devcluster.get_json("events", "-n", namespace, "--field-selector=involvedObject.kind=FederatedRound")
+    assert {"Started", "Succeeded", "Promoted"} <= {e["reason"] for e in round_events["items"]}
+    model_events = devcluster.get_json("events", "-n", namespace, "--field-selector=involvedObject.kind=InferenceModel")
+    assert "Promoted" in {e["reason"] for e in model_events["items"]}
+
+
+def test_a_model_below_the_gate_is_not_promoted_simulated_aggregator(
+    devcluster, namespace, operator, participants, aggregator
+):
+    participants("edge-npu-0", "edge-gpu-0", "edge-cpu-0")
+    apply(devcluster, namespace, MODEL_EXAMPLE)
+    aggregator.report(namespace, "Succeeded", baseline={"accuracy": 0.97, "loss": 0.1})
+    apply(devcluster, namespace, a_round())
+    body = wait_round(
+        devcluster, namespace, "promotion to be refused", lambda b: conditions(b).get("Promoted", ("",))[0] == "False"
+    )
+    assert conditions(body)["Promoted"] == ("False", "NotImproved")
+    assert body["status"]["phase"] == "Succeeded" and body["status"]["promoted"] is False
+    model = devcluster.get_json("inferencemodel", "digits", "-n", namespace)
+    assert model["spec"]["model"] == {**MODEL_EXAMPLE["spec"]["model"], "format": "onnx"}
+
+
+def test_a_round_the_simulated_aggregator_reports_failed_fails(
+    devcluster, namespace, operator, participants, aggregator
+):
+    participants("edge-npu-0", "edge-gpu-0", "edge-cpu-0")
+    apply(devcluster, namespace, MODEL_EXAMPLE)
+    reason = "round 2: only 1 of 3 clients uploaded updates, 2 needed (minClients 3, threshold 0.66)"
+    aggregator.report(namespace, "Failed", stage=None, reason=reason)
+    apply(devcluster, namespace, a_round())
+    body = wait_round(
+        devcluster, namespace, "the round to fail", lambda b: b.get("status", {}).get("phase") == "Failed"
+    )
+    assert conditions(body)["Succeeded"] == ("False", "RoundFailed")
+    assert conditions(body)["Promoted"] == ("False", "RoundFailed")
+    assert next(c["message"] for c in body["status"]["conditions"] if c["type"] == "Succeeded") == reason
+
+
+def test_deleting_the_round_removes_its_jobs_service_and_pods(devcluster, namespace, operator, participants):
+    participants("edge-npu-0", "edge-gpu-0", "edge-cpu-0")
+    apply(devcluster, namespace, a_round(modelRef=None, model=MODEL_EXAMPLE["spec"]["model"]))
+    wait_for("the round's pods", lambda: len(client_pods_by_node(devcluster, namespace)) == 3)
+    devcluster.kubectl("delete", "federatedround", ROUND, "-n", namespace, "--timeout=30s")
+
+    def gone():
+        left = devcluster.get_json("jobs,services,pods", "-n", namespace, "-l", "edgeloop.io/federatedround")
+        return not left["items"]
+
+    wait_for("the garbage collector to remove the Jobs, their pods and the Service", gone)
+
+
+INVALID = [
+    ("threshold zero", {"secureAggregation": {"threshold": 0}}, "should be greater than 0"),
+    ("threshold above one", {"secureAggregation": {"threshold": 1.5}}, "should be less than or equal to 1"),
+    ("min above max", {"participants": {"minClients": 5, "maxClients": 2}}, "minClients must not exceed maxClients"),
+    ("noise without clipping", {"privacy": {"noiseMultiplier": 1.0}}, "noiseMultiplier needs clipNorm"),
+    ("proximal mu with fedavg", {"training": {"strategy": "fedavg", "proximalMu": 0.1}}, "applies to strategy fedprox"),
+    ("relative dataset path", {"dataset": {"hostPath": "data/digits"}}, "spec.dataset.hostPath"),
+    ("dataset path escaping", {"dataset": {"hostPath": "/var/lib/../../etc"}}, "hostPath must not contain '..'"),
+    ("no model", {"modelRef": None}, "set modelRef, model, or both"),
+    ("zero rounds", {"training": {"rounds": 0}}, "spec.training.rounds"),
+    ("unknown strategy", {"training": {"strategy": "fedsgd"}}, 'Unsupported value: "fedsgd"'),
+]
+
+
+@pytest.mark.parametrize(("case", "spec", "message"), INVALID, ids=[case for case, _, _ in INVALID])
+def test_invalid_specs_are_rejected_at_admission(devcluster, cluster, case, spec, message):
+    body = copy.deepcopy(EXAMPLE)
+    for section, fields in spec.items():
+        if fields is None:
+            del body["spec"][section]
+        else:
+            body["spec"][section] = {**body["spec"].get(section, {}), **fields}
+    result = devcluster.kubectl(
+        "apply", "--dry-run=server", "-n", "default", "-f", "-", input=yaml.safe_dump(body), check=False
+    )
+    assert result.returncode != 0, f"{case} was accepted"
+    assert message in result.stderr, result.stderr
+
+
+def test_the_spec_is_immutable_and_the_name_bounded(devcluster, cluster, namespace):
+    apply(devcluster, namespace, EXAMPLE)  # no operator: only admission is under test
+    changed = copy.deepcopy(EXAMPLE)
+    changed["spec"]["training"]["rounds"] = 20
+    result = devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(changed), check=False)
+    assert "spec is immutable" in result.stderr
+    long_name = copy.deepcopy(EXAMPLE)
+    long_name["metadata"]["name"] = "r" * 53
+    result = devcluster.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(long_name), check=False
+    )
+    assert "metadata.name must be a DNS-1035 label of at most 52 characters" in result.stderr
+
+
+def test_kubectl_explain_describes_the_api(devcluster, cluster):
+    explained = devcluster.kubectl("explain", "federatedround.spec.secureAggregation").stdout
+    assert "threshold" in explained and "must survive" in explained
