@@ -41,16 +41,12 @@ e2e: venv devcluster-build
 test: venv devcluster-build lint
 	$(BIN)/pytest
 
+# The devcluster with its fleet, the CRDs, the operator and the example InferenceModel; stays up.
 demo: venv devcluster-build
-	$(BIN)/devcluster up
-	@echo
-	$(BIN)/devcluster kubectl get nodes -L edgeloop.io/accelerator.gpu,edgeloop.io/accelerator.npu
-	@echo
-	@echo "The devcluster stays up. Use it with:  eval \"\$$($(BIN)/devcluster env)\""
-	@echo "Stop it with:                          make demo-down"
+	hack/demo.sh
 
 demo-down: venv
-	$(BIN)/devcluster down
+	hack/demo.sh down
 
 # Benchmarks print figures and ratios against peers measured in the same run; none is a test.
 bench-devcluster: venv devcluster-build

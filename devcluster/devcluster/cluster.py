@@ -26,7 +26,7 @@ import yaml
 
 from devcluster import pki
 from devcluster.build import KWOK_STAGES
-from devcluster.fleet import Fleet, node_manifests
+from devcluster.fleet import Fleet, node_manifests, runtime_class_manifests
 
 STATE_ROOT = Path(os.environ.get("DEVCLUSTER_HOME", Path.home() / ".local" / "state" / "edgeloop" / "devcluster"))
 SERVICE_CIDR = "10.96.0.0/16"
@@ -347,13 +347,9 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
     api = _apiserver(state, cluster.run_dir)
     try:
         started = time.monotonic()
-        created = 0
-        for node in node_manifests(fleet):
-            status, body = api.request("POST", "/api/v1/nodes", node)
-            if status == 201:
-                created += 1
-            elif status != 409:  # 409: it exists already, which is what we want
-                raise ClusterError(f"creating node {node['metadata']['name']}: HTTP {status}: {body}")
+        for runtime_class in runtime_class_manifests(fleet):
+            _create(api, "/apis/node.k8s.io/v1/runtimeclasses", runtime_class)
+        created = sum(_create(api, "/api/v1/nodes", node) for node in node_manifests(fleet))
         names = {node["metadata"]["name"] for node in node_manifests(fleet)}
 
         def all_ready() -> bool:
@@ -365,6 +361,14 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
         log(f"devcluster: {len(names)} nodes Ready ({created} created) in {time.monotonic() - started:.1f} s")
     finally:
         api.close()
+
+
+def _create(api: Api, path: str, manifest: dict) -> bool:
+    """Create `manifest`; False if it exists already, which is what we want."""
+    status, body = api.request("POST", path, manifest)
+    if status not in (201, 409):
+        raise ClusterError(f"creating {manifest['kind']} {manifest['metadata']['name']}: HTTP {status}: {body}")
+    return status == 201
 
 
 def _is_ready(node: dict) -> bool:

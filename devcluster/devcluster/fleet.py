@@ -33,6 +33,9 @@ class NodeGroup(BaseModel):
 class Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid")
     groups: list[NodeGroup] = Field(min_length=1)
+    # RuntimeClasses the nodes' container runtime offers, each with the handler of the same name, as k3s
+    # registers `nvidia` when it finds the NVIDIA container runtime on a node.
+    runtimeClasses: list[str] = []
 
     @property
     def size(self) -> int:
@@ -48,11 +51,18 @@ class Fleet(BaseModel):
         for i in by_remainder[: total - sum(counts)]:
             counts[i] += 1
         groups = [g.model_copy(update={"count": n}) for g, n in zip(self.groups, counts, strict=True)]
-        return Fleet(groups=groups)
+        return self.model_copy(update={"groups": groups})
 
 
 def load_fleet(path: Path | None = None) -> Fleet:
     return Fleet.model_validate(yaml.safe_load((path or DEFAULT_FLEET).read_text()))
+
+
+def runtime_class_manifests(fleet: Fleet) -> list[dict]:
+    return [
+        {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": name}, "handler": name}
+        for name in fleet.runtimeClasses
+    ]
 
 
 def node_manifests(fleet: Fleet) -> list[dict]:

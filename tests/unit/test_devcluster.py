@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from devcluster.fleet import Fleet, load_fleet, node_manifests
+from devcluster.fleet import Fleet, load_fleet, node_manifests, runtime_class_manifests
 from pydantic import ValidationError
 
 from devcluster import pin
@@ -77,3 +77,10 @@ def test_taints_are_rendered_and_unknown_fields_rejected():
         Fleet.model_validate({"groups": [{"name": "g", "count": 1, "colour": "blue"}]})
     with pytest.raises(ValidationError):
         Fleet.model_validate({"groups": [{"name": "Bad_Name", "count": 1}]})
+
+
+def test_default_fleet_offers_the_nvidia_runtime_class_as_k3s_does():
+    assert runtime_class_manifests(load_fleet()) == [
+        {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"}, "handler": "nvidia"}
+    ]
+    assert load_fleet().scaled_to(10).runtimeClasses == ["nvidia"]
