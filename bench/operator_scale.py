@@ -105,11 +105,13 @@ class Bench:
     def get(self, *args: str) -> list[dict]:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)["items"]
 
-    def wait(self, what: str, done, timeout: float) -> float:
+    def wait(self, what: str, done, timeout: float, operator: OperatorProcess | None = None) -> float:
         started = time.monotonic()
         while not done():
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{what}: not done after {timeout:.0f} s")
+            if operator and operator.process.poll() is not None:
+                raise RuntimeError(f"the operator exited with {operator.process.returncode}: {operator.log_path}")
             time.sleep(0.5)
         return time.monotonic() - started
 
@@ -160,18 +162,20 @@ def main() -> int:
         bench.kubectl("apply", "-f", "-", input=yaml.safe_dump(RUNTIME_CLASS))
         expected_ds = 3 * args.models
 
-        # Peer: the same DaemonSets straight from kubectl, no operator.
-        bench.kubectl("create", "namespace", "bench-peer")
-        started = time.monotonic()
-        bench.kubectl("apply", "--server-side", "-f", "-",
-                      input=yaml.safe_dump_all(peer_daemon_sets(args.models, "bench-peer")))
-        results["peer_ready_s"] = time.monotonic() - started + bench.wait(
-            "peer DaemonSets ready",
-            lambda: daemon_sets_ready(bench.get("daemonsets", "-n", "bench-peer"), expected_ds),
-            args.timeout,
-        )
-        pods = len(bench.get("pods", "-n", "bench-peer"))
-        bench.kubectl("delete", "namespace", "bench-peer", "--timeout=600s")
+        # Peer: the same DaemonSets straight from kubectl, no operator. The first run warms the control
+        # plane up (informers, scheduler caches) and is not reported.
+        for namespace in ("bench-warm-up", "bench-peer"):
+            bench.kubectl("create", "namespace", namespace)
+            started = time.monotonic()
+            bench.kubectl("apply", "--server-side", "-f", "-",
+                          input=yaml.safe_dump_all(peer_daemon_sets(args.models, namespace)))
+            results["peer_ready_s"] = time.monotonic() - started + bench.wait(
+                "peer DaemonSets ready",
+                lambda namespace=namespace: daemon_sets_ready(bench.get("daemonsets", "-n", namespace), expected_ds),
+                args.timeout,
+            )
+            pods = len(bench.get("pods", "-n", namespace))
+            bench.kubectl("delete", "namespace", namespace, "--timeout=600s")
 
         # The operator.
         kubeconfig = install_service_account(bench.kubectl, target.kubeconfig, scratch, namespace="edgeloop-bench")
@@ -182,7 +186,7 @@ def main() -> int:
         bench.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(inference_models(args.models, "bench")))
         results["operator_ready_s"] = time.monotonic() - started + bench.wait(
             "InferenceModels Ready", lambda: all_ready(bench.get("inferencemodels", "-n", "bench"), args.models),
-            args.timeout)
+            args.timeout, operator)
         results["rss_after_ready_mib"] = operator.peak_rss_mib()
 
         time.sleep(10)  # the last status writes and events of the rollout
