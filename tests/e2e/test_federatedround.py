@@ -11,14 +11,22 @@ promotion into the InferenceModel and its rollout, cleanup, admission - is the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from edgeloop.testing import OperatorProcess, install_service_account
@@ -113,25 +121,35 @@ def cluster(devcluster, tmp_path_factory):
 
 
 @pytest.fixture
-def operator(devcluster, cluster, aggregator, namespace, tmp_path):
-    """The operator, watching only this test's namespace, reading aggregator status from the simulation.
-    Afterwards the test's rounds and models are deleted and their pods waited for."""
-    config = tmp_path / "operator.yaml"
-    config.write_text(yaml.safe_dump({"aggregatorStatusUrl": aggregator.url_template}))
-    process = OperatorProcess(
-        cluster, tmp_path / "operator.log", ("--namespace", namespace, "--config", str(config), *OPERATOR_ARGS)
-    )
-    process.start()
-    yield process
+def operator_with(devcluster, cluster, namespace, tmp_path):
+    """Starts the operator with a configuration, watching only this test's namespace. Afterwards the
+    test's rounds and models are deleted and their pods waited for."""
+    started: list[OperatorProcess] = []
+
+    def start(configuration: dict) -> OperatorProcess:
+        path = tmp_path / "operator.yaml"
+        path.write_text(yaml.safe_dump(configuration))
+        args = ("--namespace", namespace, "--config", str(path), *OPERATOR_ARGS)
+        started.append(OperatorProcess(cluster, tmp_path / "operator.log", args).start())
+        return started[-1]
+
+    yield start
     devcluster.kubectl("delete", "federatedrounds,inferencemodels", "--all", "-n", namespace, "--wait=true")
     wait_for("the round's pods to be gone", lambda: not devcluster.get_json("pods", "-n", namespace)["items"])
-    process.stop()
-    errors = [
-        r
-        for r in process.log_records()
-        if r.get("severity") in ("error", "fatal") and not r["message"].startswith("Request attempt #")
-    ]
-    assert not errors, f"the operator logged errors: {errors[:3]}"
+    for process in started:
+        process.stop()
+        errors = [
+            r
+            for r in process.log_records()
+            if r.get("severity") in ("error", "fatal") and not r["message"].startswith("Request attempt #")
+        ]
+        assert not errors, f"the operator logged errors: {errors[:3]}"
+
+
+@pytest.fixture
+def operator(operator_with, aggregator):
+    """The operator, reading aggregator status from the simulation."""
+    return operator_with({"aggregatorStatusUrl": aggregator.url_template})
 
 
 @pytest.fixture
@@ -175,12 +193,12 @@ def conditions(body: dict) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in body.get("status", {}).get("conditions", [])}
 
 
-def wait_round(devcluster, namespace: str, what: str, check: Callable[[dict], bool]) -> dict:
+def wait_round(devcluster, namespace: str, what: str, check: Callable[[dict], bool], timeout: float = 60) -> dict:
     def reached():
         body = federated_round(devcluster, namespace)
         return body if check(body) else None
 
-    return wait_for(what, reached, debug=lambda: json.dumps(federated_round(devcluster, namespace)))
+    return wait_for(what, reached, timeout, lambda: json.dumps(federated_round(devcluster, namespace)))
 
 
 def started_message(body: dict) -> str:
@@ -378,6 +396,164 @@ def test_deleting_the_round_removes_its_jobs_service_and_pods(devcluster, namesp
         return not left["items"]
 
     wait_for("the garbage collector to remove the Jobs, their pods and the Service", gone)
+
+
+class Processes:
+    """Local processes, each logging to its own file, terminated at the end."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.running: list[subprocess.Popen] = []
+
+    def start(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
+        with open(self.directory / f"{name}.log", "wb") as log:
+            self.running.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            )
+        return self.running[-1]
+
+    def stop(self) -> None:
+        for process in self.running:
+            process.terminate()
+        for process in self.running:
+            process.wait(10)
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = Processes(tmp_path)
+    yield started
+    started.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def localized(args: list[str], values: dict[str, str]) -> list[str]:
+    """`args` with the value after each flag in `values` replaced; every flag must be there."""
+    result = list(args)
+    for flag, value in values.items():
+        result[result.index(flag) + 1] = value
+    return result
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    def answers():
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+        return False
+
+    wait_for(url, answers, timeout)
+
+
+def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulated_pods(
+    devcluster, namespace, operator_with, participants, processes, tmp_path
+):
+    """The pods are simulated by running each Job's own command line, as rendered into the cluster, as a
+    local process: the real aggregator and clients of edgeloop-runtime, with secure aggregation, on the
+    digits data split over three nodes. Only what ties a command to a pod is replaced: the listening
+    port, the Service address, the volumes' paths. The store is the runtime's, on loopback."""
+    from edgeloop_runtime.federated.model import mlp
+    from sklearn.datasets import load_digits
+
+    runtime = str(Path(sys.executable).with_name("edgeloop-runtime"))
+    store_port, aggregator_port = free_port(), free_port()
+    token = tmp_path / "token"
+    token.write_text("e2e-token")
+    processes.start(
+        "store",
+        [
+            runtime,
+            "store",
+            "--root",
+            str(tmp_path / "store"),
+            "--port",
+            str(store_port),
+            "--host",
+            "127.0.0.1",
+            "--token-file",
+            str(token),
+        ],
+    )
+    store = f"http://127.0.0.1:{store_port}"
+    wait_http(f"{store}/healthz")
+    starting = mlp([64, 32, 10], seed=0)
+    digest = hashlib.sha256(starting).hexdigest()
+    upload = urllib.request.Request(
+        f"{store}/sha256/{digest}", data=starting, method="PUT", headers={"Authorization": "Bearer e2e-token"}
+    )
+    urllib.request.urlopen(upload, timeout=10).close()
+
+    nodes = ["edge-cpu-0", "edge-gpu-0", "edge-npu-0"]
+    x, y = load_digits(return_X_y=True)
+    for i, node in enumerate(nodes):
+        (tmp_path / node).mkdir()
+        np.savez(tmp_path / node / "digits.npz", x=(x[i::3] / 16).astype(np.float32), y=y[i::3])
+
+    operator_with({"aggregatorStatusUrl": f"http://127.0.0.1:{aggregator_port}/v1/status", "storeUrl": store})
+    participants(*nodes)
+    model = copy.deepcopy(MODEL_EXAMPLE)
+    model["spec"]["model"] = {"uri": f"{store}/sha256/{digest}", "sha256": digest, "version": "1"}
+    apply(devcluster, namespace, model)
+    apply(
+        devcluster,
+        namespace,
+        a_round(
+            training={"rounds": 3, "localEpochs": 2, "batchSize": 16, "learningRate": 0.5},
+            deadlineSeconds=120,
+            promote={"minAccuracy": 0.8, "requireImprovement": True},
+        ),
+    )
+    jobs = wait_for(
+        "the round's four Jobs",
+        lambda: (j := devcluster.get_json("jobs", "-n", namespace)["items"]) and len(j) == 4 and j,
+    )
+
+    for job in jobs:
+        [container] = job["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["edgeloop-runtime"]
+        args = container["args"]
+        if container["name"] == "aggregator":
+            args = localized(
+                args,
+                {
+                    "--port": str(aggregator_port),
+                    "--state-dir": str(tmp_path / "state"),
+                    "--store-token-file": str(token),
+                },
+            )
+            processes.start("aggregator", [runtime, *args])
+        else:
+            node = job["metadata"]["annotations"]["edgeloop.io/node"]
+            args = localized(
+                args, {"--aggregator": f"http://127.0.0.1:{aggregator_port}", "--data": str(tmp_path / node)}
+            )
+            processes.start(node, [runtime, *args], env={"NODE_NAME": node})
+
+    body = wait_round(
+        devcluster,
+        namespace,
+        "real training to finish and be promoted",
+        lambda b: conditions(b).get("Promoted", ("",))[0] != "Unknown",
+        timeout=180,
+    )
+    status = body["status"]
+    assert conditions(body) == {
+        "Started": ("True", "JobsCreated"),
+        "Succeeded": ("True", "Trained"),
+        "Promoted": ("True", "Promoted"),
+    }, json.dumps(status)
+    assert status["participants"] == {"selected": 3, "reported": 3, "dropped": 0, "nodes": nodes}
+    assert status["metrics"]["accuracy"] >= 0.8 > status["baseline"]["accuracy"]
+    trained = status["result"]["sha256"]
+    assert trained != digest and status["result"]["uri"] == f"{store}/sha256/{trained}"
+    with urllib.request.urlopen(status["result"]["uri"], timeout=10) as published:
+        assert hashlib.sha256(published.read()).hexdigest() == trained
+    served = devcluster.get_json("inferencemodel", "digits", "-n", namespace)["spec"]["model"]
+    assert (served["sha256"], served["version"]) == (trained, "2")
 
 
 INVALID = [

@@ -365,3 +365,22 @@ def test_jobs_of_an_earlier_round_of_the_same_name_are_not_this_rounds():
     world.sync()
     assert world.conditions()["Started"] == ("False", "PreviousRoundNotGone")
     assert not [c for c in world.kube.writes() if c[0] == "apply"]
+
+
+def test_a_running_round_whose_aggregator_job_was_deleted_fails_and_is_not_started_again():
+    world = started_world()
+    world.report = report()
+    world.sync()
+    del world.kube.objects[("Job", "r1-aggregator")]
+    world.refresh()
+    world.kube.calls.clear()
+    world.sync()
+    assert world.kube.calls[0] == ("get", "jobs", "r1-aggregator")
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+    assert world.status["phase"] == "Failed"
+    assert world.conditions() == {
+        "Started": ("True", "JobsCreated"),
+        "Succeeded": ("False", "AggregatorDeleted"),
+        "Promoted": ("False", "RoundFailed"),
+    }
+    assert world.status["round"] == 2, "what was reported stays"

@@ -184,7 +184,10 @@ class FederatedRounds:
         jobs = {job.name: job for job in self._jobs.get(key, []) if job.owner_uid == owner.uid}
         aggregator = jobs.get(aggregator_name(owner.name))
         if aggregator is None:
-            started = await self._start(owner, spec)
+            started = await self._start(owner, spec, previous)
+            if started is None:
+                await self._publish(body, previous, fr_status.aggregator_deleted(previous, generation, _now()))
+                return
             if isinstance(started, Waiting):
                 if started.reason == "NotEnoughNodes":
                     self._waiting_for_nodes.add(key)
@@ -228,16 +231,20 @@ class FederatedRounds:
 
     # ---- starting
 
-    async def _start(self, owner: Owner, spec: FederatedRoundSpec) -> JobState | Waiting:
-        """Selects the nodes, resolves the starting model and creates the round's objects, aggregator
-        Job first; or says why the round cannot start yet."""
-        selection = select(self._nodes.get(ALL_NODES, []), spec.participants)
-        if not selection.enough:
-            return Waiting("NotEnoughNodes", shortfall_message(selection, spec.participants))
-        resolved = await self._starting_model(owner, spec)
-        if isinstance(resolved, Waiting):
-            return resolved
-        # A round started moments ago (or by the operator's previous run) may not be in the index yet.
+    async def _start(
+        self, owner: Owner, spec: FederatedRoundSpec, previous: FederatedRoundStatus
+    ) -> JobState | Waiting | None:
+        """For a round whose aggregator Job is not in the index: selects the nodes, resolves the starting
+        model and creates the round's objects, aggregator Job first; or says why the round cannot start
+        yet. None: the round had started, and its aggregator Job has been deleted since."""
+        if previous.phase == "Pending":  # waiting costs no API call
+            selection = select(self._nodes.get(ALL_NODES, []), spec.participants)
+            if not selection.enough:
+                return Waiting("NotEnoughNodes", shortfall_message(selection, spec.participants))
+            resolved = await self._starting_model(owner, spec)
+            if isinstance(resolved, Waiting):
+                return resolved
+        # A round started moments ago may not be in the index yet.
         existing = await asyncio.to_thread(self._kube.get, JOB, owner.namespace, aggregator_name(owner.name))
         if existing is not None:
             job = JobState.from_object(existing)
@@ -247,6 +254,8 @@ class FederatedRounds:
                 )
             await self._create_missing(owner, spec, job, {job.name: job})
             return job
+        if previous.phase != "Pending":
+            return None
 
         model, serving_sha256 = resolved
         start = Start(tuple(selection.nodes), model, serving_sha256)

@@ -200,6 +200,24 @@ def pending(
     )
 
 
+def aggregator_deleted(previous: FederatedRoundStatus, generation: int, now: str) -> FederatedRoundStatus:
+    """A started round whose aggregator Job was deleted: its state is gone, so the round has failed."""
+    updates = [
+        ConditionUpdate(SUCCEEDED, "False", "AggregatorDeleted", "the aggregator Job was deleted while the round ran"),
+        ConditionUpdate(PROMOTED, "False", "RoundFailed", "the round failed: there is nothing to promote"),
+    ]
+    started = condition(previous.conditions, STARTED)
+    kept = [ConditionUpdate(STARTED, started.status, started.reason, started.message)] if started else []
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": "Failed",
+            "stage": "",
+            "conditions": merge_conditions(previous.conditions, kept + updates, generation, now),
+        }
+    )
+
+
 def is_done(status: FederatedRoundStatus) -> bool:
     """Nothing about the round can change any more: it ended, and promotion was decided."""
     promoted = condition(status.conditions, PROMOTED)
