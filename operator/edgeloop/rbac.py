@@ -24,8 +24,9 @@ RULES: list[dict[str, Any]] = [
     # Server-side apply creates (create) or updates (patch) what the operator renders.
     {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
-    # FederatedRounds as InferenceModels (Kopf's annotations, status, owner references). Their Jobs are
-    # applied too, and read once before a round starts, in case the watch has not shown them yet.
+    # FederatedRounds as InferenceModels (Kopf's annotations, status, owner references); promotion
+    # patches an InferenceModel (get, patch above). Their Jobs are applied too, and read once before a
+    # round starts, in case the watch has not shown them yet.
     {"apiGroups": [GROUP], "resources": ["federatedrounds"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": ["federatedrounds/status"], "verbs": ["patch"]},
     {"apiGroups": [GROUP], "resources": ["federatedrounds/finalizers"], "verbs": ["update"]},
@@ -37,13 +38,6 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
-    # FederatedRound (handlers/federatedround.py): Kopf's watch and state, status, the aggregator and client
-    # Jobs it applies, and the aggregator's log tail; promotion patches the InferenceModel (patch, above).
-    {"apiGroups": [GROUP], "resources": ["federatedrounds"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [GROUP], "resources": ["federatedrounds/status"], "verbs": ["patch"]},
-    {"apiGroups": [GROUP], "resources": ["federatedrounds/finalizers"], "verbs": ["update"]},
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
     # Kopf's cluster observation: served namespaces (namespaced mode) and CRDs appearing at run time.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},

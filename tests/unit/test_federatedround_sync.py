@@ -191,7 +191,10 @@ def test_too_few_nodes_waits_without_calls_and_starts_when_a_node_arrives():
 
     async def node_event():  # what the node watch does: a sync soon of every round waiting for nodes
         world.controller.nodes_changed()
-        await asyncio.sleep(0.05)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if world.status["phase"] != "Pending":
+                return
 
     asyncio.run(node_event())
     world.refresh()
