@@ -53,6 +53,7 @@ from edgeloop.status.federatedround import AggregatorReport, JobState, Promotion
 log = logging.getLogger(__name__)
 
 PLURAL = FEDERATED_ROUND.plural
+FR_KIND = kind_of(API_VERSION, FEDERATED_ROUND.kind)
 IM_KIND = kind_of(API_VERSION, "InferenceModel")
 JOB = kind_of("batch/v1", "Job")
 POD = kind_of("v1", "Pod")
@@ -255,7 +256,7 @@ class FederatedRounds:
             await self._create_missing(owner, spec, job, {job.name: job})
             return job
         if previous.phase != "Pending":
-            return None
+            return None  # it had started, and its record is gone
 
         model, serving_sha256 = resolved
         start = Start(tuple(selection.nodes), model, serving_sha256)
@@ -372,9 +373,7 @@ class FederatedRounds:
             return
         metadata = body["metadata"]
         key = (metadata["namespace"], metadata["name"])
-        await asyncio.to_thread(
-            self._kube.patch_status, kind_of(API_VERSION, FEDERATED_ROUND.kind), *key, status.to_wire()
-        )
+        await asyncio.to_thread(self._kube.patch_status, FR_KIND, *key, status.to_wire())
         self._published[key] = status
         for event in fr_status.transitions(previous, status):
             log.info("%s/%s: %s: %s", *key, event.reason, event.message)
