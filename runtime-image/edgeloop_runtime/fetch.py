@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import random
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -44,23 +45,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _open(uri: str, timeout: float):
+def tls_context(ca_cert: Path | None) -> ssl.SSLContext:
+    """The system's trusted CAs, plus `ca_cert`: an in-cluster store's CA is trusted without losing public origins."""
+    context = ssl.create_default_context()
+    if ca_cert is not None:
+        context.load_verify_locations(cafile=ca_cert)
+    return context
+
+
+def _open(uri: str, timeout: float, ca_cert: Path | None = None):
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return open(unquote(parsed.path), "rb")
     if parsed.scheme in ("http", "https"):
         request = urllib.request.Request(uri, headers={"User-Agent": "edgeloop-runtime"})
-        return urllib.request.urlopen(request, timeout=timeout)
+        context = tls_context(ca_cert) if parsed.scheme == "https" else None
+        return urllib.request.urlopen(request, timeout=timeout, context=context)
     raise FetchError(f"unsupported URI scheme {parsed.scheme!r} in {uri}: use http, https or file")
 
 
-def _download(uri: str, expected: str, directory: Path, timeout: float) -> Path:
+def _download(uri: str, expected: str, directory: Path, timeout: float, ca_cert: Path | None) -> Path:
     """Streams into a temporary file beside the destination; returns it once its digest is verified."""
     digest = hashlib.sha256()
     handle, name = tempfile.mkstemp(dir=directory, prefix=".partial-")
     tmp = Path(name)
     try:
-        with os.fdopen(handle, "wb") as out, _open(uri, timeout) as source:
+        with os.fdopen(handle, "wb") as out, _open(uri, timeout, ca_cert) as source:
             while chunk := source.read(CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
@@ -79,10 +89,21 @@ def _download(uri: str, expected: str, directory: Path, timeout: float) -> Path:
 def _retryable(error: Exception) -> bool:
     if isinstance(error, urllib.error.HTTPError):
         return error.code in (408, 429) or error.code >= 500
+    if isinstance(getattr(error, "reason", error), ssl.SSLCertVerificationError):
+        return False  # an untrusted certificate stays untrusted
     return isinstance(error, OSError)  # connection refused/reset, timeouts, DNS
 
 
-def fetch(uri: str, sha256: str, cache: Path, *, retries: int = 5, timeout: float = 60.0, backoff: float = 1.0) -> Path:
+def fetch(
+    uri: str,
+    sha256: str,
+    cache: Path,
+    *,
+    retries: int = 5,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    ca_cert: Path | None = None,
+) -> Path:
     """The verified model's path in the cache, fetching it unless a verified copy is already there."""
     expected = sha256.lower()
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
@@ -97,7 +118,7 @@ def fetch(uri: str, sha256: str, cache: Path, *, retries: int = 5, timeout: floa
     destination.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(retries + 1):
         try:
-            tmp = _download(uri, expected, destination.parent, timeout)
+            tmp = _download(uri, expected, destination.parent, timeout, ca_cert)
             break
         except FetchError:  # a digest mismatch or bad URI: retrying cannot help
             raise
@@ -119,12 +140,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="cache directory (default %(default)s)")
     parser.add_argument("--retries", type=int, default=5, help="retries after the first attempt (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds (default %(default)s)")
+    parser.add_argument(
+        "--ca-cert",
+        type=Path,
+        help="also trust this CA (PEM) for https:// URIs, e.g. the CA of an in-cluster store's certificate",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        path = fetch(args.uri, args.sha256, args.cache, retries=args.retries, timeout=args.timeout)
+        path = fetch(
+            args.uri, args.sha256, args.cache, retries=args.retries, timeout=args.timeout, ca_cert=args.ca_cert
+        )
     except FetchError as error:
         log.error("%s", error)
         return 1

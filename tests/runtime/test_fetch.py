@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import ssl
 import subprocess
 import sys
 import threading
@@ -125,3 +126,32 @@ def test_cli_prints_the_path_and_fails_with_a_message(tmp_path):
     bad = subprocess.run([*command, "--sha256", "f" * 64], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert f"has sha256 {DIGEST}, expected {'f' * 64}" in bad.stderr
+
+
+@pytest.fixture
+def https_origin(http_origin, tls_files):
+    """The same origin over HTTPS, with a certificate for 127.0.0.1 that no system CA signed."""
+    handler, _ = http_origin
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files.cert, tls_files.key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"https://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_with_the_ca_cert_fetches_and_without_it_fails_at_once(tmp_path, https_origin, tls_files):
+    handler, origin = https_origin
+    with pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+        fetch(f"{origin}/model", DIGEST, tmp_path / "cache", retries=3, backoff=0.01)
+    assert handler.requests == 0, "the handshake failed before any request"
+    assert not (tmp_path / "cache" / "sha256" / DIGEST).exists()
+
+    command = [sys.executable, "-m", "edgeloop_runtime.cli", "fetch", "--uri", f"{origin}/model", "--sha256", DIGEST,
+               "--cache", str(tmp_path / "cache"), "--ca-cert", str(tls_files.cert)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert cache_path(tmp_path / "cache", DIGEST).read_bytes() == MODEL
