@@ -99,10 +99,15 @@ def split_by_scope(rules: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]
 
 
 def rbac_rules() -> str:
-    document = {"operator": split_by_scope(rbac.RULES), "peering": split_by_scope(rbac.PEERING_RULES)}
+    document = {
+        "operator": split_by_scope(rbac.RULES),
+        "peering": split_by_scope(rbac.PEERING_RULES),
+        "certManager": split_by_scope(rbac.CERT_MANAGER_RULES),
+    }
     return _dump(
         document,
-        HEADER + "# From edgeloop.rbac: `operator` always; `peering` with replicas > 1. `cluster` rules go into a\n"
+        HEADER + "# From edgeloop.rbac: `operator` always; `peering` with replicas > 1; `certManager` with\n"
+        "# tls.mode=cert-manager. `cluster` rules go into a\n"
         "# ClusterRole; `namespaced` rules into a ClusterRole when watching every namespace, else into a Role in\n"
         "# each watched namespace.\n",
         flow=None,

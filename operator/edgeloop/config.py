@@ -12,10 +12,10 @@ import argparse
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from edgeloop.api.common import Toleration
@@ -70,6 +70,41 @@ class AcceleratorClass(_Config):
         return not self.match_any_label
 
 
+class IssuerRef(_Config):
+    """A cert-manager issuerRef."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["Issuer", "ClusterIssuer"] = "Issuer"
+    group: str = "cert-manager.io"
+
+
+class TLSConfig(_Config):
+    """TLS by default for the endpoints the operator renders (see docs/tls.md)."""
+
+    mode: Literal["operator", "cert-manager", "disabled"] = Field(
+        default="operator",
+        description="operator: the operator keeps a CA per namespace and issues and rotates the certificates "
+        "itself; cert-manager: it renders cert-manager Certificates for `issuer` instead; disabled: plain HTTP.",
+    )
+    ca_validity_days: float = Field(default=3650, gt=0, description="Validity of a CA the operator creates.")
+    cert_validity_days: float = Field(
+        default=90, gt=0, description="Validity of a certificate; renewed when a third of it remains."
+    )
+    issuer: IssuerRef | None = Field(
+        default=None, description="cert-manager mode: the Certificates' issuer, e.g. {name: ca, kind: ClusterIssuer}."
+    )
+
+    @model_validator(mode="after")
+    def _issuer_for_cert_manager(self) -> TLSConfig:
+        if self.mode == "cert-manager" and self.issuer is None:
+            raise ValueError("cert-manager mode needs an issuer")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+
 class OperatorConfig(_Config):
     runtime_image: str = Field(description="Default image of the edgeloop runtime.")
     image_pull_policy: str = "IfNotPresent"
@@ -98,6 +133,7 @@ class OperatorConfig(_Config):
         default="edgeloop-store-token",
         description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",
     )
+    tls: TLSConfig = Field(default_factory=TLSConfig)
     aggregator_status_url: str = Field(
         default="http://{service}.{namespace}.svc:{port}/v1/status",
         description="Where the operator reads a FederatedRound aggregator's status; {service}, {namespace} and "

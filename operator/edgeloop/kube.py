@@ -42,6 +42,8 @@ KINDS: dict[tuple[str, str], Kind] = {
     ("v1", "Service"): Kind("v1", "services"),
     ("v1", "Pod"): Kind("v1", "pods"),
     ("v1", "Event"): Kind("v1", "events"),
+    ("v1", "Secret"): Kind("v1", "secrets"),
+    ("cert-manager.io/v1", "Certificate"): Kind("cert-manager.io/v1", "certificates"),
     ("edgeloop.io/v1alpha1", "InferenceModel"): Kind("edgeloop.io/v1alpha1", "inferencemodels"),
     ("batch/v1", "Job"): Kind("batch/v1", "jobs"),
     ("edgeloop.io/v1alpha1", "FederatedRound"): Kind("edgeloop.io/v1alpha1", "federatedrounds"),

@@ -38,6 +38,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
+    # TLS by default: the CA and certificate Secrets it labels edgeloop.io/tls (watched, so an unchanged
+    # certificate costs no call), read live before replacing one, and applied server-side. The operator
+    # reads no other Secret, but RBAC cannot restrict list/watch by label.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # Kopf's cluster observation: served namespaces (namespaced mode) and CRDs appearing at run time.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
@@ -51,6 +55,12 @@ PEERING_RULES: list[dict[str, Any]] = [
         "resources": ["clusterkopfpeerings", "kopfpeerings"],
         "verbs": ["list", "watch", "patch"],
     },
+]
+
+
+# With TLS mode cert-manager: the operator applies a Certificate per workload instead of writing Secrets.
+CERT_MANAGER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["cert-manager.io"], "resources": ["certificates"], "verbs": ["create", "patch"]},
 ]
 
 

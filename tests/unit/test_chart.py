@@ -110,6 +110,8 @@ BAD_VALUES = [
     ("log format", "operator.logFormat=xml", "/operator/logFormat"),
     ("resource quantity", "operator.resources.limits.memory=lots", "/operator/resources/limits/memory"),
     ("image digest", "operator.image.digest=latest", "/operator/image/digest"),
+    ("tls mode", "tls.mode=manual", "/tls/mode"),
+    ("cert-manager without an issuer", "tls.mode=cert-manager", "/tls/issuer/name"),
 ]
 
 
@@ -221,6 +223,23 @@ def test_watching_namespaces_grants_namespaced_rules_only_there():
     assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == ["edge-a", "edge-b"]
     assert sorted(p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")) == ["edge-a", "edge-b"]
     assert not by_kind(docs, "ClusterKopfPeering")
+
+
+@needs_helm
+@pytest.mark.parametrize("watch", [[], ["--set", "watchNamespaces={edge-a}"]], ids=["cluster-wide", "namespaced"])
+def test_cert_manager_mode_alone_grants_certificates_and_configures_the_issuer(tmp_path, watch):
+    cert_manager = rule_set(rbac.CERT_MANAGER_RULES)
+    for mode, granted in (("operator", False), ("disabled", False), ("cert-manager", True)):
+        docs = template(f"tls.mode={mode}", "tls.issuer.name=edge-ca", "tls.issuer.kind=ClusterIssuer", *watch[1:])
+        roles = by_kind(docs, "Role") or by_kind(docs, "ClusterRole")
+        assert all((cert_manager <= rule_set(role["rules"])) == granted for role in roles), mode
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+        tls = config.load(path).tls
+        assert tls.mode == mode
+        assert (tls.issuer is not None) == granted, "the issuer is passed on only where it is used"
+        if granted:
+            assert (tls.issuer.name, tls.issuer.kind) == ("edge-ca", "ClusterIssuer")
 
 
 # ---- what the chart provides for the pods the operator renders

@@ -154,3 +154,52 @@ def test_the_runtime_parses_the_rendered_command_lines():
         assert served.allow_cpu_fallback is False
         ports = {p["name"]: p["containerPort"] for p in runtime["ports"]}
         assert ports == {"http": served.http_port, "grpc": served.grpc_port}
+
+        # TLS by default: the runtime serves the certificate of the Secret mounted where its flags point.
+        [mount] = [m for m in runtime["volumeMounts"] if m["name"] == "tls"]
+        assert (served.tls_cert.parent, served.tls_key.parent) == (Path(mount["mountPath"]),) * 2
+        assert (served.tls_cert.name, served.tls_key.name) == ("tls.crt", "tls.key")
+        [volume] = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == "digits-tls"
+        assert {runtime[p]["httpGet"]["scheme"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {
+            "HTTPS"
+        }
+
+
+def test_fetching_over_https_trusts_the_namespace_ca_and_plain_http_does_not_need_it():
+    from edgeloop_runtime.cli import build_parser
+
+    def fetch_container(uri):
+        ds = next(iter(render(OWNER, spec(model={"uri": uri}), config.build()).daemon_sets.values()))
+        return ds["spec"]["template"]["spec"]["initContainers"][0]
+
+    secure = fetch_container("https://edgeloop-store.edgeloop-system.svc:8000/sha256/" + "a" * 64)
+    fetched = build_parser(only="fetch").parse_args(secure["args"])
+    assert fetched.ca_cert == Path("/etc/edgeloop/tls/ca.crt")
+    assert {"name": "tls", "mountPath": "/etc/edgeloop/tls", "readOnly": True} in secure["volumeMounts"]
+    plain = fetch_container("http://edgeloop-store.edgeloop-system.svc:8000/sha256/" + "a" * 64)
+    assert build_parser(only="fetch").parse_args(plain["args"]).ca_cert is None
+    assert all(m["name"] != "tls" for m in plain["volumeMounts"])
+
+
+def test_with_tls_disabled_the_runtime_serves_plain_http():
+    from edgeloop_runtime.cli import build_parser
+
+    for ds in render(OWNER, spec(), config.build({"tls": {"mode": "disabled"}})).daemon_sets.values():
+        pod = ds["spec"]["template"]["spec"]
+        [runtime] = pod["containers"]
+        assert build_parser(only="serve").parse_args(runtime["args"]).tls_cert is None
+        assert runtime["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+        assert all(v["name"] != "tls" for v in pod["volumes"]) and "fsGroup" not in pod["securityContext"]
+        assert "edgeloop.io/tls-revision" not in ds["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_a_new_certificate_rolls_the_runtime_pods():
+    """The runtime reads its certificate at start: a rotated one reaches it through a rollout."""
+    first, second = (render(OWNER, spec(), config.build(), revision) for revision in ("aaaa", "bbbb"))
+    for name, ds in second.daemon_sets.items():
+        assert ds["spec"]["template"]["metadata"]["annotations"]["edgeloop.io/tls-revision"] == "bbbb"
+        assert ds["metadata"]["annotations"][RENDER_HASH] != first.daemon_sets[name]["metadata"]["annotations"][
+            RENDER_HASH
+        ]
+    assert first.service == second.service

@@ -75,6 +75,10 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{- end }}
 {{- end }}
 {{- $_ := set $config "runtimeImage" (include "edgeloop.runtimeImage" .) }}
+{{- $_ := set $config "tls" (omit .Values.tls "issuer") }}
+{{- if eq .Values.tls.mode "cert-manager" }}
+{{- $_ := set $config.tls "issuer" .Values.tls.issuer }}
+{{- end }}
 {{- if .Values.modelCache.persistentVolume }}
 {{- $_ := set $config "modelCacheClaim" .Values.modelCache.claimName }}
 {{- end }}

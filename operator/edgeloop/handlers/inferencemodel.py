@@ -26,8 +26,10 @@ from pydantic import ValidationError
 
 from edgeloop.api import GROUP, VERSION
 from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec, InferenceModelStatus
+from edgeloop.certs import Usage, service_dns_names
 from edgeloop.config import ConfigError, OperatorConfig
 from edgeloop.handlers import KeyedRunner
+from edgeloop.handlers.certificates import Certificates
 from edgeloop.kube import Kube, KubeError, kind_of
 from edgeloop.render import MANAGED_BY, RENDER_HASH
 from edgeloop.render.inferencemodel import (
@@ -35,8 +37,10 @@ from edgeloop.render.inferencemodel import (
     INFERENCE_MODEL_LABEL,
     Manifests,
     Variant,
+    labels,
     owner_of,
     render,
+    tls_secret_name,
     variants,
 )
 from edgeloop.status import inferencemodel as im_status
@@ -113,8 +117,11 @@ class InferenceModels:
         coalesce_seconds: float,
         diagnosis_interval: float,
         post_event: Callable[..., None] = kopf.event,
+        tls: Certificates | None = None,
     ):
         self._config = config
+        # None: the runtime Service's TLS Secret is left alone (tests of the sync by itself).
+        self._tls = tls if config.tls.enabled else None
         self._post_event = post_event
         self._kube = kube
         self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
@@ -165,7 +172,7 @@ class InferenceModels:
         generation = metadata.get("generation", 1)
         previous = self._previous_status(key, body)
         try:
-            plan = self._plan(key, body)
+            plan = self._plan(key, body, await self._ensure_tls(body))
         except ValidationError as error:
             problem = SpecProblem("InvalidSpec", f"spec does not match the operator's API: {error.errors()[0]['msg']}")
             await self._publish(body, previous, im_status.unreadable(previous, generation, problem, _now()))
@@ -206,15 +213,25 @@ class InferenceModels:
             return indexed
         return published
 
-    def _plan(self, key: Key, body: dict[str, Any]) -> Plan:
+    async def _ensure_tls(self, body: dict[str, Any]) -> str:
+        """The revision of the runtime Service's certificate, issued or renewed first where needed."""
+        if self._tls is None:
+            return ""
         metadata = body["metadata"]
-        version = (metadata["uid"], metadata.get("generation", 1))
+        owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
+        names = service_dns_names(owner.name, owner.namespace)
+        return await self._tls.ensure(owner, tls_secret_name(owner.name), labels(owner.name), Usage.SERVER, names)
+
+    def _plan(self, key: Key, body: dict[str, Any], tls_revision: str) -> Plan:
+        metadata = body["metadata"]
+        version = (metadata["uid"], metadata.get("generation", 1), tls_revision)
         cached = self._plans.get(key)
         if cached is None or cached[0] != version:
             spec = InferenceModelSpec.model_validate(body.get("spec", {}))
             owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
             try:
-                plan = Plan(spec, variants(owner.name, spec, self._config), render(owner, spec, self._config))
+                manifests = render(owner, spec, self._config, tls_revision)
+                plan = Plan(spec, variants(owner.name, spec, self._config), manifests)
             except ConfigError as error:
                 plan = Plan(spec, problem=SpecProblem("UnknownAcceleratorClass", str(error)))
             cached = self._plans[key] = (version, plan)
@@ -374,6 +391,7 @@ async def start(
     inference_model_daemon_sets: kopf.Index,
     inference_model_services: kopf.Index,
     nodes: kopf.Index,
+    tls_secrets: kopf.Index,
     **_: Any,
 ) -> None:
     memo.inference_models = InferenceModels(
@@ -383,6 +401,7 @@ async def start(
         daemon_sets=inference_model_daemon_sets,
         services=inference_model_services,
         nodes=nodes,
+        tls=Certificates(memo.config.tls, memo.kube, tls_secrets),
         coalesce_seconds=memo.coalesce_seconds,
         diagnosis_interval=memo.diagnosis_interval,
     )
@@ -407,5 +426,6 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
 @kopf.on.event("", "v1", "services", labels=OWNED)
+@kopf.on.event("", "v1", "secrets", labels=OWNED)  # a certificate replaced or removed by someone else
 async def owned_object_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     memo.inference_models.request((namespace, labels[INFERENCE_MODEL_LABEL]))

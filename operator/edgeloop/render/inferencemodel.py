@@ -8,6 +8,7 @@ from typing import Any
 from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec
 from edgeloop.config import AcceleratorClass, OperatorConfig
 from edgeloop.render import MANAGED_BY, Owner, render_template, with_render_hash
+from edgeloop.render.certificates import REVISION_ANNOTATION, secret_name
 from edgeloop.render.placement import NodeSelectorTerm, node_selector_terms
 
 INFERENCE_MODEL_LABEL = "edgeloop.io/inferencemodel"
@@ -82,7 +83,14 @@ def _tolerations(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> lis
     return merged
 
 
-def daemon_set(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, variant: Variant) -> dict[str, Any]:
+def tls_secret_name(model_name: str) -> str:
+    """The Secret with the runtime Service's certificate (written by the operator or by cert-manager)."""
+    return secret_name(model_name)
+
+
+def daemon_set(
+    owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, variant: Variant, tls_revision: str = ""
+) -> dict[str, Any]:
     return with_render_hash(
         render_template(
             "daemonset.yaml.j2",
@@ -98,11 +106,13 @@ def daemon_set(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, v
             image=spec.runtime.image or config.runtime_image,
             resources=_resources(spec, variant.accelerator),
             tolerations=_tolerations(spec, variant.accelerator),
+            tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
+            tls_revision={REVISION_ANNOTATION: tls_revision} if config.tls.enabled else {},
         )
     )
 
 
-def service(owner: Owner, spec: InferenceModelSpec) -> dict[str, Any]:
+def service(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig) -> dict[str, Any]:
     return with_render_hash(
         render_template(
             "service.yaml.j2",
@@ -112,14 +122,17 @@ def service(owner: Owner, spec: InferenceModelSpec) -> dict[str, Any]:
             labels=labels(owner.name),
             selector={INFERENCE_MODEL_LABEL: owner.name},
             serving=spec.serving,
+            tls=config.tls.enabled,
         )
     )
 
 
-def render(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig) -> Manifests:
-    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class."""
+def render(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, tls_revision: str = "") -> Manifests:
+    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class.
+
+    `tls_revision` identifies the certificate the runtime serves: its pods roll when it changes."""
     daemon_sets = {
-        variant.daemon_set: daemon_set(owner, spec, config, variant)
+        variant.daemon_set: daemon_set(owner, spec, config, variant, tls_revision)
         for variant in variants(owner.name, spec, config)
     }
-    return Manifests(daemon_sets=daemon_sets, service=service(owner, spec))
+    return Manifests(daemon_sets=daemon_sets, service=service(owner, spec, config))
