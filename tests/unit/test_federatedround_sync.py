@@ -387,3 +387,15 @@ def test_a_running_round_whose_aggregator_job_was_deleted_fails_and_is_not_start
         "Promoted": ("False", "RoundFailed"),
     }
     assert world.status["round"] == 2, "what was reported stays"
+
+
+def test_a_round_deleted_during_a_sync_is_not_an_error():
+    world = started_world()
+    world.report = report()
+
+    def gone(kind, namespace, name, status):
+        raise KubeError(404, 'federatedrounds.edgeloop.io "r1" not found')
+
+    world.kube.patch_status = gone
+    asyncio.run(world.controller.runner.run(KEY))
+    assert world.events == []
