@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,8 @@ def main() -> int:
     parser.add_argument("--resync-seconds", type=float, default=60)
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
+    # A SIGTERM (a CI timeout) still stops the operator and the cluster through the finally clause below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     bin_dir = build.build()
     target = cluster.Cluster.named("bench-operator")
