@@ -34,7 +34,7 @@ def cases():
             yield pytest.param(kind, case, id=f"{kind}-{Path(case['inputPath']).stem}")
 
 
-@pytest.mark.parametrize(("kind", "case"), cases())
+@pytest.mark.parametrize(("kind", "case"), list(cases()))
 def test_health_of_testdata(kind, case):
     obj = yaml.safe_load((HEALTH / kind / case["inputPath"]).read_text())
     assert argocd_health(kind, obj) == case["healthStatus"]
