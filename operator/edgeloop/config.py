@@ -9,6 +9,7 @@ removes one. `python -m edgeloop.config [FILE]` prints the effective configurati
 from __future__ import annotations
 
 import argparse
+import posixpath
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -118,6 +119,19 @@ class OperatorConfig(_Config):
         "a hostPath volume, so that the pods meet the Pod Security restricted level. The claim is bound to a "
         "hostPath PersistentVolume of modelCacheDir (the Helm chart creates both).",
     )
+    dataset_root: str = Field(
+        default="/var/lib/edgeloop/data",
+        pattern=r"^/",
+        description="Node directory under which FederatedRound datasets lie when datasetClaim is set.",
+    )
+    dataset_claim: str | None = Field(
+        default=None,
+        description="Mount FederatedRound datasets through this PersistentVolumeClaim of the round's namespace "
+        "(read-only, with the dataset's path under datasetRoot as subPath) instead of a hostPath volume, so that "
+        "the client pods meet the Pod Security restricted level. The claim is bound to a hostPath "
+        "PersistentVolume of datasetRoot (the Helm chart creates both); a round whose dataset.hostPath is "
+        "outside datasetRoot then fails (DatasetOutsideRoot).",
+    )
     run_as_user: int = Field(
         default=65532,
         ge=1,
@@ -139,6 +153,13 @@ class OperatorConfig(_Config):
         description="Where the operator reads a FederatedRound aggregator's status; {service}, {namespace} and "
         "{port} are filled in. The default resolves inside the cluster.",
     )
+
+    @field_validator("dataset_root")
+    @classmethod
+    def _plain_root(cls, root: str) -> str:
+        if ".." in root.split("/"):
+            raise ValueError("must not contain '..'")
+        return posixpath.normpath("/" + root.lstrip("/"))
 
     @field_validator("aggregator_status_url")
     @classmethod

@@ -200,6 +200,7 @@ def test_install_runs_every_pod_of_the_chart_restricted(devcluster, release):
     store_pod = next(p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "store")
     assert store_pod["spec"]["nodeName"] == "edge-cpu-0", "the hostPath volume pins the store to its node"
     assert devcluster.get_json("pvc", "edgeloop-model-cache", "-n", WORK_NS)["status"]["phase"] == "Bound"
+    assert devcluster.get_json("pvc", "edgeloop-datasets", "-n", WORK_NS)["status"]["phase"] == "Bound"
     assert devcluster.get_json("kopfpeering", RELEASE, "-n", WORK_NS)
     notes = helm(devcluster, "get", "notes", RELEASE, "-n", RELEASE_NS).stdout
     assert f"kubectl -n {RELEASE_NS} rollout status deployment/{RELEASE}-operator" in notes
@@ -362,11 +363,19 @@ def test_pod_security_restricted_admits_every_inference_pod_and_no_hostpath(devc
     devcluster.kubectl("delete", "daemonset", "hostpath-control", "-n", WORK_NS)
 
 
-@pytest.mark.xfail(strict=True, reason="FederatedRound client Jobs mount the dataset as a hostPath volume, which "
-                   "the restricted level forbids; they need the model cache's treatment (a claim bound to a hostPath "
-                   "PersistentVolume)")
 def test_pod_security_restricted_admits_every_federated_pod(devcluster, release):
     assert failed_creates(devcluster, "Job") == []
+    # The dataset comes through the chart's claim, as a read-only subPath: no hostPath in any Job's pods.
+    jobs = devcluster.get_json("jobs", "-n", WORK_NS, "-l", "edgeloop.io/federatedround=digits-round-1")["items"]
+    clients = [j for j in jobs if j["metadata"]["labels"]["edgeloop.io/role"] == "client"]
+    assert clients and len(clients) < len(jobs)
+    for job in jobs:
+        assert not any("hostPath" in v for v in job["spec"]["template"]["spec"].get("volumes", []))
+    for job in clients:
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "edgeloop-datasets", "readOnly": True}
+    pods = devcluster.get_json("pods", "-n", WORK_NS, "-l", "edgeloop.io/role=client")["items"]
+    assert len(pods) == len(clients), "every client Job's pod was admitted"
 
 
 def test_upgrade_with_changed_values(devcluster, release):
@@ -402,13 +411,15 @@ def test_uninstall_leaves_no_orphans_and_keeps_crds_and_models(devcluster, relea
     left = devcluster.get_json(kinds, "-A", "-l", selector)["items"]
     left += devcluster.get_json("clusterroles,clusterrolebindings,persistentvolumes,clusterkopfpeerings.kopf.dev",
                                 "-l", selector)["items"]
-    # Kept on purpose (helm.sh/resource-policy: keep): the model cache claim the still-running models mount.
-    kept = sorted((o["kind"], o["metadata"].get("namespace", "")) for o in left
-                  if o["metadata"]["labels"].get("app.kubernetes.io/component") == "model-cache")
-    assert kept == sorted([("PersistentVolume", ""), ("PersistentVolume", ""),
-                           ("PersistentVolumeClaim", EXTRA_NS), ("PersistentVolumeClaim", WORK_NS)])
+    # Kept on purpose (helm.sh/resource-policy: keep): the model cache claim the still-running models mount,
+    # and the dataset claim of the FederatedRounds' client pods.
+    for component in ("model-cache", "datasets"):
+        kept = sorted((o["kind"], o["metadata"].get("namespace", "")) for o in left
+                      if o["metadata"]["labels"].get("app.kubernetes.io/component") == component)
+        assert kept == sorted([("PersistentVolume", ""), ("PersistentVolume", ""),
+                               ("PersistentVolumeClaim", EXTRA_NS), ("PersistentVolumeClaim", WORK_NS)]), component
     assert [f"{o['kind']}/{o['metadata']['name']}" for o in left if o["metadata"]["labels"].get(
-        "app.kubernetes.io/component") != "model-cache"] == []
+        "app.kubernetes.io/component") not in ("model-cache", "datasets")] == []
     assert not devcluster.get_json("pods", "-n", RELEASE_NS)["items"] or wait_for(
         "the release's pods to go", lambda: not devcluster.get_json("pods", "-n", RELEASE_NS)["items"])
     # Documented retention: Helm never deletes CRDs, so the custom resources and what they run stay.

@@ -101,6 +101,8 @@ BAD_VALUES = [
     ("negative replicas", "operator.replicas=-1", "/operator/replicas"),
     ("store persistence mode", "store.persistence.mode=nfs", "value must be one of 'storageClass', 'hostPath'"),
     ("relative cache dir", "config.modelCacheDir=var/cache", "/config/modelCacheDir"),
+    ("relative data root", "config.datasetRoot=data", "/config/datasetRoot"),
+    ("dataset claim name", "datasets.claimName=Data_Set", "/datasets/claimName"),
     ("namespace name", "watchNamespaces={Edge_A}", "/watchNamespaces/0"),
     ("class without providers", "config.acceleratorClasses.hailo.resource=hailo.ai/npu",
      "missing properties 'matchAnyLabel', 'executionProviders'"),
@@ -192,6 +194,7 @@ def test_the_config_map_is_a_valid_operator_configuration(tmp_path):
     assert loaded.accelerator_classes["gpu"].resource_count == 2
     assert loaded.runtime_image == "ghcr.io/edgeloop/runtime:0.1.0"
     assert loaded.model_cache_claim == "edgeloop-model-cache"
+    assert (loaded.dataset_claim, loaded.dataset_root) == ("edgeloop-datasets", "/var/lib/edgeloop/data")
 
 
 # ---- RBAC: exactly edgeloop.rbac
@@ -346,6 +349,46 @@ def test_model_cache_claim_is_what_the_rendered_pods_mount(tmp_path):
     assert volumes["model-cache"] == {"name": "model-cache",
                                       "persistentVolumeClaim": {"claimName": "edgeloop-model-cache"}}
     assert not any("hostPath" in v for v in volumes.values())
+
+
+@needs_helm
+def test_dataset_claim_is_what_the_rendered_client_pods_mount(tmp_path):
+    docs = template("watchNamespaces={edge-a}", "config.datasetRoot=/srv/edge")
+    claim = one(docs, "PersistentVolumeClaim", "edgeloop-datasets")
+    volume = one(docs, "PersistentVolume", "edgeloop-datasets-edge-a")
+    assert claim["metadata"]["namespace"] == "edge-a" and claim["spec"]["volumeName"] == "edgeloop-datasets-edge-a"
+    assert claim["spec"]["accessModes"] == volume["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert volume["spec"]["claimRef"] == {"namespace": "edge-a", "name": "edgeloop-datasets"}
+    assert volume["spec"]["hostPath"]["path"] == "/srv/edge"
+    assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain", "the nodes' data is never deleted"
+    assert "nodeAffinity" not in volume["spec"], "each pod must get its own node's directory"
+    for kept in (claim, volume):
+        assert kept["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert kept["metadata"]["labels"]["app.kubernetes.io/component"] == "datasets"
+
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    loaded = config.load(path)
+    assert loaded.dataset_root == "/srv/edge"
+    with pytest.raises(federatedround.DatasetOutsideRoot):
+        federated_pods(loaded)  # the example's dataset lies under the default root only
+    client = federated_pods(loaded.model_copy(update={"dataset_root": "/var/lib/edgeloop"}))["client"]["spec"]
+    assert {v["name"]: v for v in client["volumes"]}["data"] == {
+        "name": "data", "persistentVolumeClaim": {"claimName": "edgeloop-datasets", "readOnly": True}}
+    assert {m["name"]: m for m in client["containers"][0]["volumeMounts"]}["data"]["subPath"] == "data/digits"
+    assert not any("hostPath" in v for v in client["volumes"])
+
+
+@needs_helm
+def test_without_the_dataset_volume_the_client_pods_mount_the_host_path(tmp_path):
+    docs = template("watchNamespaces={edge-a}", "datasets.persistentVolume=false")
+    assert not [d for d in docs if "datasets" in d["metadata"]["name"]]
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    loaded = config.load(path)
+    assert loaded.dataset_claim is None
+    volumes = {v["name"]: v for v in federated_pods(loaded)["client"]["spec"]["volumes"]}
+    assert volumes["data"]["hostPath"]["path"] == "/var/lib/edgeloop/data/digits"
 
 
 # ---- the store

@@ -88,7 +88,7 @@ def federated_round(**spec_override):
 class World:
     """The operator's view: Kopf indexes as plain dicts, refreshed from the fake API server."""
 
-    def __init__(self, nodes=("edge-a", "edge-b", "edge-c", "edge-d"), body=None):
+    def __init__(self, nodes=("edge-a", "edge-b", "edge-c", "edge-d"), body=None, operator_config=None):
         self.kube = FakeKube()
         self.kube.objects[("FederatedRound", "r1")] = body or federated_round()
         model = inference_model()
@@ -99,7 +99,7 @@ class World:
         self.report: dict | None = None  # what GET /v1/status answers; None: unreachable
         self.events: list[tuple] = []
         self.controller = FederatedRounds(
-            config=config.build(),
+            config=operator_config or config.build(),
             kube=self.kube,
             rounds=self.rounds,
             jobs=self.jobs,
@@ -387,6 +387,33 @@ def test_a_running_round_whose_aggregator_job_was_deleted_fails_and_is_not_start
         "Promoted": ("False", "RoundFailed"),
     }
     assert world.status["round"] == 2, "what was reported stays"
+
+
+def test_with_a_dataset_claim_a_dataset_outside_the_data_root_fails_the_round_without_creating_anything():
+    claimed = config.build({"datasetClaim": "edgeloop-datasets"})
+    world = World(body=federated_round(dataset={"hostPath": "/mnt/digits"}), operator_config=claimed)
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+    assert world.status["phase"] == "Failed"
+    assert world.conditions() == {
+        "Started": ("False", "DatasetOutsideRoot"),
+        "Succeeded": ("False", "DatasetOutsideRoot"),
+        "Promoted": ("False", "RoundFailed"),
+    }
+    message = {c["type"]: c["message"] for c in world.status["conditions"]}["Succeeded"]
+    assert "/mnt/digits is not under /var/lib/edgeloop/data" in message
+    world.kube.calls.clear()
+    world.sync()
+    assert world.kube.calls == [], "a failed round is done: no retries"
+
+
+def test_with_a_dataset_claim_a_dataset_under_the_root_starts():
+    world = World(operator_config=config.build({"datasetClaim": "edgeloop-datasets"}))
+    world.sync()
+    client = world.kube.objects[("Job", "r1-client-0")]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in client["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "edgeloop-datasets"
+    assert world.conditions()["Started"] == ("True", "JobsCreated")
 
 
 def test_a_round_deleted_during_a_sync_is_not_an_error():

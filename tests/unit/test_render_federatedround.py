@@ -13,8 +13,10 @@ from edgeloop import config
 from edgeloop.api.federatedround import FederatedRoundSpec
 from edgeloop.render.federatedround import (
     START_ANNOTATION,
+    DatasetOutsideRoot,
     Start,
     active_deadline_seconds,
+    dataset_sub_path,
     render,
 )
 from edgeloop_runtime.cli import build_parser
@@ -120,6 +122,50 @@ def test_the_dataset_is_mounted_read_only_from_the_node():
         assert volumes["data"]["hostPath"] == {"path": "/var/lib/edgeloop/data/digits", "type": "Directory"}
         mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
         assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
+
+
+def claimed(**overrides):
+    return config.build({"datasetClaim": "edgeloop-datasets", **overrides})
+
+
+def test_with_a_dataset_claim_the_dataset_is_a_read_only_sub_path_of_the_claim_and_no_host_path():
+    for job in render(OWNER, FederatedRoundSpec.model_validate(example_spec()), claimed(), START).clients:
+        volumes = {v["name"]: v for v in pod(job)["volumes"]}
+        assert volumes["data"] == {
+            "name": "data",
+            "persistentVolumeClaim": {"claimName": "edgeloop-datasets", "readOnly": True},
+        }
+        assert not any("hostPath" in v for v in volumes.values())
+        mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
+        assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True, "subPath": "digits"}
+        assert parsed(job).data == "/data", "the runtime's contract is unchanged"
+
+
+@pytest.mark.parametrize(
+    ("root", "host_path", "sub_path"),
+    [
+        ("/var/lib/edgeloop/data", "/var/lib/edgeloop/data/a/b/", "a/b"),
+        ("/var/lib/edgeloop/data/", "//var/lib/edgeloop/data//a", "a"),
+        ("/srv/data", "/srv/data", ""),
+    ],
+)
+def test_the_sub_path_is_the_dataset_relative_to_the_root(root, host_path, sub_path):
+    assert dataset_sub_path(spec(dataset={"hostPath": host_path}), claimed(datasetRoot=root)) == sub_path
+    [client, *_] = render(OWNER, spec(dataset={"hostPath": host_path}), claimed(datasetRoot=root), START).clients
+    mounts = {m["name"]: m for m in container(client)["volumeMounts"]}
+    assert mounts["data"].get("subPath") == (sub_path or None)
+
+
+@pytest.mark.parametrize("host_path", ["/var/lib/edgeloop/database", "/var/lib/edgeloop", "/data/digits"])
+def test_a_dataset_outside_the_root_cannot_be_rendered_with_a_claim(host_path):
+    with pytest.raises(DatasetOutsideRoot, match="is not under /var/lib/edgeloop/data"):
+        render(OWNER, spec(dataset={"hostPath": host_path}), claimed(), START)
+    assert render(OWNER, spec(dataset={"hostPath": host_path}), config.build(), START).clients, "hostPath: any path"
+
+
+def test_a_data_root_with_dot_dot_is_a_config_error():
+    with pytest.raises(config.ConfigError, match="datasetRoot"):
+        config.build({"datasetRoot": "/var/lib/../etc"})
 
 
 def test_restricted_security_context_and_no_api_credentials():

@@ -82,6 +82,9 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{- if .Values.modelCache.persistentVolume }}
 {{- $_ := set $config "modelCacheClaim" .Values.modelCache.claimName }}
 {{- end }}
+{{- if .Values.datasets.persistentVolume }}
+{{- $_ := set $config "datasetClaim" .Values.datasets.claimName }}
+{{- end }}
 {{- if .Values.store.enabled }}
 {{- $_ := set $config "storeUrl" (printf "http://%s-store.%s.svc:%d" (include "edgeloop.fullname" .) .Release.Namespace (int .Values.store.service.port)) }}
 {{- $_ := set $config "storeTokenSecret" (include "edgeloop.storeTokenSecret" .) }}

@@ -41,8 +41,10 @@ from edgeloop.render.federatedround import (
     ROLE_LABEL,
     ROUND_LABEL,
     START_ANNOTATION,
+    DatasetOutsideRoot,
     Start,
     aggregator_name,
+    dataset_sub_path,
     owner_of,
     render,
 )
@@ -180,6 +182,17 @@ class FederatedRounds:
             )
             await self._publish(body, previous, status)
             return
+
+        if self._config.dataset_claim:
+            try:
+                dataset_sub_path(spec, self._config)
+            except DatasetOutsideRoot as error:
+                why = Waiting("DatasetOutsideRoot", str(error))
+                status = fr_status.cannot_run(
+                    generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=_now()
+                )
+                await self._publish(body, previous, status)
+                return
 
         owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
         jobs = {job.name: job for job in self._jobs.get(key, []) if job.owner_uid == owner.uid}

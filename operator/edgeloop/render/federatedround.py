@@ -8,6 +8,7 @@ that record, so the Jobs never disagree with each other, whatever the nodes or t
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,24 @@ def active_deadline_seconds(spec: FederatedRoundSpec) -> int:
     return (spec.training.rounds + 1) * per_round + _LINGER_SECONDS + _STARTUP_SECONDS
 
 
+class DatasetOutsideRoot(ValueError):
+    """The round's dataset is not under the data root that the dataset claim mounts."""
+
+
+def dataset_sub_path(spec: FederatedRoundSpec, config: OperatorConfig) -> str:
+    """With config.dataset_claim: the dataset's path within the claim ("" for the root itself)."""
+    path = posixpath.normpath("/" + spec.dataset.host_path.lstrip("/"))
+    root = config.dataset_root
+    if path == root:
+        return ""
+    if not path.startswith(root.rstrip("/") + "/"):
+        raise DatasetOutsideRoot(
+            f"dataset.hostPath {spec.dataset.host_path} is not under {root}, the node directory that the "
+            f"operator's dataset claim {config.dataset_claim} mounts"
+        )
+    return posixpath.relpath(path, root)
+
+
 def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> dict[str, Any]:
     return {
         "namespace": owner.namespace,
@@ -147,6 +166,7 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
         node=node,
         aggregator_url=aggregator_url(owner),
         tolerations=[t.to_wire() for t in spec.participants.tolerations],
+        dataset_sub_path=dataset_sub_path(spec, config) if config.dataset_claim else None,
         **_common(owner, spec, config),
     )
 

@@ -218,6 +218,30 @@ def aggregator_deleted(previous: FederatedRoundStatus, generation: int, now: str
     )
 
 
+def cannot_run(
+    *, generation: int, rounds: int, why: Waiting, previous: FederatedRoundStatus, now: str
+) -> FederatedRoundStatus:
+    """A round that can never run as specified (its spec is immutable): it fails, with why."""
+    started = condition(previous.conditions, STARTED)
+    updates = [
+        ConditionUpdate(STARTED, started.status, started.reason, started.message)
+        if started and started.status == "True"
+        else ConditionUpdate(STARTED, "False", why.reason, why.message),
+        ConditionUpdate(SUCCEEDED, "False", why.reason, why.message),
+        ConditionUpdate(PROMOTED, "False", "RoundFailed", "the round failed: there is nothing to promote"),
+    ]
+    return previous.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": "Failed",
+            "rounds": previous.rounds or rounds,
+            "progress": previous.progress or f"0/{rounds}",
+            "stage": "",
+            "conditions": merge_conditions(previous.conditions, updates, generation, now),
+        }
+    )
+
+
 def is_done(status: FederatedRoundStatus) -> bool:
     """Nothing about the round can change any more: it ended, and promotion was decided."""
     promoted = condition(status.conditions, PROMOTED)
