@@ -134,6 +134,7 @@ class InferenceModels:
         # Per InferenceModel, per DaemonSet: when its pods were last looked at, and what was found.
         self._diagnoses: dict[Key, dict[str, tuple[float, list[NodeProblem]]]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
+        self._resync: asyncio.Task[None] | None = None
 
     # ---- entry points
 
@@ -147,7 +148,20 @@ class InferenceModels:
         """Something the InferenceModel owns changed: sync it soon."""
         self.runner.request(key)
 
-    async def resync_forever(self, interval: float) -> None:
+    def start_resync(self, interval: float) -> None:
+        """Re-syncs every InferenceModel this often.
+
+        Called from a handler rather than at startup: the syncs post Kubernetes events, which Kopf allows
+        in handlers and the tasks they start only."""
+        if self._resync is None:
+            self._resync = asyncio.create_task(self._resync_forever(interval))
+
+    async def close(self) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+        await self.runner.close()
+
+    async def _resync_forever(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             for key in list(self._models):
@@ -405,19 +419,18 @@ async def start(
         coalesce_seconds=memo.coalesce_seconds,
         diagnosis_interval=memo.diagnosis_interval,
     )
-    memo.resync = asyncio.create_task(memo.inference_models.resync_forever(memo.resync_seconds))
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    memo.resync.cancel()
-    await memo.inference_models.runner.close()
+    await memo.inference_models.close()
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.inference_models.start_resync(memo.resync_seconds)
     try:
         await memo.inference_models.reconcile(dict(body))
     except KubeError as error:
