@@ -148,10 +148,11 @@ class OperatorConfig(_Config):
         description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",
     )
     tls: TLSConfig = Field(default_factory=TLSConfig)
-    aggregator_status_url: str = Field(
-        default="http://{service}.{namespace}.svc:{port}/v1/status",
+    aggregator_status_url: str | None = Field(
+        default=None,
         description="Where the operator reads a FederatedRound aggregator's status; {service}, {namespace} and "
-        "{port} are filled in. The default resolves inside the cluster.",
+        "{port} are filled in. The default, {scheme}://{service}.{namespace}.svc:{port}/v1/status, resolves "
+        "inside the cluster; its scheme is https unless tls.mode is disabled.",
     )
 
     @field_validator("dataset_root")
@@ -163,12 +164,19 @@ class OperatorConfig(_Config):
 
     @field_validator("aggregator_status_url")
     @classmethod
-    def _known_placeholders(cls, template: str) -> str:
+    def _known_placeholders(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
         try:
             template.format(service="s", namespace="n", port=1)
         except (KeyError, IndexError, ValueError) as error:
             raise ValueError(f"only {{service}}, {{namespace}} and {{port}} can be filled in: {error}") from None
         return template
+
+    def status_url_template(self) -> str:
+        """aggregator_status_url, or its default for the TLS mode."""
+        scheme = "https" if self.tls.enabled else "http"
+        return self.aggregator_status_url or scheme + "://{service}.{namespace}.svc:{port}/v1/status"
 
     def accelerator_class(self, name: str) -> AcceleratorClass:
         try:

@@ -11,6 +11,7 @@ promotion into the InferenceModel and its rollout, cleanup, admission - is the r
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import hashlib
@@ -449,13 +450,41 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
     wait_for(url, answers, timeout)
 
 
+def secret_files(devcluster, namespace: str, name: str, directory: Path) -> dict:
+    """Writes a kubernetes.io/tls Secret's files into `directory`, as its volume would; returns the Secret."""
+    body = devcluster.get_json("secret", name, "-n", namespace)
+    directory.mkdir()
+    for key in ("tls.crt", "tls.key", "ca.crt"):
+        (directory / key).write_bytes(base64.b64decode(body["data"][key]))
+    return body
+
+
+def resolving_svc_to_loopback(directory: Path) -> dict[str, str]:
+    """The environment for a local process in which every `*.svc` name resolves to 127.0.0.1, as the
+    aggregator Service's name resolves to the aggregator in the cluster: the clients then reach it by the
+    name its certificate carries."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(
+        "import socket\n"
+        "_getaddrinfo = socket.getaddrinfo\n"
+        "def getaddrinfo(host, *args, **kwargs):\n"
+        "    if isinstance(host, str) and host.endswith('.svc'):\n"
+        "        host = '127.0.0.1'\n"
+        "    return _getaddrinfo(host, *args, **kwargs)\n"
+        "socket.getaddrinfo = getaddrinfo\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))}
+
+
 def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulated_pods(
     devcluster, namespace, operator_with, participants, processes, tmp_path
 ):
     """The pods are simulated by running each Job's own command line, as rendered into the cluster, as a
     local process: the real aggregator and clients of edgeloop-runtime, with secure aggregation, on the
-    digits data split over three nodes. Only what ties a command to a pod is replaced: the listening
-    port, the Service address, the volumes' paths. The store is the runtime's, on loopback."""
+    digits data split over three nodes, over mTLS with the certificates the operator issued to the round
+    (and the operator polls the aggregator's status with the round's client certificate). Only what ties a
+    command to a pod is replaced: the listening port, the Service's port, the volumes' paths. The store is
+    the runtime's, on loopback."""
     from edgeloop_runtime.federated.model import mlp
     from sklearn.datasets import load_digits
 
@@ -493,7 +522,7 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
         (tmp_path / node).mkdir()
         np.savez(tmp_path / node / "digits.npz", x=(x[i::3] / 16).astype(np.float32), y=y[i::3])
 
-    operator_with({"aggregatorStatusUrl": f"http://127.0.0.1:{aggregator_port}/v1/status", "storeUrl": store})
+    operator_with({"aggregatorStatusUrl": f"https://127.0.0.1:{aggregator_port}/v1/status", "storeUrl": store})
     participants(*nodes)
     model = copy.deepcopy(MODEL_EXAMPLE)
     model["spec"]["model"] = {"uri": f"{store}/sha256/{digest}", "sha256": digest, "version": "1"}
@@ -511,27 +540,55 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
         "the round's four Jobs",
         lambda: (j := devcluster.get_json("jobs", "-n", namespace)["items"]) and len(j) == 4 and j,
     )
+    # TLS by default: a server certificate for the aggregator Service and one client certificate for the
+    # round's clients, both owned by the round, issued before its Jobs.
+    round_uid = devcluster.get_json("federatedround", ROUND, "-n", namespace)["metadata"]["uid"]
+    server_tls = secret_files(devcluster, namespace, f"{ROUND}-aggregator-tls", tmp_path / "aggregator-tls")
+    client_tls = secret_files(devcluster, namespace, f"{ROUND}-client-tls", tmp_path / "client-tls")
+    for body in (server_tls, client_tls):
+        assert body["type"] == "kubernetes.io/tls"
+        assert [o["uid"] for o in body["metadata"]["ownerReferences"]] == [round_uid]
+    env = resolving_svc_to_loopback(tmp_path / "resolve")
 
     for job in jobs:
         [container] = job["spec"]["template"]["spec"]["containers"]
         assert container["command"] == ["edgeloop-runtime"]
         args = container["args"]
+        pod_spec = job["spec"]["template"]["spec"]
+        mounted = {v["name"]: v.get("secret", {}).get("secretName") for v in pod_spec["volumes"]}
+        assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["tls"] == "/etc/edgeloop/tls"
         if container["name"] == "aggregator":
+            assert mounted["tls"] == f"{ROUND}-aggregator-tls"
+            files = tmp_path / "aggregator-tls"
             args = localized(
                 args,
                 {
                     "--port": str(aggregator_port),
                     "--state-dir": str(tmp_path / "state"),
                     "--store-token-file": str(token),
+                    "--tls-cert": str(files / "tls.crt"),
+                    "--tls-key": str(files / "tls.key"),
+                    "--tls-ca": str(files / "ca.crt"),
                 },
             )
             processes.start("aggregator", [runtime, *args])
         else:
+            assert mounted["tls"] == f"{ROUND}-client-tls"
             node = job["metadata"]["annotations"]["edgeloop.io/node"]
+            service = args[args.index("--aggregator") + 1]
+            assert service == f"https://{ROUND}-aggregator.{namespace}.svc:8080"
+            files = tmp_path / "client-tls"
             args = localized(
-                args, {"--aggregator": f"http://127.0.0.1:{aggregator_port}", "--data": str(tmp_path / node)}
+                args,
+                {
+                    "--aggregator": service.replace(":8080", f":{aggregator_port}"),
+                    "--data": str(tmp_path / node),
+                    "--tls-ca": str(files / "ca.crt"),
+                    "--tls-cert": str(files / "tls.crt"),
+                    "--tls-key": str(files / "tls.key"),
+                },
             )
-            processes.start(node, [runtime, *args], env={"NODE_NAME": node})
+            processes.start(node, [runtime, *args], env={"NODE_NAME": node, **env})
 
     body = wait_round(
         devcluster,
@@ -554,6 +611,13 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
         assert hashlib.sha256(published.read()).hexdigest() == trained
     served = devcluster.get_json("inferencemodel", "digits", "-n", namespace)["spec"]["model"]
     assert (served["sha256"], served["version"]) == (trained, "2")
+
+    def serving_it() -> bool:  # the fleet rolled to it (and the rollout is over before the cleanup)
+        status = devcluster.get_json("inferencemodel", "digits", "-n", namespace).get("status", {})
+        ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready")
+        return ready == "True" and "version 2" in json.dumps(status)
+
+    wait_for("the InferenceModel to serve the trained model", serving_it)
 
 
 INVALID = [

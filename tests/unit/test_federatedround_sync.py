@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
+import http.server
 import json
+import ssl
+import threading
 
 import pytest
-from edgeloop import config
-from edgeloop.handlers.federatedround import ALL_NODES, FederatedRounds
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from edgeloop import certs, config
+from edgeloop.handlers.certificates import Certificates
+from edgeloop.handlers.federatedround import ALL_NODES, ClientTLS, FederatedRounds, read_url
 from edgeloop.kube import KubeError
+from edgeloop.render.certificates import decode
 from edgeloop.render.participants import Candidate
 from edgeloop.status.federatedround import JobState
+from edgeloop_runtime.federated.transport import server_context
 from fr_factories import SHA_TRAINED, report
 from im_factories import SHA_A, SHA_B, inference_model, node
 
 KEY = ("edge", "r1")
-STATUS_URL = "http://r1-aggregator.edge.svc:8080/v1/status"
+STATUS_URL = "https://r1-aggregator.edge.svc:8080/v1/status"  # TLS by default
 
 
 class FakeKube:
@@ -42,7 +51,9 @@ class FakeKube:
     def get(self, kind, namespace, name):
         self.calls.append(("get", kind.plural, name))
         return copy.deepcopy(
-            self.objects.get(({"jobs": "Job", "inferencemodels": "InferenceModel"}[kind.plural], name))
+            self.objects.get(
+                ({"jobs": "Job", "inferencemodels": "InferenceModel", "secrets": "Secret"}[kind.plural], name)
+            )
         )
 
     def list(self, kind, namespace, *, label_selector="", field_selector="", page_size=100):
@@ -94,12 +105,15 @@ class World:
         model = inference_model()
         model["metadata"]["resourceVersion"] = "10"
         self.kube.objects[("InferenceModel", "digits")] = model
-        self.rounds, self.jobs, self.services = {}, {}, {}
+        self.rounds, self.jobs, self.services, self.secrets = {}, {}, {}, {}
         self.nodes = {ALL_NODES: [Candidate.from_object(node(name)) for name in nodes]}
         self.report: dict | None = None  # what GET /v1/status answers; None: unreachable
         self.events: list[tuple] = []
+        self.polled_tls = None  # the client certificate the last poll presented
+        operator_config = operator_config or config.build()
+        self.status_url = STATUS_URL if operator_config.tls.enabled else STATUS_URL.replace("https", "http")
         self.controller = FederatedRounds(
-            config=operator_config or config.build(),
+            config=operator_config,
             kube=self.kube,
             rounds=self.rounds,
             jobs=self.jobs,
@@ -108,11 +122,13 @@ class World:
             coalesce_seconds=0,
             read_url=self.read_url,
             post_event=lambda body, **e: self.events.append((body["kind"], e["type"], e["reason"])),
+            tls=Certificates(operator_config.tls, self.kube, self.secrets),
         )
         self.refresh()
 
-    def read_url(self, url):
-        assert url == STATUS_URL
+    def read_url(self, url, tls):
+        assert url == self.status_url
+        self.polled_tls = tls
         if self.report is None:
             raise ConnectionRefusedError("connection refused")
         return json.dumps(self.report)
@@ -125,6 +141,10 @@ class World:
                 obj["status"] = {
                     "conditions": [{"type": finished[name], "status": "True", "reason": "", "message": ""}]
                 }
+        self.secrets.clear()
+        self.secrets.update(
+            {("edge", name): [copy.deepcopy(o)] for (kind, name), o in self.kube.objects.items() if kind == "Secret"}
+        )
         self.jobs[KEY] = [JobState.from_object(o) for (kind, _), o in self.kube.objects.items() if kind == "Job"]
         self.services[KEY] = [
             (o["metadata"]["name"], o["metadata"]["ownerReferences"][0]["uid"])
@@ -161,6 +181,9 @@ def test_start_creates_the_aggregator_first_then_its_service_and_one_client_per_
     world.sync()
     applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
     assert applied == [
+        ("Secret", "edgeloop-ca"),
+        ("Secret", "r1-aggregator-tls"),
+        ("Secret", "r1-client-tls"),
         ("Job", "r1-aggregator"),
         ("Service", "r1-aggregator"),
         ("Job", "r1-client-0"),
@@ -426,3 +449,134 @@ def test_a_round_deleted_during_a_sync_is_not_an_error():
     world.kube.patch_status = gone
     asyncio.run(world.controller.runner.run(KEY))
     assert world.events == []
+
+
+# ---- TLS
+
+
+def secret(world: World, name: str) -> dict:
+    return world.kube.objects[("Secret", name)]
+
+
+def test_the_certificates_are_issued_before_the_jobs_and_owned_by_the_round():
+    world = World()
+    world.sync()
+    applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
+    assert applied.index(("Secret", "r1-client-tls")) < applied.index(("Job", "r1-aggregator"))
+    ca = decode(secret(world, "edgeloop-ca"), "tls.crt")
+    server = certs.load_cert(decode(secret(world, "r1-aggregator-tls"), "tls.crt"))
+    client = certs.load_cert(decode(secret(world, "r1-client-tls"), "tls.crt"))
+    assert certs.signed_by(server, certs.load_cert(ca)) and certs.signed_by(client, certs.load_cert(ca))
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    )
+    assert names == certs.service_dns_names("r1-aggregator", "edge")
+    usages = {
+        name: c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        for name, c in (("server", server), ("client", client))
+    }
+    assert list(usages["server"]) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert list(usages["client"]) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    for name in ("r1-aggregator-tls", "r1-client-tls"):
+        [owner] = secret(world, name)["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("FederatedRound", "r1", "uid-r1"), "goes with it"
+        assert secret(world, name)["metadata"]["labels"]["edgeloop.io/federatedround"] == "r1"
+    aggregator = world.kube.objects[("Job", "r1-aggregator")]["spec"]["template"]["spec"]
+    client_job = world.kube.objects[("Job", "r1-client-0")]["spec"]["template"]["spec"]
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in aggregator["volumes"]}["tls"] == (
+        "r1-aggregator-tls"
+    )
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in client_job["volumes"]}["tls"] == "r1-client-tls"
+
+
+def test_valid_certificates_cost_no_call_and_no_write():
+    world = started_world()
+    world.sync()
+    assert not [c for c in world.kube.calls if c[0] in ("apply", "get")], world.kube.calls
+
+
+def test_a_certificate_due_for_rotation_is_renewed_by_the_sync_of_a_running_round():
+    world = started_world()
+    before = decode(secret(world, "r1-client-tls"), "tls.crt")
+    del world.kube.objects[("Secret", "r1-client-tls")]  # gone, as a certificate past rotation would be
+    world.refresh()
+    world.sync()
+    assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "Secret", "r1-client-tls")]
+    assert decode(secret(world, "r1-client-tls"), "tls.crt") != before
+
+
+def test_the_status_poll_presents_the_rounds_client_certificate_and_expects_the_services_name():
+    world = started_world()
+    world.report = report()
+    world.sync()
+    stored = secret(world, "r1-client-tls")
+    assert world.polled_tls is not None
+    assert (world.polled_tls.cert, world.polled_tls.key, world.polled_tls.ca) == (
+        decode(stored, "tls.crt"),
+        decode(stored, "tls.key"),
+        decode(stored, "ca.crt"),
+    )
+    assert world.polled_tls.server_name == "r1-aggregator.edge.svc"
+
+
+def test_with_tls_disabled_there_are_no_certificates_and_the_poll_is_plain_http():
+    world = World(operator_config=config.build({"tls": {"mode": "disabled"}}))
+    world.report = report()
+    world.sync()
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[1] == "Secret"]
+    assert world.polled_tls is None
+    args = world.kube.objects[("Job", "r1-client-0")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--aggregator") + 1] == "http://r1-aggregator.edge.svc:8080"
+
+
+def test_read_url_speaks_mtls_to_the_runtimes_server_and_verifies_the_service_name(tmp_path):
+    """The real poll against a server set up as the aggregator's (the runtime's own server_context)."""
+    now = dt.datetime.now(dt.UTC)
+    ca = certs.new_ca("ca", now, dt.timedelta(days=1))
+    server = certs.issue(ca, "s", certs.Usage.SERVER, now, dt.timedelta(hours=1), ["agg.edge.svc"])
+    client = certs.issue(ca, "c", certs.Usage.CLIENT, now, dt.timedelta(hours=1), [])
+    for name, text in {"ca.crt": ca.cert, "tls.crt": server.cert, "tls.key": server.key}.items():
+        (tmp_path / name).write_text(text)
+    context = server_context(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), str(tmp_path / "ca.crt"))
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Status)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/v1/status"
+    try:
+        good = ClientTLS(ca.cert, client.cert, client.key, "agg.edge.svc")
+        assert json.loads(read_url(url, good)) == {"path": "/v1/status"}
+        with pytest.raises(ssl.SSLError):  # another name than the Service's
+            read_url(url, ClientTLS(ca.cert, client.cert, client.key, "other.edge.svc"))
+        with pytest.raises(OSError):  # no client certificate: the aggregator requires one
+            read_url(url)
+    finally:
+        httpd.shutdown()
+
+
+def test_in_cert_manager_mode_two_certificates_owned_by_the_round_come_before_the_jobs():
+    tls = {"mode": "cert-manager", "issuer": {"name": "ca", "kind": "ClusterIssuer"}}
+    world = World(operator_config=config.build({"tls": tls}))
+    world.sync()
+    applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
+    assert applied[:2] == [("Certificate", "r1-aggregator-tls"), ("Certificate", "r1-client-tls")]
+    assert not [a for a in applied if a[0] == "Secret"], "cert-manager writes the Secrets"
+    server = world.kube.objects[("Certificate", "r1-aggregator-tls")]["spec"]
+    client = world.kube.objects[("Certificate", "r1-client-tls")]["spec"]
+    assert server["dnsNames"] == certs.service_dns_names("r1-aggregator", "edge")
+    assert "server auth" in server["usages"] and "client auth" in client["usages"] and "dnsNames" not in client
+    world.kube.calls.clear()
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "apply"], "applied once per process and content"

@@ -94,7 +94,7 @@ def test_the_runtime_parses_each_client_command_line():
     for job in manifests.clients:
         args = parsed(job)
         assert args.federated_command == "train"
-        assert args.aggregator == f"http://{service}.edge.svc:8080"
+        assert args.aggregator == f"https://{service}.edge.svc:8080", "TLS by default"
         assert args.data == "/data"
         env = {e["name"]: e for e in container(job)["env"]}
         assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}, "the client id"
@@ -248,3 +248,61 @@ def test_operator_configuration_sets_the_image_and_the_store():
 def test_an_aggregator_url_with_unknown_placeholders_is_a_config_error(template):
     with pytest.raises(config.ConfigError, match="aggregatorStatusUrl"):
         config.build({"aggregatorStatusUrl": template})
+
+
+def mounts(job):
+    return {m["name"]: m for m in container(job)["volumeMounts"]}
+
+
+def volumes(job):
+    return {v["name"]: v for v in pod(job)["volumes"]}
+
+
+def test_the_aggregator_serves_mtls_with_its_server_certificate():
+    job = rendered_example().aggregator
+    args = parsed(job)
+    assert (args.tls_cert, args.tls_key, args.tls_ca) == (
+        "/etc/edgeloop/tls/tls.crt",
+        "/etc/edgeloop/tls/tls.key",
+        "/etc/edgeloop/tls/ca.crt",
+    ), "with --tls-ca it requires client certificates"
+    assert mounts(job)["tls"] == {"name": "tls", "mountPath": "/etc/edgeloop/tls", "readOnly": True}
+    assert volumes(job)["tls"]["secret"] == {"secretName": "digits-round-1-aggregator-tls", "defaultMode": 0o440}
+    assert pod(job)["securityContext"]["fsGroup"] == pod(job)["securityContext"]["runAsUser"]
+    probe = container(job)["readinessProbe"]
+    assert "tcpSocket" in probe and "httpGet" not in probe, "the kubelet has no client certificate"
+
+
+def test_each_client_presents_the_rounds_client_certificate():
+    for job in rendered_example().clients:
+        args = parsed(job)
+        assert args.aggregator.startswith("https://")
+        assert (args.tls_ca, args.tls_cert, args.tls_key) == (
+            "/etc/edgeloop/tls/ca.crt",
+            "/etc/edgeloop/tls/tls.crt",
+            "/etc/edgeloop/tls/tls.key",
+        )
+        assert mounts(job)["tls"]["readOnly"] is True
+        assert volumes(job)["tls"]["secret"]["secretName"] == "digits-round-1-client-tls"
+
+
+@pytest.mark.parametrize("mode", ["operator", "cert-manager"])
+def test_the_default_status_url_follows_the_tls_mode(mode):
+    tls = {"mode": mode, "issuer": {"name": "ca", "kind": "ClusterIssuer"}} if mode == "cert-manager" else {}
+    assert config.build({"tls": tls}).status_url_template().startswith("https://")
+    assert config.build({"tls": {"mode": "disabled"}}).status_url_template().startswith("http://")
+    assert config.build({"aggregatorStatusUrl": "http://x/{service}"}).status_url_template() == "http://x/{service}"
+
+
+def test_with_tls_disabled_the_jobs_speak_plain_http_without_certificates():
+    manifests = render(
+        OWNER, FederatedRoundSpec.model_validate(example_spec()), config.build({"tls": {"mode": "disabled"}}), START
+    )
+    aggregator = parsed(manifests.aggregator)
+    assert (aggregator.tls_cert, aggregator.tls_key, aggregator.tls_ca) == (None, None, None)
+    assert "tls" not in volumes(manifests.aggregator) and "fsGroup" not in pod(manifests.aggregator)["securityContext"]
+    assert container(manifests.aggregator)["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    for job in manifests.clients:
+        args = parsed(job)
+        assert args.aggregator.startswith("http://") and args.tls_cert is None
+        assert "tls" not in volumes(job)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,16 +78,27 @@ class Certificates:
         assert leaf is not None
         return revision(leaf)
 
+    def stored(self, namespace: str, name: str) -> Stored | None:
+        """What Secret `name` holds as the watch shows it (no API call); None until it holds a certificate."""
+        secret = self._indexed((namespace, name)) or {}
+        ca, cert, key = (decode(secret, k) for k in ("ca.crt", "tls.crt", "tls.key"))
+        return Stored(ca, cert, key) if ca and cert and key else None
+
     async def _ca(self, namespace: str) -> certs.KeyPair:
         key = (namespace, CA_SECRET)
         now = self._now()
         ca = _pair(self._indexed(key))
-        if certs.ca_needs_rotation(ca, now):
+        if not certs.ca_needs_rotation(ca, now):
+            assert ca is not None
+            return ca
+        # One CA per namespace even when workloads of several kinds sync at once, each with its own
+        # Certificates: the second finds the first one's CA live.
+        async with _ca_lock(namespace):
             ca = _pair(await self._live(key))
-        if certs.ca_needs_rotation(ca, now):
-            ca = certs.new_ca(f"edgeloop-ca.{namespace}", now, timedelta(days=self._tls.ca_validity_days))
-            await asyncio.to_thread(self._kube.apply, ca_secret(namespace, ca))
-            log.info("created the CA in Secret %s/%s", *key)
+            if certs.ca_needs_rotation(ca, now):
+                ca = certs.new_ca(f"edgeloop-ca.{namespace}", now, timedelta(days=self._tls.ca_validity_days))
+                await asyncio.to_thread(self._kube.apply, ca_secret(namespace, ca))
+                log.info("created the CA in Secret %s/%s", *key)
         assert ca is not None
         return ca
 
@@ -95,6 +107,22 @@ class Certificates:
 
     async def _live(self, key: Key) -> dict[str, Any] | None:
         return await asyncio.to_thread(self._kube.get, SECRET, *key)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A certificate Secret's files, as PEM text."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+_ca_locks: dict[tuple[int, str], asyncio.Lock] = {}
+
+
+def _ca_lock(namespace: str) -> asyncio.Lock:
+    return _ca_locks.setdefault((id(asyncio.get_running_loop()), namespace), asyncio.Lock())
 
 
 def _usage(usage: certs.Usage) -> str:

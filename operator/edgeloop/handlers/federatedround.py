@@ -11,19 +11,30 @@ pure function of that report and the aggregator Job (edgeloop.status.federatedro
 says Succeeded, the promotion gate decides, and a model that passes replaces the InferenceModel's
 spec.model, which rolls the fleet. A round whose outcome and promotion are decided is never looked at again.
 
+TLS (unless tls.mode is disabled): before its Jobs, a round gets a server certificate for its aggregator
+Service and one client certificate that all its clients present (mTLS), from the Certificates of
+handlers/certificates.py, so every sync of a running round is also their rotation check. The operator
+polls the aggregator with that same client certificate, read from the watch of the TLS Secrets.
+
 Deletion needs no handler: everything carries an owner reference, and the garbage collector removes the
-Jobs (stopping their pods) and the Service with the FederatedRound.
+Jobs (stopping their pods), the Service and the TLS Secrets with the FederatedRound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import logging
+import os
+import ssl
+import tempfile
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import kopf
 from pydantic import ValidationError
@@ -31,8 +42,10 @@ from pydantic import ValidationError
 from edgeloop.api import API_VERSION, GROUP, VERSION
 from edgeloop.api.common import ModelRef, ModelSource
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec, FederatedRoundStatus
+from edgeloop.certs import Usage, service_dns_names
 from edgeloop.config import OperatorConfig
 from edgeloop.handlers import KeyedRunner
+from edgeloop.handlers.certificates import Certificates
 from edgeloop.kube import Kube, KubeError, kind_of
 from edgeloop.render import MANAGED_BY, Owner
 from edgeloop.render.federatedround import (
@@ -43,8 +56,12 @@ from edgeloop.render.federatedround import (
     START_ANNOTATION,
     DatasetOutsideRoot,
     Start,
+    aggregator_host,
     aggregator_name,
+    aggregator_tls_secret,
+    client_tls_secret,
     dataset_sub_path,
+    labels,
     owner_of,
     render,
 )
@@ -69,9 +86,57 @@ Key = tuple[str, str]  # (namespace, name) of a FederatedRound
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def read_url(url: str) -> str:
-    with _direct.open(url, timeout=STATUS_TIMEOUT_SECONDS) as response:
-        return response.read().decode()
+@dataclass(frozen=True)
+class ClientTLS:
+    """mTLS for a status poll: the namespace CA, the round's client certificate, and the name the
+    aggregator's server certificate must carry (its Service's, wherever the URL points)."""
+
+    ca: str
+    cert: str
+    key: str
+    server_name: str
+
+
+def read_url(url: str, tls: ClientTLS | None = None) -> str:
+    if tls is None:
+        with _direct.open(url, timeout=STATUS_TIMEOUT_SECONDS) as response:
+            return response.read().decode()
+    parts = urlsplit(url)
+    connection = _ServerNameHTTPS(
+        parts.hostname or "", parts.port or 443, tls.server_name, _client_context(tls.ca, tls.cert, tls.key)
+    )
+    try:
+        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
+        response = connection.getresponse()
+        body = response.read().decode()
+        if response.status != 200:
+            raise http.client.HTTPException(f"HTTP {response.status}: {body[:200]}")
+        return body
+    finally:
+        connection.close()
+
+
+class _ServerNameHTTPS(http.client.HTTPSConnection):
+    """HTTPS to host:port, verifying the certificate for `server_name` rather than for the host."""
+
+    def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext):
+        super().__init__(host, port, timeout=STATUS_TIMEOUT_SECONDS, context=context)
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=64)
+def _client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=ca)
+    with tempfile.TemporaryDirectory() as directory:  # load_cert_chain reads files only
+        path = os.path.join(directory, "client.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+            file.write(cert + key)
+        context.load_cert_chain(path)
+    return context
 
 
 def _now() -> str:
@@ -100,11 +165,14 @@ class FederatedRounds:
         services: kopf.Index,
         nodes: kopf.Index,
         coalesce_seconds: float,
-        read_url: Callable[[str], str] = read_url,
+        read_url: Callable[[str, ClientTLS | None], str] = read_url,
         post_event: Callable[..., None] = kopf.event,
+        tls: Certificates | None = None,
     ):
         self._config = config
         self._kube = kube
+        # None: no certificates are issued (tls.mode disabled, or tests of the sync by itself).
+        self._tls = tls if config.tls.enabled else None
         self._rounds, self._jobs, self._services, self._nodes = rounds, jobs, services, nodes
         self._read_url = read_url
         self._post_event = post_event
@@ -212,6 +280,7 @@ class FederatedRounds:
                 return
             aggregator = started
         else:
+            await self._ensure_tls(owner)  # every sync of a running round: the rotation check
             await self._create_missing(owner, spec, aggregator, jobs)
 
         start = Start.from_annotation(aggregator.annotations[START_ANNOTATION])
@@ -266,6 +335,7 @@ class FederatedRounds:
                 return Waiting(
                     "PreviousRoundNotGone", f"Job {job.name} of an earlier FederatedRound {owner.name} is being deleted"
                 )
+            await self._ensure_tls(owner)
             await self._create_missing(owner, spec, job, {job.name: job})
             return job
         if previous.phase != "Pending":
@@ -274,9 +344,30 @@ class FederatedRounds:
         model, serving_sha256 = resolved
         start = Start(tuple(selection.nodes), model, serving_sha256)
         manifests = render(owner, spec, self._config, start)
+        await self._ensure_tls(owner)  # before the Jobs that mount the certificates
         created = [await asyncio.to_thread(self._kube.apply, manifest) for manifest in manifests.all()]
         log.info("%s/%s: started on %s", owner.namespace, owner.name, ", ".join(start.nodes))
         return JobState.from_object(created[0])
+
+    async def _ensure_tls(self, owner: Owner) -> None:
+        """The aggregator's server certificate and the clients' shared client certificate, issued or
+        renewed where needed (no API call while they are valid)."""
+        if self._tls is None:
+            return
+        service = aggregator_name(owner.name)
+        dns_names = service_dns_names(service, owner.namespace)
+        secret_labels = labels(owner.name)
+        await self._tls.ensure(owner, aggregator_tls_secret(owner.name), secret_labels, Usage.SERVER, dns_names)
+        await self._tls.ensure(owner, client_tls_secret(owner.name), secret_labels, Usage.CLIENT, [])
+
+    def _client_tls(self, owner: Owner, url: str) -> ClientTLS | None:
+        """The round's client certificate for an https:// status URL (the aggregator requires one)."""
+        if self._tls is None or not url.startswith("https://"):
+            return None
+        stored = self._tls.stored(owner.namespace, client_tls_secret(owner.name))
+        if stored is None:
+            return None  # not issued yet (cert-manager); the poll fails and says why
+        return ClientTLS(stored.ca, stored.cert, stored.key, aggregator_host(owner))
 
     async def _starting_model(self, owner: Owner, spec: FederatedRoundSpec) -> tuple[ModelSource, str | None] | Waiting:
         """The model to start from, and the digest modelRef's InferenceModel serves (None without one)."""
@@ -308,11 +399,11 @@ class FederatedRounds:
 
     async def _report(self, owner: Owner, aggregator: JobState) -> tuple[AggregatorReport | None, str]:
         """The aggregator's latest report, or None and why none could be read."""
-        url = self._config.aggregator_status_url.format(
+        url = self._config.status_url_template().format(
             service=aggregator_name(owner.name), namespace=owner.namespace, port=AGGREGATOR_PORT
         )
         try:
-            return parse_report(await asyncio.to_thread(self._read_url, url)), ""
+            return parse_report(await asyncio.to_thread(self._read_url, url, self._client_tls(owner, url))), ""
         except (OSError, http.client.HTTPException, ValueError) as error:
             unreachable = f"GET {url}: {error}"
         if not aggregator.finished:
@@ -436,6 +527,7 @@ async def start_federated_rounds(
     federated_round_jobs: kopf.Index,
     federated_round_services: kopf.Index,
     federated_round_nodes: kopf.Index,
+    tls_secrets: kopf.Index,
     **_: Any,
 ) -> None:
     memo.federated_rounds = FederatedRounds(
@@ -446,6 +538,7 @@ async def start_federated_rounds(
         services=federated_round_services,
         nodes=federated_round_nodes,
         coalesce_seconds=memo.coalesce_seconds,
+        tls=Certificates(memo.config.tls, memo.kube, tls_secrets),
     )
 
 

@@ -24,6 +24,8 @@ START_ANNOTATION = "edgeloop.io/start"
 NODE_ANNOTATION = "edgeloop.io/node"
 STORE_TOKEN_KEY = "token"
 AGGREGATOR_PORT = 8080
+# Where the Jobs mount their kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt), as the runtime's pods do.
+TLS_DIR = "/etc/edgeloop/tls"
 
 # The runtime's defaults for what the spec does not set (FEDERATED.md): the short stages' timeout and how
 # long the aggregator keeps answering after the end. Only the Jobs' safety deadline depends on them.
@@ -76,8 +78,23 @@ def client_name(round_name: str, index: int) -> str:
     return f"{round_name}-client-{index}"
 
 
-def aggregator_url(owner: Owner) -> str:
-    return f"http://{aggregator_name(owner.name)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
+def aggregator_tls_secret(round_name: str) -> str:
+    """The aggregator's server certificate, for the DNS names of its Service."""
+    return f"{round_name}-aggregator-tls"
+
+
+def client_tls_secret(round_name: str) -> str:
+    """The client certificate every client of the round presents (mTLS); the operator's status polls too."""
+    return f"{round_name}-client-tls"
+
+
+def aggregator_host(owner: Owner) -> str:
+    """The name clients reach the aggregator Service by; its server certificate carries it."""
+    return f"{aggregator_name(owner.name)}.{owner.namespace}.svc"
+
+
+def aggregator_url(owner: Owner, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{aggregator_host(owner)}:{AGGREGATOR_PORT}"
 
 
 def labels(round_name: str, role: str | None = None) -> dict[str, str]:
@@ -126,6 +143,7 @@ def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> d
         "image": spec.runtime.image or config.runtime_image,
         "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
         "active_deadline": active_deadline_seconds(spec),
+        "tls_dir": TLS_DIR,
     }
 
 
@@ -141,6 +159,7 @@ def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfi
         clients=len(start.nodes),
         port=AGGREGATOR_PORT,
         store_token_key=STORE_TOKEN_KEY,
+        tls_secret=aggregator_tls_secret(owner.name) if config.tls.enabled else None,
         **_common(owner, spec, config),
     )
 
@@ -164,7 +183,8 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
         labels=labels(owner.name, CLIENT),
         node_annotation=NODE_ANNOTATION,
         node=node,
-        aggregator_url=aggregator_url(owner),
+        aggregator_url=aggregator_url(owner, config.tls.enabled),
+        tls_secret=client_tls_secret(owner.name) if config.tls.enabled else None,
         tolerations=[t.to_wire() for t in spec.participants.tolerations],
         dataset_sub_path=dataset_sub_path(spec, config) if config.dataset_claim else None,
         **_common(owner, spec, config),
