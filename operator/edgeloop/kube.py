@@ -186,11 +186,19 @@ class Kube:
         query = {"container": container, "tailLines": lines}
         return self._call("GET", kind_of("v1", "Pod").path(namespace, pod, "log"), query=query)
 
-    def patch_status(self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
-        """Replaces the status (a JSON merge patch: lists are replaced whole)."""
-        return self._request(
-            "PATCH",
-            kind.path(namespace, name, "status"),
-            body={"status": dict(status)},
-            content_type="application/merge-patch+json",
-        )
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Replaces the status (a JSON merge patch: lists are replaced whole); None if the object is gone,
+        which a sync racing a deletion must not treat as an error: the deletion's own event follows."""
+        try:
+            return self._request(
+                "PATCH",
+                kind.path(namespace, name, "status"),
+                body={"status": dict(status)},
+                content_type="application/merge-patch+json",
+            )
+        except KubeError as error:
+            if error.status == 404:
+                return None
+            raise

@@ -225,3 +225,10 @@ def test_pods_are_looked_at_only_for_variants_with_unready_nodes_and_not_too_oft
     world.kube.calls.clear()
     world.resync()
     assert world.kube.calls == [], "within the diagnosis interval the last findings are reused"
+
+
+def test_a_model_deleted_during_a_sync_is_not_an_error():
+    world = World()
+    world.kube.patch_status = lambda kind, namespace, name, status: None  # Kube.patch_status's answer to a 404
+    world.reconcile()
+    assert world.events == [], "no Event about an object that is gone"

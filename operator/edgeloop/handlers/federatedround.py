@@ -477,12 +477,8 @@ class FederatedRounds:
             return
         metadata = body["metadata"]
         key = (metadata["namespace"], metadata["name"])
-        try:
-            await asyncio.to_thread(self._kube.patch_status, FR_KIND, *key, status.to_wire())
-        except KubeError as error:
-            if error.status == 404:
-                return  # deleted since the index showed it; the deletion's own event follows
-            raise
+        if await asyncio.to_thread(self._kube.patch_status, FR_KIND, *key, status.to_wire()) is None:
+            return  # deleted since the index showed it
         self._published[key] = status
         for event in fr_status.transitions(previous, status):
             log.info("%s/%s: %s: %s", *key, event.reason, event.message)

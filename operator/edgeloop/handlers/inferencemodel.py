@@ -348,9 +348,11 @@ class InferenceModels:
         if status == previous:
             return
         metadata = body["metadata"]
-        await asyncio.to_thread(
+        patched = await asyncio.to_thread(
             self._kube.patch_status, IM_KIND, metadata["namespace"], metadata["name"], status.to_wire()
         )
+        if patched is None:
+            return  # deleted since the index showed it
         self._published[(metadata["namespace"], metadata["name"])] = status
         for event in im_status.transitions(previous, status):
             log.info("%s/%s: %s: %s", metadata["namespace"], metadata["name"], event.reason, event.message)
