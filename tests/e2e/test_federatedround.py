@@ -612,12 +612,12 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
     served = devcluster.get_json("inferencemodel", "digits", "-n", namespace)["spec"]["model"]
     assert (served["sha256"], served["version"]) == (trained, "2")
 
-    def serving_it() -> bool:  # the fleet rolled to it (and the rollout is over before the cleanup)
-        status = devcluster.get_json("inferencemodel", "digits", "-n", namespace).get("status", {})
-        ready = {c["type"]: c["status"] for c in status.get("conditions", [])}.get("Ready")
-        return ready == "True" and "version 2" in json.dumps(status)
+    def rolled() -> bool:  # the operator rolls every variant to the trained model
+        daemon_sets = devcluster.get_json("daemonsets", "-n", namespace)["items"]
+        args = [d["spec"]["template"]["spec"]["containers"][0]["args"] for d in daemon_sets]
+        return bool(args) and all(a[a.index("--sha256") + 1] == trained for a in args)
 
-    wait_for("the InferenceModel to serve the trained model", serving_it)
+    wait_for("the fleet to roll to the trained model", rolled)
 
 
 INVALID = [
