@@ -16,6 +16,9 @@ from kubernetes import client, config
 
 FIELD_MANAGER = "edgeloop-operator"
 TIMEOUT_SECONDS = 30
+# Calls in flight at once: the operator's thread pool and the client's connection pool are this big, so that
+# a burst of new models is bounded by the API server rather than by the client.
+CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Kube:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = CONCURRENCY
         return cls(client.ApiClient(configuration))
 
     def _request(

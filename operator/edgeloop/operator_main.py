@@ -10,11 +10,13 @@ import asyncio
 import logging
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import kopf
 
 from edgeloop import config as operator_config
-from edgeloop.kube import Kube
+from edgeloop.kube import CONCURRENCY, Kube
 
 COMPONENT = "edgeloop-operator"
 
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         federated_poll_seconds=args.federated_poll_seconds,
     )
     asyncio.run(
-        kopf.operator(
+        _operate(
             settings=operator_settings,
             clusterwide=args.all_namespaces or not args.namespace,
             namespaces=[] if args.all_namespaces else args.namespace,
@@ -146,3 +148,9 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+async def _operate(**operator_args: Any) -> None:
+    # The handlers run their blocking API calls through asyncio.to_thread, i.e. in this executor.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="kube"))
+    await kopf.operator(**operator_args)

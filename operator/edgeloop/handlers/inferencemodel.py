@@ -284,11 +284,11 @@ class InferenceModels:
                 return None
 
         result = dict(daemon_sets)
-        for manifest in changed:
-            applied = await asyncio.to_thread(self._kube.apply, manifest)
+        applied = await asyncio.gather(*(asyncio.to_thread(self._kube.apply, manifest) for manifest in changed))
+        for manifest, live in zip(changed, applied, strict=True):
             log.info("applied %s %s/%s", manifest["kind"], namespace, manifest["metadata"]["name"])
             if manifest["kind"] == "DaemonSet":
-                result[applied["metadata"]["name"]] = DaemonSetState.from_object(applied)
+                result[live["metadata"]["name"]] = DaemonSetState.from_object(live)
         for ds in stale:
             await asyncio.to_thread(self._kube.delete, DAEMON_SET, namespace, ds.name, ds.uid)
             log.info("deleted DaemonSet %s/%s: its class is no longer listed", namespace, ds.name)
