@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,9 +235,16 @@ def main() -> int:
              f"{results['idle_writes']}  (target 0) {dict(writes) or ''}"),
             ("operator API reads in the same window", f"{sum(reads.values())} {dict(reads)}"),
         ]
+    except Exception:
+        # What was not ready, for the post-mortem, while the cluster still exists.
+        (scratch / "state.yaml").write_text(bench.kubectl(
+            "get", "inferencemodels,daemonsets,pods", "-A", "-o", "yaml", check=False).stdout)
+        raise
     finally:
         if operator:
             operator.stop()
+        shutil.copytree(target.run_dir / "logs", scratch / "cluster-logs", dirs_exist_ok=True)
+        print(f"logs: {scratch}", file=sys.stderr)
         with target.locked():
             cluster.down(target)
 
