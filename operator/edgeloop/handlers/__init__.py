@@ -33,6 +33,7 @@ class KeyedRunner(Generic[K]):
         self._retry_delays = retry_delays
         self._locks: dict[K, asyncio.Lock] = {}
         self._scheduled: dict[K, asyncio.Task[None]] = {}
+        self._running: set[asyncio.Task[None]] = set()
         self._failures: Counter[K] = Counter()
 
     def lock(self, key: K) -> asyncio.Lock:
@@ -49,7 +50,9 @@ class KeyedRunner(Generic[K]):
 
     async def _run_later(self, key: K, delay: float) -> None:
         await asyncio.sleep(delay)
-        del self._scheduled[key]  # a request from now on needs another run, after this one
+        # A request from now on needs another run, after this one. The event loop keeps only weak
+        # references to tasks, so this one stays referenced until it is done.
+        self._running.add(self._scheduled.pop(key))
         try:
             await self.run(key)
         except Exception:
@@ -59,6 +62,8 @@ class KeyedRunner(Generic[K]):
             self.request(key, retry)
         else:
             self._failures.pop(key, None)
+        finally:
+            self._running.discard(asyncio.current_task())
 
     def forget(self, key: K) -> None:
         """Drops what is kept for a key whose object is gone."""
@@ -66,7 +71,7 @@ class KeyedRunner(Generic[K]):
         self._failures.pop(key, None)
 
     async def close(self) -> None:
-        tasks = list(self._scheduled.values())
+        tasks = [*self._scheduled.values(), *self._running]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
