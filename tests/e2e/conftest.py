@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,19 @@ class DevCluster:
 
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until the CRDs are Established. (`kubectl wait` fails at once on a CRD so new that it has
+        no status conditions yet, so poll instead.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            items = [self.get_json(f"crd/{name}") for name in crds]
+            if all(any(c["type"] == "Established" and c["status"] == "True"
+                       for c in item.get("status", {}).get("conditions") or []) for item in items):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"CRDs {crds} not Established after {timeout:.0f} s")
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

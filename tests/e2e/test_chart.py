@@ -101,7 +101,7 @@ def crds(devcluster):
     """The chart's CRDs, as `helm install` would create them, so that dry runs know the peering kinds."""
     devcluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds"))
     names = [yaml.safe_load(path.read_text())["metadata"]["name"] for path in sorted((CHART / "crds").glob("*.yaml"))]
-    devcluster.kubectl("wait", "--for=condition=Established", *(f"crd/{name}" for name in names), "--timeout=60s")
+    devcluster.wait_established(*names)
     yield
     devcluster.kubectl("delete", "-f", str(CHART / "crds"), "--ignore-not-found", "--wait=false")
 

@@ -93,7 +93,7 @@ spec:
 @pytest.fixture
 def widget_crd(devcluster):
     devcluster.kubectl("apply", "-f", "-", input=CRD)
-    devcluster.kubectl("wait", "--for=condition=Established", "crd/widgets.smoke.edgeloop.io", "--timeout=30s")
+    devcluster.wait_established("widgets.smoke.edgeloop.io")
     yield
     devcluster.kubectl("delete", "crd", "widgets.smoke.edgeloop.io", "--wait=false")
 

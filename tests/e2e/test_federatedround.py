@@ -114,7 +114,7 @@ def cluster(devcluster, tmp_path_factory):
         # A module before this one may have deleted the CRDs without waiting.
         devcluster.kubectl("wait", "--for=delete", f"crd/{crd}", "--timeout=60s", check=False)
     devcluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    devcluster.kubectl("wait", "--for=condition=Established", "crd/federatedrounds.edgeloop.io", "--timeout=60s")
+    devcluster.wait_established("federatedrounds.edgeloop.io")
     yield install_service_account(
         devcluster.kubectl, devcluster.kubeconfig, tmp_path_factory.mktemp("operator"), namespace=OPERATOR_NAMESPACE
     )

@@ -32,7 +32,7 @@ OPERATOR_ARGS = ("--resync-seconds", "2", "--coalesce-seconds", "0.5", "--diagno
 @pytest.fixture(scope="module")
 def cluster(devcluster, tmp_path_factory):
     devcluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    devcluster.kubectl("wait", "--for=condition=Established", "crd/inferencemodels.edgeloop.io", "--timeout=60s")
+    devcluster.wait_established("inferencemodels.edgeloop.io")
     devcluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
         {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"}, "handler": "nvidia"}
     ))
