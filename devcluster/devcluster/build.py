@@ -28,13 +28,16 @@ COMPONENTS = {
     "kube-controller-manager": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-controller-manager"),
     "kube-scheduler": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-scheduler"),
     "kubectl": (MODULE_DIR, "k8s.io/kubernetes/cmd/kubectl"),
+    "kubelet": (MODULE_DIR, "k8s.io/kubernetes/cmd/kubelet"),
+    "kube-proxy": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-proxy"),
     "etcd": (MODULE_DIR, "./cmd/etcd"),
     "helm": (MODULE_DIR, "helm.sh/helm/v3/cmd/helm"),
     "kwok": (KWOK_MODULE_DIR, "sigs.k8s.io/kwok/cmd/kwok"),
     "kwok-default-stages": (KWOK_MODULE_DIR, "./cmd/kwok-default-stages"),
 }
 PIN_FILES = [
-    "go.mod", "go.sum", "cmd/etcd/main.go", "kwok/go.mod", "kwok/go.sum", "kwok/cmd/kwok-default-stages/main.go",
+    "go.mod", "go.sum", "tools.go", "cmd/etcd/main.go",
+    "kwok/go.mod", "kwok/go.sum", "kwok/cmd/kwok-default-stages/main.go",
 ]
 # kwok's lifecycle stages, written beside the binaries by `kwok-default-stages`.
 KWOK_STAGES = "kwok-stages.yaml"

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from devcluster import build, cluster, pin
+from devcluster import build, cluster, nodes, pin
 from devcluster.fleet import load_fleet
 
 
@@ -30,9 +30,11 @@ def cmd_up(args) -> int:
     fleet = load_fleet(args.fleet)
     if args.nodes is not None:
         fleet = fleet.scaled_to(args.nodes)
+    if args.real_nodes is not None:
+        fleet = fleet.with_real_nodes(args.real_nodes)
     target = _cluster(args)
     with target.locked():
-        cluster.up(target, build.build(), fleet, timeout=args.timeout)
+        cluster.up(target, build.build(), fleet, timeout=args.timeout, images=args.images)
     print(f"devcluster: kubeconfig {target.kubeconfig}")
     return 0
 
@@ -89,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("up", help="start the control plane and the fleet; harmless when already up")
     p.add_argument("--fleet", type=Path, help="fleet spec (YAML); default: the built-in 2 NPU / 2 GPU / 2 CPU fleet")
-    p.add_argument("--nodes", type=int, help="scale the fleet to N nodes in all, keeping its mix of groups")
+    p.add_argument("--nodes", type=int, help="scale the simulated fleet to N nodes in all, keeping its mix of groups")
+    p.add_argument("--real-nodes", type=int, metavar="N",
+                   help="run N real nodes (kubelet, kube-proxy, containerd; needs root and `make images`)")
+    p.add_argument("--images", type=Path, metavar="FILE",
+                   help=f"the images index real nodes import (default: {nodes.IMAGES_INDEX})")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every node to be Ready")
     p.set_defaults(func=cmd_up)
 

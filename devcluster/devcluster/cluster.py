@@ -1,5 +1,5 @@
 """Run the devcluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok as local
-processes on free loopback ports, plus a simulated edge fleet.
+processes on free loopback ports, plus a simulated edge fleet and, optionally, real nodes (nodes.py).
 
 Everything a run owns lives in one run directory: certificates, kubeconfigs, etcd's data, one log per
 component, and state.json with the pid and command line of every process it started. `down` stops
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from devcluster import pki
+from devcluster import nodes, pki
 from devcluster.build import KWOK_STAGES
+from devcluster.errors import ClusterError
 from devcluster.fleet import Fleet, node_manifests, runtime_class_manifests
 
 STATE_ROOT = Path(os.environ.get("DEVCLUSTER_HOME", Path.home() / ".local" / "state" / "edgeloop" / "devcluster"))
@@ -48,8 +49,6 @@ AUDIT_POLICY = {
 }
 
 
-class ClusterError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -122,11 +121,12 @@ def stop_processes(processes: list[dict], grace_seconds: float = 10.0) -> None:
             os.waitpid(process["pid"], os.WNOHANG)
 
 
-def start_process(name: str, argv: list[str], log_dir: Path) -> dict:
+def start_process(name: str, argv: list[str], log_dir: Path, prefix: list[str] = ()) -> dict:
+    """Start `argv` (after `prefix`, a wrapper such as nsenter that execs it, keeping the pid)."""
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child, closed below
     with log:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [*prefix, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     return {"name": name, "pid": process.pid, "argv": argv}
 
@@ -136,15 +136,16 @@ def start_process(name: str, argv: list[str], log_dir: Path) -> dict:
 
 
 class Api:
-    def __init__(self, port: int, pki_dir: Path, timeout: float = 10.0):
+    def __init__(self, host: str, port: int, pki_dir: Path, timeout: float = 10.0):
         context = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
         context.load_cert_chain(pki_dir / "admin.crt", pki_dir / "admin.key")
-        self._connect = lambda: http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=timeout)
+        self._connect = lambda: http.client.HTTPSConnection(host, port, context=context, timeout=timeout)
         self._conn = self._connect()
 
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    def request(self, method: str, path: str, body: dict | None = None,
+                content_type: str = "application/json") -> tuple[int, dict | str]:
         payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload else {}
+        headers = {"Content-Type": content_type} if payload else {}
         for attempt in (1, 2):
             try:
                 self._conn.request(method, path, body=payload, headers=headers)
@@ -189,24 +190,13 @@ def http_ok(port: int, path: str) -> bool:
 # configuration files
 
 
-def write_kubeconfig(path: Path, port: int, pki_dir: Path, client: str) -> None:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "devcluster", "cluster": {
-            "server": f"https://127.0.0.1:{port}", "certificate-authority": str(pki_dir / "ca.crt")}}],
-        "users": [{"name": client, "user": {
-            "client-certificate": str(pki_dir / f"{client}.crt"),
-            "client-key": str(pki_dir / f"{client}.key")}}],
-        "contexts": [{"name": "devcluster", "context": {"cluster": "devcluster", "user": client}}],
-        "current-context": "devcluster",
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    path.chmod(0o600)
-
-
-def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> dict[str, list[str]]:
-    """The command line of every component, in start order."""
+def component_commands(
+    bin_dir: Path, run_dir: Path, ports: dict[str, int], network: nodes.Network | None = None
+) -> dict[str, list[str]]:
+    """The command line of every component, in start order. With a real-node `network`, the apiserver serves
+    on its gateway address (which pods can reach) rather than on loopback."""
+    host = network.gateway if network else "127.0.0.1"
+    service_cidr = network.service_cidr if network else SERVICE_CIDR
     pki_dir, kc = run_dir / "pki", run_dir / "kubeconfigs"
     etcd_url, peer_url = f"http://127.0.0.1:{ports['etcd']}", f"http://127.0.0.1:{ports['etcd-peer']}"
 
@@ -225,7 +215,7 @@ def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> d
         ],
         "kube-apiserver": [
             str(bin_dir / "kube-apiserver"), f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--bind-address={host}", f"--advertise-address={host}", f"--secure-port={ports['apiserver']}",
             f"--tls-cert-file={pki_dir / 'apiserver.crt'}", f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
             f"--client-ca-file={pki_dir / 'ca.crt'}",
             f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
@@ -233,10 +223,10 @@ def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> d
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki_dir / 'sa.pub'}",
             f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={service_cidr}",
             "--authorization-mode=Node,RBAC", "--allow-privileged=true",
-            # The `kubernetes` Service cannot point at a loopback address; nothing in the fleet needs it.
-            "--endpoint-reconciler-type=none",
+            # The `kubernetes` Service cannot point at a loopback address; only real nodes' pods need it.
+            f"--endpoint-reconciler-type={'lease' if network else 'none'}",
             f"--audit-policy-file={run_dir / 'audit-policy.yaml'}", f"--audit-log-path={run_dir / 'audit.log'}",
             "--audit-log-maxsize=200", "--audit-log-maxbackup=2",
             "--profiling=false",
@@ -246,7 +236,7 @@ def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> d
             "--bind-address=127.0.0.1", f"--secure-port={ports['controller-manager']}", "--leader-elect=false",
             f"--service-account-private-key-file={pki_dir / 'sa.key'}", f"--root-ca-file={pki_dir / 'ca.crt'}",
             f"--cluster-signing-cert-file={pki_dir / 'ca.crt'}", f"--cluster-signing-key-file={pki_dir / 'ca.key'}",
-            "--use-service-account-credentials=true", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--use-service-account-credentials=true", f"--service-cluster-ip-range={service_cidr}",
             "--cluster-name=devcluster", "--profiling=false",
             # The default client rate limits (20 QPS) would make a 1000-node DaemonSet rollout wait on the
             # controller rather than on the API server.
@@ -271,7 +261,11 @@ def component_commands(bin_dir: Path, run_dir: Path, ports: dict[str, int]) -> d
 
 
 def _apiserver(state: dict, run_dir: Path) -> Api:
-    return Api(state["ports"]["apiserver"], run_dir / "pki")
+    return Api(state.get("host", "127.0.0.1"), state["ports"]["apiserver"], run_dir / "pki")
+
+
+def _network(state: dict) -> nodes.Network | None:
+    return nodes.Network(state["network"]) if state.get("network") is not None else None
 
 
 def is_healthy(cluster: Cluster) -> bool:
@@ -292,15 +286,25 @@ def down(cluster: Cluster) -> bool:
     state = cluster.state()
     if state:
         stop_processes(state["processes"])
+        if (network := _network(state)) is not None:
+            nodes.teardown(network, state.get("real_nodes", 0), cluster.run_dir)
     existed = cluster.run_dir.exists()
     shutil.rmtree(cluster.run_dir, ignore_errors=True)
     return existed
 
 
-def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, log=print) -> None:
-    """Bring the cluster up with `fleet`, or add `fleet`'s missing nodes to a healthy running one."""
+def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, log=print,
+       images: Path | None = None) -> None:
+    """Bring the cluster up with `fleet`, or add `fleet`'s missing nodes to a healthy running one.
+
+    Real nodes (the fleet's kubelet groups) need the images index that `make images` writes (`images`)."""
+    real = fleet.real_nodes()
+    if real and (reason := nodes.unavailable_reason()):
+        raise ClusterError(reason)
     if is_healthy(cluster):
-        log(f"devcluster: already up ({cluster.run_dir}); ensuring the fleet's {fleet.size} nodes")
+        log(f"devcluster: already up ({cluster.run_dir}); ensuring the fleet's nodes")
+        if len(real) != cluster.state().get("real_nodes", 0):
+            raise ClusterError("this cluster runs a different number of real nodes: `devcluster down` it first")
         ensure_fleet(cluster, fleet, timeout, log)
         return
     if cluster.run_dir.exists():
@@ -310,18 +314,27 @@ def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, lo
     run_dir = cluster.run_dir
     (run_dir / "logs").mkdir(parents=True)
     (run_dir / "kubeconfigs").mkdir()
-    pki.write_pki(run_dir / "pki")
-    (run_dir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
     ports = {name: free_port() for name in
              ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+    state = {"bin_dir": str(bin_dir), "host": "127.0.0.1", "ports": ports, "processes": []}
+    network = None
+    if real:
+        images_index = nodes.load_images(images)  # fail before anything starts
+        network = nodes.allocate_network()
+        state |= {"network": network.slot, "host": network.gateway, "real_nodes": len(real)}
+        cluster.state_file.write_text(json.dumps(state, indent=2))  # so that `down` removes the bridge
+        nodes.setup_bridge(network)
+    pki.write_pki(run_dir / "pki", **({"service_ip": network.service_ip, "extra_ips": [network.gateway]}
+                                      if network else {}))
+    (run_dir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
+    server = f"https://{state['host']}:{ports['apiserver']}"
     for client in ("kube-controller-manager", "kube-scheduler", "kwok"):
-        write_kubeconfig(run_dir / "kubeconfigs" / f"{client}.kubeconfig", ports["apiserver"], run_dir / "pki", client)
+        pki.write_kubeconfig(run_dir / "kubeconfigs" / f"{client}.kubeconfig", server, run_dir / "pki", client)
 
-    state = {"bin_dir": str(bin_dir), "ports": ports, "processes": []}
     started = time.monotonic()
-    api = Api(ports["apiserver"], run_dir / "pki")
+    api = _apiserver(state, run_dir)
     try:
-        for name, argv in component_commands(bin_dir, run_dir, ports).items():
+        for name, argv in component_commands(bin_dir, run_dir, ports, network).items():
             state["processes"].append(start_process(name, argv, run_dir / "logs"))
             cluster.state_file.write_text(json.dumps(state, indent=2))  # recorded before we wait on it
             log_file = run_dir / "logs" / f"{name}.log"
@@ -329,23 +342,48 @@ def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, lo
                 wait_for("etcd /health", lambda: http_ok(ports["etcd"], "/health"), 30, log_file)
             elif name == "kube-apiserver":
                 wait_for("kube-apiserver /readyz", lambda: api.request("GET", "/readyz")[0] == 200, 60, log_file)
-        write_kubeconfig(cluster.kubeconfig, ports["apiserver"], run_dir / "pki", "admin")
+        pki.write_kubeconfig(cluster.kubeconfig, server, run_dir / "pki", "admin")
         wait_for(
             "the default ServiceAccount",
             lambda: api.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
             60, run_dir / "logs" / "kube-controller-manager.log",
         )
         log(f"devcluster: control plane ready in {time.monotonic() - started:.1f} s")
+        if network:
+            start_real_nodes(cluster, state, api, network, real, images_index, log)
     except BaseException:
-        stop_processes(state["processes"])
+        down(cluster)
         raise
     finally:
         api.close()
     ensure_fleet(cluster, fleet, timeout, log)
 
 
+def start_real_nodes(cluster: Cluster, state: dict, api: Api, network: nodes.Network, real: list,
+                     images: nodes.Images, log) -> None:
+    """Start every real node's containerd (with the images imported), kubelet and kube-proxy."""
+    run_dir, bin_dir = cluster.run_dir, Path(state["bin_dir"])
+    server = f"https://{network.gateway}:{state['ports']['apiserver']}"
+    for index, (name, group) in enumerate(real):
+        started = time.monotonic()
+        node = nodes.RealNode(name, index, network, run_dir)
+        nodes.setup_namespaces(node)
+        nodes.write_node_config(node, run_dir / "pki", server, images.sandbox)
+        labels = {"kubernetes.io/hostname": name, "edgeloop.io/node-group": group.name, **group.labels}
+        daemons = nodes.commands(node, bin_dir, labels, [t.model_dump() for t in group.taints])
+        for daemon, argv in daemons.items():
+            state["processes"].append(start_process(f"{name}-{daemon}", argv, run_dir / "logs", node.enter()))
+            cluster.state_file.write_text(json.dumps(state, indent=2))
+            if daemon == "containerd":
+                wait_for(f"{name}'s containerd", node.socket.exists, 30, run_dir / "logs" / f"{name}-containerd.log")
+                nodes.import_images(node, images.archives)
+        log(f"devcluster: real node {name} started, {len(images.archives)} images imported, "
+            f"in {time.monotonic() - started:.1f} s")
+
+
 def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> None:
-    """Create the fleet's nodes that do not exist yet and wait until every one is Ready."""
+    """Create the fleet's simulated nodes that do not exist yet, give real nodes their extended resources,
+    and wait until every node is Ready."""
     state = cluster.state()
     api = _apiserver(state, cluster.run_dir)
     try:
@@ -353,14 +391,22 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
         for runtime_class in runtime_class_manifests(fleet):
             _create(api, "/apis/node.k8s.io/v1/runtimeclasses", runtime_class)
         created = sum(_create(api, "/api/v1/nodes", node) for node in node_manifests(fleet))
-        names = {node["metadata"]["name"] for node in node_manifests(fleet)}
+        names = {node["metadata"]["name"] for node in node_manifests(fleet)} | {n for n, _ in fleet.real_nodes()}
+        pending_capacity = {name: group.capacity for name, group in fleet.real_nodes() if group.capacity}
 
         def all_ready() -> bool:
-            status, body = api.request("GET", "/api/v1/nodes?labelSelector=type%3Dkwok")
+            status, body = api.request("GET", "/api/v1/nodes")
             ready = {item["metadata"]["name"] for item in body.get("items", []) if _is_ready(item)}
-            return status == 200 and names <= ready
+            for name in list(pending_capacity):
+                # Extended resources are advertised by patching node status, as a device plugin's stand-in.
+                if name in ready and api.request(
+                    "PATCH", f"/api/v1/nodes/{name}/status", {"status": {"capacity": pending_capacity[name]}},
+                    "application/merge-patch+json",
+                )[0] == 200:
+                    del pending_capacity[name]
+            return status == 200 and names <= ready and not pending_capacity
 
-        wait_for(f"{len(names)} nodes to be Ready", all_ready, timeout, cluster.run_dir / "logs" / "kwok.log")
+        wait_for(f"{len(names)} nodes to be Ready", all_ready, timeout, cluster.run_dir / "logs")
         log(f"devcluster: {len(names)} nodes Ready ({created} created) in {time.monotonic() - started:.1f} s")
     finally:
         api.close()
@@ -389,7 +435,7 @@ def status(cluster: Cluster) -> dict:
         "running": all(c["running"] for c in components.values()) and bool(components),
         "run_dir": str(cluster.run_dir),
         "kubeconfig": str(cluster.kubeconfig),
-        "server": f"https://127.0.0.1:{state['ports']['apiserver']}",
+        "server": f"https://{state.get('host', '127.0.0.1')}:{state['ports']['apiserver']}",
         "components": components,
     }
     if summary["running"]:

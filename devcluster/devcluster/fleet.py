@@ -28,6 +28,8 @@ class NodeGroup(BaseModel):
     labels: dict[str, str] = {}
     taints: list[Taint] = []
     capacity: dict[str, str] = {}
+    # kwok: simulated nodes (many, cheap). kubelet: real nodes that run their pods (see nodes.py).
+    runtime: Literal["kwok", "kubelet"] = "kwok"
 
 
 class Fleet(BaseModel):
@@ -42,16 +44,31 @@ class Fleet(BaseModel):
         return sum(group.count for group in self.groups)
 
     def scaled_to(self, total: int) -> Fleet:
-        """The same mix of groups with `total` nodes in all (largest-remainder rounding)."""
-        if self.size == 0:
-            raise ValueError("cannot scale a fleet with no nodes")
-        shares = [group.count * total / self.size for group in self.groups]
+        """The same mix of simulated groups with `total` nodes in all (largest-remainder rounding)."""
+        simulated = [group for group in self.groups if group.runtime == "kwok"]
+        size = sum(group.count for group in simulated)
+        if size == 0:
+            raise ValueError("cannot scale a fleet with no simulated nodes")
+        shares = [group.count * total / size for group in simulated]
         counts = [int(share) for share in shares]
         by_remainder = sorted(range(len(shares)), key=lambda i: shares[i] - counts[i], reverse=True)
         for i in by_remainder[: total - sum(counts)]:
             counts[i] += 1
-        groups = [g.model_copy(update={"count": n}) for g, n in zip(self.groups, counts, strict=True)]
+        scaled = {id(g): g.model_copy(update={"count": n}) for g, n in zip(simulated, counts, strict=True)}
+        return self.model_copy(update={"groups": [scaled.get(id(g), g) for g in self.groups]})
+
+    def with_real_nodes(self, count: int) -> Fleet:
+        """The fleet with `count` real nodes: the count of its (single) kubelet group."""
+        real = [group for group in self.groups if group.runtime == "kubelet"]
+        if len(real) != 1:
+            raise ValueError(f"--real-nodes needs a fleet with exactly one group of runtime kubelet, not {len(real)}")
+        groups = [g.model_copy(update={"count": count}) if g is real[0] else g for g in self.groups]
         return self.model_copy(update={"groups": groups})
+
+    def real_nodes(self) -> list[tuple[str, NodeGroup]]:
+        """(name, group) of every real node, in order: the node's index is its position here."""
+        return [(f"{group.name}-{index}", group) for group in self.groups if group.runtime == "kubelet"
+                for index in range(group.count)]
 
 
 def load_fleet(path: Path | None = None) -> Fleet:
@@ -69,6 +86,8 @@ def node_manifests(fleet: Fleet) -> list[dict]:
     """Node objects for every node of the fleet; kwok makes them Ready and runs their pods' lifecycle."""
     nodes = []
     for group in fleet.groups:
+        if group.runtime != "kwok":
+            continue
         capacity = {**BASE_CAPACITY, **group.capacity}
         for index in range(group.count):
             name = f"{group.name}-{index}"

@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,8 +68,40 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
     )
 
 
-def write_pki(directory: Path) -> None:
-    """Write ca.{crt,key}, apiserver.{crt,key}, <client>.{crt,key} and sa.{key,pub} into `directory`."""
+def _load_ca(directory: Path):
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    return ca_cert, ca_key
+
+
+def issue(directory: Path, stem: str, subject: x509.Name, usage, sans: list[x509.GeneralName] = ()) -> None:
+    """Write <stem>.{crt,key}, signed by the CA in `directory`."""
+    ca_cert, ca_key = _load_ca(directory)
+    key = _new_key()
+    builder = _builder(subject, ca_cert.subject, key.public_key()).add_extension(
+        x509.ExtendedKeyUsage([usage]), critical=False
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_key(directory / f"{stem}.key", key)
+    (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_client(directory: Path, stem: str, user: str, groups: list[str] = ()) -> None:
+    issue(directory, stem, _name(user, groups), ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
+def issue_server(directory: Path, stem: str, common_name: str, dns_names: list[str], ips: list[str]) -> None:
+    sans = [x509.DNSName(name) for name in dns_names] + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    issue(directory, stem, _name(common_name), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+
+
+def write_pki(directory: Path, service_ip: str = APISERVER_SERVICE_IP, extra_ips: list[str] = ()) -> None:
+    """Write ca.{crt,key}, apiserver.{crt,key}, <client>.{crt,key} and sa.{key,pub} into `directory`.
+
+    `service_ip` is the `kubernetes` Service's address; `extra_ips` are further addresses the apiserver
+    serves on (the real nodes' bridge gateway)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = _new_key()
     ca_name = _name("edgeloop-devcluster-ca")
@@ -88,26 +121,9 @@ def write_pki(directory: Path) -> None:
     _write_key(directory / "ca.key", ca_key)
     (directory / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(stem: str, subject: x509.Name, usage, sans: list[x509.GeneralName] = ()) -> None:
-        key = _new_key()
-        builder = _builder(subject, ca_name, key.public_key()).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        _write_key(directory / f"{stem}.key", key)
-        (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    issue(
-        "apiserver",
-        _name("kube-apiserver"),
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [x509.DNSName(name) for name in APISERVER_DNS_NAMES]
-        + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", APISERVER_SERVICE_IP)],
-    )
+    issue_server(directory, "apiserver", "kube-apiserver", APISERVER_DNS_NAMES, ["127.0.0.1", service_ip, *extra_ips])
     for stem, (user, groups) in CLIENTS.items():
-        issue(stem, _name(user, groups), ExtendedKeyUsageOID.CLIENT_AUTH)
+        issue_client(directory, stem, user, groups)
 
     sa_key = _new_key()
     _write_key(directory / "sa.key", sa_key)
@@ -116,3 +132,19 @@ def write_pki(directory: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
+
+
+def write_kubeconfig(path: Path, server: str, pki_dir: Path, client: str) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "devcluster", "cluster": {
+            "server": server, "certificate-authority": str(pki_dir / "ca.crt")}}],
+        "users": [{"name": client, "user": {
+            "client-certificate": str(pki_dir / f"{client}.crt"),
+            "client-key": str(pki_dir / f"{client}.key")}}],
+        "contexts": [{"name": "devcluster", "context": {"cluster": "devcluster", "user": client}}],
+        "current-context": "devcluster",
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)

@@ -64,9 +64,20 @@ def test_default_fleet_is_two_npu_two_gpu_two_cpu_nodes():
 @pytest.mark.parametrize("total", [1, 6, 7, 1000])
 def test_scaling_keeps_the_total_and_the_mix(total):
     scaled = load_fleet().scaled_to(total)
-    assert scaled.size == total
-    counts = [group.count for group in scaled.groups]
+    assert len(node_manifests(scaled)) == total
+    counts = [group.count for group in scaled.groups if group.runtime == "kwok"]
     assert max(counts) - min(counts) <= 1
+    assert scaled.real_nodes() == [], "scaling the simulated fleet adds no real node"
+
+
+def test_real_nodes_come_from_the_kubelet_group_and_are_not_simulated():
+    fleet = load_fleet().with_real_nodes(2)
+    assert [name for name, _ in fleet.real_nodes()] == ["edge-real-0", "edge-real-1"]
+    _, group = fleet.real_nodes()[0]
+    assert group.labels["edgeloop.io/accelerator.gpu"] == "true" and group.capacity == {"nvidia.com/gpu": "1"}
+    assert not any(node["metadata"]["name"].startswith("edge-real") for node in node_manifests(fleet))
+    with pytest.raises(ValueError, match="exactly one group of runtime kubelet"):
+        Fleet.model_validate({"groups": [{"name": "g", "count": 1}]}).with_real_nodes(1)
 
 
 def test_taints_are_rendered_and_unknown_fields_rejected():

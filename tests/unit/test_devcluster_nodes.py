@@ -1,0 +1,70 @@
+"""Real nodes' configuration: addresses, the containerd/kubelet/kube-proxy/CNI files, the images index."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+import yaml
+from devcluster.errors import ClusterError
+from devcluster.nodes import Network, RealNode, _toml, commands, load_images, write_node_config
+
+from devcluster import pki
+
+
+def test_network_slots_do_not_overlap():
+    first, second = Network(0), Network(1)
+    assert (first.gateway, first.node_ip(0), first.node_pod_cidr(1)) == ("10.210.0.1", "10.210.0.10", "10.224.1.0/24")
+    assert (second.service_cidr, second.service_ip, second.dns_ip) == ("10.97.0.0/16", "10.97.0.1", "10.97.0.10")
+    assert len({first.bridge, second.bridge, first.netns(0), second.netns(0)}) == 4
+
+
+def test_toml_subset_is_valid_toml():
+    table = {"version": 2, "grpc": {"address": "/s.sock"},
+             "plugins": {"io.containerd.grpc.v1.cri": {"restrict_oom_score_adj": True, "x": {"y": "z"}}}}
+    assert tomllib.loads(_toml(table)) == table
+
+
+def test_node_files_point_at_the_node_and_its_network(tmp_path):
+    pki.write_pki(tmp_path / "pki", service_ip="10.96.0.1", extra_ips=["10.210.0.1"])
+    node = RealNode("edge-real-1", 1, Network(0), tmp_path)
+    write_node_config(node, tmp_path / "pki", "https://10.210.0.1:6443", "localhost/edgeloop/pause:3.10.1")
+
+    containerd = tomllib.loads((node.dir / "containerd.toml").read_text())
+    cri = containerd["plugins"]["io.containerd.grpc.v1.cri"]
+    assert containerd["grpc"]["address"] == str(node.socket)
+    assert cri["sandbox_image"] == "localhost/edgeloop/pause:3.10.1"
+    assert set(cri["containerd"]["runtimes"]) == {"runc", "nvidia"}, "the nvidia RuntimeClass has a handler"
+    cni = json.loads((node.dir / "cni/net.d/10-edgeloop.conflist").read_text())
+    assert cni["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "10.224.1.0/24"}]]
+    kubelet = yaml.safe_load((node.dir / "kubelet.yaml").read_text())
+    assert (kubelet["address"], kubelet["clusterDNS"], kubelet["cgroupDriver"]) == ("10.210.0.11", ["10.96.0.10"],
+                                                                                     "cgroupfs")
+    kube_proxy = yaml.safe_load((node.dir / "kube-proxy.yaml").read_text())
+    assert (kube_proxy["mode"], kube_proxy["hostnameOverride"]) == ("iptables", "edge-real-1")
+    kubeconfig = yaml.safe_load((node.dir / "kubelet.kubeconfig").read_text())
+    assert kubeconfig["clusters"][0]["cluster"]["server"] == "https://10.210.0.1:6443"
+    assert not (node.dir / "pki/ca.key").exists(), "a node holds no CA key"
+
+    argv = commands(node, tmp_path / "bin", {"edgeloop.io/accelerator.gpu": "true"},
+                    [{"key": "edge", "value": "", "effect": "NoSchedule"}])
+    assert "--node-labels=edgeloop.io/accelerator.gpu=true" in argv["kubelet"]
+    assert "--register-with-taints=edge=:NoSchedule" in argv["kubelet"]
+    assert node.enter()[:2] == ["nsenter", "--net=/run/netns/edgeloop0-n1"]
+
+
+def test_images_index_needs_the_archives_and_a_pause_image(tmp_path):
+    with pytest.raises(ClusterError, match="make images"):
+        load_images(tmp_path / "missing.json")
+    archive = tmp_path / "runtime.tar"
+    archive.write_bytes(b"")
+    index = tmp_path / "images.json"
+    index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)}]}))
+    with pytest.raises(ClusterError, match="no 'pause' image"):
+        load_images(index)
+    pause = tmp_path / "pause.tar"
+    pause.write_bytes(b"")
+    index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)},
+                                            {"name": "pause", "ref": "p:3", "archive": str(pause)}]}))
+    assert load_images(index).sandbox == "p:3" and load_images(index).archives == [archive, pause]
