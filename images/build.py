@@ -1,0 +1,463 @@
+"""`make images`: build edgeloop's runtime, operator and pause images locally, without a registry or a Docker
+engine, as OCI archives that `ctr -n k8s.io images import` loads into a node's containerd.
+
+- base: a Debian bookworm root filesystem made by debootstrap from Debian's packages, slimmed like the
+  debian:bookworm-slim image and committed as localhost/edgeloop/debian:bookworm-slim;
+- runtime, operator: their own Dockerfiles (the recipe registry users build too), run by `buildah bud` with
+  --build-arg BASE_IMAGE=<that base>; the Python dependencies come from PyPI;
+- pause: the pinned Kubernetes release's build/pause (pause.c and its Dockerfile), compiled as upstream does.
+
+Archives and images.json go to ${EDGELOOP_CACHE:-~/.cache/edgeloop}/images/. An image is rebuilt only when its
+inputs change (see input_digest). Needs root (debootstrap, buildah's storage); see docs/images.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("EDGELOOP_CACHE") or "~/.cache/edgeloop").expanduser() / "images"
+INDEX = CACHE / "images.json"
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+BASE_REF = f"localhost/edgeloop/debian:{DEBIAN_SUITE}-slim"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Run inside the debootstrapped tree (by `buildah run`, which provides /proc, /dev and DNS) before the base is
+# committed: what makes debian:bookworm-slim slim, and the release's updates and security updates.
+BASE_SETUP = f"""
+set -eu
+rm -f /etc/apt/sources.list
+cat > /etc/apt/sources.list.d/debian.sources <<EOF
+Types: deb
+URIs: {DEBIAN_MIRROR}
+Suites: {DEBIAN_SUITE} {DEBIAN_SUITE}-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: {DEBIAN_SECURITY_MIRROR}
+Suites: {DEBIAN_SUITE}-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+# dpkg leaves out docs, man pages and translations in every later install too (images built FROM this base).
+cat > /etc/dpkg/dpkg.cfg.d/docker <<EOF
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/lintian/overrides/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/man/*
+EOF
+clean='rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true'
+cat > /etc/apt/apt.conf.d/docker-clean <<EOF
+DPkg::Post-Invoke {{ "$clean"; }};
+APT::Update::Post-Invoke {{ "$clean"; }};
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+echo 'Acquire::Languages "none";' > /etc/apt/apt.conf.d/docker-no-languages
+echo 'APT::AutoRemove::SuggestsImportant "false";' > /etc/apt/apt.conf.d/docker-autoremove-suggests
+printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get upgrade -y -q
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/debconf/*-old /var/lib/dpkg/*-old
+find /var/log -type f -delete
+find /usr/share/doc -mindepth 1 ! -type d ! -name copyright -delete
+find /usr/share/doc -mindepth 1 -type d -empty -delete
+rm -rf /usr/share/groff/* /usr/share/info/* /usr/share/linda/* /usr/share/lintian/overrides/* \\
+    /usr/share/locale/* /usr/share/man/*
+"""
+
+
+# Commands that must succeed in each built image, run as the image's USER: it starts and finds its modules.
+SMOKE = {
+    "runtime": (
+        ("edgeloop-runtime", "--help"),
+        ("python", "-c", "import os, onnxruntime, numpy, onnx, grpc, uvloop; assert os.getuid() == 65532"),
+        ("test", "-w", "/var/lib/edgeloop/models"),
+    ),
+    "operator": (
+        ("edgeloop", "operator", "--help"),
+        ("python", "-c", "import os, kopf, kubernetes, edgeloop.operator_main; assert os.getuid() == 65532"),
+    ),
+    "pause": (("/pause", "-v"),),  # prints the version compiled in and exits
+}
+NAMES = tuple(SMOKE)
+
+
+# --- pure helpers -------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(text: str) -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined and comments dropped (as Docker reads them)."""
+    instructions: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        current += line
+        if current.strip():
+            instructions.append(current.strip())
+        current = ""
+    if current.strip():
+        instructions.append(current.strip())
+    return instructions
+
+
+def copied_sources(dockerfile_text: str) -> list[str]:
+    """The build-context paths the Dockerfile's COPY and ADD read (not those copied from another stage)."""
+    sources: list[str] = []
+    for instruction in dockerfile_instructions(dockerfile_text):
+        keyword, _, rest = instruction.partition(" ")
+        if keyword.upper() not in ("COPY", "ADD"):
+            continue
+        words = shlex.split(rest)
+        if any(word.startswith("--from=") for word in words):
+            continue
+        paths = [word for word in words if not word.startswith("--")]
+        sources.extend(paths[:-1])  # the last one is the destination
+    return sources
+
+
+def from_images(dockerfile_text: str) -> list[str]:
+    """The image each stage starts FROM, as written (build args unexpanded)."""
+    return [
+        instruction.split()[1]
+        for instruction in dockerfile_instructions(dockerfile_text)
+        if instruction.split()[0].upper() == "FROM"
+    ]
+
+
+def ignored(relative: Path) -> bool:
+    # As the .dockerignore files say: bytecode caches are not inputs.
+    return "__pycache__" in relative.parts or relative.suffix == ".pyc"
+
+
+def copied_files(dockerfile: Path, context: Path) -> dict[str, Path]:
+    """Every context file the Dockerfile's COPY and ADD read, by its path relative to the context."""
+    files: dict[str, Path] = {}
+    for source in copied_sources(dockerfile.read_text()):
+        path = context / source
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            relative = file.relative_to(context)
+            if not ignored(relative):
+                files[relative.as_posix()] = file
+    return files
+
+
+def input_digest(dockerfile: Path, files: dict[str, Path], extra: dict[str, str]) -> str:
+    """What defines an image: its Dockerfile, the files it copies in (names and contents) and the rest (build
+    args, the base image's ID). The image is rebuilt when this changes."""
+    digest = hashlib.sha256()
+    digest.update(b"Dockerfile " + hashlib.sha256(dockerfile.read_bytes()).hexdigest().encode() + b"\n")
+    for key, value in sorted(extra.items()):
+        digest.update(f"arg {key}={value}\n".encode())
+    for name, path in sorted(files.items()):
+        digest.update(f"file {name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def base_recipe_digest() -> str:
+    """What defines the base: the release, the mirror, the variant and the setup script."""
+    recipe = json.dumps([DEBIAN_SUITE, DEBIAN_MIRROR, "minbase", BASE_SETUP, DEFAULT_PATH])
+    return "sha256:" + hashlib.sha256(recipe.encode()).hexdigest()
+
+
+def pip_settings(pip_config_list: str) -> dict[str, str]:
+    """The network settings of the host's pip, from `pip config list` (index, CA bundle, timeout, proxy): the
+    build's pip needs them too, e.g. the CA a TLS-intercepting proxy signs with. Nothing else is passed."""
+    wanted = ("index-url", "extra-index-url", "trusted-host", "cert", "timeout", "default-timeout", "proxy")
+    settings: dict[str, str] = {}
+    for line in pip_config_list.splitlines():
+        match = re.fullmatch(r"[^.]*\.([\w-]+)='(.*)'", line.strip())
+        if match and match.group(1) in wanted:
+            settings[match.group(1)] = match.group(2)  # later lines (environment variables) win
+    return settings
+
+
+def pause_cflags(tag: str, kubernetes_version: str) -> list[str]:
+    # Upstream's Makefile: CFLAGS = -Os -Wall -Werror -static -DVERSION=v$(TAG)-$(REV), REV being the release's
+    # `git describe`; the module cache has no git history, so the release's version stands in.
+    return ["-Os", "-Wall", "-Werror", "-static", f"-DVERSION=v{tag}-{kubernetes_version}"]
+
+
+def tree_bytes(root: Path) -> int:
+    """The size of the files in a root filesystem (hard links once), as `du --apparent-size` counts them."""
+    seen: set[int] = set()
+    total = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            stat = os.lstat(os.path.join(directory, name))
+            if stat.st_ino not in seen:
+                seen.add(stat.st_ino)
+                total += stat.st_size
+    return total
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+# --- running things -----------------------------------------------------------------------------------------
+
+
+def run(*args: str | Path, capture: bool = False, log: Path | None = None, **kwargs) -> str:
+    """Runs a command; exits with it (and the end of its log) when it fails."""
+    command = [str(arg) for arg in args]
+    with open(log, "a") if log else open(os.devnull, "w") as log_file:
+        stdout = subprocess.PIPE if capture else (log_file if log else None)
+        stderr = subprocess.STDOUT if log else None
+        result = subprocess.run(command, check=False, text=True, stdout=stdout, stderr=stderr, **kwargs)
+    if result.returncode != 0:
+        if log:
+            print("".join(log.read_text().splitlines(keepends=True)[-40:]), file=sys.stderr)
+        sys.exit(f"images: failed ({result.returncode}): {shlex.join(command)}" + (f"\n  log: {log}" if log else ""))
+    return result.stdout.strip() if capture else ""
+
+
+def storage_options() -> list[str]:
+    # A storage of its own under the cache: nothing global (/var/lib/containers) is touched.
+    driver = os.environ.get("EDGELOOP_STORAGE_DRIVER", "overlay")
+    return ["--root", str(CACHE / "storage"), "--runroot", str(CACHE / "runroot"), "--storage-driver", driver]
+
+
+def buildah(*args: str | Path, capture: bool = False, log: Path | None = None) -> str:
+    return run("buildah", *storage_options(), *args, capture=capture, log=log)
+
+
+def image_id(ref: str) -> str | None:
+    command = ["buildah", *storage_options(), "inspect", "--type", "image", "--format", "{{.FromImageID}}", ref]
+    result = subprocess.run(command, check=False, text=True, capture_output=True)
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
+def ensure_tools() -> None:
+    if os.geteuid() != 0:
+        sys.exit("images: needs root (debootstrap, and buildah's storage and chroot builds): sudo make images")
+    missing = [tool for tool in ("buildah", "debootstrap") if not shutil.which(tool)]
+    if missing:
+        print(f"images: installing {' '.join(missing)} from Debian's packages", flush=True)
+        run("apt-get", "install", "-y", "-q", *missing)
+
+
+def build_home() -> Path:
+    """A HOME for the build's RUN steps, bind-mounted over /root (which the base has, so the mount leaves
+    nothing in a layer): a pip.conf with the host pip's network settings and the CA bundle they name. The
+    Dockerfiles and the images stay free of this machine's settings."""
+    home = CACHE / "build-home"
+    shutil.rmtree(home, ignore_errors=True)
+    (home / ".config" / "pip").mkdir(parents=True)
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=False, text=True,
+                             capture_output=True).stdout
+    settings = pip_settings(listing)
+    if "cert" in settings:
+        shutil.copyfile(settings["cert"], home / ".config" / "pip" / "ca.pem")
+        settings["cert"] = "/root/.config/pip/ca.pem"
+    lines = ["[global]", *(f"{key} = {value}" for key, value in sorted(settings.items()))]
+    (home / ".config" / "pip" / "pip.conf").write_text("\n".join(lines) + "\n")
+    return home
+
+
+# --- the images ---------------------------------------------------------------------------------------------
+
+
+def build_base(force: bool) -> str:
+    """localhost/edgeloop/debian:bookworm-slim from debootstrap, unless built from the same recipe already;
+    returns its image ID."""
+    stamp = CACHE / "base.json"
+    recipe = base_recipe_digest()
+    if not force and stamp.exists():
+        recorded = json.loads(stamp.read_text())
+        if recorded["recipe"] == recipe and image_id(BASE_REF) == recorded["image_id"]:
+            return recorded["image_id"]
+    started = time.monotonic()
+    log = CACHE / "logs" / "base.log"
+    log.unlink(missing_ok=True)
+    print(f"images: base {BASE_REF}: debootstrap --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR} (log: {log})",
+          flush=True)
+    container = buildah("from", "scratch", capture=True)
+    mount = Path(buildah("mount", container, capture=True))
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-") as rootfs:
+        run("debootstrap", "--variant=minbase", DEBIAN_SUITE, rootfs, DEBIAN_MIRROR, log=log)
+        run("cp", "-a", f"{rootfs}/.", mount)
+    buildah("run", "--isolation", "chroot", "--network", "host", container, "--", "sh", "-c", BASE_SETUP, log=log)
+    # debootstrap copied this machine's name and resolver in; a container gets both from its runtime.
+    for name in ("etc/hostname", "etc/resolv.conf"):
+        (mount / name).write_text("")
+    buildah("config", "--env", f"PATH={DEFAULT_PATH}", "--cmd", "bash", container)
+    buildah("commit", "--rm", "--quiet", container, BASE_REF, capture=True)
+    base_id = image_id(BASE_REF)
+    stamp.write_text(json.dumps({"ref": BASE_REF, "recipe": recipe, "image_id": base_id}, indent=2) + "\n")
+    print(f"images: base built in {time.monotonic() - started:.0f} s", flush=True)
+    return base_id
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    ref: str
+    dockerfile: Path
+    context: Path
+    build_args: dict[str, str]
+    inputs: str  # input_digest
+
+
+def app_plan(name: str, base_id: str) -> Plan:
+    """The runtime or the operator: its own Dockerfile on the debootstrap base."""
+    if name == "runtime":
+        dockerfile, context, pyproject = (REPO / "runtime-image" / "Dockerfile", REPO / "runtime-image",
+                                          REPO / "runtime-image" / "pyproject.toml")
+    else:
+        dockerfile, context, pyproject = REPO / "operator" / "Dockerfile", REPO, REPO / "pyproject.toml"
+    version = tomllib.loads(pyproject.read_text())["project"]["version"]
+    # Every stage must start from the base the build arg names, or the local build would need a registry.
+    if set(from_images(dockerfile.read_text())) != {"${BASE_IMAGE}"}:
+        sys.exit(f"images: every FROM in {dockerfile} must be ${{BASE_IMAGE}}")
+    build_args = {"BASE_IMAGE": BASE_REF}
+    inputs = input_digest(dockerfile, copied_files(dockerfile, context), {**build_args, "base image": base_id})
+    return Plan(name, f"ghcr.io/edgeloop/{name}:{version}", dockerfile, context, build_args, inputs)
+
+
+def pause_source() -> tuple[Path, str, str]:
+    """build/pause of the Kubernetes release that devcluster/go.mod pins: (that directory in the Go module
+    cache, the pause TAG from its Makefile, the Kubernetes version)."""
+    if not shutil.which("go"):
+        sys.exit("images: the pause image needs Go (its sources are the pinned Kubernetes module's build/pause)")
+    devcluster = REPO / "devcluster"
+    query = ("go", "list", "-m", "-f", "{{.Dir}} {{.Version}}", "k8s.io/kubernetes")
+    directory, _, version = run(*query, capture=True, cwd=devcluster).partition(" ")
+    if not directory:  # not downloaded yet
+        run("go", "mod", "download", "k8s.io/kubernetes", cwd=devcluster)
+        directory, _, version = run(*query, capture=True, cwd=devcluster).partition(" ")
+    pause = Path(directory) / "build" / "pause"
+    tag = re.search(r"^TAG \?= (\S+)$", (pause / "Makefile").read_text(), re.MULTILINE).group(1)
+    return pause, tag, version
+
+
+def pause_plan() -> tuple[Plan, list[str], Path]:
+    """Upstream's pause Dockerfile with BASE=scratch; also returns the gcc flags and pause.c."""
+    source, tag, version = pause_source()
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    cflags = pause_cflags(tag, version)
+    build_args = {"BASE": "scratch", "ARCH": arch}
+    # What the Dockerfile ADDs is compiled from pause.c, so pause.c and the flags are the inputs.
+    inputs = input_digest(source / "Dockerfile", {"linux/pause.c": source / "linux" / "pause.c"},
+                          {**build_args, "cflags": " ".join(cflags)})
+    plan = Plan("pause", f"localhost/edgeloop/pause:{tag}", source / "Dockerfile", CACHE / "pause-context",
+                build_args, inputs)
+    return plan, cflags, source / "linux" / "pause.c"
+
+
+def build(plan: Plan, home: Path) -> dict:
+    """Builds the image, checks it runs and writes its OCI archive; returns its images.json entry."""
+    started = time.monotonic()
+    log = CACHE / "logs" / f"{plan.name}.log"
+    log.unlink(missing_ok=True)
+    print(f"images: building {plan.ref} (log: {log})", flush=True)
+    args = [arg for key, value in plan.build_args.items() for arg in ("--build-arg", f"{key}={value}")]
+    buildah("bud", "--isolation", "chroot", "--network", "host", "--pull=never", "--volume", f"{home}:/root",
+            *args, "--file", plan.dockerfile, "--tag", plan.ref, plan.context, log=log)
+    buildah("rmi", "--prune", capture=True)  # the stages' images and the ref's previous image
+    build_seconds = time.monotonic() - started
+
+    container = buildah("from", "--pull=never", plan.ref, capture=True)
+    try:
+        unpacked = tree_bytes(Path(buildah("mount", container, capture=True)))
+        for command in SMOKE[plan.name]:
+            buildah("run", "--isolation", "chroot", container, "--", *command, log=log)
+    finally:
+        buildah("rm", container, capture=True)
+
+    archive = CACHE / f"{plan.name}.oci.tar"
+    partial = archive.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    # The ref after the path becomes the index's org.opencontainers.image.ref.name: containerd names the
+    # imported image by it.
+    buildah("push", "--quiet", "--format", "oci", plan.ref, f"oci-archive:{partial}:{plan.ref}", log=log)
+    partial.rename(archive)
+    return {
+        "name": plan.name,
+        "ref": plan.ref,
+        "archive": str(archive),
+        "bytes": archive.stat().st_size,
+        "unpacked_bytes": unpacked,
+        "image_id": "sha256:" + image_id(plan.ref),
+        "inputs": plan.inputs,
+        "build_seconds": round(build_seconds, 1),
+    }
+
+
+def up_to_date(entry: dict | None, plan: Plan) -> bool:
+    if not entry or entry.get("inputs") != plan.inputs or entry.get("ref") != plan.ref:
+        return False
+    archive = Path(entry["archive"])
+    return archive.exists() and archive.stat().st_size == entry["bytes"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=NAMES, action="append", help="build only this image (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
+    options = parser.parse_args(argv)
+    names = options.only or list(NAMES)
+
+    ensure_tools()
+    (CACHE / "logs").mkdir(parents=True, exist_ok=True)
+    index = json.loads(INDEX.read_text()) if INDEX.exists() else {"images": []}
+    entries = {entry["name"]: entry for entry in index["images"]}
+    home = build_home()
+    base_id = build_base(options.force) if {"runtime", "operator"} & set(names) else None
+
+    rows = []
+    for name in names:
+        started = time.monotonic()
+        if name == "pause":
+            plan, cflags, pause_c = pause_plan()
+        else:
+            plan = app_plan(name, base_id)
+        if not options.force and up_to_date(entries.get(name), plan):
+            rows.append((entries[name], "cached", time.monotonic() - started))
+            continue
+        if name == "pause":
+            shutil.rmtree(plan.context, ignore_errors=True)
+            binary = plan.context / "bin" / f"pause-linux-{plan.build_args['ARCH']}"
+            binary.parent.mkdir(parents=True)
+            run("gcc", *cflags, "-o", binary, pause_c)
+            run("strip", binary)
+        entries[name] = build(plan, home)
+        INDEX.write_text(json.dumps({"images": [entries[n] for n in NAMES if n in entries]}, indent=2) + "\n")
+        rows.append((entries[name], "built", time.monotonic() - started))
+
+    print(f"images: {INDEX}")
+    for entry, state, seconds in rows:
+        print(f"  {entry['ref']:<34} {state:<6} {seconds:6.1f} s   archive {megabytes(entry['bytes']):>9}"
+              f"   unpacked {megabytes(entry['unpacked_bytes']):>9}   {entry['archive']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
