@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test demo demo-down clean \
-	bench-devcluster bench-serve bench-federated bench-operator-scale
+	bench-devcluster bench-serve bench-federated bench-operator-scale images
 
 all: test
 
@@ -40,6 +40,11 @@ e2e: venv devcluster-build
 
 test: venv devcluster-build lint
 	$(BIN)/pytest
+
+# The runtime, operator and pause images as OCI archives in ~/.cache/edgeloop/images, built without a registry
+# (debootstrap base, buildah; needs root); rebuilt only when their inputs change. See docs/images.md.
+images: venv
+	$(BIN)/python images/build.py
 
 # The devcluster with its fleet, the CRDs, the operator and the example InferenceModel; stays up.
 demo: venv devcluster-build
