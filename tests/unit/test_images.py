@@ -1,0 +1,131 @@
+"""The pure parts of images/build.py (`make images`): what defines an image's inputs, and the Dockerfiles'
+contract with the local build (every stage FROM the BASE_IMAGE build arg). Needs no buildah."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[2]
+DOCKERFILES = [REPO / "runtime-image" / "Dockerfile", REPO / "operator" / "Dockerfile"]
+
+_spec = importlib.util.spec_from_file_location("images_build", REPO / "images" / "build.py")
+build = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = build  # dataclasses look their module up there
+_spec.loader.exec_module(build)
+
+DOCKERFILE = """\
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE} AS build
+COPY pyproject.toml ./
+# a comment between instructions
+COPY --chown=1:1 pkg ./pkg
+RUN echo one \\
+    # a comment inside a continued RUN
+    && echo two
+FROM ${BASE_IMAGE}
+COPY --from=build /opt/app /opt/app
+"""
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    (tmp_path / "Dockerfile").write_text(DOCKERFILE)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "sub" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("not copied\n")
+    return tmp_path
+
+
+def digest(context: Path, **extra: str) -> str:
+    dockerfile = context / "Dockerfile"
+    return build.input_digest(dockerfile, build.copied_files(dockerfile, context), extra)
+
+
+def test_copied_sources_skips_flags_destinations_and_other_stages():
+    assert build.copied_sources(DOCKERFILE) == ["pyproject.toml", "pkg"]
+
+
+def test_comments_inside_a_continued_instruction_are_dropped():
+    assert "RUN echo one      && echo two" in build.dockerfile_instructions(DOCKERFILE)
+
+
+def test_input_digest_changes_when_a_copied_file_changes(context: Path):
+    before = digest(context)
+    assert digest(context) == before
+    (context / "pkg" / "sub" / "mod.py").write_text("x = 2\n")
+    assert digest(context) != before
+
+
+def test_input_digest_changes_when_a_copied_file_is_added_or_renamed(context: Path):
+    before = digest(context)
+    (context / "pkg" / "sub" / "new.py").write_text("")
+    added = digest(context)
+    assert added != before
+    (context / "pkg" / "sub" / "new.py").rename(context / "pkg" / "sub" / "other.py")
+    assert digest(context) not in (before, added)
+
+
+def test_input_digest_ignores_files_not_copied_and_bytecode(context: Path):
+    before = digest(context)
+    (context / "README.md").write_text("changed\n")
+    (context / "pkg" / "sub" / "__pycache__").mkdir()
+    (context / "pkg" / "sub" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    assert digest(context) == before
+
+
+def test_input_digest_changes_with_the_dockerfile_and_the_base(context: Path):
+    before = digest(context, base="sha256:1")
+    assert digest(context, base="sha256:2") != before
+    (context / "Dockerfile").write_text(DOCKERFILE + "USER 65532:65532\n")
+    assert digest(context, base="sha256:1") != before
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.parent.name)
+def test_every_stage_starts_from_the_base_image_build_arg(dockerfile: Path):
+    text = dockerfile.read_text()
+    assert "ARG BASE_IMAGE=debian:bookworm-slim" in build.dockerfile_instructions(text)
+    stages = build.from_images(text)
+    assert len(stages) == 2  # the build stage and the final one
+    assert set(stages) == {"${BASE_IMAGE}"}
+
+
+def test_runtime_inputs_are_its_project_file_and_package():
+    dockerfile = REPO / "runtime-image" / "Dockerfile"
+    files = build.copied_files(dockerfile, dockerfile.parent)
+    assert "pyproject.toml" in files
+    assert "edgeloop_runtime/cli.py" in files
+    assert all(name == "pyproject.toml" or name.startswith("edgeloop_runtime/") for name in files)
+    assert not any(name.endswith(".pyc") for name in files)
+
+
+def test_operator_inputs_are_the_root_project_files_and_the_operator_package():
+    files = build.copied_files(REPO / "operator" / "Dockerfile", REPO)
+    assert {"pyproject.toml", "README.md", "operator/edgeloop/cli.py"} <= set(files)
+    assert all(name in ("pyproject.toml", "README.md") or name.startswith("operator/") for name in files)
+
+
+def test_pip_settings_passes_network_settings_only_and_the_environment_wins():
+    listing = (
+        "global.cert='/etc/ssl/certs/ca-certificates.crt'\n"
+        "global.index-url='https://mirror.example/simple'\n"
+        ":env:.cert='/etc/ssl/proxy-ca.pem'\n"
+        ":env:.find-links='/opt/wheels'\n"
+        ":env:.disable-pip-version-check='1'\n"
+        ":env:.default-timeout='180'\n"
+    )
+    assert build.pip_settings(listing) == {
+        "cert": "/etc/ssl/proxy-ca.pem",
+        "index-url": "https://mirror.example/simple",
+        "default-timeout": "180",
+    }
+
+
+def test_pause_is_compiled_with_upstreams_flags():
+    assert build.pause_cflags("3.10.1", "v1.34.4") == [
+        "-Os", "-Wall", "-Werror", "-static", "-DVERSION=v3.10.1-v1.34.4",
+    ]
