@@ -308,7 +308,8 @@ def build_base(force: bool) -> str:
     # debootstrap copied this machine's name and resolver in; a container gets both from its runtime.
     for name in ("etc/hostname", "etc/resolv.conf"):
         (mount / name).write_text("")
-    buildah("config", "--env", f"PATH={DEFAULT_PATH}", "--cmd", "bash", container)
+    created_by = f"debootstrap --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR}, slimmed by images/build.py"
+    buildah("config", "--env", f"PATH={DEFAULT_PATH}", "--cmd", "bash", "--created-by", created_by, container)
     buildah("commit", "--rm", "--quiet", container, BASE_REF, capture=True)
     base_id = image_id(BASE_REF)
     stamp.write_text(json.dumps({"ref": BASE_REF, "recipe": recipe, "image_id": base_id}, indent=2) + "\n")
