@@ -20,8 +20,9 @@ from pathlib import Path
 MODULE_DIR = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop")) / "devcluster"
 
-# kwok has a module of its own (kwok/go.mod): it needs newer client libraries than the pinned release.
+# kwok and CoreDNS have modules of their own: they need other client libraries than the pinned release.
 KWOK_MODULE_DIR = MODULE_DIR / "kwok"
+COREDNS_MODULE_DIR = MODULE_DIR / "coredns"
 # binary name -> (module directory, Go package), in build order (the first warms the build cache most).
 COMPONENTS = {
     "kube-apiserver": (MODULE_DIR, "k8s.io/kubernetes/cmd/kube-apiserver"),
@@ -34,10 +35,12 @@ COMPONENTS = {
     "helm": (MODULE_DIR, "helm.sh/helm/v3/cmd/helm"),
     "kwok": (KWOK_MODULE_DIR, "sigs.k8s.io/kwok/cmd/kwok"),
     "kwok-default-stages": (KWOK_MODULE_DIR, "./cmd/kwok-default-stages"),
+    "coredns": (COREDNS_MODULE_DIR, "."),
 }
 PIN_FILES = [
     "go.mod", "go.sum", "tools.go", "cmd/etcd/main.go",
     "kwok/go.mod", "kwok/go.sum", "kwok/cmd/kwok-default-stages/main.go",
+    "coredns/go.mod", "coredns/go.sum", "coredns/main.go",
 ]
 # kwok's lifecycle stages, written beside the binaries by `kwok-default-stages`.
 KWOK_STAGES = "kwok-stages.yaml"

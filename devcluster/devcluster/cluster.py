@@ -220,6 +220,7 @@ def component_commands(
             f"--client-ca-file={pki_dir / 'ca.crt'}",
             f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
             f"--kubelet-client-key={pki_dir / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki_dir / 'ca.crt'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki_dir / 'sa.pub'}",
             f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
@@ -364,6 +365,7 @@ def start_real_nodes(cluster: Cluster, state: dict, api: Api, network: nodes.Net
     """Start every real node's containerd (with the images imported), kubelet and kube-proxy."""
     run_dir, bin_dir = cluster.run_dir, Path(state["bin_dir"])
     server = f"https://{network.gateway}:{state['ports']['apiserver']}"
+    start_cluster_dns(cluster, state, api, network, server)
     for index, (name, group) in enumerate(real):
         started = time.monotonic()
         node = nodes.RealNode(name, index, network, run_dir)
@@ -381,6 +383,43 @@ def start_real_nodes(cluster: Cluster, state: dict, api: Api, network: nodes.Net
             f"in {time.monotonic() - started:.1f} s")
 
 
+def start_cluster_dns(cluster: Cluster, state: dict, api: Api, network: nodes.Network, server: str) -> None:
+    """CoreDNS as a host process on the gateway address, behind a selector-less `kube-dns` Service: pods
+    resolve Service names through kube-proxy as on any cluster, with no image and no registry."""
+    run_dir = cluster.run_dir
+    for manifest in yaml.safe_load_all((nodes.MANIFESTS / "coredns-rbac.yaml").read_text()):
+        kind = manifest["kind"].lower() + "s"
+        _create(api, f"/apis/rbac.authorization.k8s.io/v1/{kind}", manifest)
+    pki.issue_client(run_dir / "pki", "coredns", "system:coredns")
+    pki.write_kubeconfig(run_dir / "kubeconfigs" / "coredns.kubeconfig", server, run_dir / "pki", "coredns")
+    ports = {name: free_port() for name in ("coredns-health", "coredns-ready")}
+    state["ports"] |= ports
+    (run_dir / "Corefile").write_text((nodes.MANIFESTS / "Corefile").read_text().format(
+        bind=network.gateway, port=53, health=f"127.0.0.1:{ports['coredns-health']}",
+        ready=f"127.0.0.1:{ports['coredns-ready']}", kubeconfig=run_dir / "kubeconfigs" / "coredns.kubeconfig",
+        cluster_domain=nodes.CLUSTER_DOMAIN,
+    ))
+    argv = [str(Path(state["bin_dir"]) / "coredns"), "-conf", str(run_dir / "Corefile")]
+    state["processes"].append(start_process("coredns", argv, run_dir / "logs"))
+    cluster.state_file.write_text(json.dumps(state, indent=2))
+    wait_for("CoreDNS /ready", lambda: http_ok(ports["coredns-ready"], "/ready"), 30, run_dir / "logs" / "coredns.log")
+    dns_ports = [{"name": f"dns-{protocol.lower()}", "port": 53, "protocol": protocol} for protocol in ("UDP", "TCP")]
+    _create(api, "/api/v1/namespaces/kube-system/services", {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+        "spec": {"clusterIP": network.dns_ip, "ports": dns_ports},
+    })
+    _create(api, "/apis/discovery.k8s.io/v1/namespaces/kube-system/endpointslices", {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kube-dns-coredns", "namespace": "kube-system",
+                     "labels": {"kubernetes.io/service-name": "kube-dns",
+                                "endpointslice.kubernetes.io/managed-by": "devcluster.edgeloop.io"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [network.gateway], "conditions": {"ready": True}}],
+        "ports": dns_ports,
+    })
+
+
 def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> None:
     """Create the fleet's simulated nodes that do not exist yet, give real nodes their extended resources,
     and wait until every node is Ready."""
@@ -392,19 +431,23 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
             _create(api, "/apis/node.k8s.io/v1/runtimeclasses", runtime_class)
         created = sum(_create(api, "/api/v1/nodes", node) for node in node_manifests(fleet))
         names = {node["metadata"]["name"] for node in node_manifests(fleet)} | {n for n, _ in fleet.real_nodes()}
-        pending_capacity = {name: group.capacity for name, group in fleet.real_nodes() if group.capacity}
+        extended = {name: group.capacity for name, group in fleet.real_nodes() if group.capacity}
 
         def all_ready() -> bool:
             status, body = api.request("GET", "/api/v1/nodes")
             ready = {item["metadata"]["name"] for item in body.get("items", []) if _is_ready(item)}
-            for name in list(pending_capacity):
-                # Extended resources are advertised by patching node status, as a device plugin's stand-in.
-                if name in ready and api.request(
-                    "PATCH", f"/api/v1/nodes/{name}/status", {"status": {"capacity": pending_capacity[name]}},
-                    "application/merge-patch+json",
-                )[0] == 200:
-                    del pending_capacity[name]
-            return status == 200 and names <= ready and not pending_capacity
+            for item in body.get("items", []):
+                name, node_status = item["metadata"]["name"], item["status"]
+                if name not in ready or name not in extended:
+                    continue
+                # Extended resources are advertised by patching node status, as a device plugin would; the
+                # kubelet then adds them to allocatable.
+                if not extended[name].items() <= node_status.get("capacity", {}).items():
+                    api.request("PATCH", f"/api/v1/nodes/{name}/status", {"status": {"capacity": extended[name]}},
+                                "application/merge-patch+json")
+                if not extended[name].items() <= node_status.get("allocatable", {}).items():
+                    ready.discard(name)
+            return status == 200 and names <= ready
 
         wait_for(f"{len(names)} nodes to be Ready", all_ready, timeout, cluster.run_dir / "logs")
         log(f"devcluster: {len(names)} nodes Ready ({created} created) in {time.monotonic() - started:.1f} s")

@@ -28,6 +28,7 @@ from devcluster import pki
 from devcluster.errors import ClusterError
 
 CNI_BIN_DIR = Path("/usr/lib/cni")
+MANIFESTS = Path(__file__).parent / "manifests"
 HOST_PATH = Path("/var/lib/edgeloop")  # the node contract's root; each node mounts its own directory here
 RUNTIME_UID = 65532  # the runtime image's user: it writes the model cache
 CLUSTER_DOMAIN = "cluster.local"
@@ -112,6 +113,8 @@ def setup_bridge(network: Network) -> None:
     _run("ip", "link", "add", network.bridge, "type", "bridge")
     _run("ip", "addr", "add", f"{network.gateway}/24", "dev", network.bridge)
     _run("ip", "link", "set", network.bridge, "up")
+    # The host reaches Services as a node would: through the first node, whose kube-proxy routes them.
+    _run("ip", "route", "replace", network.service_cidr, "via", network.node_ip(0))
     # The host forwards between the nodes' veths; br_netfilter lets kube-proxy's rules see bridged traffic.
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
     with contextlib.suppress(FileNotFoundError):
@@ -278,6 +281,8 @@ def write_node_config(node: RealNode, pki_dir: Path, apiserver: str, sandbox_ima
                 # Without CAP_SYS_RESOURCE (as here) nothing may lower its OOM score below containerd's own;
                 # clamp the kubelet's negative scores (the pause sandbox's -998) instead of failing every pod.
                 "restrict_oom_score_adj": True,
+                # Pods' network namespaces under the node's state, not the host's /run/netns.
+                "netns_mounts_under_state_dir": True,
                 "containerd": {
                     "snapshotter": "overlayfs",
                     "default_runtime_name": "runc",
