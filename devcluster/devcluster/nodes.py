@@ -239,9 +239,11 @@ def setup_namespaces(node: RealNode) -> None:
         _run("mount", "--make-private", str(ns_dir))
     node.mount_ns.touch()
     _run("unshare", f"--mount={node.mount_ns}", "--propagation", "slave", "true")
-    for sub in ("models", "data"):
+    # As a node's provisioning would: the model cache (and a hostPath store's directory) writable by the
+    # runtime's user, the datasets' root readable by all. A kubelet-created hostPath would be root's.
+    for sub, owner in (("models", RUNTIME_UID), ("store", RUNTIME_UID), ("data", 0)):
         (node.host_path / sub).mkdir(parents=True, exist_ok=True)
-    os.chown(node.host_path / "models", RUNTIME_UID, RUNTIME_UID)
+        os.chown(node.host_path / sub, owner, owner)
     HOST_PATH.mkdir(parents=True, exist_ok=True)  # the mount point; the host's own stays empty
     _run("nsenter", f"--mount={node.mount_ns}", "--", "mount", "--bind", str(node.host_path), str(HOST_PATH))
 

@@ -125,3 +125,117 @@ def test_pods_on_real_nodes_reach_services_by_name(story: Story):
         out = run_pod(story, "probe", f"dns-{node.index}", script, node.name)
         address, version = out.split()
         assert address == node.network.service_ip and version.startswith("TLS")
+
+
+def test_the_chart_runs_the_operator_and_the_store_as_real_pods(story: Story):
+    devcluster = story.devcluster
+    devcluster.kubectl("create", "namespace", MODELS_NS)
+    story.helm(
+        "install", RELEASE, str(ROOT / "charts" / "edgeloop"), "--namespace", RELEASE_NS, "--create-namespace",
+        "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{MODELS_NS}}}",
+        # No provisioner here: the store keeps its blobs in a directory of the first node.
+        "--set", "store.persistence.mode=hostPath", "--set", f"store.persistence.hostPath.node={story.real[0].name}",
+        "--wait", "--timeout", "300s",
+    )
+    pods = devcluster.get_json("pods", "-n", RELEASE_NS)["items"]
+    images = {c["image"] for pod in pods for c in pod["spec"]["containers"]}
+    assert images == {"ghcr.io/edgeloop/operator:0.1.0", RUNTIME_IMAGE}, "the chart's default images, built here"
+    assert all(p["status"]["phase"] == "Running" and all(c["ready"] for c in p["status"]["containerStatuses"])
+               for p in pods), story.debug(RELEASE_NS)
+    operator_log = devcluster.kubectl("logs", "-n", RELEASE_NS, "deployment/edgeloop-operator").stdout
+    assert '"levelname": "ERROR"' not in operator_log and "CRITICAL" not in operator_log, operator_log[-3000:]
+
+
+def digits_inputs() -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    return (load_digits().data[:8] / 16).astype(np.float32)
+
+
+def infer(story: Story, inputs: np.ndarray) -> tuple[dict, np.ndarray]:
+    """tritonclient over gRPC with TLS, through the model's Service (ClusterIP; the host routes Services
+    through the first node's kube-proxy), verifying the server's certificate for the Service's name."""
+    import tritonclient.grpc as grpcclient
+
+    ca = story.real[0].dir / "digits-ca.crt"
+    ca.write_bytes(story.secret(MODELS_NS, "digits-tls", "ca.crt"))
+    client = grpcclient.InferenceServerClient(
+        f"{story.cluster_ip(MODELS_NS, 'digits')}:8001", ssl=True, root_certificates=str(ca),
+        channel_args=[("grpc.ssl_target_name_override", f"digits.{MODELS_NS}.svc")],
+    )
+    try:
+        assert client.is_server_ready() and client.is_model_ready("digits")
+        metadata = client.get_model_metadata("digits", as_json=True)
+        [tensor] = metadata["inputs"]
+        request = grpcclient.InferInput(tensor["name"], list(inputs.shape), tensor["datatype"])
+        request.set_data_from_numpy(inputs)
+        result = client.infer("digits", [request])
+        return metadata, result.as_numpy(metadata["outputs"][0]["name"])
+    finally:
+        client.close()
+
+
+def expected(model: bytes, inputs: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+def upload(story: Story, model: bytes) -> str:
+    digest = hashlib.sha256(model).hexdigest()
+    token = story.secret(RELEASE_NS, "edgeloop-store-token", "token").decode()
+    store = f"http://{story.cluster_ip(RELEASE_NS, 'edgeloop-store')}:8000"
+    request = urllib.request.Request(f"{store}/sha256/{digest}", data=model, method="PUT",
+                                     headers={"Authorization": f"Bearer {token}"})
+    urllib.request.urlopen(request, timeout=30).close()
+    return digest
+
+
+def model_condition(story: Story, sha256: str, condition: str) -> dict:
+    """Wait until InferenceModel digits has observed its spec, rendered `sha256` and `condition` is True."""
+    def reached():
+        body = story.devcluster.get_json("inferencemodel", "digits", "-n", MODELS_NS)
+        status = body.get("status", {})
+        met = any(c["type"] == condition and c["status"] == "True" for c in status.get("conditions", []))
+        return met and status.get("observedGeneration") == body["metadata"]["generation"] \
+            and status.get("model", {}).get("sha256") == sha256 and body
+
+    return wait_for(f"InferenceModel digits to be {condition} with {sha256[:12]}", reached, timeout=300,
+                    debug=lambda: story.debug(MODELS_NS))
+
+
+def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story):
+    from edgeloop_runtime.federated.model import mlp
+
+    story.model_v1 = mlp([64, 32, 10], seed=0)
+    digest = upload(story, story.model_v1)
+    model = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
+    model["metadata"]["namespace"] = MODELS_NS
+    model["spec"]["model"] = {"uri": f"http://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}",
+                              "sha256": digest, "version": "1"}
+    story.devcluster.kubectl("apply", "-f", "-", input=json.dumps(model))
+
+    # The nodes are labelled and equipped as GPU nodes, without a GPU. By default a node that claims an
+    # accelerator it cannot use fails loudly, and the status says why...
+    body = model_condition(story, digest, "Degraded")
+    degraded = next(c for c in body["status"]["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "RuntimeFailed", degraded
+    assert "['CUDAExecutionProvider'] are not available" in degraded["message"], degraded
+    # ...and with the gpu class's allowCpuFallback (a chart value) ONNX Runtime falls back to its CPU provider.
+    story.helm("upgrade", RELEASE, str(ROOT / "charts" / "edgeloop"), "--namespace", RELEASE_NS, "--reuse-values",
+               "--set", "config.acceleratorClasses.gpu.allowCpuFallback=true", "--wait", "--timeout", "300s")
+    body = model_condition(story, digest, "Ready")
+
+    variants = {v["accelerator"]: v for v in body["status"]["variants"]}
+    assert variants["gpu"]["ready"] == len(story.real), body["status"]
+    pods = story.devcluster.get_json("pods", "-n", MODELS_NS, "-l", "edgeloop.io/accelerator=gpu")["items"]
+    assert sorted(p["spec"]["nodeName"] for p in pods) == [n.name for n in story.real]
+    log = story.devcluster.kubectl("logs", "-n", MODELS_NS, pods[0]["metadata"]["name"]).stdout
+    assert f"(sha256 {digest})" in log and "execution providers in use: CPUExecutionProvider" in log, log
+    # The fetcher verified the model into the node's own cache.
+    for node in story.real:
+        assert (node.host_path / "models" / "sha256" / digest).read_bytes() == story.model_v1
+
+    inputs = digits_inputs()
+    metadata, outputs = infer(story, inputs)
+    assert metadata["name"] == "digits" and metadata["versions"] == ["1"]
+    np.testing.assert_allclose(outputs, expected(story.model_v1, inputs), rtol=1e-5, atol=1e-6)
