@@ -30,6 +30,7 @@ from devcluster.errors import ClusterError
 CNI_BIN_DIR = Path("/usr/lib/cni")
 MANIFESTS = Path(__file__).parent / "manifests"
 HOST_PATH = Path("/var/lib/edgeloop")  # the node contract's root; each node mounts its own directory here
+NODE_PRIVATE_DIRS = ("/var/log/pods", "/var/log/containers", "/var/lib/cni")
 RUNTIME_UID = 65532  # the runtime image's user: it writes the model cache
 CLUSTER_DOMAIN = "cluster.local"
 # What a real node needs on the host (Debian: containerd runc containernetworking-plugins iptables conntrack).
@@ -244,8 +245,13 @@ def setup_namespaces(node: RealNode) -> None:
     for sub, owner in (("models", RUNTIME_UID), ("store", RUNTIME_UID), ("data", 0)):
         (node.host_path / sub).mkdir(parents=True, exist_ok=True)
         os.chown(node.host_path / sub, owner, owner)
-    HOST_PATH.mkdir(parents=True, exist_ok=True)  # the mount point; the host's own stays empty
-    _run("nsenter", f"--mount={node.mount_ns}", "--", "mount", "--bind", str(node.host_path), str(HOST_PATH))
+    # Host paths that the kubelet and the CNI plugins share between nodes unless each has its own: a kubelet
+    # deletes the pod logs of pods it does not know.
+    for host_dir, own in ((HOST_PATH, node.host_path), *((Path(p), node.dir / "mounts" / Path(p).name)
+                                                         for p in NODE_PRIVATE_DIRS)):
+        own.mkdir(parents=True, exist_ok=True)
+        host_dir.mkdir(parents=True, exist_ok=True)  # the mount point; the host's own stays as it was
+        _run("nsenter", f"--mount={node.mount_ns}", "--", "mount", "--bind", str(own), str(host_dir))
 
 
 def _is_mountpoint(path: Path) -> bool:
