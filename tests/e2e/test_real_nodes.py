@@ -239,3 +239,56 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
     metadata, outputs = infer(story, inputs)
     assert metadata["name"] == "digits" and metadata["versions"] == ["1"]
     np.testing.assert_allclose(outputs, expected(story.model_v1, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_federated_round_on_real_nodes_trains_promotes_and_rolls_the_model(story: Story):
+    from sklearn.datasets import load_digits
+
+    # Each node's own data, in its data path (the node contract's /var/lib/edgeloop/data/<dataset>).
+    x, y = load_digits(return_X_y=True)
+    for node in story.real:
+        data = node.host_path / "data" / "digits"
+        data.mkdir(parents=True, exist_ok=True)
+        part = slice(node.index, None, len(story.real))
+        np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
+
+    round_ = yaml.safe_load((ROOT / "examples" / "federatedround-digits.yaml").read_text())
+    round_["metadata"]["namespace"] = MODELS_NS
+    spec = round_["spec"]
+    spec["participants"] = {"nodeSelector": {"edgeloop.io/node-group": "edge-real"},
+                            "minClients": len(story.real), "maxClients": len(story.real)}
+    spec["training"]["rounds"] = 3
+    spec["promote"]["minAccuracy"] = 0.8
+    spec["runtime"]["resources"]["requests"] = {"cpu": "100m", "memory": "128Mi"}
+    story.devcluster.kubectl("apply", "-f", "-", input=json.dumps(round_))
+    name = round_["metadata"]["name"]
+
+    def finished():
+        body = story.devcluster.get_json("federatedround", name, "-n", MODELS_NS)
+        conditions = {c["type"]: c for c in body.get("status", {}).get("conditions", [])}
+        return conditions.get("Promoted", {}).get("status") in ("True", "False") and body
+
+    body = wait_for("the round to train, aggregate and promote", finished, timeout=600,
+                    debug=lambda: story.debug(MODELS_NS))
+    status = body["status"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Succeeded"] == ("True", "Trained") and conditions["Promoted"] == ("True", "Promoted"), status
+    assert status["participants"]["nodes"] == [node.name for node in story.real]
+    assert status["participants"]["reported"] == len(story.real)
+    assert status["metrics"]["accuracy"] >= 0.8 > status["baseline"]["accuracy"]
+    trained = status["result"]["sha256"]
+    client_pods = story.devcluster.get_json("pods", "-n", MODELS_NS, "-l", "edgeloop.io/role=client")["items"]
+    assert sorted(p["spec"]["nodeName"] for p in client_pods) == [n.name for n in story.real]
+
+    # The model rolls to the published sha256, each node fetches and verifies it, and serves it.
+    body = model_condition(story, trained, "Ready")
+    assert body["spec"]["model"]["version"] == "2"
+    for node in story.real:
+        model_v2 = (node.host_path / "models" / "sha256" / trained).read_bytes()
+        assert hashlib.sha256(model_v2).hexdigest() == trained
+    inputs = digits_inputs()
+    metadata, outputs = infer(story, inputs)
+    assert metadata["versions"] == ["2"]
+    np.testing.assert_allclose(outputs, expected(model_v2, inputs), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(outputs, expected(story.model_v1, inputs), atol=1e-3), "the new model serves"
+    assert (outputs.argmax(axis=1) == load_digits().target[:8]).mean() >= 0.75
