@@ -4,6 +4,8 @@ For checking a deployment by hand:
 
     edgeloop infer --url node-1:8000 --model digits --input sample.npy
     edgeloop infer --url node-1:8001 --protocol grpc --model digits --input input=sample.json
+    edgeloop infer --url 10.96.12.34:8001 --protocol grpc --ssl --ca-cert ca.crt \
+        --tls-server-name digits.edge.svc --model digits --input sample.npy
 
 An input file is a `.npy` array or a `.json` nested list; without `NAME=`, it feeds the model's only
 input. Data is cast to the datatype the model's metadata declares.
@@ -32,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-data", action="store_true", help="send tensors as JSON instead of binary (HTTP)")
     parser.add_argument("--ssl", action="store_true", help="use TLS (HTTPS or gRPC over TLS)")
     parser.add_argument("--ca-cert", type=Path, help="CA certificate (PEM) to verify the server with")
+    parser.add_argument(
+        "--tls-server-name",
+        help="the name to verify the server's certificate for, when --url is an address (e.g. a Service's "
+        "ClusterIP); gRPC only",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds (default %(default)s)")
 
 
@@ -63,7 +70,14 @@ def _client(args: argparse.Namespace):
         import tritonclient.grpc as module
 
         root = str(args.ca_cert) if args.ca_cert else None
-        return module, module.InferenceServerClient(args.url, ssl=args.ssl, root_certificates=root)
+        # channel_args replaces tritonclient's own, which lift gRPC's 4 MiB message limit: keep that.
+        channel = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+        if args.tls_server_name:
+            channel.append(("grpc.ssl_target_name_override", args.tls_server_name))
+        client = module.InferenceServerClient(args.url, ssl=args.ssl, root_certificates=root, channel_args=channel)
+        return module, client
+    if args.tls_server_name:
+        raise ValueError("--tls-server-name needs --protocol grpc")
     import tritonclient.http as module
 
     options = {"ca_certs": str(args.ca_cert)} if args.ca_cert else None

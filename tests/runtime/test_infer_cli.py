@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 
@@ -51,3 +52,20 @@ def test_errors_are_reported_not_raised(mlp_server, tmp_path):
     result = edgeloop_infer("--url", mlp_server.http_url, "--model", "model", "--input", f"pixels={tmp_path / 'x.npy'}")
     assert result.returncode == 1
     assert "no input 'pixels'" in result.stderr
+
+
+def test_tls_server_name_verifies_a_server_reached_by_address(mlp_path, tls_files, server_factory, tmp_path):
+    """A Service's ClusterIP is not in its certificate: --tls-server-name names what to verify instead."""
+    context = ssl.create_default_context(cafile=str(tls_files.cert))
+    server = server_factory(mlp_path, "--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key),
+                            scheme="https", context=context)
+    np.save(tmp_path / "x.npy", np.zeros((1, 64)))
+    common = ("--url", server.grpc_url, "--protocol", "grpc", "--ssl", "--ca-cert", str(tls_files.cert),
+              "--model", "model", "--input", str(tmp_path / "x.npy"))
+    result = edgeloop_infer(*common, "--tls-server-name", "localhost")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outputs"]["label"]["shape"] == [1]
+    result = edgeloop_infer(*common, "--tls-server-name", "digits.elsewhere.svc")
+    assert result.returncode == 1 and "edgeloop infer:" in result.stderr
+    result = edgeloop_infer("--url", server.http_url, "--tls-server-name", "localhost", *common[4:])
+    assert result.returncode == 1 and "--tls-server-name needs --protocol grpc" in result.stderr
