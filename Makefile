@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: all venv devcluster-build crds lint unit e2e test demo demo-down clean \
+.PHONY: all venv devcluster-build crds lint unit e2e test real-nodes demo demo-down clean \
 	bench-devcluster bench-serve bench-federated bench-operator-scale images
 
 all: test
@@ -35,10 +35,10 @@ lint: venv
 unit: venv
 	$(BIN)/pytest -m 'not e2e'
 
-e2e: venv devcluster-build
+e2e: venv devcluster-build real-nodes
 	$(BIN)/pytest -m e2e
 
-test: venv devcluster-build lint
+test: venv devcluster-build lint real-nodes
 	$(BIN)/pytest
 
 # The runtime, operator and pause images as OCI archives in ~/.cache/edgeloop/images, built without a registry
@@ -46,8 +46,12 @@ test: venv devcluster-build lint
 images: venv
 	$(BIN)/python images/build.py
 
-# The devcluster with its fleet, the CRDs, the operator and the example InferenceModel; stays up.
-demo: venv devcluster-build
+# Real nodes' prerequisites (root: Debian's containerd, runc, CNI plugins; the images). Without root, says so.
+real-nodes: venv
+	hack/real-nodes.sh
+
+# The devcluster with its fleet and two real nodes: the chart, a model served and trained; stays up.
+demo: venv devcluster-build real-nodes
 	hack/demo.sh
 
 demo-down: venv

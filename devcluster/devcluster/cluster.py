@@ -220,7 +220,8 @@ def component_commands(
             f"--client-ca-file={pki_dir / 'ca.crt'}",
             f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
             f"--kubelet-client-key={pki_dir / 'apiserver-kubelet-client.key'}",
-            "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={pki_dir / 'ca.crt'}",
+            # kwok's kubelets serve self-signed certificates, so kubelets are not verified (the upstream default).
+            "--kubelet-preferred-address-types=InternalIP",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki_dir / 'sa.pub'}",
             f"--service-account-signing-key-file={pki_dir / 'sa.key'}",
@@ -481,6 +482,11 @@ def status(cluster: Cluster) -> dict:
         "server": f"https://{state.get('host', '127.0.0.1')}:{state['ports']['apiserver']}",
         "components": components,
     }
+    if (network := _network(state)) is not None:
+        summary["real_nodes"] = [
+            {"index": index, "ip": network.node_ip(index), "host_path": str(nodes.host_path(cluster.run_dir, index))}
+            for index in range(state.get("real_nodes", 0))
+        ]
     if summary["running"]:
         api = _apiserver(state, cluster.run_dir)
         try:

@@ -194,8 +194,7 @@ class RealNode:
 
     @property
     def host_path(self) -> Path:
-        """What the node sees as /var/lib/edgeloop (its model cache and datasets)."""
-        return self.dir / "edgeloop"
+        return host_path(self.run_dir, self.index)
 
     @property
     def socket(self) -> Path:
@@ -212,6 +211,11 @@ class RealNode:
     def enter(self) -> list[str]:
         """The command prefix that runs a program on this node (its network and mount namespaces)."""
         return ["nsenter", f"--net=/run/netns/{self.network.netns(self.index)}", f"--mount={self.mount_ns}", "--"]
+
+
+def host_path(run_dir: Path, index: int) -> Path:
+    """What real node `index` sees as /var/lib/edgeloop (its model cache and datasets)."""
+    return run_dir / "nodes" / f"n{index}" / "edgeloop"
 
 
 def setup_namespaces(node: RealNode) -> None:
