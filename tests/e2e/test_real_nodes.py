@@ -12,6 +12,7 @@ Secure aggregation needs two clients to hide anything, so this cluster has two r
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -84,6 +85,21 @@ def story() -> Story:
         real = [nodes.RealNode(name, i, network, target.run_dir) for i, (name, _) in enumerate(fleet.real_nodes())]
         yield Story(DevCluster(kubeconfig=target.kubeconfig, bin_dir=bin_dir, run_dir=target.run_dir), real)
         cluster.down(target)
+    # `down` leaves nothing behind: no container, namespace, cgroup, bridge or route of its nodes.
+    assert not [command for command in running_commands() if str(target.run_dir) in command]
+    assert not Path(f"/sys/class/net/{network.bridge}").exists()
+    assert not any(Path(f"/run/netns/{network.netns(node.index)}").exists() for node in real)
+    assert not any(Path(f"/sys/fs/cgroup/memory/{network.netns(node.index)}").exists() for node in real)
+    assert network.service_cidr.split("/")[0] not in subprocess.run(["ip", "route"], capture_output=True,
+                                                                    text=True).stdout
+
+
+def running_commands() -> list[str]:
+    commands = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            commands.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return commands
 
 
 def run_pod(story: Story, namespace: str, name: str, script: str, node: str) -> str:
