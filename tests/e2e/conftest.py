@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,16 @@ class DevCluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"CRDs {crds} not Established after {timeout:.0f} s")
             time.sleep(0.2)
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 90.0, debug: Callable[[], str] = str):
+    """Poll `check` until it returns something true, and return that; fail with `debug()` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
 
 
 @pytest.fixture(scope="session")

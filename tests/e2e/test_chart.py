@@ -22,6 +22,8 @@ import pytest
 import yaml
 from edgeloop.testing import OperatorProcess, service_account_user
 
+from .conftest import wait_for
+
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "edgeloop"
 HEALTH = ROOT / "docs" / "gitops" / "argocd" / "health" / "edgeloop.io"
@@ -44,15 +46,6 @@ def helm(devcluster, *args: str, check: bool = True) -> subprocess.CompletedProc
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
-
-
-def wait_for(what: str, check, timeout: float = 90.0, debug=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
 
 
 def conditions(body: dict) -> dict[str, tuple[str, str]]:

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +30,8 @@ import numpy as np
 import pytest
 import yaml
 from edgeloop.testing import OperatorProcess, install_service_account
+
+from .conftest import wait_for
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "federatedround-digits.yaml").read_text())
@@ -175,15 +176,6 @@ def participants(devcluster):
 
 def apply(devcluster, namespace: str, body: dict) -> None:
     devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0, debug: Callable[[], str] = str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
 
 
 def federated_round(devcluster, namespace: str) -> dict:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from edgeloop.testing import WRITE_VERBS, OperatorProcess, audited_calls, install_service_account, service_account_user
+
+from .conftest import wait_for
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
@@ -63,15 +64,6 @@ def operator(devcluster, cluster, namespace, tmp_path):
 
 def apply(devcluster, namespace: str, body: dict) -> None:
     devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0, debug: Callable[[], str] = str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
 
 
 def model(devcluster, namespace: str, name: str = "digits") -> dict:

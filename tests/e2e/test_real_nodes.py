@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -29,21 +28,12 @@ from devcluster.fleet import load_fleet
 
 from devcluster import build, cluster, nodes
 
-from .conftest import DevCluster
+from .conftest import DevCluster, wait_for
 
 ROOT = Path(__file__).parents[2]
 RELEASE, RELEASE_NS, MODELS_NS = "edgeloop", "edgeloop-system", "models"
 REAL_NODES = int(os.environ.get("EDGELOOP_E2E_REAL_NODES", "2"))
 RUNTIME_IMAGE = "ghcr.io/edgeloop/runtime:0.1.0"
-
-
-def wait_for(what: str, check, timeout: float = 180.0, debug=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
 
 
 class Story:
@@ -113,7 +103,7 @@ def run_pod(story: Story, namespace: str, name: str, script: str, node: str) -> 
     }
     story.devcluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
     wait_for(f"pod {name} to succeed", lambda: story.devcluster.get_json("pod", name, "-n", namespace)["status"]
-             .get("phase") in ("Succeeded", "Failed"), debug=lambda: story.debug(namespace))
+             .get("phase") in ("Succeeded", "Failed"), timeout=180, debug=lambda: story.debug(namespace))
     logs = story.devcluster.kubectl("logs", name, "-n", namespace).stdout
     assert story.devcluster.get_json("pod", name, "-n", namespace)["status"]["phase"] == "Succeeded", logs
     return logs

@@ -11,7 +11,6 @@ import base64
 import datetime as dt
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from edgeloop import certs
 from edgeloop.render.certificates import revision
 from edgeloop.testing import WRITE_VERBS, OperatorProcess, audited_calls, install_service_account, service_account_user
+
+from .conftest import wait_for
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
@@ -54,15 +55,6 @@ def operator(devcluster, cluster, namespace, tmp_path):
     errors = [r for r in process.log_records() if r.get("severity") in ("error", "fatal")
               and not r["message"].startswith("Request attempt #")]
     assert not errors, f"the operator logged errors: {errors[:3]}"
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0, debug: Callable[[], str] = str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{debug()}")
 
 
 def secret(devcluster, namespace: str, name: str) -> dict | None:
