@@ -125,20 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report whether the files are up to date")
     args = parser.parse_args(argv)
 
-    stale = []
-    for name, text in render_all(operator_config.build()).items():
-        path = args.chart_dir / name
-        if path.exists() and path.read_text() == text:
-            continue
-        stale.append(path)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path}")
-    if args.check and stale:
-        print("stale: " + ", ".join(map(str, stale)) + " (run `make crds`)", file=sys.stderr)
-        return 1
-    return 0
+    return crdgen.write_generated(render_all(operator_config.build()), args.chart_dir, args.check)
 
 
 if __name__ == "__main__":

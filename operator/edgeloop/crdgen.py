@@ -177,17 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report whether the files are up to date")
     args = parser.parse_args(argv)
 
+    return write_generated(render_all(operator_config.load(args.config)), args.output_dir, args.check)
+
+
+def write_generated(files: dict[str, str], directory: Path, check: bool) -> int:
+    """Write the generated `files` that differ under `directory`, or with `check` only report them (exit 1)."""
     stale = []
-    for name, text in render_all(operator_config.load(args.config)).items():
-        path = args.output_dir / name
+    for name, text in files.items():
+        path = directory / name
         if path.exists() and path.read_text() == text:
             continue
         stale.append(path)
-        if not args.check:
+        if not check:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print(f"wrote {path}")
-    if args.check and stale:
+    if check and stale:
         print("stale: " + ", ".join(map(str, stale)) + " (run `make crds`)", file=sys.stderr)
         return 1
     return 0
