@@ -127,6 +127,9 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
+GRPC_FLUSH_SECONDS = 2.0
+
+
 async def _serve(args: argparse.Namespace, model) -> int:
     import grpc
 
@@ -161,15 +164,16 @@ async def _serve(args: argparse.Namespace, model) -> int:
     await stop.wait()
 
     # Draining: HTTP keeps answering, with readiness false and 503 for new inference, so that probes
-    # and clients see why; gRPC refuses new calls. Requests already in the server finish.
+    # and clients see why; new gRPC calls get UNAVAILABLE. Requests already in the server finish.
     log.info("draining: %d request(s) in flight", serving.inflight)
     serving.draining = True
-    grpc_stopped = asyncio.ensure_future(grpc_server.stop(args.drain_timeout)) if grpc_server else None
     deadline = time.monotonic() + args.drain_timeout
     while serving.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    if grpc_stopped:
-        await grpc_stopped
+    if grpc_server:
+        # Stopped only now, with a grace to send the last responses: stopping gRPC while its calls were
+        # still running sometimes reset their connections (seen under load) despite the grace period.
+        await grpc_server.stop(max(deadline - time.monotonic(), GRPC_FLUSH_SECONDS))
     http.close()
     for connection in list(connections):
         if connection.transport is not None:

@@ -93,11 +93,17 @@ def test_overload_gets_503_at_once_and_no_crash(slow_path, server_factory):
     for result in served:
         np.testing.assert_array_equal(result.as_numpy("y"), x)
 
-    # gRPC: the same queue answers UNAVAILABLE.
+    # gRPC: the same queue answers UNAVAILABLE. Each call takes ~0.25 s and all start together (once every
+    # client is connected), so that the queue of 2 overflows however the threads are scheduled.
+    heavy = np.ones((64, 1024), np.float32)
+    start = threading.Barrier(16)
+
     def grpc_infer(outcomes):
         with grpcclient.InferenceServerClient(server.grpc_url) as client:
-            tensor = grpcclient.InferInput("x", [1, 1024], "FP32")
-            tensor.set_data_from_numpy(x)
+            tensor = grpcclient.InferInput("x", list(heavy.shape), "FP32")
+            tensor.set_data_from_numpy(heavy)
+            client.is_server_live()
+            start.wait(30)
             try:
                 client.infer("model", [tensor])
                 outcomes.append("ok")
