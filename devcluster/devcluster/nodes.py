@@ -123,11 +123,10 @@ def setup_bridge(network: Network) -> None:
 
 
 def teardown(network: Network, node_count: int, run_dir: Path) -> None:
-    """Remove what setup_bridge and start_node made; harmless for parts that are already gone."""
+    """Remove what setup_bridge and setup_namespaces made; harmless for parts that are already gone."""
     for index in range(node_count):
         kill_pods(network, index, run_dir)
-        mount_ns = run_dir / "ns" / f"n{index}.mnt"
-        _run("umount", "-l", str(mount_ns), check=False)
+        _run("umount", "-l", str(mount_ns_path(run_dir, index)), check=False)
         _run("ip", "netns", "delete", network.netns(index), check=False)
         _run("ip", "route", "delete", network.node_pod_cidr(index), check=False)
     _run("umount", "-l", str(run_dir / "ns"), check=False)
@@ -157,7 +156,7 @@ def create_cgroup_root(network: Network, index: int) -> None:
 def kill_pods(network: Network, index: int, run_dir: Path) -> None:
     """Kill the node's containers and their shims (which outlive containerd by design), then remove the
     node's cgroups."""
-    socket = str(run_dir / "nodes" / f"n{index}" / "containerd.sock")
+    socket = str(node_dir(run_dir, index) / "containerd.sock")
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
             argv = (proc / "cmdline").read_bytes().split(b"\0")
@@ -190,7 +189,7 @@ class RealNode:
 
     @property
     def dir(self) -> Path:
-        return self.run_dir / "nodes" / f"n{self.index}"
+        return node_dir(self.run_dir, self.index)
 
     @property
     def host_path(self) -> Path:
@@ -202,7 +201,7 @@ class RealNode:
 
     @property
     def mount_ns(self) -> Path:
-        return self.run_dir / "ns" / f"n{self.index}.mnt"
+        return mount_ns_path(self.run_dir, self.index)
 
     @property
     def ip(self) -> str:
@@ -213,9 +212,19 @@ class RealNode:
         return ["nsenter", f"--net=/run/netns/{self.network.netns(self.index)}", f"--mount={self.mount_ns}", "--"]
 
 
+def node_dir(run_dir: Path, index: int) -> Path:
+    """Real node `index`'s files: certificates, configuration, containerd's and the kubelet's state."""
+    return run_dir / "nodes" / f"n{index}"
+
+
 def host_path(run_dir: Path, index: int) -> Path:
     """What real node `index` sees as /var/lib/edgeloop (its model cache and datasets)."""
-    return run_dir / "nodes" / f"n{index}" / "edgeloop"
+    return node_dir(run_dir, index) / "edgeloop"
+
+
+def mount_ns_path(run_dir: Path, index: int) -> Path:
+    """The nsfs bind mount that keeps real node `index`'s mount namespace alive."""
+    return run_dir / "ns" / f"n{index}.mnt"
 
 
 def setup_namespaces(node: RealNode) -> None:
