@@ -68,3 +68,14 @@ def test_images_index_needs_the_archives_and_a_pause_image(tmp_path):
     index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)},
                                             {"name": "pause", "ref": "p:3", "archive": str(pause)}]}))
     assert load_images(index).sandbox == "p:3" and load_images(index).archives == [archive, pause]
+
+
+def test_with_real_nodes_the_apiserver_serves_on_the_gateway_with_endpoints(tmp_path):
+    from devcluster.cluster import component_commands
+
+    ports = dict.fromkeys(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"), 1)
+    simulated = component_commands(tmp_path, tmp_path, ports)["kube-apiserver"]
+    real = component_commands(tmp_path, tmp_path, ports, Network(1))["kube-apiserver"]
+    assert {"--bind-address=127.0.0.1", "--endpoint-reconciler-type=none"} <= set(simulated)
+    assert {"--bind-address=10.210.1.1", "--advertise-address=10.210.1.1", "--endpoint-reconciler-type=lease",
+            "--service-cluster-ip-range=10.97.0.0/16"} <= set(real)
