@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -113,10 +113,36 @@ class OperatorProcess:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmHWM in /proc status")
 
-    def log_records(self) -> Iterator[dict]:
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                yield json.loads(line)
+    def errors(self) -> list[dict]:
+        return logged_errors(self.log_path.read_text().splitlines())
+
+
+def logged_errors(lines: Iterable[str]) -> list[dict]:
+    """The error and fatal records of the operator's JSON log. Kopf logs each API request it retries itself
+    as an error (a fresh CRD answers 429 for a moment): those are not errors of the operator's."""
+    errors = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("severity") in ("error", "fatal") and not record["message"].startswith("Request attempt #"):
+                errors.append(record)
+    return errors
+
+
+def argocd_health(script: Path, obj: dict) -> dict:
+    """An Argo CD health check (health.lua) on `obj`, run by Lua 5.1 with only the libraries Argo CD opens
+    (Argo CD runs gopher-lua, Lua 5.1)."""
+    import lupa.lua51 as lua51  # a dev dependency: only tests call this
+
+    runtime = lua51.LuaRuntime(unpack_returned_tuples=True)
+    assert runtime.eval("_VERSION") == "Lua 5.1"
+    run = runtime.eval(
+        "function(source, obj) local env = {obj = obj, ipairs = ipairs, pairs = pairs, tostring = tostring,"
+        " tonumber = tonumber, type = type, string = string, table = table, math = math}"
+        " local chunk = assert(loadstring(source)); setfenv(chunk, env); return chunk() end"
+    )
+    result = run(script.read_text(), runtime.table_from(obj, recursive=True))
+    return {"status": result["status"], "message": result["message"]}
 
 
 def audited_calls(audit_log: Path, user: str, since: float, until: float | None = None) -> list[dict]:

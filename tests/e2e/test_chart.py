@@ -17,9 +17,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import lupa.lua51 as lua51
 import pytest
 import yaml
+from edgeloop import testing
 from edgeloop.testing import OperatorProcess, service_account_user
 
 from .conftest import wait_for
@@ -53,15 +53,8 @@ def conditions(body: dict) -> dict[str, tuple[str, str]]:
 
 
 def argocd_health(kind: str, obj: dict) -> dict:
-    """The Argo CD health check shipped in docs/gitops, run by Lua 5.1 with Argo CD's libraries only."""
-    runtime = lua51.LuaRuntime(unpack_returned_tuples=True)
-    run = runtime.eval(
-        "function(source, obj) local env = {obj = obj, ipairs = ipairs, pairs = pairs, tostring = tostring,"
-        " tonumber = tonumber, type = type, string = string, table = table, math = math}"
-        " local chunk = assert(loadstring(source)); setfenv(chunk, env); return chunk() end"
-    )
-    result = run((HEALTH / kind / "health.lua").read_text(), runtime.table_from(obj, recursive=True))
-    return {"status": result["status"], "message": result["message"]}
+    """The Argo CD health check shipped in docs/gitops."""
+    return testing.argocd_health(HEALTH / kind / "health.lua", obj)
 
 
 def write_kubeconfig(devcluster, token: str, path: Path) -> Path:
@@ -149,8 +142,7 @@ class Release:
     def stop_operator(self) -> None:
         if self.operator:
             self.operator.stop()
-            errors = [r for r in self.operator.log_records() if r.get("severity") in ("error", "fatal")
-                      and not r["message"].startswith("Request attempt #")]
+            errors = self.operator.errors()
             assert not errors, f"the operator logged errors: {errors[:3]}"
 
 
@@ -160,9 +152,6 @@ def release(devcluster, tmp_path_factory):
         devcluster.kubectl("create", "namespace", namespace)
         devcluster.kubectl("label", "namespace", namespace, *(f"{k}={v}" for k, v in RESTRICTED.items()))
     devcluster.kubectl("create", "namespace", EXTRA_NS)
-    devcluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
-        {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"}, "handler": "nvidia"}
-    ))
     state = Release(devcluster, tmp_path_factory.mktemp("chart"))
     try:
         helm(devcluster, "install", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--wait", "--timeout=120s",
@@ -180,7 +169,6 @@ def release(devcluster, tmp_path_factory):
         for namespace in (RELEASE_NS, WORK_NS, EXTRA_NS):
             devcluster.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found", check=False)
         devcluster.kubectl("delete", "-f", str(CHART / "crds"), "--ignore-not-found", "--wait=false", check=False)
-        devcluster.kubectl("delete", "runtimeclass", "nvidia", "--ignore-not-found", check=False)
 
 
 def test_install_runs_every_pod_of_the_chart_restricted(devcluster, release):

@@ -140,11 +140,7 @@ def operator_with(devcluster, cluster, namespace, tmp_path):
     wait_for("the round's pods to be gone", lambda: not devcluster.get_json("pods", "-n", namespace)["items"])
     for process in started:
         process.stop()
-        errors = [
-            r
-            for r in process.log_records()
-            if r.get("severity") in ("error", "fatal") and not r["message"].startswith("Request attempt #")
-        ]
+        errors = process.errors()
         assert not errors, f"the operator logged errors: {errors[:3]}"
 
 

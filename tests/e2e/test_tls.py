@@ -34,9 +34,6 @@ OPERATOR_ARGS = ("--resync-seconds", "2", "--coalesce-seconds", "0.5", "--diagno
 def cluster(devcluster, tmp_path_factory):
     devcluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
     devcluster.wait_established("inferencemodels.edgeloop.io")
-    devcluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(
-        {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"}, "handler": "nvidia"}
-    ))
     kubeconfig = install_service_account(devcluster.kubectl, devcluster.kubeconfig, tmp_path_factory.mktemp("tls"),
                                          namespace=OPERATOR_NAMESPACE, name=ACCOUNT)
     yield kubeconfig
@@ -52,8 +49,7 @@ def operator(devcluster, cluster, namespace, tmp_path):
     devcluster.kubectl("delete", "inferencemodels", "--all", "-n", namespace, "--wait=true")
     wait_for("the model's pods to be gone", lambda: not devcluster.get_json("pods", "-n", namespace)["items"])
     process.stop()
-    errors = [r for r in process.log_records() if r.get("severity") in ("error", "fatal")
-              and not r["message"].startswith("Request attempt #")]
+    errors = process.errors()
     assert not errors, f"the operator logged errors: {errors[:3]}"
 
 

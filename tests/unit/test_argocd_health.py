@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lupa.lua51 as lua51
 import pytest
 import yaml
+from edgeloop import testing
 
 GITOPS = Path(__file__).parents[2] / "docs" / "gitops" / "argocd"
 HEALTH = GITOPS / "health" / "edgeloop.io"
@@ -17,15 +17,7 @@ KINDS = ("InferenceModel", "FederatedRound")
 
 
 def argocd_health(kind: str, obj: dict) -> dict:
-    runtime = lua51.LuaRuntime(unpack_returned_tuples=True)
-    assert runtime.eval("_VERSION") == "Lua 5.1"
-    run = runtime.eval(
-        "function(source, obj) local env = {obj = obj, ipairs = ipairs, pairs = pairs, tostring = tostring,"
-        " tonumber = tonumber, type = type, string = string, table = table, math = math}"
-        " local chunk = assert(loadstring(source)); setfenv(chunk, env); return chunk() end"
-    )
-    result = run((HEALTH / kind / "health.lua").read_text(), runtime.table_from(obj, recursive=True))
-    return {"status": result["status"], "message": result["message"]}
+    return testing.argocd_health(HEALTH / kind / "health.lua", obj)
 
 
 def cases():
