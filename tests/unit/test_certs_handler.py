@@ -85,6 +85,26 @@ def test_a_valid_certificate_costs_no_call_and_a_lagging_watch_no_write(clock):
     assert kube.calls == [], "idle: no API call at all"
 
 
+def test_a_burst_of_first_syncs_reads_and_creates_the_ca_once(clock):
+    """Fifty new workloads at once, before the watch shows any Secret: one CA, read once, and every
+    certificate signed by it."""
+    kube = FakeKube()
+    tls = controller(kube, clock)
+    owners = [owner_of(f"m{i}", "edge", f"uid-{i}") for i in range(50)]
+
+    async def burst():
+        return await asyncio.gather(*(
+            tls.ensure(owner, f"{owner.name}-tls", labels(owner.name), certs.Usage.SERVER,
+                       certs.service_dns_names(owner.name, "edge"))
+            for owner in owners))
+
+    asyncio.run(burst())
+    ca_calls = [call for call in kube.calls if call[1].endswith(CA_SECRET)]
+    assert ca_calls == [("get", f"secrets/{CA_SECRET}"), ("apply", f"Secret/{CA_SECRET}")]
+    ca = decode(kube.objects[("edge", CA_SECRET)], "tls.crt")
+    assert all(decode(kube.objects[("edge", f"{o.name}-tls")], "ca.crt") == ca for o in owners)
+
+
 def test_rotation_once_a_third_of_the_validity_remains(clock):
     kube = FakeKube()
     tls = controller(kube, clock)

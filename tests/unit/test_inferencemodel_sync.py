@@ -60,7 +60,7 @@ class FakeKube:
 class World:
     """The operator's view: Kopf indexes as plain dicts, refreshed from the fake API server."""
 
-    def __init__(self, operator_config=None, body=None):
+    def __init__(self, operator_config=None, body=None, clock=None):
         self.kube = FakeKube()
         self.body = body or inference_model()
         self.kube.objects[("InferenceModel", "digits")] = self.body
@@ -73,6 +73,7 @@ class World:
             daemon_sets=self.daemon_sets, services=self.services, nodes=self.nodes,
             coalesce_seconds=0, diagnosis_interval=60,
             post_event=lambda body, **event: self.events.append((event["type"], event["reason"])),
+            clock=clock or (lambda: 0.0),
         )
         self.refresh()
 
@@ -207,8 +208,9 @@ def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry(
         world.reconcile(world.edit(model={"sha256": SHA_B}))
 
 
-def test_pods_are_looked_at_only_for_variants_with_unready_nodes_and_not_too_often():
-    world = World()
+def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
+    now = [0.0]
+    world = World(clock=lambda: now[0])
     world.reconcile()
     world.refresh(cpu=(3, 1))
     world.kube.pods = [{"metadata": {"name": "p"}, "spec": {"nodeName": "edge-cpu-0"}, "status": {
@@ -217,14 +219,27 @@ def test_pods_are_looked_at_only_for_variants_with_unready_nodes_and_not_too_oft
                                "lastState": {"terminated": {"exitCode": 1, "message": "model load failed"}}}]}}]
     world.kube.calls.clear()
     world.resync()
+    now[0] = 59
+    world.resync()
+    assert not [c for c in world.kube.calls if c[0] == "list"], "the rollout may still progress: no pods listed"
+
+    now[0] = 60
+    world.resync()
     lists = [c for c in world.kube.calls if c[0] == "list"]
-    assert lists == [("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu")]
-    status = world.kube.objects[("InferenceModel", "digits")]["status"]
-    assert status["unhealthyNodes"] == [
-        {"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed", "message": "model load failed"}]
+    assert lists == [("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu")], (
+        "a minute without progress: only the variant with unready nodes is looked at")
+    unhealthy = [{"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed", "message": "model load failed"}]
+    assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+
     world.kube.calls.clear()
+    now[0] = 119
     world.resync()
     assert world.kube.calls == [], "within the diagnosis interval the last findings are reused"
+    world.refresh(cpu=(3, 2))
+    now[0] = 200
+    world.resync()
+    assert not [c for c in world.kube.calls if c[0] == "list"], "progress again: the last findings stand"
+    assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
 
 
 def test_a_model_deleted_during_a_sync_is_not_an_error():

@@ -25,6 +25,24 @@ def test_a_burst_of_requests_is_one_run_per_key():
     assert sorted(runs) == ["a", "b"]
 
 
+def test_a_sooner_request_moves_a_later_scheduled_run_forward():
+    runs = []
+
+    async def work(key):
+        runs.append(key)
+
+    async def scenario():
+        runner = KeyedRunner(work, delay=0.01)
+        runner.request("a", delay=30)  # a wake-up far ahead
+        runner.request("a")  # a watch event: its run must not wait for the wake-up
+        runner.request("a", delay=20)
+        await asyncio.sleep(0.05)
+        await runner.close()
+
+    asyncio.run(scenario())
+    assert runs == ["a"]
+
+
 def test_a_request_during_a_run_gets_a_run_of_its_own_after_it():
     runs, active = [], []
 

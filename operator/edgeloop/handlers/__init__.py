@@ -33,6 +33,7 @@ class KeyedRunner(Generic[K]):
         self._retry_delays = retry_delays
         self._locks: dict[K, asyncio.Lock] = {}
         self._scheduled: dict[K, asyncio.Task[None]] = {}
+        self._due: dict[K, float] = {}  # when each scheduled run starts (the event loop's clock)
         self._running: set[asyncio.Task[None]] = set()
         self._failures: Counter[K] = Counter()
 
@@ -45,14 +46,22 @@ class KeyedRunner(Generic[K]):
             await self._work(key)
 
     def request(self, key: K, delay: float | None = None) -> None:
-        if key not in self._scheduled:
-            self._scheduled[key] = asyncio.create_task(self._run_later(key, self._delay if delay is None else delay))
+        """Runs `work(key)` after `delay` (default: the coalescing delay), or sooner if already scheduled so."""
+        delay = self._delay if delay is None else delay
+        due = asyncio.get_running_loop().time() + delay
+        if (scheduled := self._scheduled.get(key)) is not None:
+            if self._due[key] <= due:
+                return
+            scheduled.cancel()  # still asleep: a scheduled task leaves _scheduled when it wakes
+        self._due[key] = due
+        self._scheduled[key] = asyncio.create_task(self._run_later(key, delay))
 
     async def _run_later(self, key: K, delay: float) -> None:
         await asyncio.sleep(delay)
         # A request from now on needs another run, after this one. The event loop keeps only weak
         # references to tasks, so this one stays referenced until it is done.
         self._running.add(self._scheduled.pop(key))
+        del self._due[key]
         try:
             await self.run(key)
         except Exception:
@@ -76,3 +85,4 @@ class KeyedRunner(Generic[K]):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._scheduled.clear()
+        self._due.clear()

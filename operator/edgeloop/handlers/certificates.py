@@ -85,20 +85,27 @@ class Certificates:
         return Stored(ca, cert, key) if ca and cert and key else None
 
     async def _ca(self, namespace: str) -> certs.KeyPair:
-        key = (namespace, CA_SECRET)
-        now = self._now()
-        ca = _pair(self._indexed(key))
-        if not certs.ca_needs_rotation(ca, now):
+        ca = _pair(self._indexed((namespace, CA_SECRET)))
+        if not certs.ca_needs_rotation(ca, self._now()):
             assert ca is not None
             return ca
-        # One CA per namespace even when workloads of several kinds sync at once, each with its own
-        # Certificates: the second finds the first one's CA live.
-        async with _ca_lock(namespace):
-            ca = _pair(await self._live(key))
-            if certs.ca_needs_rotation(ca, now):
-                ca = certs.new_ca(f"edgeloop-ca.{namespace}", now, timedelta(days=self._tls.ca_validity_days))
-                await asyncio.to_thread(self._kube.apply, ca_secret(namespace, ca))
-                log.info("created the CA in Secret %s/%s", *key)
+        # Every sync that finds no valid CA in the index meanwhile (a burst of new workloads, of any kind,
+        # each with its own Certificates) waits for one read, and at most one write, of the CA Secret: one
+        # CA per namespace, and no queue of reads behind a lock.
+        key = (id(asyncio.get_running_loop()), namespace)
+        if (flight := _ca_flights.get(key)) is None:
+            flight = _ca_flights[key] = asyncio.ensure_future(self._read_or_create_ca(namespace))
+            flight.add_done_callback(lambda _: _ca_flights.pop(key, None))
+        return await asyncio.shield(flight)
+
+    async def _read_or_create_ca(self, namespace: str) -> certs.KeyPair:
+        key = (namespace, CA_SECRET)
+        now = self._now()
+        ca = _pair(await self._live(key))
+        if certs.ca_needs_rotation(ca, now):
+            ca = certs.new_ca(f"edgeloop-ca.{namespace}", now, timedelta(days=self._tls.ca_validity_days))
+            await asyncio.to_thread(self._kube.apply, ca_secret(namespace, ca))
+            log.info("created the CA in Secret %s/%s", *key)
         assert ca is not None
         return ca
 
@@ -118,11 +125,8 @@ class Stored:
     key: str
 
 
-_ca_locks: dict[tuple[int, str], asyncio.Lock] = {}
-
-
-def _ca_lock(namespace: str) -> asyncio.Lock:
-    return _ca_locks.setdefault((id(asyncio.get_running_loop()), namespace), asyncio.Lock())
+# Per event loop and namespace: the read (or creation) of the CA Secret in progress.
+_ca_flights: dict[tuple[int, str], asyncio.Future[certs.KeyPair]] = {}
 
 
 def _usage(usage: certs.Usage) -> str:

@@ -92,6 +92,17 @@ class Plan:
         ]
 
 
+@dataclass(frozen=True)
+class Diagnosis:
+    """One DaemonSet that lacks ready pods: its counts and since when they stand still, when its pods were
+    last looked at, and the problems found then."""
+
+    counts: tuple[int, ...]
+    since: float
+    looked_at: float | None
+    found: list[NodeProblem]
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -118,6 +129,7 @@ class InferenceModels:
         diagnosis_interval: float,
         post_event: Callable[..., None] = kopf.event,
         tls: Certificates | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._config = config
         # None: the runtime Service's TLS Secret is left alone (tests of the sync by itself).
@@ -126,13 +138,14 @@ class InferenceModels:
         self._kube = kube
         self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
         self._diagnosis_interval = diagnosis_interval
+        self._clock = clock
         # The plan of each InferenceModel's current (uid, generation): a generation's spec never changes.
         self._plans: dict[Key, tuple[tuple[str, int], Plan]] = {}
         # The status last written, until the watch delivers it: compared against instead of the indexed
         # status meanwhile, so a quick second sync neither writes nor posts events twice.
         self._published: dict[Key, InferenceModelStatus] = {}
-        # Per InferenceModel, per DaemonSet: when its pods were last looked at, and what was found.
-        self._diagnoses: dict[Key, dict[str, tuple[float, list[NodeProblem]]]] = {}
+        # Per InferenceModel, per DaemonSet that lacks ready pods: its progress, and its pods' problems.
+        self._diagnoses: dict[Key, dict[str, Diagnosis]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
         self._resync: asyncio.Task[None] | None = None
 
@@ -298,20 +311,36 @@ class InferenceModels:
     # ---- diagnosis: why nodes do not serve
 
     async def _diagnose(self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]) -> list[NodeProblem]:
+        """Looks at the pods of the variants whose rollout has stalled.
+
+        A DaemonSet with nodes that lack a ready pod, whose counts have not moved for a diagnosis interval,
+        has its pods looked at, and again at most once per interval. While the counts move, the rollout is
+        progressing: listing its pods would tell little, and in a burst of new models hundreds of lists
+        would cost the API server what it needs to start the pods. A stall not looked at yet asks for a
+        sync when it is an interval old, so it is found without waiting for the resync.
+        """
         previous = self._diagnoses.get(key, {})
-        current: dict[str, tuple[float, list[NodeProblem]]] = {}
-        now = time.monotonic()
+        current: dict[str, Diagnosis] = {}
+        now, interval = self._clock(), self._diagnosis_interval
+        wake_in: float | None = None
         for variant in plan.variants:
             state = daemon_sets.get(variant.daemon_set)
             if state is None or not state.needs_diagnosis:
                 continue
-            cached = previous.get(variant.daemon_set)
-            if cached is None or now - cached[0] >= self._diagnosis_interval:
+            last = previous.get(variant.daemon_set)
+            since = last.since if last and last.counts == state.counts else now
+            looked_at, found = (last.looked_at, last.found) if last else (None, [])
+            if now - since >= interval and (looked_at is None or now - looked_at >= interval):
                 found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state)
-                cached = (now, found)
-            current[variant.daemon_set] = cached
+                looked_at = now
+            elif looked_at is None or looked_at < since:
+                due = since + interval - now
+                wake_in = due if wake_in is None else min(wake_in, due)
+            current[variant.daemon_set] = Diagnosis(state.counts, since, looked_at, found)
         self._diagnoses[key] = current
-        return [problem for _, found in current.values() for problem in found]
+        if wake_in is not None:
+            self.runner.request(key, delay=wake_in)
+        return [problem for diagnosis in current.values() for problem in diagnosis.found]
 
     def _diagnose_variant(self, key: Key, plan: Plan, variant: Variant, state: DaemonSetState) -> list[NodeProblem]:
         namespace, name = key

@@ -68,6 +68,11 @@ class DaemonSetState:
         return self.settled and self.updated == self.desired and self.ready == self.desired
 
     @property
+    def counts(self) -> tuple[int, ...]:
+        """What moves while a rollout progresses."""
+        return (self.generation, self.observed_generation, self.desired, self.scheduled, self.ready, self.updated)
+
+    @property
     def needs_diagnosis(self) -> bool:
         """Some node lacks a ready pod of this DaemonSet, so it is worth looking at pods and nodes."""
         return self.ready < self.desired or self.scheduled < self.desired
