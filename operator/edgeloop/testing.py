@@ -105,6 +105,12 @@ class OperatorProcess:
         """SIGKILL: no cleanup, no final writes, as when a node dies or the OOM killer strikes."""
         self.stop(signal.SIGKILL)
 
+    def cpu_seconds(self) -> float:
+        """The CPU time the process has used so far (user and system)."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak_rss_mib(self) -> float:
         """The process's peak resident set size so far (VmHWM)."""
         assert self.process is not None
