@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--diagnosis-seconds",
         type=float,
         default=float(_env("diagnosis_seconds", "15")),
-        help="look at the pods of a variant with unready nodes at most this often (default %(default)s)",
+        help="look at the pods of a variant whose rollout has not moved for this long (some nodes lack a "
+        "ready pod), and at most this often (default %(default)s)",
     )
     parser.add_argument(
         "--coalesce-seconds",
