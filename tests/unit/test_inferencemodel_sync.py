@@ -66,11 +66,12 @@ class World:
         self.kube.objects[("InferenceModel", "digits")] = self.body
         self.models, self.daemon_sets, self.services = {}, {}, {}
         self.nodes = {ALL_NODES: [NodeInfo("edge-cpu-0", {})]}
+        self.namespaces = {"edge": [True]}
         self.counts: dict[str, tuple[int, int]] = {}
         self.events = []
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
-            daemon_sets=self.daemon_sets, services=self.services, nodes=self.nodes,
+            daemon_sets=self.daemon_sets, services=self.services, nodes=self.nodes, namespaces=self.namespaces,
             coalesce_seconds=0, diagnosis_interval=60,
             post_event=lambda body, **event: self.events.append((event["type"], event["reason"])),
             clock=clock or (lambda: 0.0),
@@ -228,7 +229,8 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     lists = [c for c in world.kube.calls if c[0] == "list"]
     assert lists == [("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu")], (
         "a minute without progress: only the variant with unready nodes is looked at")
-    unhealthy = [{"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed", "message": "model load failed"}]
+    unhealthy = [{"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed",
+                  "message": "model load failed"}]
     assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
 
     world.kube.calls.clear()
@@ -240,6 +242,20 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     world.resync()
     assert not [c for c in world.kube.calls if c[0] == "list"], "progress again: the last findings stand"
     assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+
+
+def test_a_model_in_a_namespace_being_deleted_is_forgotten_without_a_call():
+    """Kopf stops watching a namespace being deleted before the deletions of its objects reach the
+    indexes: the model stays indexed, but its namespace is gone from the index of namespaces."""
+    now = [0.0]
+    world = World(clock=lambda: now[0])
+    world.reconcile()
+    world.refresh(cpu=(3, 1))
+    del world.namespaces["edge"]
+    world.kube.calls.clear()
+    for now[0] in (0, 60, 120):
+        world.resync()
+    assert world.kube.calls == [], "no status, no pods, no events read for a model that is gone"
 
 
 def test_a_model_deleted_during_a_sync_is_not_an_error():

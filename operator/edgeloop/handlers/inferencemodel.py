@@ -125,6 +125,7 @@ class InferenceModels:
         daemon_sets: kopf.Index,
         services: kopf.Index,
         nodes: kopf.Index,
+        namespaces: kopf.Index,
         coalesce_seconds: float,
         diagnosis_interval: float,
         post_event: Callable[..., None] = kopf.event,
@@ -137,6 +138,7 @@ class InferenceModels:
         self._post_event = post_event
         self._kube = kube
         self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
+        self._namespaces = namespaces
         self._diagnosis_interval = diagnosis_interval
         self._clock = clock
         # The plan of each InferenceModel's current (uid, generation): a generation's spec never changes.
@@ -181,7 +183,7 @@ class InferenceModels:
                 self.runner.request(key, delay=0)
 
     async def _sync_from_index(self, key: Key) -> None:
-        body = _one(self._models, key)
+        body = _one(self._models, key) if key[0] in self._namespaces else None
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
             for kept in (self._plans, self._published, self._diagnoses):
@@ -424,6 +426,14 @@ def inference_model_services(
     return {(namespace, labels[INFERENCE_MODEL_LABEL]): ServiceState(name, uid, annotations.get(RENDER_HASH, ""))}
 
 
+@kopf.index("", "v1", "namespaces")
+def live_namespaces(name: str, **_: Any) -> dict[str, bool]:
+    """The namespaces that exist and are not being deleted. Watching some namespaces only, Kopf stops
+    watching one as soon as it is being deleted, before its objects are: their deletions never reach the
+    indexes, so an InferenceModel indexed in a namespace missing here is gone (and not synced again)."""
+    return {name: True}
+
+
 @kopf.index("", "v1", "nodes")
 def nodes(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
     return {ALL_NODES: NodeInfo.from_object(body)}
@@ -436,6 +446,7 @@ async def start(
     inference_model_daemon_sets: kopf.Index,
     inference_model_services: kopf.Index,
     nodes: kopf.Index,
+    live_namespaces: kopf.Index,
     tls_secrets: kopf.Index,
     **_: Any,
 ) -> None:
@@ -446,6 +457,7 @@ async def start(
         daemon_sets=inference_model_daemon_sets,
         services=inference_model_services,
         nodes=nodes,
+        namespaces=live_namespaces,
         tls=Certificates(memo.config.tls, memo.kube, tls_secrets),
         coalesce_seconds=memo.coalesce_seconds,
         diagnosis_interval=memo.diagnosis_interval,
