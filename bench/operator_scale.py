@@ -304,15 +304,18 @@ def main() -> int:
         bench.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
         bench.wait("the CRDs established", lambda: all(
             any(c["type"] == "Established" and c["status"] == "True"
-                for c in crd.get("status", {}).get("conditions", []))
+                for c in (crd.get("status") or {}).get("conditions") or [])
             for crd in bench.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions")), 60)
         bench.kubectl("apply", "-f", "-", input=yaml.safe_dump(RUNTIME_CLASS))
         if not args.peer_only:
             kubeconfig = install_service_account(bench.kubectl, target.kubeconfig, scratch, namespace="edgeloop-bench")
-            # Watching only the bench's namespaces: the peer's DaemonSets carry the operator's labels.
+            # Watching only the bench's namespaces: the peer's DaemonSets carry the operator's labels. Kopf
+            # watches Nodes only once a namespace it serves exists, so one does from the start: the nodes are
+            # listed and indexed now, not when the first models arrive.
+            bench.kubectl("create", "namespace", "bench-op")
             launched = time.monotonic()
             operator = OperatorProcess(kubeconfig, scratch / "operator.log",
-                                       ("--namespace", "bench-op-*", "--resync-seconds", str(args.resync_seconds))
+                                       ("--namespace", "bench-op*", "--resync-seconds", str(args.resync_seconds))
                                        ).start()
             results["operator_start_s"] = wait_until_started(bench, operator, user, launched, args.timeout)
             rows.append((f"operator start: watches listed, {args.nodes} nodes indexed",
