@@ -107,6 +107,7 @@ class World:
         self.kube.objects[("InferenceModel", "digits")] = model
         self.rounds, self.jobs, self.services, self.secrets = {}, {}, {}, {}
         self.nodes = {ALL_NODES: [Candidate.from_object(node(name)) for name in nodes]}
+        self.namespaces = {KEY[0]: [True]}
         self.report: dict | None = None  # what GET /v1/status answers; None: unreachable
         self.events: list[tuple] = []
         self.polled_tls = None  # the client certificate the last poll presented
@@ -119,6 +120,7 @@ class World:
             jobs=self.jobs,
             services=self.services,
             nodes=self.nodes,
+            namespaces=self.namespaces,
             coalesce_seconds=0,
             read_url=self.read_url,
             post_event=lambda body, **e: self.events.append((body["kind"], e["type"], e["reason"])),
@@ -198,6 +200,17 @@ def test_start_creates_the_aggregator_first_then_its_service_and_one_client_per_
     assert world.status["baseModel"] == {"sha256": SHA_A, "version": "3"}
     assert world.conditions()["Started"] == ("True", "JobsCreated")
     assert ("FederatedRound", "Normal", "Started") in world.events
+
+
+def test_a_round_in_a_namespace_being_deleted_is_forgotten_without_a_call():
+    """Kopf stops watching a namespace being deleted before the deletions of its objects reach the
+    indexes: the round stays indexed, but its namespace is gone from the index of namespaces."""
+    world = started_world()
+    del world.namespaces[KEY[0]]
+    world.kube.calls.clear()
+    world.polled_tls = None
+    world.sync()
+    assert world.kube.calls == [] and world.polled_tls is None, "no status written, no aggregator polled"
 
 
 def test_too_few_nodes_waits_without_calls_and_starts_when_a_node_arrives():

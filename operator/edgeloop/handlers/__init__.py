@@ -6,11 +6,21 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import kopf
 
 K = TypeVar("K", bound=Hashable)
 
 log = logging.getLogger(__name__)
+
+
+@kopf.index("", "v1", "namespaces")
+def live_namespaces(name: str, **_: Any) -> dict[str, bool]:
+    """The namespaces that exist and are not being deleted. Watching some namespaces only, Kopf stops
+    watching one as soon as it is being deleted, before its objects are: their deletions never reach the
+    indexes, so a custom resource indexed in a namespace missing here is gone (and not synced again)."""
+    return {name: True}
 
 
 class KeyedRunner(Generic[K]):

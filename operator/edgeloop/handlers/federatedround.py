@@ -164,6 +164,7 @@ class FederatedRounds:
         jobs: kopf.Index,
         services: kopf.Index,
         nodes: kopf.Index,
+        namespaces: kopf.Index,
         coalesce_seconds: float,
         read_url: Callable[[str, ClientTLS | None], str] = read_url,
         post_event: Callable[..., None] = kopf.event,
@@ -174,6 +175,7 @@ class FederatedRounds:
         # None: no certificates are issued (tls.mode disabled, or tests of the sync by itself).
         self._tls = tls if config.tls.enabled else None
         self._rounds, self._jobs, self._services, self._nodes = rounds, jobs, services, nodes
+        self._namespaces = namespaces
         self._read_url = read_url
         self._post_event = post_event
         # The status last written, until the watch delivers it (as for InferenceModels).
@@ -210,7 +212,7 @@ class FederatedRounds:
         while True:
             await asyncio.sleep(interval)
             for key, bodies in list(self._rounds.items()):
-                body = next(iter(bodies), None)
+                body = next(iter(bodies), None) if key[0] in self._namespaces else None
                 status = self._published.get(key) or _status_of(body or {})
                 if body is not None and not fr_status.is_done(status):
                     self.runner.request(key, delay=0)
@@ -221,7 +223,7 @@ class FederatedRounds:
         await self.runner.close()
 
     async def _sync_from_index(self, key: Key) -> None:
-        body = _one(self._rounds, key)
+        body = _one(self._rounds, key) if key[0] in self._namespaces else None
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
             self._published.pop(key, None)
@@ -523,6 +525,7 @@ async def start_federated_rounds(
     federated_round_jobs: kopf.Index,
     federated_round_services: kopf.Index,
     federated_round_nodes: kopf.Index,
+    live_namespaces: kopf.Index,
     tls_secrets: kopf.Index,
     **_: Any,
 ) -> None:
@@ -533,6 +536,7 @@ async def start_federated_rounds(
         jobs=federated_round_jobs,
         services=federated_round_services,
         nodes=federated_round_nodes,
+        namespaces=live_namespaces,
         coalesce_seconds=memo.coalesce_seconds,
         tls=Certificates(memo.config.tls, memo.kube, tls_secrets),
     )

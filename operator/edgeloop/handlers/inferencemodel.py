@@ -1,7 +1,7 @@
 """InferenceModel handlers: Kopf glue around one `sync` that renders, applies what changed, and reports.
 
 What the operator knows of the cluster comes from Kopf indexes fed by watches (InferenceModels, the
-DaemonSets and Services it manages, Nodes), so a sync of an unchanged object makes no API call at all:
+DaemonSets and Services it manages, Nodes, Namespaces), so a sync of an unchanged object makes no API call at all:
 each rendered object carries the hash of its content, and only objects whose hash differs are applied
 (server-side apply). Pods are listed only for a variant that has nodes without a ready pod, at most once
 per diagnosis interval. Deletion needs no handler and no finalizer: everything carries an owner
@@ -424,14 +424,6 @@ def inference_model_services(
     namespace: str, name: str, uid: str, labels: kopf.Labels, annotations: kopf.Annotations, **_: Any
 ) -> dict[Key, ServiceState]:
     return {(namespace, labels[INFERENCE_MODEL_LABEL]): ServiceState(name, uid, annotations.get(RENDER_HASH, ""))}
-
-
-@kopf.index("", "v1", "namespaces")
-def live_namespaces(name: str, **_: Any) -> dict[str, bool]:
-    """The namespaces that exist and are not being deleted. Watching some namespaces only, Kopf stops
-    watching one as soon as it is being deleted, before its objects are: their deletions never reach the
-    indexes, so an InferenceModel indexed in a namespace missing here is gone (and not synced again)."""
-    return {name: True}
 
 
 @kopf.index("", "v1", "nodes")
