@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 
 import pytest
 from edgeloop import config
@@ -60,7 +61,7 @@ class FakeKube:
 class World:
     """The operator's view: Kopf indexes as plain dicts, refreshed from the fake API server."""
 
-    def __init__(self, operator_config=None, body=None, clock=None):
+    def __init__(self, operator_config=None, body=None, clock=None, diagnosis_interval=60):
         self.kube = FakeKube()
         self.body = body or inference_model()
         self.kube.objects[("InferenceModel", "digits")] = self.body
@@ -72,7 +73,7 @@ class World:
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
             daemon_sets=self.daemon_sets, services=self.services, nodes=self.nodes, namespaces=self.namespaces,
-            coalesce_seconds=0, diagnosis_interval=60,
+            coalesce_seconds=0, diagnosis_interval=diagnosis_interval,
             post_event=lambda body, **event: self.events.append((event["type"], event["reason"])),
             clock=clock or (lambda: 0.0),
         )
@@ -209,15 +210,18 @@ def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry(
         world.reconcile(world.edit(model={"sha256": SHA_B}))
 
 
+CRASH_LOOPING_POD = {"metadata": {"name": "p"}, "spec": {"nodeName": "edge-cpu-0"}, "status": {
+    "conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}],
+    "containerStatuses": [{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                           "lastState": {"terminated": {"exitCode": 1, "message": "model load failed"}}}]}}
+
+
 def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     now = [0.0]
     world = World(clock=lambda: now[0])
     world.reconcile()
     world.refresh(cpu=(3, 1))
-    world.kube.pods = [{"metadata": {"name": "p"}, "spec": {"nodeName": "edge-cpu-0"}, "status": {
-        "conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}],
-        "containerStatuses": [{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                               "lastState": {"terminated": {"exitCode": 1, "message": "model load failed"}}}]}}]
+    world.kube.pods = [CRASH_LOOPING_POD]
     world.kube.calls.clear()
     world.resync()
     now[0] = 59
@@ -242,6 +246,25 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     world.resync()
     assert not [c for c in world.kube.calls if c[0] == "list"], "progress again: the last findings stand"
     assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+
+
+def test_a_stalled_rollout_is_looked_at_without_waiting_for_the_resync():
+    world = World(clock=time.monotonic, diagnosis_interval=0.05)
+    world.reconcile()
+    world.refresh(cpu=(3, 1))
+    world.kube.pods = [CRASH_LOOPING_POD]
+    world.kube.calls.clear()
+
+    async def scenario():
+        await world.controller.runner.run(KEY)  # the stall begins: nothing to look at yet
+        assert not [c for c in world.kube.calls if c[0] == "list"]
+        await asyncio.sleep(0.2)  # no watch event and no resync: only the sync it asked for
+        await world.controller.runner.close()
+
+    asyncio.run(scenario())
+    assert ("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu") in world.kube.calls
+    unhealthy = world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"]
+    assert [n["reason"] for n in unhealthy] == ["RuntimeFailed"]
 
 
 def test_a_model_in_a_namespace_being_deleted_is_forgotten_without_a_call():

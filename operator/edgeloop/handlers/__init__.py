@@ -42,8 +42,8 @@ class KeyedRunner(Generic[K]):
         self._delay = delay
         self._retry_delays = retry_delays
         self._locks: dict[K, asyncio.Lock] = {}
-        self._scheduled: dict[K, asyncio.Task[None]] = {}
-        self._due: dict[K, float] = {}  # when each scheduled run starts (the event loop's clock)
+        # Each scheduled run: when it starts (the event loop's clock) and the task asleep until then.
+        self._scheduled: dict[K, tuple[float, asyncio.Task[None]]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._failures: Counter[K] = Counter()
 
@@ -60,18 +60,17 @@ class KeyedRunner(Generic[K]):
         delay = self._delay if delay is None else delay
         due = asyncio.get_running_loop().time() + delay
         if (scheduled := self._scheduled.get(key)) is not None:
-            if self._due[key] <= due:
+            scheduled_due, task = scheduled
+            if scheduled_due <= due:
                 return
-            scheduled.cancel()  # still asleep: a scheduled task leaves _scheduled when it wakes
-        self._due[key] = due
-        self._scheduled[key] = asyncio.create_task(self._run_later(key, delay))
+            task.cancel()  # still asleep: a scheduled task leaves _scheduled when it wakes
+        self._scheduled[key] = (due, asyncio.create_task(self._run_later(key, delay)))
 
     async def _run_later(self, key: K, delay: float) -> None:
         await asyncio.sleep(delay)
         # A request from now on needs another run, after this one. The event loop keeps only weak
         # references to tasks, so this one stays referenced until it is done.
-        self._running.add(self._scheduled.pop(key))
-        del self._due[key]
+        self._running.add(self._scheduled.pop(key)[1])
         try:
             await self.run(key)
         except Exception:
@@ -90,9 +89,8 @@ class KeyedRunner(Generic[K]):
         self._failures.pop(key, None)
 
     async def close(self) -> None:
-        tasks = [*self._scheduled.values(), *self._running]
+        tasks = [*(task for _, task in self._scheduled.values()), *self._running]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._scheduled.clear()
-        self._due.clear()
