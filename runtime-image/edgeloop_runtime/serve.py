@@ -249,9 +249,6 @@ GRPC_FLUSH_SECONDS = 2.0
 
 
 async def _serve(args: argparse.Namespace, model) -> int:
-    import grpc
-
-    from edgeloop_runtime.grpc_server import build_server
     from edgeloop_runtime.http_server import App, Connection
     from edgeloop_runtime.serving import Serving
 
@@ -265,6 +262,10 @@ async def _serve(args: argparse.Namespace, model) -> int:
     )
     grpc_server = None
     if args.grpc_port:
+        import grpc  # only with gRPC on
+
+        from edgeloop_runtime.grpc_server import build_server
+
         grpc_server = build_server(serving, args.max_body_bytes)
         address = f"{args.host}:{args.grpc_port}"
         if args.tls_cert:
