@@ -14,7 +14,7 @@ all: test
 $(VENV)/.installed: pyproject.toml runtime-image/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' -e './runtime-image'
+	$(BIN)/pip install --quiet -e '.[dev]' -e './runtime-image[cpu,tflite,federated]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -46,8 +46,8 @@ class Recording:
                 self.running -= 1
 
 
-def load(path, *, instances: int = 1, max_batch_size: int = 8, batch_sizes=None) -> tuple[Model, Recording]:
-    backend = backend_for("onnx")
+def load(path, *, instances=1, max_batch_size=8, batch_sizes=None, model_format="onnx") -> tuple[Model, Recording]:
+    backend = backend_for(model_format)
     session = Recording(backend.load(path.read_bytes(), LoadOptions()))
     session.set_instances(instances)
     sizes = allowed_batch_sizes(max_batch_size, batch_sizes)
@@ -85,8 +85,12 @@ def test_a_batch_is_trimmed_to_the_nearer_allowed_size_or_padded(sizes, allowed,
     assert trim_or_pad(sizes, allowed) == expected
 
 
-def test_a_burst_of_odd_sized_concurrent_requests_reaches_the_backend_in_allowed_shapes_only(mlp_path):
-    model, session = load(mlp_path, instances=2, max_batch_size=8)
+@pytest.mark.parametrize("model_format", ["onnx", "tflite"])
+def test_a_burst_of_odd_sized_concurrent_requests_reaches_the_backend_in_allowed_shapes_only(
+    model_format, mlp_path, tflite_mlp_path
+):
+    path = mlp_path if model_format == "onnx" else tflite_mlp_path
+    model, session = load(path, instances=2, max_batch_size=8, model_format=model_format)
     rng = np.random.default_rng(1)
     requests = [rng.random((int(rng.integers(1, 9)), 64), dtype=np.float32) for _ in range(300)]
 
