@@ -1,8 +1,8 @@
 """Writes a multilayer perceptron as a .tflite file with LiteRT's own flatbuffer schema, without TensorFlow.
 
 For tests and the bench (the same weights as an ONNX MLP), and a small example of the format:
-input FP32 [N, features] → fully connected layers (ReLU between them) → logits FP32 [N, classes] and
-label INT64 [N] (the arg max). The batch dimension is dynamic (shape signature -1).
+input FP32 [N, features] → fully connected layers (ReLU between them) → logits FP32 [N, classes] (or, with
+softmax, probabilities) and label INT64 [N] (the arg max). The batch dimension is dynamic (shape signature -1).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ TYPES = {np.dtype(np.float32): schema.TensorType.FLOAT32, np.dtype(np.int32): sc
          np.dtype(np.int64): schema.TensorType.INT64}  # fmt: skip
 
 
-def mlp(layers: list[tuple[np.ndarray, np.ndarray]], input_name: str = "input") -> bytes:
+def mlp(layers: list[tuple[np.ndarray, np.ndarray]], input_name: str = "input", softmax: bool = False) -> bytes:
     """`layers`: (weight [in, out], bias [out]) per layer, as an ONNX MatMul + Add holds them."""
     buffers = [schema.BufferT()]  # buffer 0 is the empty one, by convention
     tensors: list[schema.TensorT] = []
@@ -56,6 +56,13 @@ def mlp(layers: list[tuple[np.ndarray, np.ndarray]], input_name: str = "input") 
         operator(schema.BuiltinOperator.FULLY_CONNECTED, [current, w, b], [out],
                  schema.BuiltinOptions.FullyConnectedOptions, options)  # fmt: skip
         current = out
+    if softmax:
+        probabilities = tensor("probabilities", [-1, layers[-1][0].shape[1]], np.float32)
+        options = schema.SoftmaxOptionsT()
+        options.beta = 1.0
+        operator(schema.BuiltinOperator.SOFTMAX, [current], [probabilities], schema.BuiltinOptions.SoftmaxOptions,
+                 options)  # fmt: skip
+        current = probabilities
     axis = tensor("axis", [1], np.int32, np.array([1], np.int32))
     label = tensor("label", [-1], np.int64)
     options = schema.ArgMaxOptionsT()
