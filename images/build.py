@@ -1,10 +1,11 @@
-"""`make images`: build edgeloop's runtime, operator and pause images locally, without a registry or a Docker
-engine, as OCI archives that `ctr -n k8s.io images import` loads into a node's containerd.
+"""`make images`: build edgeloop's runtime flavours, operator and pause images locally, without a registry or a
+Docker engine, as OCI archives that `ctr -n k8s.io images import` loads into a node's containerd.
 
 - base: a Debian bookworm root filesystem made by debootstrap from Debian's packages, slimmed like the
   debian:bookworm-slim image and committed as localhost/edgeloop/debian:bookworm-slim;
-- runtime, operator: their own Dockerfiles (the recipe registry users build too), run by `buildah bud` with
-  --build-arg BASE_IMAGE=<that base>; the Python dependencies come from PyPI;
+- runtime flavours (runtime, runtime-openvino, runtime-federated; runtime-cuda only when asked for, it is
+  big), operator: their own Dockerfiles (the recipe registry users build too), run by `buildah bud` with
+  --build-arg BASE_IMAGE=<that base> (and the flavour's EXTRAS); the Python dependencies come from PyPI;
 - pause: the pinned Kubernetes release's build/pause (pause.c and its Dockerfile), compiled as upstream does.
 
 Archives and images.json go to ${EDGELOOP_CACHE:-~/.cache/edgeloop}/images/. An image is rebuilt only when its
@@ -90,12 +91,62 @@ rm -rf /usr/share/groff/* /usr/share/info/* /usr/share/linda/* /usr/share/lintia
 """
 
 
-# Commands that must succeed in each built image, run as the image's USER: it starts and finds its modules.
+# The runtime's flavours: the extras of runtime-image/pyproject.toml each one installs (its EXTRAS build arg).
+RUNTIMES = {
+    "runtime": "cpu,tflite",
+    "runtime-openvino": "openvino",
+    "runtime-federated": "federated",
+    "runtime-cuda": "cuda",
+}
+ON_REQUEST = ("runtime-cuda",)  # ~1.5 GB of CUDA and cuDNN wheels: `make images-cuda`, not CI
+
+# Commands that must succeed in each built image, run as the image's USER: it starts, finds its modules and, for
+# a serving flavour, answers the digits model through its own backend code (images/smoke_model.py; the model
+# and the reference answer are mounted at /smoke).
+MODEL_CHECK = ("python", "/smoke/smoke_model.py", "check")
+OPENVINO_ON = '{"OpenVINOExecutionProvider": {"device_type": "%s"}}'
+RUNTIME_USER = "assert os.getuid() == 65532 == os.stat('/var/lib/edgeloop/models').st_uid"
 SMOKE = {
     "runtime": (
         ("edgeloop-runtime", "--help"),
-        ("python", "-c", "import os, onnxruntime, numpy, onnx, grpc, uvloop; assert os.getuid() == 65532"
-         " == os.stat('/var/lib/edgeloop/models').st_uid"),
+        ("python", "-c", f"import os, onnxruntime, numpy, grpc, uvloop, ai_edge_litert.interpreter; {RUNTIME_USER}"),
+        (*MODEL_CHECK, "--format", "onnx"),
+        (*MODEL_CHECK, "--format", "tflite"),
+    ),
+    "runtime-openvino": (
+        ("edgeloop-runtime", "--help"),
+        # The provider is there and runs the model (CPU standing in for an NPU); an NPU that is not there is
+        # refused, not silently replaced by the CPU.
+        (
+            *MODEL_CHECK,
+            "--providers",
+            "OpenVINOExecutionProvider",
+            "--provider-options",
+            OPENVINO_ON % "CPU",
+            "--tolerance",
+            "1e-4",
+        ),
+        (
+            *MODEL_CHECK,
+            "--providers",
+            "OpenVINOExecutionProvider",
+            "--provider-options",
+            OPENVINO_ON % "NPU",
+            "--refuse",
+        ),
+    ),
+    "runtime-federated": (
+        ("edgeloop-runtime", "federated", "--help"),
+        ("python", "-c", f"import os, onnx, cryptography, numpy; {RUNTIME_USER}"),
+    ),
+    "runtime-cuda": (
+        ("edgeloop-runtime", "--help"),
+        (
+            "python",
+            "-c",
+            "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p",
+        ),
+        (*MODEL_CHECK, "--providers", "CUDAExecutionProvider", "--refuse"),  # no GPU on the build machine
     ),
     "operator": (
         ("edgeloop", "operator", "--help"),
@@ -104,6 +155,7 @@ SMOKE = {
     "pause": (("/pause", "-v"),),  # prints the version compiled in and exits
 }
 NAMES = tuple(SMOKE)
+DEFAULT = tuple(name for name in NAMES if name not in ON_REQUEST)
 
 
 # --- pure helpers -------------------------------------------------------------------------------------------
@@ -269,10 +321,12 @@ def build_home() -> Path:
     nothing in a layer): a pip.conf with the host pip's network settings and the CA bundle they name. The
     Dockerfiles and the images stay free of this machine's settings."""
     home = CACHE / "build-home"
-    shutil.rmtree(home, ignore_errors=True)
+    # Its .cache keeps pip's wheel cache from one build to the next (the flavours share most wheels).
+    shutil.rmtree(home / ".config", ignore_errors=True)
     (home / ".config" / "pip").mkdir(parents=True)
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=False, text=True,
-                             capture_output=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], check=False, text=True, capture_output=True
+    ).stdout
     settings = pip_settings(listing)
     if "cert" in settings:
         shutil.copyfile(settings["cert"], home / ".config" / "pip" / "ca.pem")
@@ -297,8 +351,10 @@ def build_base(force: bool) -> str:
     started = time.monotonic()
     log = CACHE / "logs" / "base.log"
     log.unlink(missing_ok=True)
-    print(f"images: base {BASE_REF}: debootstrap --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR} (log: {log})",
-          flush=True)
+    print(
+        f"images: base {BASE_REF}: debootstrap --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR} (log: {log})",
+        flush=True,
+    )
     container = buildah("from", "scratch", capture=True)
     mount = Path(buildah("mount", container, capture=True))
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-") as rootfs:
@@ -328,17 +384,21 @@ class Plan:
 
 
 def app_plan(name: str, base_id: str) -> Plan:
-    """The runtime or the operator: its own Dockerfile on the debootstrap base."""
-    if name == "runtime":
-        dockerfile, context, pyproject = (REPO / "runtime-image" / "Dockerfile", REPO / "runtime-image",
-                                          REPO / "runtime-image" / "pyproject.toml")
+    """A runtime flavour or the operator: its own Dockerfile on the debootstrap base."""
+    build_args = {"BASE_IMAGE": BASE_REF}
+    if name in RUNTIMES:
+        dockerfile, context, pyproject = (
+            REPO / "runtime-image" / "Dockerfile",
+            REPO / "runtime-image",
+            REPO / "runtime-image" / "pyproject.toml",
+        )
+        build_args["EXTRAS"] = RUNTIMES[name]
     else:
         dockerfile, context, pyproject = REPO / "operator" / "Dockerfile", REPO, REPO / "pyproject.toml"
     version = tomllib.loads(pyproject.read_text())["project"]["version"]
     # Every stage must start from the base the build arg names, or the local build would need a registry.
     if set(from_images(dockerfile.read_text())) != {"${BASE_IMAGE}"}:
         sys.exit(f"images: every FROM in {dockerfile} must be ${{BASE_IMAGE}}")
-    build_args = {"BASE_IMAGE": BASE_REF}
     inputs = input_digest(dockerfile, copied_files(dockerfile, context), {**build_args, "base image": base_id})
     return Plan(name, f"ghcr.io/edgeloop/{name}:{version}", dockerfile, context, build_args, inputs)
 
@@ -366,22 +426,48 @@ def pause_plan() -> tuple[Plan, list[str], Path]:
     cflags = pause_cflags(tag, version)
     build_args = {"BASE": "scratch", "ARCH": arch}
     # What the Dockerfile ADDs is compiled from pause.c, so pause.c and the flags are the inputs.
-    inputs = input_digest(source / "Dockerfile", {"linux/pause.c": source / "linux" / "pause.c"},
-                          {**build_args, "cflags": " ".join(cflags)})
-    plan = Plan("pause", f"localhost/edgeloop/pause:{tag}", source / "Dockerfile", CACHE / "pause-context",
-                build_args, inputs)
+    inputs = input_digest(
+        source / "Dockerfile",
+        {"linux/pause.c": source / "linux" / "pause.c"},
+        {**build_args, "cflags": " ".join(cflags)},
+    )
+    plan = Plan(
+        "pause", f"localhost/edgeloop/pause:{tag}", source / "Dockerfile", CACHE / "pause-context", build_args, inputs
+    )
     return plan, cflags, source / "linux" / "pause.c"
 
 
-def build(plan: Plan, home: Path) -> dict:
+def smoke_files() -> Path:
+    """The digits model, its input and plain onnxruntime's answer, for the runtime images' smoke runs."""
+    directory = CACHE / "smoke"
+    run(sys.executable, REPO / "images" / "smoke_model.py", "prepare", directory)
+    return directory
+
+
+def build(plan: Plan, home: Path, smoke: Path) -> dict:
     """Builds the image, checks it runs and writes its OCI archive; returns its images.json entry."""
     started = time.monotonic()
     log = CACHE / "logs" / f"{plan.name}.log"
     log.unlink(missing_ok=True)
     print(f"images: building {plan.ref} (log: {log})", flush=True)
     args = [arg for key, value in plan.build_args.items() for arg in ("--build-arg", f"{key}={value}")]
-    buildah("bud", "--isolation", "chroot", "--network", "host", "--pull=never", "--volume", f"{home}:/root",
-            *args, "--file", plan.dockerfile, "--tag", plan.ref, plan.context, log=log)
+    buildah(
+        "bud",
+        "--isolation",
+        "chroot",
+        "--network",
+        "host",
+        "--pull=never",
+        "--volume",
+        f"{home}:/root",
+        *args,
+        "--file",
+        plan.dockerfile,
+        "--tag",
+        plan.ref,
+        plan.context,
+        log=log,
+    )
     buildah("rmi", "--prune", capture=True)  # the stages' images and the ref's previous image
     build_seconds = time.monotonic() - started
 
@@ -389,7 +475,9 @@ def build(plan: Plan, home: Path) -> dict:
     try:
         unpacked = tree_bytes(Path(buildah("mount", container, capture=True)))
         for command in SMOKE[plan.name]:
-            buildah("run", "--isolation", "chroot", container, "--", *command, log=log)
+            buildah(
+                "run", "--isolation", "chroot", "--volume", f"{smoke}:/smoke:ro", container, "--", *command, log=log
+            )
     finally:
         buildah("rm", container, capture=True)
 
@@ -421,17 +509,23 @@ def up_to_date(entry: dict | None, plan: Plan) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=NAMES, action="append", help="build only this image (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=NAMES,
+        action="append",
+        help=f"build only this image (repeatable; default: {', '.join(DEFAULT)})",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
     options = parser.parse_args(argv)
-    names = options.only or list(NAMES)
+    names = options.only or list(DEFAULT)
 
     ensure_tools()
     (CACHE / "logs").mkdir(parents=True, exist_ok=True)
     index = json.loads(INDEX.read_text()) if INDEX.exists() else {"images": []}
     entries = {entry["name"]: entry for entry in index["images"]}
     home = build_home()
-    base_id = build_base(options.force) if {"runtime", "operator"} & set(names) else None
+    base_id = build_base(options.force) if {*RUNTIMES, "operator"} & set(names) else None
+    smoke = smoke_files() if set(RUNTIMES) & set(names) else None
 
     rows = []
     for name in names:
@@ -449,14 +543,16 @@ def main(argv: list[str] | None = None) -> int:
             binary.parent.mkdir(parents=True)
             run("gcc", *cflags, "-o", binary, pause_c)
             run("strip", binary)
-        entries[name] = build(plan, home)
+        entries[name] = build(plan, home, smoke)
         INDEX.write_text(json.dumps({"images": [entries[n] for n in NAMES if n in entries]}, indent=2) + "\n")
         rows.append((entries[name], "built", time.monotonic() - started))
 
     print(f"images: {INDEX}")
     for entry, state, seconds in rows:
-        print(f"  {entry['ref']:<34} {state:<6} {seconds:6.1f} s   archive {megabytes(entry['bytes']):>9}"
-              f"   unpacked {megabytes(entry['unpacked_bytes']):>9}   {entry['archive']}")
+        print(
+            f"  {entry['ref']:<42} {state:<6} {seconds:6.1f} s   archive {megabytes(entry['bytes']):>9}"
+            f"   unpacked {megabytes(entry['unpacked_bytes']):>9}   {entry['archive']}"
+        )
     return 0
 
 

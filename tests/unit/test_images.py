@@ -94,13 +94,27 @@ def test_every_stage_starts_from_the_base_image_build_arg(dockerfile: Path):
     assert set(stages) == {"${BASE_IMAGE}"}
 
 
-def test_runtime_inputs_are_its_project_file_and_package():
+def test_runtime_inputs_are_its_project_file_slim_script_and_package():
     dockerfile = REPO / "runtime-image" / "Dockerfile"
     files = build.copied_files(dockerfile, dockerfile.parent)
-    assert "pyproject.toml" in files
-    assert "edgeloop_runtime/cli.py" in files
-    assert all(name == "pyproject.toml" or name.startswith("edgeloop_runtime/") for name in files)
+    assert {"pyproject.toml", "slim.py", "edgeloop_runtime/cli.py"} <= set(files)
+    assert all(name in ("pyproject.toml", "slim.py") or name.startswith("edgeloop_runtime/") for name in files)
     assert not any(name.endswith(".pyc") for name in files)
+
+
+def test_each_runtime_flavour_installs_extras_the_runtime_defines():
+    extras = build.tomllib.loads((REPO / "runtime-image" / "pyproject.toml").read_text())["project"]
+    for flavour, wanted in build.RUNTIMES.items():
+        assert set(wanted.split(",")) <= set(extras["optional-dependencies"]), flavour
+    assert "runtime-cuda" not in build.DEFAULT, "the CUDA flavour is built on request only"
+    assert {"runtime", "runtime-openvino", "runtime-federated", "operator", "pause"} == set(build.DEFAULT)
+
+
+def test_flavours_differ_in_their_inputs():
+    plans = {name: build.app_plan(name, "sha256:base") for name in build.RUNTIMES}
+    assert len({plan.inputs for plan in plans.values()}) == len(plans)
+    assert plans["runtime-openvino"].build_args["EXTRAS"] == "openvino"
+    assert plans["runtime-openvino"].ref.startswith("ghcr.io/edgeloop/runtime-openvino:")
 
 
 def test_operator_inputs_are_the_root_project_files_and_the_operator_package():
@@ -127,5 +141,9 @@ def test_pip_settings_passes_network_settings_only_and_the_environment_wins():
 
 def test_pause_is_compiled_with_upstreams_flags():
     assert build.pause_cflags("3.10.1", "v1.34.4") == [
-        "-Os", "-Wall", "-Werror", "-static", "-DVERSION=v3.10.1-v1.34.4",
+        "-Os",
+        "-Wall",
+        "-Werror",
+        "-static",
+        "-DVERSION=v3.10.1-v1.34.4",
     ]
