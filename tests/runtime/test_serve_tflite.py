@@ -146,3 +146,14 @@ def test_serving_never_imports_what_the_lean_image_leaves_out(model_format, mlp_
     finally:
         proc.terminate()
         assert proc.wait(30) == 0, log.read_text()
+
+
+def test_without_federated_dependencies_the_cli_lists_federated_as_missing_and_says_so_when_run():
+    program = "import sys; sys.modules['onnx'] = None; from edgeloop_runtime.cli import main; sys.exit(main())"
+    listing = subprocess.run([sys.executable, "-c", program, "--help"], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    assert "not in this image" in listing.stdout and "serve" in listing.stdout
+    command = [sys.executable, "-c", program, "federated", "aggregate", "--help"]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "edgeloop-runtime federated: not in this image" in refused.stderr
