@@ -15,6 +15,7 @@ fails the build.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 # Globs under site-packages, with why they can go.
 REMOVE = {
-    "*/tests": "packages' own tests",
+    "**/tests": "packages' own tests",
     "onnx/backend/test/data": "onnx's test models",
     "numpy/f2py": "numpy's Fortran wrapper generator",
     "numpy/_core/include": "numpy's C headers",
@@ -33,11 +34,24 @@ REMOVE = {
     "ai_edge_litert/tools": "LiteRT's model tools",
     "ai_edge_litert/aot": "LiteRT's ahead-of-time compilation",
     "ai_edge_litert/vendors": "NPU vendors' compiler plugins for LiteRT",
-    "ml_dtypes": "declared by ai-edge-litert, never imported by its Interpreter",
 }
+# Removed when no installed package but these requires it (onnx does require ml_dtypes).
+UNUSED_DEPENDENCIES = {"ml_dtypes": ("ai-edge-litert",)}
 # ONNX Runtime's C API library: the Python binding does not link it (its own copy is inside), nor do the CPU and
 # OpenVINO providers; removed only when no file in the venv needs it.
 C_API = "onnxruntime/capi/libonnxruntime.so*"
+
+
+def required_by(site: Path, package: str) -> set[str]:
+    """The installed distributions whose metadata requires `package` (not only as an extra)."""
+    wanted = package.replace("_", "-").lower()
+    users = set()
+    for metadata in site.glob("*.dist-info/METADATA"):
+        for line in metadata.read_text(errors="replace").splitlines():
+            match = re.match(r"Requires-Dist:\s*([A-Za-z0-9._-]+)", line)
+            if match and "extra ==" not in line and match.group(1).replace("_", "-").lower() == wanted:
+                users.add(metadata.parent.name.split("-")[0].replace("_", "-").lower())
+    return users
 
 
 def is_elf(path: Path) -> bool:
@@ -62,6 +76,11 @@ def main(venv: Path) -> int:
         for path in site.glob(pattern):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
             print(f"slim: removed {path.relative_to(site)} ({why})")
+    for package, only_for in UNUSED_DEPENDENCIES.items():
+        users = required_by(site, package)
+        if users and users <= set(only_for) and (site / package).exists():
+            shutil.rmtree(site / package)
+            print(f"slim: removed {package} (required by {', '.join(sorted(users))} only, which never imports it)")
     elves = [p for p in venv.rglob("*") if p.is_file() and not p.is_symlink() and ".so" in p.name and is_elf(p)]
     wanted = set().union(*(needed(p) for p in elves)) if elves else set()
     for path in site.glob(C_API):

@@ -147,3 +147,44 @@ def test_pause_is_compiled_with_upstreams_flags():
         "-static",
         "-DVERSION=v3.10.1-v1.34.4",
     ]
+
+
+def test_archive_sizes_per_architecture_of_an_image_and_of_an_index(tmp_path: Path):
+    import io
+    import json
+    import tarfile
+
+    def write(tar, document: dict | bytes) -> tuple[str, int]:
+        data = document if isinstance(document, bytes) else json.dumps(document).encode()
+        digest = build.hashlib.sha256(data).hexdigest()
+        info = tarfile.TarInfo(f"blobs/sha256/{digest}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        return f"sha256:{digest}", len(data)
+
+    def image(tar, arch: str, layer_sizes: list[int]) -> dict:
+        config, config_size = write(tar, {"architecture": arch})
+        layers = [{"digest": f"sha256:{i}", "size": size} for i, size in enumerate(layer_sizes)]
+        digest, size = write(tar, {"config": {"digest": config, "size": config_size}, "layers": layers})
+        return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+                "extra": config_size + sum(layer_sizes)}  # fmt: skip
+
+    single, multi = tmp_path / "single.tar", tmp_path / "multi.tar"
+    with tarfile.open(single, "w") as tar:
+        amd64 = image(tar, "amd64", [100, 20])
+        index = json.dumps({"manifests": [{k: v for k, v in amd64.items() if k != "extra"}]}).encode()
+        info = tarfile.TarInfo("index.json")
+        info.size = len(index)
+        tar.addfile(info, io.BytesIO(index))
+    assert build.archive_sizes(single) == {"amd64": amd64["size"] + amd64["extra"]}
+    with tarfile.open(multi, "w") as tar:
+        entries = {arch: image(tar, arch, sizes) for arch, sizes in (("amd64", [100]), ("arm64", [90, 5]))}
+        listed = [{**{k: v for k, v in e.items() if k != "extra"}, "platform": {"architecture": arch}}
+                  for arch, e in entries.items()]  # fmt: skip
+        nested, size = write(tar, {"manifests": listed})
+        index = json.dumps({"manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+                                           "digest": nested, "size": size}]}).encode()  # fmt: skip
+        info = tarfile.TarInfo("index.json")
+        info.size = len(index)
+        tar.addfile(info, io.BytesIO(index))
+    assert build.archive_sizes(multi) == {arch: e["size"] + e["extra"] for arch, e in entries.items()}
