@@ -428,9 +428,10 @@ def app_plan(name: str, base_id: str, arch: str = HOST_ARCH) -> Plan:
     else:
         dockerfile, context, pyproject = REPO / "operator" / "Dockerfile", REPO, REPO / "pyproject.toml"
     version = tomllib.loads(pyproject.read_text())["project"]["version"]
-    # Every stage must start from the base the build arg names, or the local build would need a registry.
-    if set(from_images(dockerfile.read_text())) != {"${BASE_IMAGE}"}:
-        sys.exit(f"images: every FROM in {dockerfile} must be ${{BASE_IMAGE}}")
+    # Every stage must start from the base the build arg names (or from nothing), or the local build would need
+    # a registry.
+    if not set(from_images(dockerfile.read_text())) <= {"${BASE_IMAGE}", "scratch"}:
+        sys.exit(f"images: every FROM in {dockerfile} must be ${{BASE_IMAGE}} or scratch")
     inputs = input_digest(dockerfile, copied_files(dockerfile, context), {**build_args, "base image": base_id})
     return Plan(name, f"ghcr.io/edgeloop/{name}:{version}", dockerfile, context, build_args, inputs, arch)
 
