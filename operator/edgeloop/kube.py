@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from kubernetes import client, config
@@ -24,6 +24,7 @@ CONCURRENCY = 16
 @dataclass(frozen=True)
 class Kind:
     api_version: str
+    kind: str
     plural: str
     namespaced: bool = True
 
@@ -41,15 +42,18 @@ class Kind:
 
 
 KINDS: dict[tuple[str, str], Kind] = {
-    ("apps/v1", "DaemonSet"): Kind("apps/v1", "daemonsets"),
-    ("v1", "Service"): Kind("v1", "services"),
-    ("v1", "Pod"): Kind("v1", "pods"),
-    ("v1", "Event"): Kind("v1", "events"),
-    ("v1", "Secret"): Kind("v1", "secrets"),
-    ("cert-manager.io/v1", "Certificate"): Kind("cert-manager.io/v1", "certificates"),
-    ("edgeloop.io/v1alpha1", "InferenceModel"): Kind("edgeloop.io/v1alpha1", "inferencemodels"),
-    ("batch/v1", "Job"): Kind("batch/v1", "jobs"),
-    ("edgeloop.io/v1alpha1", "FederatedRound"): Kind("edgeloop.io/v1alpha1", "federatedrounds"),
+    (kind.api_version, kind.kind): kind
+    for kind in (
+        Kind("apps/v1", "DaemonSet", "daemonsets"),
+        Kind("v1", "Service", "services"),
+        Kind("v1", "Pod", "pods"),
+        Kind("v1", "Event", "events"),
+        Kind("v1", "Secret", "secrets"),
+        Kind("batch/v1", "Job", "jobs"),
+        Kind("cert-manager.io/v1", "Certificate", "certificates"),
+        Kind("edgeloop.io/v1alpha1", "InferenceModel", "inferencemodels"),
+        Kind("edgeloop.io/v1alpha1", "FederatedRound", "federatedrounds"),
+    )
 }
 
 
@@ -69,6 +73,28 @@ class KubeError(Exception):
     def is_permanent(self) -> bool:
         """The request itself is wrong (invalid, forbidden, ...): repeating it cannot succeed."""
         return self.status in (400, 403, 422)
+
+
+class KubeApi(Protocol):
+    """The calls the operator makes; `Kube` makes them against a cluster, `edgeloop.testing.FakeKube` in memory."""
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def delete(self, kind: Kind, namespace: str, name: str, uid: str) -> None: ...
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def list(
+        self, kind: Kind, namespace: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 100
+    ) -> Iterator[dict[str, Any]]: ...
+
+    def merge_patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
+
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None: ...
 
 
 class Kube:

@@ -122,12 +122,11 @@ def run(args: argparse.Namespace) -> int:
         # their warnings and errors are news. The operator logs what it changes itself.
         for chatty in ("kopf.objects", "aiohttp.access"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
-    from edgeloop.handlers import certificates, federatedround, inferencemodel  # registers the handlers
+    import edgeloop.handlers.operator  # noqa: F401 (registers every handler)
+    from edgeloop.handlers import shared
 
     operator_settings = settings()
-    inferencemodel.configure(operator_settings)
-    federatedround.configure(operator_settings)
-    certificates.configure(operator_settings)
+    shared.configure(operator_settings)
     memo = kopf.Memo(
         config=config,
         kube=Kube.from_environment(),

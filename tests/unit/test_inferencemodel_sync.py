@@ -9,53 +9,17 @@ import time
 
 import pytest
 from edgeloop import config
-from edgeloop.handlers.inferencemodel import ALL_NODES, InferenceModels, ServiceState
+from edgeloop.handlers.inferencemodel import InferenceModels, ServiceState
+from edgeloop.handlers.shared import ALL_NODES
 from edgeloop.kube import KubeError
-from edgeloop.render import RENDER_HASH
-from edgeloop.status.diagnosis import NodeInfo
+from edgeloop.names import RENDER_HASH
+from edgeloop.nodes import NodeInfo
 from edgeloop.status.inferencemodel import DaemonSetState
+from edgeloop.testing import FakeKube
 from im_factories import SHA_B, daemon_set_status, inference_model
 
 KEY = ("edge", "digits")
-
-
-class FakeKube:
-    """Records every call; `objects` is what the API server holds."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-        self.objects: dict[tuple[str, str], dict] = {}
-        self.pods: list[dict] = []
-        self.fail_apply: KubeError | None = None
-
-    def writes(self):
-        return [call for call in self.calls if call[0] in ("apply", "delete", "patch_status")]
-
-    def apply(self, manifest):
-        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
-        if self.fail_apply:
-            raise self.fail_apply
-        live = copy.deepcopy(manifest)
-        live["metadata"]["uid"] = f"uid-{manifest['metadata']['name']}"
-        live["metadata"]["generation"] = 1
-        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = live
-        return live
-
-    def delete(self, kind, namespace, name, uid):
-        self.calls.append(("delete", kind.plural, name, uid))
-
-    def get(self, kind, namespace, name):
-        self.calls.append(("get", kind.plural, name))
-        return self.objects.get(("InferenceModel", name))
-
-    def list(self, kind, namespace, *, label_selector="", field_selector="", page_size=100):
-        self.calls.append(("list", kind.plural, label_selector or field_selector))
-        return iter(self.pods if kind.plural == "pods" else [])
-
-    def patch_status(self, kind, namespace, name, status):
-        self.calls.append(("patch_status", name))
-        self.objects[("InferenceModel", name)]["status"] = status
-        return {}
+MODEL = ("InferenceModel", *KEY)
 
 
 class World:
@@ -63,8 +27,7 @@ class World:
 
     def __init__(self, operator_config=None, body=None, clock=None, diagnosis_interval=60):
         self.kube = FakeKube()
-        self.body = body or inference_model()
-        self.kube.objects[("InferenceModel", "digits")] = self.body
+        self.body = self.kube.put(body or inference_model())
         self.models, self.daemon_sets, self.services = {}, {}, {}
         self.nodes = {ALL_NODES: [NodeInfo("edge-cpu-0", {})]}
         self.namespaces = {"edge": [True]}
@@ -82,9 +45,9 @@ class World:
     def refresh(self, **counts_by_class):
         """Let the watches catch up; DaemonSets of a class get (desired, ready) from now on, default (1, 1)."""
         self.counts.update(counts_by_class)
-        self.models[KEY] = [copy.deepcopy(self.kube.objects[("InferenceModel", "digits")])]
+        self.models[KEY] = [copy.deepcopy(self.kube.objects[MODEL])]
         daemon_sets = []
-        for (kind, _), obj in self.kube.objects.items():
+        for (kind, _, _), obj in self.kube.objects.items():
             if kind == "DaemonSet":
                 accelerator = obj["metadata"]["labels"]["edgeloop.io/accelerator"]
                 desired, ready = self.counts.get(accelerator, (1, 1))
@@ -92,20 +55,18 @@ class World:
         self.daemon_sets[KEY] = daemon_sets
         self.services[KEY] = [
             ServiceState(o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["annotations"][RENDER_HASH])
-            for (kind, _), o in self.kube.objects.items() if kind == "Service"
+            for (kind, _, _), o in self.kube.objects.items() if kind == "Service"
         ]
 
     def edit(self, **spec_override):
-        current = self.kube.objects[("InferenceModel", "digits")]
+        current = self.kube.objects[MODEL]
         generation = current["metadata"]["generation"] + 1
-        updated = inference_model(generation=generation, **spec_override)
-        updated["status"] = current.get("status", {})
-        self.kube.objects[("InferenceModel", "digits")] = updated
+        updated = self.kube.put(inference_model(generation=generation, **spec_override))
         self.refresh()
         return updated
 
     def reconcile(self, body=None):
-        asyncio.run(self.controller.reconcile(body or self.kube.objects[("InferenceModel", "digits")]))
+        asyncio.run(self.controller.reconcile(body or self.kube.objects[MODEL]))
         self.refresh()
 
     def resync(self):
@@ -119,7 +80,7 @@ def test_create_applies_every_object_once_and_reports_status():
     applied = [call for call in world.kube.writes() if call[0] == "apply"]
     assert applied == [("apply", "DaemonSet", "digits-npu"), ("apply", "DaemonSet", "digits-gpu"),
                        ("apply", "DaemonSet", "digits-cpu"), ("apply", "Service", "digits")]
-    assert world.kube.writes()[-1] == ("patch_status", "digits")
+    assert world.kube.writes()[-1] == ("patch_status", "inferencemodels", "digits")
     assert ("Normal", "RollingOut") in world.events
 
 
@@ -161,15 +122,15 @@ def test_a_placement_change_removes_the_variant_no_longer_listed():
     world.kube.calls.clear()
     world.reconcile(world.edit(placement={"accelerators": ["gpu", "cpu"]}))
     deletes = [c for c in world.kube.writes() if c[0] == "delete"]
-    assert deletes == [("delete", "daemonsets", "digits-npu", "uid-digits-npu")]
+    assert deletes == [("delete", "daemonsets", "digits-npu", "uid-DaemonSet-digits-npu")]
     assert not [c for c in world.kube.writes() if c[0] == "apply" and c[2] == "digits-npu"]
 
 
 def test_a_sync_from_a_stale_index_writes_nothing_for_a_deleted_model():
     world = World()
     world.reconcile()
-    del world.kube.objects[("DaemonSet", "digits-gpu")]  # someone deleted a DaemonSet ...
-    del world.kube.objects[("InferenceModel", "digits")]  # ... or the garbage collector, after the model
+    del world.kube.objects[("DaemonSet", "edge", "digits-gpu")]  # someone deleted a DaemonSet ...
+    del world.kube.objects[MODEL]  # ... or the garbage collector, after the model
     world.daemon_sets[KEY] = [ds for ds in world.daemon_sets[KEY] if ds.name != "digits-gpu"]
     world.kube.calls.clear()
     asyncio.run(world.controller.runner.run(KEY))
@@ -179,7 +140,7 @@ def test_a_sync_from_a_stale_index_writes_nothing_for_a_deleted_model():
 def test_a_deleted_daemon_set_is_recreated():
     world = World()
     world.reconcile()
-    del world.kube.objects[("DaemonSet", "digits-gpu")]
+    del world.kube.objects[("DaemonSet", "edge", "digits-gpu")]
     world.refresh()
     world.kube.calls.clear()
     world.resync()
@@ -189,7 +150,7 @@ def test_a_deleted_daemon_set_is_recreated():
 def test_a_class_the_operator_lacks_is_degraded_without_retrying():
     world = World(config.build({"acceleratorClasses": {"npu": None}}))
     world.reconcile()
-    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    status = world.kube.objects[MODEL]["status"]
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "UnknownAcceleratorClass")
     assert not [c for c in world.kube.calls if c[0] == "apply"]
@@ -202,7 +163,7 @@ def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry(
     world = World()
     world.kube.fail_apply = KubeError(422, 'DaemonSet.apps "digits-npu" is invalid')
     world.reconcile()
-    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    status = world.kube.objects[MODEL]["status"]
     assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "ApplyRejected"
 
     world.kube.fail_apply = KubeError(503, "etcd leader changed")
@@ -235,7 +196,7 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
         "a minute without progress: only the variant with unready nodes is looked at")
     unhealthy = [{"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed",
                   "message": "model load failed"}]
-    assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+    assert world.kube.objects[MODEL]["status"]["unhealthyNodes"] == unhealthy
 
     world.kube.calls.clear()
     now[0] = 119
@@ -245,7 +206,7 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     now[0] = 200
     world.resync()
     assert not [c for c in world.kube.calls if c[0] == "list"], "progress again: the last findings stand"
-    assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+    assert world.kube.objects[MODEL]["status"]["unhealthyNodes"] == unhealthy
 
 
 def test_a_stalled_rollout_is_looked_at_without_waiting_for_the_resync():
@@ -263,7 +224,7 @@ def test_a_stalled_rollout_is_looked_at_without_waiting_for_the_resync():
 
     asyncio.run(scenario())
     assert ("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu") in world.kube.calls
-    unhealthy = world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"]
+    unhealthy = world.kube.objects[MODEL]["status"]["unhealthyNodes"]
     assert [n["reason"] for n in unhealthy] == ["RuntimeFailed"]
 
 
@@ -283,6 +244,6 @@ def test_a_model_in_a_namespace_being_deleted_is_forgotten_without_a_call():
 
 def test_a_model_deleted_during_a_sync_is_not_an_error():
     world = World()
-    world.kube.patch_status = lambda kind, namespace, name, status: None  # Kube.patch_status's answer to a 404
-    world.reconcile()
+    body = world.kube.objects.pop(MODEL)  # deleted after the watch showed it: patch_status answers None (404)
+    asyncio.run(world.controller.reconcile(body))
     assert world.events == [], "no Event about an object that is gone"

@@ -11,7 +11,7 @@ import yaml
 from edgeloop import config
 from edgeloop.api.inferencemodel import InferenceModelSpec
 from edgeloop.config import ConfigError
-from edgeloop.render import RENDER_HASH
+from edgeloop.names import RENDER_HASH
 from edgeloop.render.inferencemodel import owner_of, render
 from im_factories import SHA_B, example_body, spec
 

@@ -22,8 +22,8 @@ from edgeloop.api.inferencemodel import (
     UnhealthyNode,
     VariantStatus,
 )
-from edgeloop.render import RENDER_HASH
-from edgeloop.status import ConditionUpdate, condition, merge_conditions
+from edgeloop.names import RENDER_HASH
+from edgeloop.status import ConditionUpdate, Event, condition, merge_conditions
 from edgeloop.status.diagnosis import FAILURES, NodeProblem
 
 READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
@@ -198,13 +198,6 @@ def compute(
         ],
         unhealthy_node_count=len(problems),
     )
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
 
 
 def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -> list[Event]:
