@@ -90,6 +90,11 @@ def _tolerations(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> lis
     return merged
 
 
+def image(spec: InferenceModelSpec, config: OperatorConfig, accelerator: AcceleratorClass) -> str:
+    """The model's own image for every variant, else the class's flavour, else the default runtime image."""
+    return spec.runtime.image or config.image_of(accelerator)
+
+
 def tls_secret_name(model_name: str) -> str:
     """The Secret with the runtime Service's certificate (written by the operator or by cert-manager)."""
     return secret_name(model_name)
@@ -110,7 +115,8 @@ def daemon_set(
             spec=spec,
             config=config,
             variant=variant,
-            image=spec.runtime.image or config.runtime_image,
+            image=image(spec, config, variant.accelerator),
+            image_pull_policy=config.image_pull_policy_of(variant.accelerator),
             resources=_resources(spec, variant.accelerator),
             tolerations=_tolerations(spec, variant.accelerator),
             tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
