@@ -185,9 +185,11 @@ class FakeKube:
     """An in-memory API server behind `kube.KubeApi`, for unit tests of the handlers.
 
     `objects` holds what the server holds, by (kind, namespace, name); `calls` records every call as
-    ("apply", kind, name), ("get" | "list" | "delete" | "merge_patch" | "patch_status", plural, ...) or
-    ("log_tail", pod, container, lines). Listing pods or events returns `pods` or `events`; `log` is what
-    a log tail answers (an exception is raised); `fail_apply` makes every apply raise.
+    ("apply", kind, name), ("get" | "list" | "delete" | "merge_patch" | "patch_status", plural, ...),
+    ("log_tail", pod, container, lines) or ("proxy_get", pod, path); a list records its label and field
+    selectors joined by a comma. Listing pods or events returns those of `pods` (with the selected labels) or
+    `events`; `log` is what a log tail answers and `proxied[pod]` what a pod answers through the proxy (an
+    exception is raised); `fail_apply` makes every apply raise.
     """
 
     WRITES = ("apply", "delete", "merge_patch", "patch_status")
@@ -198,6 +200,7 @@ class FakeKube:
         self.pods: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.log: str | Exception = ""
+        self.proxied: dict[str, str | Exception] = {}
         self.fail_apply: KubeError | None = None
         self._resource_version = 0
 
@@ -248,16 +251,19 @@ class FakeKube:
     def list(
         self, kind: Kind, namespace: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 100
     ) -> Iterator[dict[str, Any]]:
-        self.calls.append(("list", kind.plural, label_selector or field_selector))
-        if kind.kind in ("Pod", "Event"):
-            return iter(copy.deepcopy(self.pods if kind.kind == "Pod" else self.events))
+        self.calls.append(("list", kind.plural, ",".join(s for s in (label_selector, field_selector) if s)))
+        if kind.kind == "Event":
+            return iter(copy.deepcopy(self.events))
         wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        candidates = (
+            self.pods
+            if kind.kind == "Pod"
+            else [obj for (k, ns, _), obj in self.objects.items() if k == kind.kind and ns == namespace]
+        )
         return iter(
             copy.deepcopy(obj)
-            for (k, ns, _), obj in list(self.objects.items())
-            if k == kind.kind
-            and ns == namespace
-            and all(obj["metadata"].get("labels", {}).get(key) == value for key, value in wanted.items())
+            for obj in list(candidates)
+            if all(obj["metadata"].get("labels", {}).get(key) == value for key, value in wanted.items())
         )
 
     def merge_patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,6 +283,13 @@ class FakeKube:
         if isinstance(self.log, Exception):
             raise self.log
         return self.log
+
+    def proxy_get(self, namespace: str, pod: str, port: int, path: str, *, https: bool) -> str:
+        self.calls.append(("proxy_get", pod, path))
+        answer = self.proxied.get(pod, KubeError(503, f"no endpoint for pod {pod}"))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def patch_status(
         self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]

@@ -26,6 +26,7 @@ from im_factories import SHA_A, SHA_B, inference_model, node
 KEY = ("edge", "r1")
 ROUND = ("FederatedRound", *KEY)
 MODEL = ("InferenceModel", "edge", "digits")
+AGGREGATOR_LABELS = {"edgeloop.io/federatedround": "r1", "edgeloop.io/role": "aggregator"}
 STATUS_URL = "https://r1-aggregator.edge.svc:8080/v1/status"  # TLS by default
 
 
@@ -293,6 +294,7 @@ def test_a_finished_aggregator_missed_by_the_polls_is_read_from_its_log():
         {
             "metadata": {
                 "name": name,
+                "labels": AGGREGATOR_LABELS,
                 "creationTimestamp": stamp,
                 "ownerReferences": [{"uid": aggregator["metadata"]["uid"]}],
             }
@@ -312,7 +314,8 @@ def test_a_finished_aggregator_missed_by_the_polls_is_read_from_its_log():
 def test_an_unreadable_log_leaves_the_round_awaiting_its_report():
     world = started_world()
     world.kube.pods = [
-        {"metadata": {"name": "p", "creationTimestamp": "x", "ownerReferences": [{"uid": "uid-Job-r1-aggregator"}]}}
+        {"metadata": {"name": "p", "labels": AGGREGATOR_LABELS, "creationTimestamp": "x",
+                      "ownerReferences": [{"uid": "uid-Job-r1-aggregator"}]}}
     ]
     world.kube.log = KubeError(502, "no kubelet")
     world.refresh(finished={"r1-aggregator": "Complete"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from edgeloop import config
 from edgeloop.handlers.inferencemodel import InferenceModels, ServiceState
 from edgeloop.handlers.shared import ALL_NODES
 from edgeloop.kube import KubeError
-from edgeloop.names import RENDER_HASH
+from edgeloop.names import ACCELERATOR_LABEL, RENDER_HASH
 from edgeloop.nodes import NodeInfo
 from edgeloop.status.inferencemodel import DaemonSetState
 from edgeloop.testing import FakeKube
@@ -32,6 +33,8 @@ class World:
         self.nodes = {ALL_NODES: [NodeInfo("edge-cpu-0", {})]}
         self.namespaces = {"edge": [True]}
         self.counts: dict[str, tuple[int, int]] = {}
+        self.extra_pods: list[dict] = []  # besides one ready pod per variant with ready nodes
+        self.in_use: dict[str, str] = {}  # what a class's runtime reports; default: the providers configured
         self.events = []
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
@@ -53,10 +56,26 @@ class World:
                 desired, ready = self.counts.get(accelerator, (1, 1))
                 daemon_sets.append(DaemonSetState.from_object(daemon_set_status(obj, desired=desired, ready=ready)))
         self.daemon_sets[KEY] = daemon_sets
+        self.kube.pods = [*self.ready_pods(), *self.extra_pods]
         self.services[KEY] = [
             ServiceState(o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["annotations"][RENDER_HASH])
             for (kind, _, _), o in self.kube.objects.items() if kind == "Service"
         ]
+
+    def ready_pods(self):
+        for (kind, _, name), obj in self.kube.objects.items():
+            if kind == "DaemonSet" and self.counts.get(accelerator := obj["metadata"]["labels"][ACCELERATOR_LABEL],
+                                                       (1, 1))[1]:
+                pod = f"{name}-ready"
+                configured = ",".join(self.controller._config.accelerator_class(accelerator).execution_providers)
+                providers = self.in_use.get(accelerator, configured)
+                answer = {"name": "digits", "parameters": {"execution_providers": providers}}
+                self.kube.proxied[pod] = json.dumps(answer)
+                yield {
+                    "metadata": {"name": pod, "labels": obj["spec"]["template"]["metadata"]["labels"]},
+                    "spec": {"nodeName": f"edge-{accelerator}-0"},
+                    "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+                }
 
     def edit(self, **spec_override):
         current = self.kube.objects[MODEL]
@@ -171,10 +190,17 @@ def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry(
         world.reconcile(world.edit(model={"sha256": SHA_B}))
 
 
-CRASH_LOOPING_POD = {"metadata": {"name": "p"}, "spec": {"nodeName": "edge-cpu-0"}, "status": {
+CPU_PODS = "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu"
+CRASH_LOOPING_POD = {"metadata": {"name": "p", "labels": dict(term.split("=") for term in CPU_PODS.split(","))},
+                     "spec": {"nodeName": "edge-cpu-0"}, "status": {
     "conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}],
     "containerStatuses": [{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                            "lastState": {"terminated": {"exitCode": 1, "message": "model load failed"}}}]}}
+
+
+def diagnosis_lists(world):
+    """Lists of pods to see why nodes do not serve (not the one that finds a pod to ask its providers)."""
+    return [c for c in world.kube.calls if c[0] == "list" and "status.phase" not in c[2]]
 
 
 def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
@@ -182,17 +208,17 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     world = World(clock=lambda: now[0])
     world.reconcile()
     world.refresh(cpu=(3, 1))
-    world.kube.pods = [CRASH_LOOPING_POD]
+    world.extra_pods = [CRASH_LOOPING_POD]
+    world.refresh()
     world.kube.calls.clear()
     world.resync()
     now[0] = 59
     world.resync()
-    assert not [c for c in world.kube.calls if c[0] == "list"], "the rollout may still progress: no pods listed"
+    assert not diagnosis_lists(world), "the rollout may still progress: no pods listed"
 
     now[0] = 60
     world.resync()
-    lists = [c for c in world.kube.calls if c[0] == "list"]
-    assert lists == [("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu")], (
+    assert diagnosis_lists(world) == [("list", "pods", CPU_PODS)], (
         "a minute without progress: only the variant with unready nodes is looked at")
     unhealthy = [{"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed",
                   "message": "model load failed"}]
@@ -201,11 +227,11 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     world.kube.calls.clear()
     now[0] = 119
     world.resync()
-    assert world.kube.calls == [], "within the diagnosis interval the last findings are reused"
+    assert not diagnosis_lists(world), "within the diagnosis interval the last findings are reused"
     world.refresh(cpu=(3, 2))
     now[0] = 200
     world.resync()
-    assert not [c for c in world.kube.calls if c[0] == "list"], "progress again: the last findings stand"
+    assert not diagnosis_lists(world), "progress again: the last findings stand"
     assert world.kube.objects[MODEL]["status"]["unhealthyNodes"] == unhealthy
 
 
@@ -213,12 +239,13 @@ def test_a_stalled_rollout_is_looked_at_without_waiting_for_the_resync():
     world = World(clock=time.monotonic, diagnosis_interval=0.05)
     world.reconcile()
     world.refresh(cpu=(3, 1))
-    world.kube.pods = [CRASH_LOOPING_POD]
+    world.extra_pods = [CRASH_LOOPING_POD]
+    world.refresh()
     world.kube.calls.clear()
 
     async def scenario():
         await world.controller.runner.run(KEY)  # the stall begins: nothing to look at yet
-        assert not [c for c in world.kube.calls if c[0] == "list"]
+        assert not diagnosis_lists(world)
         await asyncio.sleep(0.2)  # no watch event and no resync: only the sync it asked for
         await world.controller.runner.close()
 
@@ -247,3 +274,68 @@ def test_a_model_deleted_during_a_sync_is_not_an_error():
     body = world.kube.objects.pop(MODEL)  # deleted after the watch showed it: patch_status answers None (404)
     asyncio.run(world.controller.reconcile(body))
     assert world.events == [], "no Event about an object that is gone"
+
+
+# ---- providers in use, asked of the runtimes
+
+
+def proxied(world):
+    return [c for c in world.kube.calls if c[0] == "proxy_get"]
+
+
+def test_each_variant_is_asked_once_what_it_runs_on_then_not_again():
+    world = World()
+    world.reconcile()
+    world.resync()
+    assert sorted(proxied(world)) == [
+        ("proxy_get", f"digits-{accelerator}-ready", "/v2/models/digits") for accelerator in ("cpu", "gpu", "npu")
+    ], "one ready pod per variant: O(variants), not O(nodes)"
+    status = world.kube.objects[MODEL]["status"]
+    assert {v["accelerator"]: v["providersInUse"] for v in status["variants"]}["gpu"] == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert next(c for c in status["conditions"] if c["type"] == "Accelerated")["reason"] == "AcceleratorsInUse"
+    world.kube.calls.clear()
+    for _ in range(3):
+        world.resync()
+    assert world.kube.calls == []
+
+
+def test_a_cpu_fallback_is_reported_with_a_warning_and_asked_again_after_a_rollout():
+    world = World()
+    world.in_use["gpu"] = "CPUExecutionProvider"
+    world.reconcile()
+    world.resync()
+    status = world.kube.objects[MODEL]["status"]
+    accelerated = next(c for c in status["conditions"] if c["type"] == "Accelerated")
+    assert (accelerated["status"], accelerated["reason"]) == ("False", "CPUFallback")
+    assert "without CUDAExecutionProvider on node edge-gpu-0" in accelerated["message"]
+    assert ("Warning", "CPUFallback") in world.events
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+    world.in_use.clear()  # e.g. the driver installed, and a new model version rolled out
+    world.reconcile(world.edit(model={"sha256": SHA_B, "version": "4"}))
+    world.kube.calls.clear()
+    world.resync()
+    assert len(proxied(world)) == 3
+    status = world.kube.objects[MODEL]["status"]
+    assert next(c for c in status["conditions"] if c["type"] == "Accelerated")["reason"] == "AcceleratorsInUse"
+
+
+def test_a_runtime_that_cannot_be_asked_is_asked_again_only_after_the_interval():
+    now = [0.0]
+    world = World(clock=lambda: now[0])
+    world.reconcile()
+    world.kube.proxied["digits-gpu-ready"] = KubeError(503, "no route to the pod")
+    world.kube.calls.clear()
+    world.resync()
+    status = world.kube.objects[MODEL]["status"]
+    accelerated = next(c for c in status["conditions"] if c["type"] == "Accelerated")
+    assert (accelerated["status"], accelerated["reason"]) == ("Unknown", "NotSampled")
+    assert "no route to the pod" in accelerated["message"]
+    world.kube.calls.clear()
+    now[0] = 59
+    world.resync()
+    assert proxied(world) == []
+    now[0] = 60
+    world.resync()
+    assert proxied(world) == [("proxy_get", "digits-gpu-ready", "/v2/models/digits")]

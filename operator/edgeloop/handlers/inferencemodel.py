@@ -9,16 +9,22 @@ reference, and the garbage collector removes it with the InferenceModel.
 
 Status changes arrive as DaemonSet watch events; a burst of them costs one sync per InferenceModel. A
 periodic resync re-runs every sync to refresh what has no event of its own (pod failure reasons).
+
+What each variant really runs on is asked of its runtime (`GET /v2/models/<name>` through the API server's
+pod proxy, on one ready pod): once per rollout state of the variant (its DaemonSet, generation, rendered
+content and node count), so O(variants) calls, not O(nodes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import kopf
 from pydantic import ValidationError
@@ -43,8 +49,8 @@ from edgeloop.render.inferencemodel import (
     variants,
 )
 from edgeloop.status import inferencemodel as im_status
-from edgeloop.status.diagnosis import NodeProblem, missing_pod_problems, node_of, pod_problem
-from edgeloop.status.inferencemodel import DaemonSetState, Expected, SpecProblem
+from edgeloop.status.diagnosis import NodeProblem, is_ready, missing_pod_problems, node_of, pod_problem
+from edgeloop.status.inferencemodel import DaemonSetState, Expected, ProvidersSample, SpecProblem, parse_providers
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,20 @@ class Diagnosis:
     found: list[NodeProblem]
 
 
+@dataclass(frozen=True)
+class Sampled:
+    """A variant's providers sample: for which state of its DaemonSet, and when to ask again after a failure."""
+
+    state: tuple[str, int, str, int]  # uid, generation, render hash, desired nodes
+    sample: ProvidersSample
+    retry_at: float = 0.0
+    failures: int = 0
+
+
+# A failed ask is repeated at most once per diagnosis interval, backing off to this.
+MAX_SAMPLE_RETRY_SECONDS = 600
+
+
 def _render_hash(manifest: dict[str, Any]) -> str:
     return manifest["metadata"]["annotations"][RENDER_HASH]
 
@@ -135,6 +155,8 @@ class InferenceModels:
         self._status = StatusPublisher(kube, IM_KIND, InferenceModelStatus, im_status.transitions, post_event)
         # Per InferenceModel, per DaemonSet that lacks ready pods: its progress, and its pods' problems.
         self._diagnoses: dict[Key, dict[str, Diagnosis]] = {}
+        # Per InferenceModel, per DaemonSet: what its runtime said it runs on.
+        self._samples: dict[Key, dict[str, Sampled]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
         self._resync: asyncio.Task[None] | None = None
 
@@ -174,7 +196,7 @@ class InferenceModels:
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
             self._status.forget(key)
-            for kept in (self._plans, self._diagnoses):
+            for kept in (self._plans, self._diagnoses, self._samples):
                 kept.pop(key, None)
             return
         await self._sync(body, fresh=False)
@@ -210,6 +232,7 @@ class InferenceModels:
                 daemon_sets = converged
 
         problems = [] if problem else await self._diagnose(key, plan, daemon_sets)
+        samples = {} if problem else await self._sample_providers(key, plan, daemon_sets)
         status = im_status.compute(
             generation=generation,
             spec=plan.spec,
@@ -219,6 +242,7 @@ class InferenceModels:
             previous=previous,
             now=now(),
             spec_problem=problem,
+            samples=samples,
         )
         await self._status.publish(body, previous, status)
 
@@ -350,6 +374,53 @@ class InferenceModels:
                 )
                 problems += missing_pod_problems(eligible, with_pods, variant.name, latest.get("message", ""))
         return problems
+
+
+    # ---- what the runtimes really run on
+
+    async def _sample_providers(
+        self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]
+    ) -> dict[str, ProvidersSample]:
+        """Asks one ready pod's runtime per variant which execution providers it uses, when the variant's
+        pods are all of the current version and the answer for that state of its DaemonSet is not known yet.
+        Meanwhile (a rollout) the last answer stands."""
+        previous = self._samples.get(key, {})
+        current: dict[str, Sampled] = {}
+        clock = self._clock()
+        for variant in plan.variants:
+            ds, last = daemon_sets.get(variant.daemon_set), previous.get(variant.daemon_set)
+            if ds is not None:
+                state = (ds.uid, ds.generation, ds.render_hash, ds.desired)
+                askable = ds.settled and ds.ready > 0 and ds.updated >= ds.desired
+                known = last is not None and last.state == state and (not last.sample.error or clock < last.retry_at)
+                if askable and not known:
+                    sample = await asyncio.to_thread(self._ask_runtime, key, plan, variant)
+                    failures = (last.failures if last and last.sample.error else 0) + 1 if sample.error else 0
+                    backoff = min(self._diagnosis_interval * 2 ** max(failures - 1, 0), MAX_SAMPLE_RETRY_SECONDS)
+                    last = Sampled(state, sample, clock + backoff, failures)
+            if last is not None:
+                current[variant.daemon_set] = last
+        self._samples[key] = current
+        return {name: sampled.sample for name, sampled in current.items()}
+
+    def _ask_runtime(self, key: Key, plan: Plan, variant: Variant) -> ProvidersSample:
+        """GET /v2/models/<name> of one ready pod of the variant, through the API server (C2)."""
+        namespace, name = key
+        selector = f"{INFERENCE_MODEL_LABEL}={name},{ACCELERATOR_LABEL}={variant.name}"
+        running = self._kube.list(POD, namespace, label_selector=selector, field_selector="status.phase=Running",
+                                  page_size=20)
+        pod = next((p for p in itertools.islice(running, 20) if is_ready(p)), None)
+        if pod is None:
+            return ProvidersSample(error="no ready pod found")
+        pod_name, node = pod["metadata"]["name"], node_of(pod) or ""
+        path = f"/v2/models/{quote(name, safe='')}"
+        try:
+            answer = self._kube.proxy_get(
+                namespace, pod_name, plan.spec.serving.http_port, path, https=self._config.tls.enabled
+            )
+            return ProvidersSample(node=node, providers=parse_providers(answer))
+        except (KubeError, ValueError) as error:
+            return ProvidersSample(node=node, error=f"GET {path} of pod {pod_name}: {error}"[:300])
 
 
 # ---- Kopf registration (the one startup that builds the controller is in handlers/operator.py)

@@ -90,6 +90,10 @@ def _condition(pod: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
     return next((c for c in pod.get("status", {}).get("conditions", []) if c.get("type") == type_), {})
 
 
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    return _condition(pod, "Ready").get("status") == "True" and not pod["metadata"].get("deletionTimestamp")
+
+
 def pod_problem(pod: Mapping[str, Any], accelerator: str, not_ready_nodes: Container[str] = ()) -> NodeProblem | None:
     """Why this DaemonSet pod does not serve, or None if it is ready."""
     node = node_of(pod)
