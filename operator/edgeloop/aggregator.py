@@ -3,7 +3,8 @@
 With TLS (the default) the aggregator requires a client certificate (mTLS): the operator presents the
 round's, trusts the namespace's CA, and verifies the certificate for the aggregator Service's name
 wherever the URL points (an operator outside the cluster reaches the Service through another address).
-Whatever goes wrong, the caller sees one error, AggregatorUnreachable, whose message says what.
+Whatever goes wrong, the caller sees one error, AggregatorUnreachable, whose message says what. The
+aggregator runs an image of the namespace's choosing, so the read is bounded in bytes and in time.
 
 Blocking; the handler calls it through `asyncio.to_thread`.
 """
@@ -15,16 +16,15 @@ import http.client
 import os
 import ssl
 import tempfile
-import urllib.request
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from edgeloop.status.federatedround import AggregatorReport, parse_report
 
-TIMEOUT_SECONDS = 3.0
-
-# Straight to the Service: a proxy from the environment would not know cluster names.
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# The aggregator runs an image the round's namespace chooses: what the operator reads of it is bounded.
+MAX_REPORT_BYTES = 1 << 20  # a report with a thousand rounds of history is about 200 KiB
+TIMEOUT_SECONDS = 5.0  # the whole read, from connecting to the last byte
 
 
 class AggregatorUnreachable(Exception):
@@ -42,26 +42,32 @@ class ClientTLS:
     server_name: str
 
 
-def read_report(url: str, tls: ClientTLS | None = None) -> AggregatorReport:
-    """The aggregator's report at `url`; raises AggregatorUnreachable."""
+def read_report(
+    url: str, tls: ClientTLS | None = None, *, max_bytes: int = MAX_REPORT_BYTES, timeout: float = TIMEOUT_SECONDS
+) -> AggregatorReport:
+    """The aggregator's report at `url`, read within `max_bytes` and `timeout`; raises AggregatorUnreachable."""
     try:
-        return parse_report(_read(url, tls))
+        return parse_report(_read(url, tls, max_bytes, time.monotonic() + timeout))
     except (OSError, http.client.HTTPException, ValueError) as error:  # ssl.SSLError is an OSError
         raise AggregatorUnreachable(f"GET {url}: {error}") from error
 
 
-def _read(url: str, tls: ClientTLS | None) -> str:
-    if tls is None:
-        with _direct.open(url, timeout=TIMEOUT_SECONDS) as response:
-            return response.read().decode()
+def _read(url: str, tls: ClientTLS | None, max_bytes: int, deadline: float) -> str:
     parts = urlsplit(url)
-    connection = _ServerNameHTTPS(
-        parts.hostname or "", parts.port or 443, tls.server_name, _client_context(tls.ca, tls.cert, tls.key)
-    )
+    timeout = max(deadline - time.monotonic(), 0.001)
+    if tls is None:
+        if parts.scheme != "http":
+            raise ValueError(f"{parts.scheme}:// needs the round's client certificate")
+        connection: http.client.HTTPConnection = http.client.HTTPConnection(
+            parts.hostname or "", parts.port or 80, timeout=timeout
+        )
+    else:
+        context = _client_context(tls.ca, tls.cert, tls.key)
+        connection = _ServerNameHTTPS(parts.hostname or "", parts.port or 443, tls.server_name, context, timeout)
     try:
         connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = connection.getresponse()
-        body = response.read().decode()
+        body = _bounded(response, max_bytes, deadline).decode(errors="replace")
         if response.status != 200:
             raise http.client.HTTPException(f"HTTP {response.status}: {body[:200]}")
         return body
@@ -69,11 +75,23 @@ def _read(url: str, tls: ClientTLS | None) -> str:
         connection.close()
 
 
+def _bounded(response: http.client.HTTPResponse, max_bytes: int, deadline: float) -> bytes:
+    chunks, size = [], 0
+    while chunk := response.read1(16 << 10):
+        size += len(chunk)
+        if size > max_bytes:
+            raise ValueError(f"the answer is larger than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took longer than its deadline")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class _ServerNameHTTPS(http.client.HTTPSConnection):
     """HTTPS to host:port, verifying the certificate for `server_name` rather than for the host."""
 
-    def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext):
-        super().__init__(host, port, timeout=TIMEOUT_SECONDS, context=context)
+    def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=context)
         self._server_name = server_name
 
     def connect(self) -> None:

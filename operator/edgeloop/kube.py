@@ -20,10 +20,11 @@ TIMEOUT_SECONDS = 30
 # Calls in flight at once: the operator's thread pool and the client's connection pool are this big, so that
 # a burst of new models is bounded by the API server rather than by the client.
 CONCURRENCY = 16
-# What a pod may answer through the API server (a log tail, a runtime's metadata): pods run images that a
+# What a pod may answer through the API server (a runtime's metadata, a log tail): pods run images that a
 # namespace's users choose, so what the operator reads from them is bounded in bytes and in time.
 POD_ANSWER_MAX_BYTES = 64 << 10
 POD_ANSWER_TIMEOUT_SECONDS = 5.0
+LOG_TAIL_MAX_BYTES = 1 << 20  # an aggregator's final report, the last line of its log
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,8 @@ class Kube:
         )
 
     def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
-        """The last `lines` lines of a container's log (of its current run), at most POD_ANSWER_MAX_BYTES."""
-        query = {"container": container, "tailLines": lines, "limitBytes": POD_ANSWER_MAX_BYTES}
+        """The last `lines` lines of a container's log (of its current run), at most LOG_TAIL_MAX_BYTES."""
+        query = {"container": container, "tailLines": lines, "limitBytes": LOG_TAIL_MAX_BYTES}
         return self._call("GET", kind_of("v1", "Pod").path(namespace, pod, "log"), query=query)
 
     def proxy_get(self, namespace: str, pod: str, port: int, path: str, *, https: bool) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from edgeloop import aggregator
 from edgeloop import config as operator_config
 from edgeloop.kube import CONCURRENCY, Kube
 
@@ -77,6 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read the aggregator's status of every FederatedRound in progress this often (default %(default)s)",
     )
     parser.add_argument(
+        "--aggregator-status-max-bytes",
+        type=int,
+        default=int(_env("aggregator_status_max_bytes", str(aggregator.MAX_REPORT_BYTES))),
+        help="read at most this much of an aggregator's status report (its image is the namespace's choice) "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--aggregator-status-timeout",
+        type=float,
+        default=float(_env("aggregator_status_timeout", str(aggregator.TIMEOUT_SECONDS))),
+        help="give up reading an aggregator's status report after this many seconds (default %(default)s)",
+    )
+    parser.add_argument(
         "--peering",
         default=_env("peering"),
         metavar="NAME",
@@ -134,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         diagnosis_interval=args.diagnosis_seconds,
         coalesce_seconds=args.coalesce_seconds,
         federated_poll_seconds=args.federated_poll_seconds,
+        aggregator_status_limits={
+            "max_bytes": args.aggregator_status_max_bytes, "timeout": args.aggregator_status_timeout
+        },
     )
     asyncio.run(
         _operate(

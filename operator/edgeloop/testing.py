@@ -139,6 +139,21 @@ def logged_errors(lines: Iterable[str]) -> list[dict]:
     return errors
 
 
+# The Argo CD health checks shipped in docs/gitops (in a source checkout).
+ARGOCD_HEALTH = Path(__file__).parents[2] / "docs" / "gitops" / "argocd" / "health" / "edgeloop.io"
+
+
+def capture_argocd_testdata(kind: str, name: str, body: dict) -> None:
+    """With EDGELOOP_CAPTURE_ARGOCD_TESTDATA=DIR (docs/gitops/argocd/health/edgeloop.io), keeps an object seen
+    on the devcluster as DIR/<kind>/testdata/<name>.yaml, a case for the health checks' unit tests."""
+    if directory := os.environ.get("EDGELOOP_CAPTURE_ARGOCD_TESTDATA"):
+        kept = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status")}
+        kept["metadata"] = {k: v for k, v in body["metadata"].items() if k in ("name", "namespace", "generation")}
+        target = Path(directory) / kind / "testdata" / f"{name}.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(kept, sort_keys=False))
+
+
 def argocd_health(script: Path, obj: dict) -> dict:
     """An Argo CD health check (health.lua) on `obj`, run by Lua 5.1 with only the libraries Argo CD opens
     (Argo CD runs gopher-lua, Lua 5.1)."""

@@ -7,6 +7,7 @@ import datetime as dt
 import http.server
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -78,3 +79,56 @@ def test_mtls_as_the_aggregator_requires_it_verifying_the_services_name(serve, t
         read_report(url, ClientTLS(ca.cert, client.cert, client.key, "other.edge.svc"))
     with pytest.raises(AggregatorUnreachable):  # no client certificate: the aggregator requires one
         read_report(url)
+
+
+def endless(sent: list[int], total: int = 64 << 20) -> Handler:
+    """A body far larger than any report (the aggregator's image is the tenant's choice); counts what it sent."""
+
+    def handle(request: http.server.BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Length", str(total))
+        request.end_headers()
+        chunk = b" " * (64 << 10)
+        try:
+            for _ in range(total // len(chunk)):
+                request.wfile.write(chunk)
+                sent[0] += len(chunk)
+        except OSError:
+            pass  # the client hung up
+
+    return handle
+
+
+def trickle(seconds: float) -> Handler:
+    """A byte every 0.1 s: never idle long enough for a socket timeout."""
+
+    def handle(request: http.server.BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Length", str(int(seconds * 10)))
+        request.end_headers()
+        try:
+            for _ in range(int(seconds * 10)):
+                request.wfile.write(b" ")
+                request.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    return handle
+
+
+def test_a_huge_status_body_is_cut_off_at_the_cap(serve):
+    sent = [0]
+    url = serve(endless(sent))
+    with pytest.raises(AggregatorUnreachable, match="larger than"):
+        read_report(url, max_bytes=1 << 20)
+    time.sleep(0.5)  # the server notices the closed connection
+    assert sent[0] <= 8 << 20, f"the client read on: {sent[0]} bytes sent"
+
+
+def test_a_trickling_status_body_is_cut_off_at_the_deadline(serve):
+    url = serve(trickle(seconds=30))
+    started = time.monotonic()
+    with pytest.raises(AggregatorUnreachable, match="took longer than"):
+        read_report(url, timeout=1.0)
+    assert time.monotonic() - started < 10, "cut off near the deadline, not when the server stops"

@@ -6,10 +6,12 @@ each controller's own.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import kopf
 
+from edgeloop.aggregator import read_report
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.federatedround import FederatedRounds
 from edgeloop.handlers.inferencemodel import InferenceModels
@@ -40,6 +42,7 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:  # Kopf's other keywor
         namespaces=indexes["live_namespaces"],
         tls=certificates,
         coalesce_seconds=memo.coalesce_seconds,
+        read_report=functools.partial(read_report, **memo.aggregator_status_limits),
     )
 
 
