@@ -29,6 +29,7 @@ from devcluster.build import KWOK_STAGES
 from devcluster.errors import ClusterError
 from devcluster.fleet import Fleet, node_manifests, runtime_class_manifests
 
+KWOK_EDGE_STAGES = nodes.MANIFESTS / "kwok-stages.yaml"  # beside kwok's defaults: offline nodes
 STATE_ROOT = Path(os.environ.get("DEVCLUSTER_HOME", Path.home() / ".local" / "state" / "edgeloop" / "devcluster"))
 SERVICE_CIDR = "10.96.0.0/16"
 
@@ -47,8 +48,6 @@ AUDIT_POLICY = {
         {"level": "Metadata"},
     ],
 }
-
-
 
 
 @dataclass(frozen=True)
@@ -243,6 +242,9 @@ def component_commands(
             # The default client rate limits (20 QPS) would make a 1000-node DaemonSet rollout wait on the
             # controller rather than on the API server.
             "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-daemonset-syncs=10",
+            # A node whose lease is not renewed for 30 s (3 missed renewals; upstream waits 50 s) is marked
+            # unreachable, so that tests of offline nodes wait less.
+            "--node-monitor-grace-period=30s",
         ],
         "kube-scheduler": [
             str(bin_dir / "kube-scheduler"), *authn("kube-scheduler"),
@@ -251,6 +253,7 @@ def component_commands(
         ],
         "kwok": [
             str(bin_dir / "kwok"), f"--kubeconfig={kc / 'kwok.kubeconfig'}", f"--config={bin_dir / KWOK_STAGES}",
+            f"--config={KWOK_EDGE_STAGES}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1", "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
@@ -264,6 +267,11 @@ def component_commands(
 
 def _apiserver(state: dict, run_dir: Path) -> Api:
     return Api(state.get("host", "127.0.0.1"), state["ports"]["apiserver"], run_dir / "pki")
+
+
+def connect(cluster: Cluster) -> Api:
+    """An admin client of a running cluster's apiserver."""
+    return _apiserver(cluster.state(), cluster.run_dir)
 
 
 def _network(state: dict) -> nodes.Network | None:
@@ -323,7 +331,8 @@ def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, lo
     if real:
         images_index = nodes.load_images(images)  # fail before anything starts
         network = nodes.allocate_network()
-        state |= {"network": network.slot, "host": network.gateway, "real_nodes": len(real)}
+        state |= {"network": network.slot, "host": network.gateway, "real_nodes": len(real),
+                  "real_node_names": [name for name, _ in real]}
         cluster.state_file.write_text(json.dumps(state, indent=2))  # so that `down` removes the bridge
         nodes.setup_bridge(network)
     pki.write_pki(run_dir / "pki", **({"service_ip": network.service_ip, "extra_ips": [network.gateway]}
@@ -436,7 +445,7 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
 
         def all_ready() -> bool:
             status, body = api.request("GET", "/api/v1/nodes")
-            ready = {item["metadata"]["name"] for item in body.get("items", []) if _is_ready(item)}
+            ready = {item["metadata"]["name"] for item in body.get("items", []) if is_ready(item)}
             for item in body.get("items", []):
                 name, node_status = item["metadata"]["name"], item["status"]
                 if name not in ready or name not in extended:
@@ -464,7 +473,7 @@ def _create(api: Api, path: str, manifest: dict) -> bool:
     return status == 201
 
 
-def _is_ready(node: dict) -> bool:
+def is_ready(node: dict) -> bool:
     conditions = node.get("status", {}).get("conditions", [])
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
@@ -493,7 +502,7 @@ def status(cluster: Cluster) -> dict:
             code, body = api.request("GET", "/api/v1/nodes")
             if code == 200:
                 items = body["items"]
-                summary["nodes"] = {"total": len(items), "ready": sum(_is_ready(n) for n in items)}
+                summary["nodes"] = {"total": len(items), "ready": sum(is_ready(n) for n in items)}
         finally:
             api.close()
     return summary

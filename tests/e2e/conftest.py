@@ -3,6 +3,7 @@ kwok-simulated edge fleet) for the whole session, driven with the real kubectl."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from devcluster.fleet import load_fleet
 
-from devcluster import build, cluster
+from devcluster import build, cluster, offline
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,24 @@ class DevCluster:
 
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    @property
+    def cluster(self) -> cluster.Cluster:
+        return cluster.Cluster(self.run_dir)
+
+    def set_offline(self, *names: str, offline_: bool = True, wait: float | None = 90.0) -> None:
+        """Cut nodes off from the control plane (kwok: silent; real: partitioned) or bring them back
+        (`offline_=False`), waiting until their Ready condition says so (offline: ~30 s, the grace period)."""
+        offline.set_offline(self.cluster, list(names), offline_, wait)
+
+    @contextlib.contextmanager
+    def offline(self, *names: str, wait: float | None = 90.0):
+        """Nodes offline for the block, and back (Ready) afterwards whatever happened in it."""
+        self.set_offline(*names, wait=wait)
+        try:
+            yield
+        finally:
+            self.set_offline(*names, offline_=False, wait=wait)
 
     def wait_established(self, *crds: str, timeout: float = 60) -> None:
         """Wait until the CRDs are Established. (`kubectl wait` fails at once on a CRD so new that it has
