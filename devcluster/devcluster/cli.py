@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from devcluster import build, cluster, nodes, offline, pin
+from devcluster import addons, build, cluster, nodes, offline, pin
 from devcluster.fleet import load_fleet
 
 
@@ -18,6 +18,8 @@ def _cluster(args) -> cluster.Cluster:
 
 def cmd_build(args) -> int:
     print(build.build(force=args.force))
+    for name in addons.ADDONS:
+        print(addons.build(name))
     return 0
 
 

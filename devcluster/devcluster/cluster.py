@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from devcluster import nodes, pki
+from devcluster import addons, nodes, pki
 from devcluster.build import KWOK_STAGES
 from devcluster.errors import ClusterError
 from devcluster.fleet import Fleet, node_manifests, runtime_class_manifests
@@ -376,6 +376,7 @@ def start_real_nodes(cluster: Cluster, state: dict, api: Api, network: nodes.Net
     run_dir, bin_dir = cluster.run_dir, Path(state["bin_dir"])
     server = f"https://{network.gateway}:{state['ports']['apiserver']}"
     start_cluster_dns(cluster, state, api, network, server)
+    start_local_path(cluster, state, api, server, images.helper, log)
     for index, (name, group) in enumerate(real):
         started = time.monotonic()
         node = nodes.RealNode(name, index, network, run_dir)
@@ -398,8 +399,7 @@ def start_cluster_dns(cluster: Cluster, state: dict, api: Api, network: nodes.Ne
     resolve Service names through kube-proxy as on any cluster, with no image and no registry."""
     run_dir = cluster.run_dir
     for manifest in yaml.safe_load_all((nodes.MANIFESTS / "coredns-rbac.yaml").read_text()):
-        kind = manifest["kind"].lower() + "s"
-        _create(api, f"/apis/rbac.authorization.k8s.io/v1/{kind}", manifest)
+        create_manifest(api, manifest)
     pki.issue_client(run_dir / "pki", "coredns", "system:coredns")
     pki.write_kubeconfig(run_dir / "kubeconfigs" / "coredns.kubeconfig", server, run_dir / "pki", "coredns")
     ports = {name: free_port() for name in ("coredns-health", "coredns-ready")}
@@ -428,6 +428,25 @@ def start_cluster_dns(cluster: Cluster, state: dict, api: Api, network: nodes.Ne
         "endpoints": [{"addresses": [network.gateway], "conditions": {"ready": True}}],
         "ports": dns_ports,
     })
+
+
+def start_local_path(cluster: Cluster, state: dict, api: Api, server: str, helper_image: str, log) -> None:
+    """k3s's local-path provisioner as a host process, and its default StorageClass `local-path`
+    (manifests/local-path.yaml). Its helper pods, which make and remove the volumes' directories on a node,
+    run `helper_image`: there is no registry, and k3s's busybox is not among the images the nodes have."""
+    run_dir = cluster.run_dir
+    binary = addons.build("local-path-provisioner", log)
+    manifests = (nodes.MANIFESTS / "local-path.yaml").read_text().replace("HELPER_IMAGE", helper_image)
+    for manifest in yaml.safe_load_all(manifests):
+        create_manifest(api, manifest)
+    pki.issue_client(run_dir / "pki", "local-path-provisioner", "system:local-path-provisioner")
+    kubeconfig = run_dir / "kubeconfigs" / "local-path-provisioner.kubeconfig"
+    pki.write_kubeconfig(kubeconfig, server, run_dir / "pki", "local-path-provisioner")
+    argv = [str(binary), "start", f"--kubeconfig={kubeconfig}", "--namespace=kube-system",
+            "--configmap-name=local-path-config", "--service-account-name=local-path-provisioner-service-account",
+            "--provisioner-name=rancher.io/local-path", f"--helper-image={helper_image}"]
+    state["processes"].append(start_process("local-path-provisioner", argv, run_dir / "logs"))
+    cluster.state_file.write_text(json.dumps(state, indent=2))
 
 
 def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> None:
@@ -463,6 +482,24 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
         log(f"devcluster: {len(names)} nodes Ready ({created} created) in {time.monotonic() - started:.1f} s")
     finally:
         api.close()
+
+
+# Where the kinds devcluster creates live in the API: (path prefix, plural, namespaced).
+KINDS = {
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "StorageClass": ("/apis/storage.k8s.io/v1", "storageclasses", False),
+}
+
+
+def create_manifest(api: Api, manifest: dict) -> bool:
+    prefix, plural, namespaced = KINDS[manifest["kind"]]
+    namespace = f"/namespaces/{manifest['metadata']['namespace']}" if namespaced else ""
+    return _create(api, f"{prefix}{namespace}/{plural}", manifest)
 
 
 def _create(api: Api, path: str, manifest: dict) -> bool:

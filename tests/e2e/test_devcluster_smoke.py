@@ -143,3 +143,17 @@ def test_an_offline_node_is_lost_like_a_silent_kubelet_and_comes_back(devcluster
     wait_for("the taints to go", lambda: not devcluster.get_json("node", node)["spec"].get("taints"))
     wait_for("its pod to be Ready again",
              lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "True")
+
+
+def test_arm64_nodes_join_for_a_test_and_run_the_same_image_names(devcluster, namespace, arm64_nodes):
+    for name in arm64_nodes:
+        node = devcluster.get_json("node", name)
+        assert node["metadata"]["labels"]["kubernetes.io/arch"] == "arm64"
+        assert node["status"]["nodeInfo"]["architecture"] == "arm64"
+    daemonset = DAEMONSET.replace("gpu-only", "everywhere").replace("edgeloop.io/accelerator.gpu", "kubernetes.io/os") \
+        .replace('values: ["true"]', 'values: ["linux"]').replace('resources: {limits: {nvidia.com/gpu: "1"}}', "")
+    devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=daemonset)
+    devcluster.kubectl("rollout", "status", "-n", namespace, "daemonset/everywhere", "--timeout=90s")
+    pods = {p["spec"]["nodeName"]: p for p in devcluster.get_json("pods", "-n", namespace)["items"]}
+    assert set(arm64_nodes) <= set(pods) and len(pods) == 8
+    assert {c["image"] for p in pods.values() for c in p["spec"]["containers"]} == {"registry.example/runtime:1"}

@@ -68,7 +68,8 @@ def test_images_index_needs_the_archives_and_a_pause_image(tmp_path):
     pause.write_bytes(b"")
     index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)},
                                             {"name": "pause", "ref": "p:3", "archive": str(pause)}]}))
-    assert load_images(index).sandbox == "p:3" and load_images(index).archives == [archive, pause]
+    images = load_images(index)
+    assert (images.sandbox, images.helper, images.archives) == ("p:3", "r:1", [archive, pause])
 
 
 def test_with_real_nodes_the_apiserver_serves_on_the_gateway_with_endpoints(tmp_path):
