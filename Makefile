@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test real-nodes demo demo-down clean \
-	bench-devcluster bench-serve bench-federated bench-operator-scale images images-cuda
+	bench-devcluster bench-serve bench-federated bench-operator-scale images images-cuda images-multiarch
 
 all: test
 
@@ -50,6 +50,11 @@ images: venv
 # The CUDA flavour: ~1.5 GB of CUDA and cuDNN wheels, so not part of `make images` (nor CI).
 images-cuda: venv
 	$(BIN)/python images/build.py --only runtime-cuda
+
+# Every image of `make images` for amd64 and arm64, one OCI image index each; arm64's RUN steps run under
+# qemu-user-static (installed and registered with binfmt_misc when missing), far too slow for CI.
+images-multiarch: venv
+	$(BIN)/python images/build.py --arch amd64,arm64
 
 # Real nodes' prerequisites (root: Debian's containerd, runc, CNI plugins; the images). Without root, says so.
 real-nodes: venv

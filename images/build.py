@@ -496,11 +496,11 @@ def smoke_in_chroot(mount: Path, config: dict, commands: tuple, smoke: Path, log
     target = mount / "tmp" / "smoke"
     shutil.copytree(smoke, target, dirs_exist_ok=True)
     user = config.get("User") or "0:0"
-    environment = ["/usr/bin/env", "-i", *config.get("Env", [])] if (mount / "usr/bin/env").exists() else []
+    environment = dict(item.split("=", 1) for item in config.get("Env") or [])
     try:
         for command in commands:
             argv = [part.replace("/smoke/", "/tmp/smoke/") for part in command]
-            run("chroot", f"--userspec={user}", mount, *environment, *argv, log=log)
+            run("chroot", f"--userspec={user}", mount, *argv, log=log, env=environment)
     finally:
         shutil.rmtree(target)
 

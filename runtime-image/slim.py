@@ -124,8 +124,9 @@ def size(root: Path) -> int:
 STDLIB_LEFT_OUT = ["test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "sqlite3",
                    "curses", "dbm", "lib-dynload/_sqlite3.*", "lib-dynload/_curses*", "lib-dynload/readline.*",
                    "lib-dynload/_dbm.*", "lib-dynload/_gdbm.*", "lib-dynload/_tkinter.*"]  # fmt: skip
-# Files of /etc a process looks up: Debian's Python configuration, services and protocols, the CA bundle.
-ETC = ["/etc/python3.11", "/etc/services", "/etc/protocols", "/etc/ssl/certs/ca-certificates.crt"]
+# Files of /etc a process looks up: Debian's Python configuration, name service order, services and protocols,
+# the CA bundle.
+ETC = ["/etc/python3.11", "/etc/nsswitch.conf", "/etc/services", "/etc/protocols", "/etc/ssl/certs/ca-certificates.crt"]
 PASSWD = "root:x:0:0:root:/root:/sbin/nologin\nedgeloop:x:65532:65532:edgeloop:/tmp:/sbin/nologin\n"
 GROUP = "root:x:0:\nedgeloop:x:65532:\n"
 

@@ -36,7 +36,7 @@ class Recording:
 
     def run(self, feeds):
         with self.lock:
-            self.shapes.append(feeds["input"].shape)
+            self.shapes.append(next(iter(feeds.values())).shape)
             self.running += 1
             self.most_running = max(self.most_running, self.running)
         try:
@@ -111,7 +111,24 @@ def test_a_burst_of_odd_sized_concurrent_requests_reaches_the_backend_in_allowed
     batch_dims = {shape[0] for shape in session.shapes}
     assert batch_dims <= {1, 2, 4, 8}, sorted(batch_dims)
     assert len(session.shapes) < len(requests), "requests were batched"
-    assert session.most_running == 2, "both instances ran batches at once"
+
+
+def test_model_instances_run_batches_at_once(slow_path):
+    model, session = load(slow_path, instances=2, max_batch_size=1)  # a batch per request, a few ms each
+    x = np.ones((1, 1024), np.float32)
+
+    async def burst():
+        batcher = Batcher(model, Metrics("m", "1", "0", ["CPU"]), max_queue=100, window_us=0)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(*model.check([Tensor("x", "FP32", x.shape, x)]))
+                                          for _ in range(16)))  # fmt: skip
+        finally:
+            await batcher.stop()
+
+    for outputs, _ in asyncio.run(burst()):
+        np.testing.assert_array_equal(outputs["y"], x)
+    assert session.most_running == 2, "both instances ran batches at once, never more"
 
 
 def test_warm_up_runs_every_allowed_batch_size_once(mlp_path):

@@ -188,3 +188,21 @@ def test_archive_sizes_per_architecture_of_an_image_and_of_an_index(tmp_path: Pa
         info.size = len(index)
         tar.addfile(info, io.BytesIO(index))
     assert build.archive_sizes(multi) == {arch: e["size"] + e["extra"] for arch, e in entries.items()}
+
+
+_slim_spec = importlib.util.spec_from_file_location("runtime_slim", REPO / "runtime-image" / "slim.py")
+slim = importlib.util.module_from_spec(_slim_spec)
+_slim_spec.loader.exec_module(slim)
+
+
+def test_slim_keeps_a_dependency_another_package_needs(tmp_path: Path):
+    def dist(name: str, *requires: str) -> None:
+        info = tmp_path / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("".join(f"Requires-Dist: {r}\n" for r in requires))
+
+    dist("ai_edge_litert", "ml_dtypes", "numpy")
+    dist("tritonclient", "numpy", "ml-dtypes ; extra == 'all'")  # only as an extra: does not count
+    assert slim.required_by(tmp_path, "ml_dtypes") == {"ai-edge-litert"}
+    dist("onnx", "ml_dtypes>=0.5.0", "protobuf")
+    assert slim.required_by(tmp_path, "ml_dtypes") == {"ai-edge-litert", "onnx"}
