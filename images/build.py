@@ -487,7 +487,8 @@ def smoke_files() -> Path:
 
 
 def image_config(ref: str) -> dict:
-    return json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", ref, capture=True))
+    """The image's OCI config (User, Env, ...); buildah 1.28's --format has no json function."""
+    return json.loads(buildah("inspect", "--type", "image", ref, capture=True))["OCIv1"]["config"]
 
 
 def smoke_in_chroot(mount: Path, config: dict, commands: tuple, smoke: Path, log: Path) -> None:
@@ -497,10 +498,11 @@ def smoke_in_chroot(mount: Path, config: dict, commands: tuple, smoke: Path, log
     shutil.copytree(smoke, target, dirs_exist_ok=True)
     user = config.get("User") or "0:0"
     environment = dict(item.split("=", 1) for item in config.get("Env") or [])
+    chroot = shutil.which("chroot")  # found on this machine's PATH, not the image's
     try:
         for command in commands:
             argv = [part.replace("/smoke/", "/tmp/smoke/") for part in command]
-            run("chroot", f"--userspec={user}", mount, *argv, log=log, env=environment)
+            run(chroot, f"--userspec={user}", mount, *argv, log=log, env=environment)
     finally:
         shutil.rmtree(target)
 
