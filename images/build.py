@@ -106,7 +106,9 @@ RUNTIMES = {
     "runtime-cuda": "cuda",
 }
 ON_REQUEST = ("runtime-cuda",)  # ~1.5 GB of CUDA and cuDNN wheels: `make images-cuda`, not CI
-ONE_ARCH = {"runtime-cuda": "amd64"}  # onnxruntime-gpu has no aarch64 wheel (Jetson needs NVIDIA's own builds)
+# No aarch64 wheels: onnxruntime-gpu (Jetson needs NVIDIA's own builds) and onnxruntime-openvino (Intel NPUs and
+# iGPUs sit beside x86 cores).
+ONE_ARCH = {"runtime-cuda": "amd64", "runtime-openvino": "amd64"}
 
 # Commands that must succeed in each built image, run as the image's USER: it starts, finds its modules and, for
 # a serving flavour, answers the digits model through its own backend code (images/smoke_model.py; the model
