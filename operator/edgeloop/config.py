@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from edgeloop.api.common import Toleration
+from edgeloop.api.common import ResourceRequirements, Toleration
 from edgeloop.api.inferencemodel import AcceleratorClassName
 
 CPU_EXECUTION_PROVIDER = "CPUExecutionProvider"
@@ -153,6 +153,20 @@ class OperatorConfig(_Config):
         description="UID of the runtime containers; the node's model cache must be writable by it.",
     )
     accelerator_classes: dict[str, AcceleratorClass]
+    runtime_resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}
+        ),
+        description="Defaults for the runtime container of every InferenceModel variant, so that none runs "
+        "without a memory limit. A resource that the model's spec.runtime.resources names (in requests or "
+        "limits) is set by the spec alone.",
+    )
+    fetch_resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}
+        ),
+        description="Resources of the init container that fetches and verifies the model (it streams it).",
+    )
     store_url: str = Field(
         default="http://edgeloop-store.edgeloop-system.svc:8000",
         pattern=r"^https?://[^/]+$",

@@ -204,10 +204,12 @@ def test_the_config_map_is_a_valid_operator_configuration(tmp_path):
 
 
 @needs_helm
-def test_the_chart_defaults_are_the_built_in_classes_with_their_flavours_images(tmp_path):
+def test_the_chart_defaults_are_the_built_in_ones_with_the_flavours_images(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(one(template(), "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
-    assert config.load(path).accelerator_classes == config.build().accelerator_classes
+    loaded, built_in = config.load(path), config.build()
+    assert loaded.accelerator_classes == built_in.accelerator_classes
+    assert (loaded.runtime_resources, loaded.fetch_resources) == (built_in.runtime_resources, built_in.fetch_resources)
     images = {name: cls.image for name, cls in config.build().accelerator_classes.items()}
     assert images == {
         "npu": "ghcr.io/edgeloop/runtime-openvino:0.1.0", "gpu": "ghcr.io/edgeloop/runtime-cuda:0.1.0", "cpu": ""

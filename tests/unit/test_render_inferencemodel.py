@@ -120,6 +120,26 @@ def test_restricted_security_context_and_probes():
         assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
 
 
+def test_every_container_has_a_memory_limit_by_default_and_the_spec_decides_for_what_it_names():
+    """A runtime whose memory is not bounded can take a node down (issue 16 item 7)."""
+    def containers(manifests, name="digits-cpu"):
+        pod = manifests.daemon_sets[name]["spec"]["template"]["spec"]
+        return {c["name"]: c.get("resources", {}) for c in [*pod["initContainers"], *pod["containers"]]}
+
+    bare = containers(render(OWNER, spec(), config.build()))
+    assert bare["runtime"] == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    assert bare["fetch"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+
+    big = containers(render(OWNER, spec(runtime={"resources": {"requests": {"memory": "4Gi"}}}), config.build()))
+    assert big["runtime"] == {"requests": {"cpu": "100m", "memory": "4Gi"}}, (
+        "memory named by the spec: its settings alone, no default limit below its request")
+    gpu = containers(render(OWNER, spec(), config.build()), "digits-gpu")
+    assert gpu["runtime"]["limits"] == {"memory": "1Gi", "nvidia.com/gpu": 1}
+    assert "nvidia.com/gpu" not in gpu["fetch"].get("limits", {}), "the accelerator is the runtime's alone"
+    custom = config.build({"runtimeResources": {"limits": {"memory": "2Gi"}}})
+    assert containers(render(OWNER, spec(), custom))["runtime"] == {"limits": {"memory": "2Gi"}}
+
+
 def test_service_is_node_local_when_asked():
     assert rendered_example().service["spec"]["internalTrafficPolicy"] == "Local"
     cluster_wide = render(OWNER, spec(serving={"nodeLocal": False}), config.build()).service

@@ -73,9 +73,12 @@ def labels(model_name: str, accelerator: str | None = None) -> dict[str, str]:
     return {**common, ACCELERATOR_LABEL: accelerator} if accelerator else common
 
 
-def _resources(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> dict[str, Any]:
-    requests = dict(spec.runtime.resources.requests)
-    limits = dict(spec.runtime.resources.limits)
+def _resources(spec: InferenceModelSpec, config: OperatorConfig, accelerator: AcceleratorClass) -> dict[str, Any]:
+    """The spec's resources; for each resource it does not name, the configured defaults (a memory limit)."""
+    own, defaults = spec.runtime.resources, config.runtime_resources
+    named = set(own.requests) | set(own.limits)
+    requests = {**{k: v for k, v in defaults.requests.items() if k not in named}, **own.requests}
+    limits = {**{k: v for k, v in defaults.limits.items() if k not in named}, **own.limits}
     if accelerator.resource:
         # Extended resources are requested through limits; an explicit amount in the spec wins.
         limits.setdefault(accelerator.resource, requests.get(accelerator.resource, accelerator.resource_count))
@@ -117,7 +120,8 @@ def daemon_set(
             variant=variant,
             image=image(spec, config, variant.accelerator),
             image_pull_policy=config.image_pull_policy_of(variant.accelerator),
-            resources=_resources(spec, variant.accelerator),
+            resources=_resources(spec, config, variant.accelerator),
+            fetch_resources=config.fetch_resources.to_wire(),
             tolerations=_tolerations(spec, variant.accelerator),
             tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
             tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
