@@ -126,26 +126,29 @@ class OperatorConfig(_Config):
     image_pull_policy: ImagePullPolicy = "IfNotPresent"
     model_cache_dir: str = Field(
         default="/var/lib/edgeloop/models",
-        description="Node-local, content-addressed model cache (a hostPath shared by every pod on a node).",
+        pattern=r"^/",
+        description="Node-local, content-addressed model cache: one directory per namespace under it "
+        "(<modelCacheDir>/<namespace>), which is all a pod of that namespace mounts (a subPath).",
     )
     model_cache_claim: str | None = Field(
         default=None,
         description="Mount the node cache through this PersistentVolumeClaim of the model's namespace instead of "
-        "a hostPath volume, so that the pods meet the Pod Security restricted level. The claim is bound to a "
-        "hostPath PersistentVolume of modelCacheDir (the Helm chart creates both).",
+        "a hostPath volume, so that the pods meet the Pod Security restricted level; the namespace's directory "
+        "is its subPath. The claim is bound to a hostPath PersistentVolume of modelCacheDir, and an admission "
+        "policy allows pods to mount the claim with that subPath only (the Helm chart creates all three).",
     )
     dataset_root: str = Field(
         default="/var/lib/edgeloop/data",
         pattern=r"^/",
-        description="Node directory under which FederatedRound datasets lie when datasetClaim is set.",
+        description="Node directory of the FederatedRound datasets: one directory per namespace under it "
+        "(<datasetRoot>/<namespace>/<dataset>), and a round reads only from its namespace's.",
     )
     dataset_claim: str | None = Field(
         default=None,
         description="Mount FederatedRound datasets through this PersistentVolumeClaim of the round's namespace "
-        "(read-only, with the dataset's path under datasetRoot as subPath) instead of a hostPath volume, so that "
-        "the client pods meet the Pod Security restricted level. The claim is bound to a hostPath "
-        "PersistentVolume of datasetRoot (the Helm chart creates both); a round whose dataset.hostPath is "
-        "outside datasetRoot then fails (DatasetOutsideRoot).",
+        "(read-only, with the dataset's path in the namespace's directory as subPath) instead of a hostPath "
+        "volume, so that the client pods meet the Pod Security restricted level. The claim is bound to a hostPath "
+        "PersistentVolume of <datasetRoot>/<namespace> (the Helm chart creates both).",
     )
     run_as_user: int = Field(
         default=65532,
@@ -184,7 +187,7 @@ class OperatorConfig(_Config):
         "inside the cluster; its scheme is https unless tls.mode is disabled.",
     )
 
-    @field_validator("dataset_root")
+    @field_validator("dataset_root", "model_cache_dir")
     @classmethod
     def _plain_root(cls, root: str) -> str:
         if ".." in root.split("/"):

@@ -238,7 +238,7 @@ def test_client_jobs_land_on_exactly_the_selected_nodes(devcluster, namespace, o
     assert sorted(jobs) == [f"{ROUND}-aggregator", f"{ROUND}-client-0", f"{ROUND}-client-1"]
     for name in (f"{ROUND}-client-0", f"{ROUND}-client-1"):
         volume = jobs[name]["spec"]["template"]["spec"]["volumes"][0]
-        assert volume["hostPath"] == {"path": "/var/lib/edgeloop/data/digits", "type": "Directory"}
+        assert volume["hostPath"] == {"path": f"/var/lib/edgeloop/data/{namespace}/digits", "type": "Directory"}
     service = devcluster.get_json("service", f"{ROUND}-aggregator", "-n", namespace)
     for obj in [service, *jobs.values()]:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
@@ -614,8 +614,12 @@ INVALID = [
     ("min above max", {"participants": {"minClients": 5, "maxClients": 2}}, "minClients must not exceed maxClients"),
     ("noise without clipping", {"privacy": {"noiseMultiplier": 1.0}}, "noiseMultiplier needs clipNorm"),
     ("proximal mu with fedavg", {"training": {"strategy": "fedavg", "proximalMu": 0.1}}, "applies to strategy fedprox"),
-    ("relative dataset path", {"dataset": {"hostPath": "data/digits"}}, "spec.dataset.hostPath"),
-    ("dataset path escaping", {"dataset": {"hostPath": "/var/lib/../../etc"}}, "hostPath must not contain '..'"),
+    ("relative dataset path", {"dataset": {"name": None, "hostPath": "data/digits"}}, "spec.dataset.hostPath"),
+    ("dataset path escaping", {"dataset": {"name": None, "hostPath": "/var/lib/../../etc"}},
+     "hostPath must not contain '..'"),
+    ("dataset named and given", {"dataset": {"hostPath": "/var/lib/edgeloop/data/x"}},
+     "set exactly one of name and hostPath"),
+    ("dataset name escaping", {"dataset": {"name": "../other"}}, "spec.dataset.name"),
     ("no model", {"modelRef": None}, "set modelRef, model, or both"),
     ("zero rounds", {"training": {"rounds": 0}}, "spec.training.rounds"),
     ("unknown strategy", {"training": {"strategy": "fedsgd"}}, 'Unsupported value: "fedsgd"'),
@@ -629,7 +633,8 @@ def test_invalid_specs_are_rejected_at_admission(devcluster, cluster, case, spec
         if fields is None:
             del body["spec"][section]
         else:
-            body["spec"][section] = {**body["spec"].get(section, {}), **fields}
+            merged = {**body["spec"].get(section, {}), **fields}
+            body["spec"][section] = {key: value for key, value in merged.items() if value is not None}
     result = devcluster.kubectl(
         "apply", "--dry-run=server", "-n", "default", "-f", "-", input=yaml.safe_dump(body), check=False
     )

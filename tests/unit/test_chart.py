@@ -356,9 +356,10 @@ def test_federated_rounds_find_the_store_and_its_token(tmp_path):
 
 
 @needs_helm
-def test_model_cache_claim_is_what_the_rendered_pods_mount(tmp_path):
-    docs = template("watchNamespaces={edge-a}")
-    claim = one(docs, "PersistentVolumeClaim", "edgeloop-model-cache")
+def test_model_cache_claim_is_what_the_rendered_pods_mount_with_the_namespaces_sub_path_alone(tmp_path):
+    docs = template("watchNamespaces={edge-a,edge-b}")
+    [claim] = [c for c in by_kind(docs, "PersistentVolumeClaim")
+               if (c["metadata"]["namespace"], c["metadata"]["name"]) == ("edge-a", "edgeloop-model-cache")]
     volume = one(docs, "PersistentVolume", "edgeloop-model-cache-edge-a")
     assert claim["metadata"]["namespace"] == "edge-a" and claim["spec"]["volumeName"] == "edgeloop-model-cache-edge-a"
     assert volume["spec"]["claimRef"] == {"namespace": "edge-a", "name": "edgeloop-model-cache"}
@@ -367,21 +368,33 @@ def test_model_cache_claim_is_what_the_rendered_pods_mount(tmp_path):
 
     path = tmp_path / "config.yaml"
     path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
-    volumes = {v["name"]: v for v in rendered_daemon_set(config.load(path))["spec"]["template"]["spec"]["volumes"]}
+    pod = rendered_daemon_set(config.load(path))["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model-cache"] == {"name": "model-cache",
                                       "persistentVolumeClaim": {"claimName": "edgeloop-model-cache"}}
     assert not any("hostPath" in v for v in volumes.values())
 
+    # The claim reaches the whole cache of the node (the kubelet creates a namespace's directory, writable,
+    # only as a subPath of it): an admission policy lets a pod mount it with its own namespace's subPath only.
+    policy = one(docs, "ValidatingAdmissionPolicy", "edgeloop-node-cache")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding", "edgeloop-node-cache")
+    assert binding["spec"]["policyName"] == "edgeloop-node-cache" and binding["spec"]["validationActions"] == ["Deny"]
+    [selector] = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert selector == {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["edge-a", "edge-b"]}
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert {r for rule in rules for r in rule["resources"]} == {"pods", "pods/ephemeralcontainers"}
+    assert "'edgeloop-model-cache'" in policy["spec"]["variables"][0]["expression"]
+
 
 @needs_helm
-def test_dataset_claim_is_what_the_rendered_client_pods_mount(tmp_path):
+def test_dataset_claim_reaches_the_namespaces_data_directory_alone(tmp_path):
     docs = template("watchNamespaces={edge-a}", "config.datasetRoot=/srv/edge")
     claim = one(docs, "PersistentVolumeClaim", "edgeloop-datasets")
     volume = one(docs, "PersistentVolume", "edgeloop-datasets-edge-a")
     assert claim["metadata"]["namespace"] == "edge-a" and claim["spec"]["volumeName"] == "edgeloop-datasets-edge-a"
     assert claim["spec"]["accessModes"] == volume["spec"]["accessModes"] == ["ReadOnlyMany"]
     assert volume["spec"]["claimRef"] == {"namespace": "edge-a", "name": "edgeloop-datasets"}
-    assert volume["spec"]["hostPath"]["path"] == "/srv/edge"
+    assert volume["spec"]["hostPath"] == {"path": "/srv/edge/edge-a", "type": "Directory"}, "this namespace's data"
     assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain", "the nodes' data is never deleted"
     assert "nodeAffinity" not in volume["spec"], "each pod must get its own node's directory"
     for kept in (claim, volume):
@@ -392,12 +405,10 @@ def test_dataset_claim_is_what_the_rendered_client_pods_mount(tmp_path):
     path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
     loaded = config.load(path)
     assert loaded.dataset_root == "/srv/edge"
-    with pytest.raises(federatedround.DatasetOutsideRoot):
-        federated_pods(loaded)  # the example's dataset lies under the default root only
-    client = federated_pods(loaded.model_copy(update={"dataset_root": "/var/lib/edgeloop"}))["client"]["spec"]
+    client = federated_pods(loaded)["client"]["spec"]
     assert {v["name"]: v for v in client["volumes"]}["data"] == {
         "name": "data", "persistentVolumeClaim": {"claimName": "edgeloop-datasets", "readOnly": True}}
-    assert {m["name"]: m for m in client["containers"][0]["volumeMounts"]}["data"]["subPath"] == "data/digits"
+    assert {m["name"]: m for m in client["containers"][0]["volumeMounts"]}["data"]["subPath"] == "digits"
     assert not any("hostPath" in v for v in client["volumes"])
 
 
@@ -410,7 +421,7 @@ def test_without_the_dataset_volume_the_client_pods_mount_the_host_path(tmp_path
     loaded = config.load(path)
     assert loaded.dataset_claim is None
     volumes = {v["name"]: v for v in federated_pods(loaded)["client"]["spec"]["volumes"]}
-    assert volumes["data"]["hostPath"]["path"] == "/var/lib/edgeloop/data/digits"
+    assert volumes["data"]["hostPath"]["path"] == "/var/lib/edgeloop/data/edge-a/digits"
 
 
 # ---- the store

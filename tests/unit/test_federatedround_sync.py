@@ -33,7 +33,7 @@ STATUS_URL = "https://r1-aggregator.edge.svc:8080/v1/status"  # TLS by default
 def federated_round(**spec_override):
     spec = {
         "modelRef": {"name": "digits"},
-        "dataset": {"hostPath": "/var/lib/edgeloop/data/digits"},
+        "dataset": {"name": "digits"},
         "participants": {"minClients": 2, "maxClients": 3},
         **spec_override,
     }
@@ -374,9 +374,11 @@ def test_a_running_round_whose_aggregator_job_was_deleted_fails_and_is_not_start
     assert world.status["round"] == 2, "what was reported stays"
 
 
-def test_with_a_dataset_claim_a_dataset_outside_the_data_root_fails_the_round_without_creating_anything():
-    claimed = config.build({"datasetClaim": "edgeloop-datasets"})
-    world = World(body=federated_round(dataset={"hostPath": "/mnt/digits"}), operator_config=claimed)
+@pytest.mark.parametrize("claim", [None, "edgeloop-datasets"])
+def test_a_dataset_outside_the_namespaces_directory_fails_the_round_without_creating_anything(claim):
+    claimed = config.build({"datasetClaim": claim})
+    other = "/var/lib/edgeloop/data/other-tenant/digits"
+    world = World(body=federated_round(dataset={"hostPath": other}), operator_config=claimed)
     world.sync()
     assert not [c for c in world.kube.writes() if c[0] == "apply"]
     assert world.status["phase"] == "Failed"
@@ -386,7 +388,7 @@ def test_with_a_dataset_claim_a_dataset_outside_the_data_root_fails_the_round_wi
         "Promoted": ("False", "RoundFailed"),
     }
     message = {c["type"]: c["message"] for c in world.status["conditions"]}["Succeeded"]
-    assert "/mnt/digits is not under /var/lib/edgeloop/data" in message
+    assert f"{other} is not under /var/lib/edgeloop/data/edge/" in message
     world.kube.calls.clear()
     world.sync()
     assert world.kube.calls == [], "a failed round is done: no retries"

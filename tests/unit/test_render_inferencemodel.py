@@ -140,6 +140,26 @@ def test_every_container_has_a_memory_limit_by_default_and_the_spec_decides_for_
     assert containers(render(OWNER, spec(), custom))["runtime"] == {"limits": {"memory": "2Gi"}}
 
 
+@pytest.mark.parametrize("claim", [None, "edgeloop-model-cache"])
+def test_a_pod_mounts_only_its_namespaces_cache_and_only_the_fetcher_may_write(claim):
+    """Tenants share nodes, not caches: a cache hit never serves another namespace's file (issue 16 item 10)."""
+    for namespace in ("tenant-a", "tenant-b"):
+        owner = owner_of("digits", namespace, "uid")
+        for ds in render(owner, spec(), config.build({"modelCacheClaim": claim})).daemon_sets.values():
+            pod = ds["spec"]["template"]["spec"]
+            mounts = {c["name"]: next(m for m in c["volumeMounts"] if m["name"] == "model-cache")
+                      for c in [*pod["initContainers"], *pod["containers"]]}
+            assert mounts == {
+                "fetch": {"name": "model-cache", "mountPath": "/var/lib/edgeloop/models", "subPath": namespace},
+                "runtime": {"name": "model-cache", "mountPath": "/var/lib/edgeloop/models", "subPath": namespace,
+                            "readOnly": True},
+            }
+            [volume] = [v for v in pod["volumes"] if v["name"] == "model-cache"]
+            source = ({"persistentVolumeClaim": {"claimName": claim}} if claim
+                      else {"hostPath": {"path": "/var/lib/edgeloop/models", "type": "Directory"}})
+            assert volume == {"name": "model-cache", **source}
+
+
 def test_service_is_node_local_when_asked():
     assert rendered_example().service["spec"]["internalTrafficPolicy"] == "Local"
     cluster_wide = render(OWNER, spec(serving={"nodeLocal": False}), config.build()).service

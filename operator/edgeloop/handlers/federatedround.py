@@ -51,7 +51,7 @@ from edgeloop.render.federatedround import (
     aggregator_name,
     aggregator_tls_secret,
     client_tls_secret,
-    dataset_sub_path,
+    dataset_path,
     labels,
     owner_of,
     render,
@@ -168,16 +168,15 @@ class FederatedRounds:
             await self._status.publish(body, previous, status)
             return
 
-        if self._config.dataset_claim:
-            try:
-                dataset_sub_path(spec, self._config)
-            except DatasetOutsideRoot as error:
-                why = Waiting("DatasetOutsideRoot", str(error))
-                status = fr_status.cannot_run(
-                    generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=now()
-                )
-                await self._status.publish(body, previous, status)
-                return
+        try:
+            dataset_path(spec, self._config, metadata["namespace"])
+        except DatasetOutsideRoot as error:
+            why = Waiting("DatasetOutsideRoot", str(error))
+            status = fr_status.cannot_run(
+                generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=now()
+            )
+            await self._status.publish(body, previous, status)
+            return
 
         owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
         jobs = {job.name: job for job in self._jobs.get(key, []) if job.owner_uid == owner.uid}
