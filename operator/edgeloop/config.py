@@ -9,6 +9,7 @@ removes one. `python -m edgeloop.config [FILE]` prints the effective configurati
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import posixpath
 import sys
 from importlib import metadata
@@ -29,6 +30,10 @@ ImagePullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 class ConfigError(ValueError):
     """The operator configuration is unusable; the message says which field and why."""
+
+
+class ImageNotAllowed(ConfigError):
+    """An image that the operator configuration's allowedImages does not allow."""
 
 
 class _Config(BaseModel):
@@ -180,6 +185,14 @@ class OperatorConfig(_Config):
         description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",
     )
     tls: TLSConfig = Field(default_factory=TLSConfig)
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="If set, the only images the operator runs, as glob patterns where * matches any characters "
+        "(e.g. ghcr.io/edgeloop/*, registry.example/edgeloop/runtime@sha256:*): every configured image must "
+        "match one, and a model or round whose spec.runtime.image matches none fails (ImageNotAllowed). "
+        "Empty: any image.",
+    )
     aggregator_status_url: str | None = Field(
         default=None,
         description="Where the operator reads a FederatedRound aggregator's status; {service}, {namespace} and "
@@ -209,6 +222,21 @@ class OperatorConfig(_Config):
         """aggregator_status_url, or its default for the TLS mode."""
         scheme = "https" if self.tls.enabled else "http"
         return self.aggregator_status_url or scheme + "://{service}.{namespace}.svc:{port}/v1/status"
+
+    @model_validator(mode="after")
+    def _configured_images_allowed(self) -> OperatorConfig:
+        for image in [self.runtime_image, *(c.image for c in self.accelerator_classes.values() if c.image)]:
+            self.check_image(image)
+        return self
+
+    def image_allowed(self, image: str) -> bool:
+        return not self.allowed_images or any(fnmatch.fnmatchcase(image, p) for p in self.allowed_images)
+
+    def check_image(self, image: str) -> str:
+        """`image`, or ImageNotAllowed when allowedImages does not allow it."""
+        if not self.image_allowed(image):
+            raise ImageNotAllowed(f"image {image} is not in allowedImages ({', '.join(self.allowed_images)})")
+        return image
 
     def image_of(self, accelerator: AcceleratorClass) -> str:
         return accelerator.image or self.runtime_image

@@ -214,6 +214,9 @@ def test_the_chart_defaults_are_the_built_in_ones_with_the_flavours_images(tmp_p
     assert images == {
         "npu": "ghcr.io/edgeloop/runtime-openvino:0.1.0", "gpu": "ghcr.io/edgeloop/runtime-cuda:0.1.0", "cpu": ""
     }, "an empty image is runtimeImage's"
+    allowlist = one(template("config.allowedImages={ghcr.io/edgeloop/*}"), "ConfigMap", "edgeloop-config")
+    path.write_text(allowlist["data"]["config.yaml"])
+    assert config.load(path).allowed_images == ["ghcr.io/edgeloop/*"], "the chart's own images are allowed"
     mirrored = one(template("config.acceleratorClasses.gpu.image=registry.example/runtime-cuda:1"), "ConfigMap",
                    "edgeloop-config")["data"]["config.yaml"]
     assert yaml.safe_load(mirrored)["acceleratorClasses"]["gpu"]["image"] == "registry.example/runtime-cuda:1"

@@ -504,3 +504,12 @@ def test_in_cert_manager_mode_two_certificates_owned_by_the_round_come_before_th
     world.kube.calls.clear()
     world.sync()
     assert not [c for c in world.kube.writes() if c[0] == "apply"], "applied once per process and content"
+
+
+def test_a_round_whose_image_is_outside_the_allowlist_fails_without_creating_anything():
+    allowlist = config.build({"allowedImages": ["ghcr.io/edgeloop/*"]})
+    world = World(body=federated_round(runtime={"image": "docker.io/evil/miner:1"}), operator_config=allowlist)
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+    assert world.status["phase"] == "Failed"
+    assert world.conditions()["Succeeded"] == ("False", "ImageNotAllowed")

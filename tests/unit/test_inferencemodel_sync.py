@@ -339,3 +339,13 @@ def test_a_runtime_that_cannot_be_asked_is_asked_again_only_after_the_interval()
     now[0] = 60
     world.resync()
     assert proxied(world) == [("proxy_get", "digits-gpu-ready", "/v2/models/digits")]
+
+
+def test_an_image_outside_the_allowlist_is_degraded_and_nothing_is_applied():
+    world = World(config.build({"allowedImages": ["ghcr.io/edgeloop/*"]}),
+                  body=inference_model(runtime={"image": "docker.io/evil/miner:1"}))
+    world.reconcile()
+    assert not [c for c in world.kube.calls if c[0] == "apply"]
+    degraded = next(c for c in world.kube.objects[MODEL]["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ImageNotAllowed")
+    assert "docker.io/evil/miner:1 is not in allowedImages" in degraded["message"]

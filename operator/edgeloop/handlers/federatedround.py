@@ -35,7 +35,7 @@ from edgeloop.api import API_VERSION, GROUP, VERSION
 from edgeloop.api.common import ModelRef, ModelSource
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec, FederatedRoundStatus
 from edgeloop.certs import Usage, service_dns_names
-from edgeloop.config import OperatorConfig
+from edgeloop.config import ImageNotAllowed, OperatorConfig
 from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
@@ -52,6 +52,7 @@ from edgeloop.render.federatedround import (
     aggregator_tls_secret,
     client_tls_secret,
     dataset_path,
+    image,
     labels,
     owner_of,
     render,
@@ -170,8 +171,9 @@ class FederatedRounds:
 
         try:
             dataset_path(spec, self._config, metadata["namespace"])
-        except DatasetOutsideRoot as error:
-            why = Waiting("DatasetOutsideRoot", str(error))
+            image(spec, self._config)
+        except (DatasetOutsideRoot, ImageNotAllowed) as error:
+            why = Waiting(type(error).__name__, str(error))
             status = fr_status.cannot_run(
                 generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=now()
             )

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from edgeloop.api import GROUP, VERSION
 from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec, InferenceModelStatus
 from edgeloop.certs import Usage, service_dns_names
-from edgeloop.config import ConfigError, OperatorConfig
+from edgeloop.config import ConfigError, ImageNotAllowed, OperatorConfig
 from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
@@ -265,6 +265,8 @@ class InferenceModels:
             try:
                 manifests = render(owner, spec, self._config, tls_revision)
                 plan = Plan(spec, variants(owner.name, spec, self._config), manifests)
+            except ImageNotAllowed as error:
+                plan = Plan(spec, problem=SpecProblem("ImageNotAllowed", str(error)))
             except ConfigError as error:
                 plan = Plan(spec, problem=SpecProblem("UnknownAcceleratorClass", str(error)))
             cached = self._plans[key] = (version, plan)

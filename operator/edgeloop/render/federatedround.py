@@ -150,13 +150,18 @@ def dataset_sub_path(spec: FederatedRoundSpec, config: OperatorConfig, namespace
     return "" if relative == "." else relative
 
 
+def image(spec: FederatedRoundSpec, config: OperatorConfig) -> str:
+    """The round's own image, else the default runtime image; ImageNotAllowed outside allowedImages."""
+    return config.check_image(spec.runtime.image or config.runtime_image)
+
+
 def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> dict[str, Any]:
     return {
         "namespace": owner.namespace,
         "owner": owner.reference(),
         "spec": spec,
         "config": config,
-        "image": spec.runtime.image or config.runtime_image,
+        "image": image(spec, config),
         "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
         "active_deadline": active_deadline_seconds(spec),
     }

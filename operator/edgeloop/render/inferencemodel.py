@@ -94,8 +94,9 @@ def _tolerations(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> lis
 
 
 def image(spec: InferenceModelSpec, config: OperatorConfig, accelerator: AcceleratorClass) -> str:
-    """The model's own image for every variant, else the class's flavour, else the default runtime image."""
-    return spec.runtime.image or config.image_of(accelerator)
+    """The model's own image for every variant, else the class's flavour, else the default runtime image.
+    Raises ImageNotAllowed for an image outside the configuration's allowedImages."""
+    return config.check_image(spec.runtime.image or config.image_of(accelerator))
 
 
 def tls_secret_name(model_name: str) -> str:
@@ -145,7 +146,8 @@ def service(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig) -> d
 
 
 def render(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, tls_revision: str = "") -> Manifests:
-    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class.
+    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class, its
+    subclass ImageNotAllowed for an image outside allowedImages.
 
     `tls_revision` identifies the certificate the runtime serves: its pods roll when it changes."""
     daemon_sets = {
