@@ -230,7 +230,8 @@ def test_cluster_wide_rbac_is_the_operators_rules():
     docs = template()
     [role] = by_kind(docs, "ClusterRole")
     assert not by_kind(docs, "Role")
-    expected = rule_set(rbac.RULES) | {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
+    expected = rule_set(rbac.rules("operator")) | {
+        ("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
     assert rule_set(role["rules"]) == expected
     assert not any("*" in item for rule in role["rules"] for key in rule for item in rule[key])
     [binding] = by_kind(docs, "ClusterRoleBinding")
@@ -241,7 +242,7 @@ def test_cluster_wide_rbac_is_the_operators_rules():
 def test_watching_namespaces_grants_namespaced_rules_only_there():
     docs = template("watchNamespaces={edge-a,edge-b}")
     [cluster_role] = by_kind(docs, "ClusterRole")
-    split = chartgen.split_by_scope(rbac.RULES)
+    split = chartgen.split_by_scope(rbac.rules("operator"))
     assert rule_set(cluster_role["rules"]) == rule_set(split["cluster"])
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["edge-a", "edge-b"]
@@ -254,19 +255,30 @@ def test_watching_namespaces_grants_namespaced_rules_only_there():
 
 
 @needs_helm
-@pytest.mark.parametrize("watch", [[], ["--set", "watchNamespaces={edge-a}"]], ids=["cluster-wide", "namespaced"])
-def test_cert_manager_mode_alone_grants_certificates_and_configures_the_issuer(tmp_path, watch):
-    cert_manager = rule_set(rbac.CERT_MANAGER_RULES)
-    for mode, granted in (("operator", False), ("disabled", False), ("cert-manager", True)):
-        docs = template(f"tls.mode={mode}", "tls.issuer.name=edge-ca", "tls.issuer.kind=ClusterIssuer", *watch[1:])
+@pytest.mark.parametrize("watch", [[], ["watchNamespaces={edge-a}"]], ids=["cluster-wide", "namespaced"])
+def test_secrets_are_granted_as_far_as_the_tls_mode_needs_and_cert_manager_mode_configures_the_issuer(tmp_path,
+                                                                                                       watch):
+    secrets = {verb for (group, resource, verb) in rule_set(rbac.rules("operator")) if resource == "secrets"}
+    assert secrets == {"get", "list", "watch", "create", "patch"}, "never update, delete or deletecollection"
+    for mode, secret_verbs, certificates in (
+        ("operator", {"get", "list", "watch", "create", "patch"}, False),
+        ("cert-manager", {"get", "list", "watch"}, True),  # cert-manager writes them
+        ("disabled", set(), False),  # no Secret at all
+    ):
+        docs = template(f"tls.mode={mode}", "tls.issuer.name=edge-ca", "tls.issuer.kind=ClusterIssuer", *watch)
         roles = by_kind(docs, "Role") or by_kind(docs, "ClusterRole")
-        assert all((cert_manager <= rule_set(role["rules"])) == granted for role in roles), mode
+        for role in roles:
+            granted = rule_set(role["rules"])
+            assert {verb for (_, resource, verb) in granted if resource == "secrets"} == secret_verbs, mode
+            assert any(resource == "certificates" for (_, resource, _) in granted) == certificates, mode
+        assert not any(r == "secrets" for role in by_kind(docs, "ClusterRole") if watch
+                       for (_, r, _) in rule_set(role["rules"])), "namespaced: no Secret outside the watched ones"
         path = tmp_path / f"{mode}.yaml"
         path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
         tls = config.load(path).tls
         assert tls.mode == mode
-        assert (tls.issuer is not None) == granted, "the issuer is passed on only where it is used"
-        if granted:
+        assert (tls.issuer is not None) == certificates, "the issuer is passed on only where it is used"
+        if certificates:
             assert (tls.issuer.name, tls.issuer.kind) == ("edge-ca", "ClusterIssuer")
 
 

@@ -458,6 +458,10 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
 @kopf.on.event("", "v1", "services", labels=OWNED)
-@kopf.on.event("", "v1", "secrets", labels=OWNED)  # a certificate replaced or removed by someone else
 async def owned_object_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     memo.inference_models.request((namespace, labels[INFERENCE_MODEL_LABEL]))
+
+
+def watch_tls_secrets() -> None:
+    """A model's certificate replaced or removed by someone else: sync the model (with TLS only)."""
+    kopf.on.event("", "v1", "secrets", labels=OWNED)(owned_object_changed)
