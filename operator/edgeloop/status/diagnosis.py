@@ -26,7 +26,7 @@ FAILURES = (
 )
 # `edgeloop-runtime fetch` logs this on a digest mismatch; the fetch container's termination message
 # carries its last log lines (terminationMessagePolicy: FallbackToLogsOnError).
-_DIGEST_MISMATCH = re.compile(r"has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}")
+_DIGEST_MISMATCH = re.compile(r"does not match sha256 [0-9a-f]{64}")
 _IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _CREATE_FAILED = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 MAX_MESSAGE = 300
