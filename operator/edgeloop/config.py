@@ -126,7 +126,11 @@ class TLSConfig(_Config):
 class OperatorConfig(_Config):
     runtime_image: str = Field(
         description="Default image of the edgeloop runtime (the cpu flavour): the classes without an image of "
-        "their own, FederatedRound Jobs."
+        "their own."
+    )
+    federated_image: str = Field(
+        description="Image of FederatedRound aggregator and client Jobs: the runtime-federated flavour (the "
+        "serving flavours have no `federated` command). A round's spec.runtime.image replaces it."
     )
     image_pull_policy: ImagePullPolicy = "IfNotPresent"
     model_cache_dir: str = Field(
@@ -225,7 +229,8 @@ class OperatorConfig(_Config):
 
     @model_validator(mode="after")
     def _configured_images_allowed(self) -> OperatorConfig:
-        for image in [self.runtime_image, *(c.image for c in self.accelerator_classes.values() if c.image)]:
+        configured = [self.runtime_image, self.federated_image, *(c.image for c in self.accelerator_classes.values())]
+        for image in filter(None, configured):
             self.check_image(image)
         return self
 
@@ -270,6 +275,7 @@ def _image(flavour: str = "") -> str:
 
 BUILT_IN: dict[str, Any] = {
     "runtimeImage": _image(),
+    "federatedImage": _image("federated"),
     "acceleratorClasses": {
         # Intel NPUs (Core Ultra): the Intel device plugin's resource, the OpenVINO execution provider.
         "npu": {

@@ -528,12 +528,14 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
         "the round's four Jobs",
         lambda: (j := devcluster.get_json("jobs", "-n", namespace)["items"]) and len(j) == 4 and j,
     )
-    # TLS by default: a server certificate for the aggregator Service and one client certificate for the
-    # round's clients, both owned by the round, issued before its Jobs.
+    # TLS by default: a server certificate for the aggregator Service and client certificates, all owned by
+    # the round, issued before its Jobs.
     round_uid = devcluster.get_json("federatedround", ROUND, "-n", namespace)["metadata"]["uid"]
     server_tls = secret_files(devcluster, namespace, f"{ROUND}-aggregator-tls", tmp_path / "aggregator-tls")
-    client_tls = secret_files(devcluster, namespace, f"{ROUND}-client-tls", tmp_path / "client-tls")
-    for body in (server_tls, client_tls):
+    # One client certificate per client Job, its CN the client's node (the aggregator's id for it).
+    client_tls = [secret_files(devcluster, namespace, f"{ROUND}-client-{i}-tls", tmp_path / f"client-{i}-tls")
+                  for i in range(3)]
+    for body in (server_tls, *client_tls):
         assert body["type"] == "kubernetes.io/tls"
         assert [o["uid"] for o in body["metadata"]["ownerReferences"]] == [round_uid]
     env = resolving_svc_to_loopback(tmp_path / "resolve")
@@ -561,11 +563,12 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
             )
             processes.start("aggregator", [runtime, *args])
         else:
-            assert mounted["tls"] == f"{ROUND}-client-tls"
+            index = job["metadata"]["name"].rsplit("-", 1)[1]
+            assert mounted["tls"] == f"{ROUND}-client-{index}-tls"
             node = job["metadata"]["annotations"]["edgeloop.io/node"]
             service = args[args.index("--aggregator") + 1]
             assert service == f"https://{ROUND}-aggregator.{namespace}.svc:8080"
-            files = tmp_path / "client-tls"
+            files = tmp_path / f"client-{index}-tls"
             args = localized(
                 args,
                 {

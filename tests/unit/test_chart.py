@@ -199,6 +199,7 @@ def test_the_config_map_is_a_valid_operator_configuration(tmp_path):
     assert list(loaded.accelerator_classes) == ["gpu", "cpu"]
     assert loaded.accelerator_classes["gpu"].resource_count == 2
     assert loaded.runtime_image == "ghcr.io/edgeloop/runtime:0.1.0"
+    assert loaded.federated_image == "ghcr.io/edgeloop/runtime-federated:0.1.0"
     assert loaded.model_cache_claim == "edgeloop-model-cache"
     assert (loaded.dataset_claim, loaded.dataset_root) == ("edgeloop-datasets", "/var/lib/edgeloop/data")
 

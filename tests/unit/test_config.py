@@ -31,6 +31,7 @@ def test_built_in_classes():
         "gpu": built_in.runtime_image.replace("runtime:", "runtime-cuda:"),
         "cpu": built_in.runtime_image,
     }, "each class runs the flavour that has its execution providers"
+    assert built_in.federated_image == built_in.runtime_image.replace("runtime:", "runtime-federated:")
 
 
 def test_a_file_overrides_fields_adds_and_removes_classes(tmp_path):

@@ -239,10 +239,10 @@ def test_the_aggregator_job_records_the_start_and_is_created_first():
     assert recorded == START
 
 
-def test_operator_configuration_sets_the_image_and_the_store():
+def test_operator_configuration_sets_the_federated_image_and_the_store():
     custom = config.build(
         {
-            "runtimeImage": "registry.example/rt:1",
+            "federatedImage": "registry.example/rt:1",
             "storeUrl": "https://store.example:8443",
             "storeTokenSecret": "tokens",
         }
@@ -287,8 +287,8 @@ def test_the_aggregator_serves_mtls_with_its_server_certificate():
     assert "tcpSocket" in probe and "httpGet" not in probe, "the kubelet has no client certificate"
 
 
-def test_each_client_presents_the_rounds_client_certificate():
-    for job in rendered_example().clients:
+def test_each_client_presents_a_client_certificate_of_its_own():
+    for index, job in enumerate(rendered_example().clients):
         args = parsed(job)
         assert args.aggregator.startswith("https://")
         assert (args.tls_ca, args.tls_cert, args.tls_key) == (
@@ -297,7 +297,7 @@ def test_each_client_presents_the_rounds_client_certificate():
             "/etc/edgeloop/tls/tls.key",
         )
         assert mounts(job)["tls"]["readOnly"] is True
-        assert volumes(job)["tls"]["secret"]["secretName"] == "digits-round-1-client-tls"
+        assert volumes(job)["tls"]["secret"]["secretName"] == f"digits-round-1-client-{index}-tls"
 
 
 @pytest.mark.parametrize("mode", ["operator", "cert-manager"])

@@ -86,9 +86,18 @@ def aggregator_tls_secret(round_name: str) -> str:
     return f"{round_name}-aggregator-tls"
 
 
-def client_tls_secret(round_name: str) -> str:
-    """The client certificate every client of the round presents (mTLS); the operator's status polls too."""
-    return f"{round_name}-client-tls"
+def client_tls_secret(round_name: str, index: int) -> str:
+    """The client certificate of one client Job (mTLS): its subject CN is the client's id, its node's name."""
+    return f"{round_name}-client-{index}-tls"
+
+
+def status_tls_secret(round_name: str) -> str:
+    """The client certificate the operator reads the aggregator's status with (mTLS)."""
+    return f"{round_name}-status-tls"
+
+
+# The operator's identity at the aggregator: no node can be named so (a node's name has no ':').
+STATUS_CLIENT = "edgeloop:operator"
 
 
 def aggregator_host(owner: Owner) -> str:
@@ -151,8 +160,8 @@ def dataset_sub_path(spec: FederatedRoundSpec, config: OperatorConfig, namespace
 
 
 def image(spec: FederatedRoundSpec, config: OperatorConfig) -> str:
-    """The round's own image, else the default runtime image; ImageNotAllowed outside allowedImages."""
-    return config.check_image(spec.runtime.image or config.runtime_image)
+    """The round's own image, else the federated flavour; ImageNotAllowed outside allowedImages."""
+    return config.check_image(spec.runtime.image or config.federated_image)
 
 
 def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> dict[str, Any]:
@@ -202,7 +211,7 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
         labels=labels(owner.name, CLIENT_ROLE),
         node=node,
         aggregator_url=aggregator_url(owner, config.tls.enabled),
-        tls_secret=client_tls_secret(owner.name) if config.tls.enabled else None,
+        tls_secret=client_tls_secret(owner.name, index) if config.tls.enabled else None,
         tolerations=[t.to_wire() for t in spec.participants.tolerations],
         dataset_path=dataset_path(spec, config, owner.namespace),
         dataset_sub_path=dataset_sub_path(spec, config, owner.namespace),
