@@ -75,6 +75,12 @@ class AcceleratorClass(_Config):
     image_pull_policy: ImagePullPolicy | None = Field(
         default=None, description="imagePullPolicy of this class's variants; unset: imagePullPolicy."
     )
+    provider_options: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Options per execution provider, passed to ONNX Runtime as they are: {<provider>: {<key>: "
+        "<string value>}}, e.g. CUDAExecutionProvider: {cudnn_conv_algo_search: HEURISTIC}, "
+        "OpenVINOExecutionProvider: {device_type: NPU}. A provider named here must be in executionProviders.",
+    )
 
     @field_validator("execution_providers")
     @classmethod
@@ -82,6 +88,30 @@ class AcceleratorClass(_Config):
         if providers[-1] != CPU_EXECUTION_PROVIDER:
             raise ValueError(f"must end with {CPU_EXECUTION_PROVIDER}, so every node can serve the model")
         return providers
+
+    @field_validator("provider_options", mode="before")
+    @classmethod
+    def _string_options(cls, options: Any) -> Any:
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError("providerOptions is {<provider>: {<key>: <string value>}}")
+        if len(options) > 16 or any(len(v) > 64 for v in options.values()):
+            raise ValueError("providerOptions: at most 16 providers of 64 options each")
+        for provider, values in options.items():
+            for key, value in values.items():
+                if not isinstance(value, str) or len(value) > 1024:
+                    raise ValueError(
+                        f"{provider}.{key} is {value!r}: option values are strings of at most 1024 characters "
+                        "(quote numbers and booleans, as ONNX Runtime takes them)"
+                    )
+        return options
+
+    @model_validator(mode="after")
+    def _options_of_listed_providers(self) -> AcceleratorClass:
+        unknown = [p for p in self.provider_options if p not in self.execution_providers]
+        if unknown:
+            listed = self.execution_providers
+            raise ValueError(f"providerOptions names {unknown}, not in its executionProviders {listed}")
+        return self
 
     @property
     def is_catch_all(self) -> bool:
@@ -286,6 +316,7 @@ BUILT_IN: dict[str, Any] = {
             },
             "resource": "npu.intel.com/accel",
             "executionProviders": ["OpenVINOExecutionProvider", CPU_EXECUTION_PROVIDER],
+            "providerOptions": {"OpenVINOExecutionProvider": {"device_type": "NPU"}},
             "image": _image("openvino"),
         },
         # NVIDIA GPUs: labels from GPU Feature Discovery and NFD (vendor 10de); k3s runs GPU pods through
@@ -302,6 +333,9 @@ BUILT_IN: dict[str, Any] = {
             "runtimeClassName": "nvidia",
             "executionProviders": ["CUDAExecutionProvider", CPU_EXECUTION_PROVIDER],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            # The default, EXHAUSTIVE, searches cuDNN's convolution algorithms anew for every input shape: with
+            # dynamic batching that cost 490-800 ms per new batch size (HEURISTIC: 105-155 ms).
+            "providerOptions": {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}},
             "image": _image("cuda"),
         },
         "cpu": {

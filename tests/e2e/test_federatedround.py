@@ -624,6 +624,8 @@ INVALID = [
      "set exactly one of name and hostPath"),
     ("dataset name escaping", {"dataset": {"name": "../other"}}, "spec.dataset.name"),
     ("no model", {"modelRef": None}, "set modelRef, model, or both"),
+    ("a tflite model", {"model": {"uri": "http://store/m.tflite", "sha256": "a" * 64, "version": "1",
+                                  "format": "tflite"}}, "federated training needs an onnx model"),
     ("zero rounds", {"training": {"rounds": 0}}, "spec.training.rounds"),
     ("unknown strategy", {"training": {"strategy": "fedsgd"}}, 'Unsupported value: "fedsgd"'),
 ]

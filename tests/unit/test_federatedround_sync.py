@@ -530,3 +530,15 @@ def test_a_round_whose_image_is_outside_the_allowlist_fails_without_creating_any
     assert not [c for c in world.kube.writes() if c[0] == "apply"]
     assert world.status["phase"] == "Failed"
     assert world.conditions()["Succeeded"] == ("False", "ImageNotAllowed")
+
+
+def test_a_round_of_a_model_served_as_tflite_fails_with_the_reason():
+    """LiteRT serves tflite models; training needs an onnx one (admission refuses a tflite spec.model)."""
+    world = World()
+    world.kube.objects[MODEL]["spec"]["model"]["format"] = "tflite"
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+    assert world.status["phase"] == "Failed"
+    assert world.conditions()["Started"] == ("False", "UnsupportedModelFormat")
+    message = {c["type"]: c["message"] for c in world.status["conditions"]}["Succeeded"]
+    assert "InferenceModel digits serves a tflite model" in message

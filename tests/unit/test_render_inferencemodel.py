@@ -115,8 +115,9 @@ def test_restricted_security_context_and_probes():
         runtime = pod["containers"][0]
         assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert runtime["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-        mounts = {m["name"]: m for m in runtime["volumeMounts"]}
-        assert mounts["model-cache"].get("readOnly") is True, "only the verifying init container writes the cache"
+        mounts = {m["mountPath"]: m for m in runtime["volumeMounts"]}
+        assert mounts["/var/lib/edgeloop/models"].get("readOnly") is True, (
+            "only the verifying init container writes the models")
         assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
 
 
@@ -147,7 +148,7 @@ def test_a_pod_mounts_only_its_namespaces_cache_and_only_the_fetcher_may_write(c
         owner = owner_of("digits", namespace, "uid")
         for ds in render(owner, spec(), config.build({"modelCacheClaim": claim})).daemon_sets.values():
             pod = ds["spec"]["template"]["spec"]
-            mounts = {c["name"]: next(m for m in c["volumeMounts"] if m["name"] == "model-cache")
+            mounts = {c["name"]: next(m for m in c["volumeMounts"] if m["mountPath"] == "/var/lib/edgeloop/models")
                       for c in [*pod["initContainers"], *pod["containers"]]}
             assert mounts == {
                 "fetch": {"name": "model-cache", "mountPath": "/var/lib/edgeloop/models", "subPath": namespace},
@@ -264,3 +265,58 @@ def test_a_new_certificate_rolls_the_runtime_pods():
             RENDER_HASH
         ]
     assert first.service == second.service
+
+
+# ---- C1: what each class and the spec pass to the runtime
+
+
+def served(manifests, name):
+    """The runtime's command line of DaemonSet `name`, parsed and checked as edgeloop-runtime serve does."""
+    from edgeloop_runtime.cli import build_parser
+    from edgeloop_runtime.serve import check_arguments
+
+    [runtime] = manifests.daemon_sets[name]["spec"]["template"]["spec"]["containers"]
+    args = build_parser(only="serve").parse_args(runtime["args"])
+    assert check_arguments(args) is None, check_arguments(args)
+    return args
+
+
+def test_each_class_passes_its_provider_options_with_sensible_defaults():
+    manifests = render(OWNER, spec(), config.build())
+    assert served(manifests, "digits-gpu").provider_options == {
+        "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}
+    }, "exhaustive search of cuDNN algorithms for every new batch shape made batching slower than none"
+    assert served(manifests, "digits-npu").provider_options == {"OpenVINOExecutionProvider": {"device_type": "NPU"}}
+    assert served(manifests, "digits-cpu").provider_options == {}
+    custom = config.build({"acceleratorClasses": {"npu": {"providerOptions": {
+        "OpenVINOExecutionProvider": {"device_type": "CPU", "num_of_threads": "2"}}}}})
+    assert served(render(OWNER, spec(), custom), "digits-npu").provider_options == {
+        "OpenVINOExecutionProvider": {"device_type": "CPU", "num_of_threads": "2"}}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"TensorrtExecutionProvider": {"trt_fp16_enable": "True"}}, "not in its executionProviders"),
+    ({"CUDAExecutionProvider": {"device_id": 0}}, "are strings"),
+    ({"CUDAExecutionProvider": "HEURISTIC"}, "providerOptions"),
+])
+def test_provider_options_are_checked_when_the_configuration_loads(options, message):
+    with pytest.raises(ConfigError, match=message):
+        config.build({"acceleratorClasses": {"gpu": {"providerOptions": options}}})
+
+
+def test_the_compiled_cache_is_the_namespaces_own_writable_directory_on_the_node():
+    for name, ds in render(OWNER, spec(), config.build()).daemon_sets.items():
+        pod = ds["spec"]["template"]["spec"]
+        [runtime] = pod["containers"]
+        compiled = served(render(OWNER, spec(), config.build()), name).compiled_cache
+        [mount] = [m for m in runtime["volumeMounts"] if m["mountPath"] == str(compiled)]
+        assert mount == {"name": "model-cache", "mountPath": "/var/lib/edgeloop/compiled", "subPath": "edge/compiled"}
+        assert not mount.get("readOnly"), "OpenVINO and TensorRT write their compiled models there"
+
+
+def test_the_format_and_the_instances_reach_the_runtime():
+    assert served(render(OWNER, spec(), config.build()), "digits-cpu").format == "onnx"
+    manifests = render(OWNER, spec(model={"format": "tflite"}, runtime={"instances": 3}), config.build())
+    args = served(manifests, "digits-cpu")
+    assert (args.format, args.model_instances) == ("tflite", 3)
+    assert served(render(OWNER, spec(), config.build()), "digits-cpu").model_instances == 0, "unset: automatic"

@@ -73,7 +73,11 @@ class ModelSource(ApiModel):
         "(file:// paths are read on the node).",
     )
     sha256: Sha256Hex
-    format: Literal["onnx"] = Field(default="onnx", description="The model file's format.")
+    format: Literal["onnx", "tflite"] = Field(
+        default="onnx",
+        description="The model file's format: onnx (ONNX Runtime, with the accelerator's execution providers) or "
+        "tflite (LiteRT, on the CPU). FederatedRounds train onnx models only.",
+    )
     version: str = Field(
         min_length=1,
         max_length=63,

@@ -216,6 +216,10 @@ class FederatedRoundSpec(ApiModel):
             "x-kubernetes-validations": [
                 cel("has(self.modelRef) || has(self.model)", "set modelRef, model, or both"),
                 cel(
+                    "!has(self.model) || self.model.format == 'onnx'",
+                    "federated training needs an onnx model: a tflite model can be served, not trained",
+                ),
+                cel(
                     "self == oldSelf",
                     "spec is immutable: a FederatedRound is one run; create another one to train again",
                 ),

@@ -194,8 +194,11 @@ class FederatedRounds:
             if isinstance(started, Waiting):
                 if started.reason == "NotEnoughNodes":
                     self._waiting_for_nodes.add(key)
-                status = fr_status.pending(
-                    generation=generation, rounds=spec.training.rounds, waiting=started, previous=previous, now=now()
+                decided = {"generation": generation, "rounds": spec.training.rounds, "previous": previous, "now": now()}
+                status = (
+                    fr_status.cannot_run(why=started, **decided)
+                    if started.final
+                    else fr_status.pending(waiting=started, **decided)
                 )
                 await self._status.publish(body, previous, status)
                 return
@@ -295,7 +298,15 @@ class FederatedRounds:
         if target is None:
             return Waiting("InferenceModelNotFound", f"InferenceModel {spec.model_ref.name} does not exist")
         serving = ModelSource.model_validate(target["spec"]["model"])
-        return spec.model or serving, serving.sha256
+        model = spec.model or serving
+        if model.format != "onnx":
+            return Waiting(
+                "UnsupportedModelFormat",
+                f"InferenceModel {spec.model_ref.name} serves a {model.format} model; federated training needs an "
+                "onnx model (give the round an onnx model to start from)",
+                final=True,
+            )
+        return model, serving.sha256
 
     async def _create_missing(
         self, owner: Owner, spec: FederatedRoundSpec, aggregator: JobState, jobs: dict[str, JobState]

@@ -9,6 +9,7 @@ from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec
 from edgeloop.config import AcceleratorClass, OperatorConfig
 from edgeloop.names import (
     ACCELERATOR_LABEL,
+    COMPILED_CACHE_DIR,
     INFERENCE_COMPONENT,
     INFERENCE_MODEL_LABEL,
     MANAGED_BY,
@@ -123,6 +124,7 @@ def daemon_set(
             image_pull_policy=config.image_pull_policy_of(variant.accelerator),
             resources=_resources(spec, config, variant.accelerator),
             fetch_resources=config.fetch_resources.to_wire(),
+            compiled_cache=COMPILED_CACHE_DIR,
             tolerations=_tolerations(spec, variant.accelerator),
             tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
             tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
