@@ -68,9 +68,9 @@ class ModelSource(ApiModel):
     uri: str = Field(
         min_length=1,
         max_length=2048,
-        pattern=r"^(https?|file)://\S+$",
-        description="Where the runtime fetches the model from: an http://, https:// or file:// URI "
-        "(file:// paths are read on the node).",
+        pattern=r"^https?://\S+$",
+        description="Where the runtime fetches the model from: an http:// or https:// URI (the model store's, or "
+        "any origin: the sha256 decides). The fetcher reads no file of the node.",
     )
     sha256: Sha256Hex
     format: Literal["onnx", "tflite"] = Field(
