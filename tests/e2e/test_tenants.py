@@ -127,21 +127,26 @@ def test_a_tenant_reaches_nothing_of_the_other_namespace(devcluster, operator):
             assert as_tenant(devcluster, mine, "auth", "can-i", verb, resource).stdout.strip() == "no"
 
 
-@pytest.mark.parametrize(("case", "mount", "allowed"), [
-    ("its own namespace's cache", {"subPath": A}, True),
-    ("the whole cache", {}, False),
-    ("the other namespace's cache", {"subPath": B}, False),
-    ("a path out of its own", {"subPath": f"{A}/../{B}"}, False),
-    ("a subPathExpr", {"subPathExpr": "$(POD_NAMESPACE)"}, False),
+OWN_ONLY = f"the node model cache (claim {CLAIM}) may be mounted with subPath {A} or {A}.compiled only"
+
+
+@pytest.mark.parametrize(("case", "mount", "refusal"), [
+    ("its own namespace's cache", {"subPath": A}, None),
+    ("its own namespace's compiled models", {"subPath": f"{A}.compiled"}, None),
+    ("the whole cache", {}, OWN_ONLY),
+    ("the other namespace's cache", {"subPath": B}, OWN_ONLY),
+    ("a directory in its own cache (it could be a symlink it wrote)", {"subPath": f"{A}/sha256"}, OWN_ONLY),
+    ("a subPathExpr", {"subPathExpr": "$(POD_NAMESPACE)"}, OWN_ONLY),
+    ("a path out of its own", {"subPath": f"{A}/../{B}"}, "must not contain '..'"),
 ])
 def test_a_tenants_pod_mounts_the_node_cache_with_its_own_namespaces_sub_path_only(devcluster, operator, case,
-                                                                                    mount, allowed):
+                                                                                    mount, refusal):
     body = pod("probe", CACHE_VOLUME, [{"name": "cache", "mountPath": "/cache", "readOnly": True, **mount}])
     result = as_tenant(devcluster, A, "apply", "--dry-run=server", "-f", "-", input=json.dumps(body))
-    assert (result.returncode == 0) == allowed, f"{case}: {result.stderr}"
-    if not allowed:
-        assert f"the node model cache (claim {CLAIM}) may be mounted with subPath {A} only" in result.stderr, \
-            result.stderr
+    if refusal is None:
+        assert result.returncode == 0, f"{case}: {result.stderr}"
+    else:
+        assert result.returncode != 0 and refusal in result.stderr, f"{case}: {result.stderr}"
 
 
 def test_neither_an_ephemeral_container_nor_a_host_path_reaches_the_node_cache(devcluster, operator):
@@ -153,7 +158,7 @@ def test_neither_an_ephemeral_container_nor_a_host_path_reaches_the_node_cache(d
     live["spec"]["ephemeralContainers"] = [debug]
     result = as_tenant(devcluster, A, "replace", "--subresource", "ephemeralcontainers", "-f", "-",
                        input=json.dumps(live))
-    assert result.returncode != 0 and f"may be mounted with subPath {A} only" in result.stderr, result.stderr
+    assert result.returncode != 0 and f"may be mounted with subPath {A} or" in result.stderr, result.stderr
 
     host = pod("host", [{"name": "cache", "hostPath": {"path": "/var/lib/edgeloop/models"}}],
                [{"name": "cache", "mountPath": "/cache"}])
@@ -189,7 +194,7 @@ def test_nothing_a_tenant_writes_makes_the_operator_render_outside_its_namespace
             pod_spec = ds["spec"]["template"]["spec"]
             subpaths = {m.get("subPath") for c in [*pod_spec["initContainers"], *pod_spec["containers"]]
                         for m in c["volumeMounts"] if m["name"] == "model-cache"}
-            assert subpaths == {namespace, f"{namespace}/compiled"}, subpaths
+            assert subpaths == {namespace, f"{namespace}.compiled"}, subpaths
             assert {v["name"]: v for v in pod_spec["volumes"]}["model-cache"]["persistentVolumeClaim"] == {
                 "claimName": CLAIM}
 

@@ -422,6 +422,11 @@ class InferenceModels:
             sample = await asyncio.to_thread(self._ask_runtime, key, plan, variant)
             failures = (last.failures if last and last.sample.error else 0) + 1 if sample.error else 0
             backoff = min(self._diagnosis_interval * 2 ** max(failures - 1, 0), MAX_SAMPLE_RETRY_SECONDS)
+            if sample.error:
+                log.info(
+                    "%s/%s: could not ask the %s variant's runtime what it runs on (%d in a row; again in %.0f s): %s",
+                    *key, variant.name, failures, backoff, sample.error,
+                )
             if key in self._samples:  # not forgotten meanwhile
                 self._samples[key][variant.daemon_set] = Sampled(state, sample, self._clock() + backoff, failures)
                 self.runner.request(key)

@@ -100,6 +100,13 @@ def image(spec: InferenceModelSpec, config: OperatorConfig, accelerator: Acceler
     return config.check_image(spec.runtime.image or config.image_of(accelerator))
 
 
+def compiled_cache_sub_path(namespace: str) -> str:
+    """The namespace's compiled models in the node cache: beside its models' directory, not in it, where its
+    own pods may write (a symlink there must not lead a mount elsewhere). No namespace can be named so: a
+    namespace's name has no dot."""
+    return f"{namespace}.compiled"
+
+
 def tls_secret_name(model_name: str) -> str:
     """The Secret with the runtime Service's certificate (written by the operator or by cert-manager)."""
     return secret_name(model_name)
@@ -125,6 +132,7 @@ def daemon_set(
             resources=_resources(spec, config, variant.accelerator),
             fetch_resources=config.fetch_resources.to_wire(),
             compiled_cache=COMPILED_CACHE_DIR,
+            compiled_sub_path=compiled_cache_sub_path(owner.namespace),
             tolerations=_tolerations(spec, variant.accelerator),
             tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
             tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
