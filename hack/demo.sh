@@ -41,10 +41,9 @@ fi
 eval "$("$BIN/devcluster" env)"
 RUN_DIR=$("$BIN/devcluster" status | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["run_dir"])')
 
-show_model() {
+show_model() {  # its printer columns, wide: per variant, what runs where
   echo
-  kubectl get inferencemodel digits
-  kubectl get inferencemodel digits -o jsonpath='{range .status.variants[*]}{.accelerator}{": "}{.ready}{"/"}{.desired}{" ready, providers "}{.executionProviders}{"\n"}{end}'
+  kubectl get inferencemodels -o wide
 }
 
 if [[ $REAL_NODES == 0 ]]; then

@@ -112,3 +112,28 @@ def test_a_partition_drops_only_the_traffic_between_the_node_and_the_apiserver()
         "-s 10.210.3.1 -p tcp --sport 36443 -j DROP",
         "-s 10.210.3.1 -p tcp --dport 10250 -j DROP",  # the apiserver's calls to the kubelet (logs, exec)
     ], "the host's and other nodes' traffic to the node's pods (and its DNS) keeps flowing"
+
+
+def test_pods_are_described_to_file_sd_as_kubernetes_sd_would():
+    from devcluster.prometheus import pod_targets
+
+    pod = {
+        "metadata": {"namespace": "models", "name": "digits-gpu-x", "uid": "u",
+                     "labels": {"app.kubernetes.io/name": "digits"}, "annotations": {"prometheus.io/scrape": "true"}},
+        "spec": {"nodeName": "edge-real-0",
+                 "containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 8000},
+                                                              {"name": "grpc", "containerPort": 8001}]}]},
+        "status": {"podIP": "10.224.0.5", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    pending = {"metadata": {"namespace": "models", "name": "p"}, "spec": {"containers": [{"name": "c"}]},
+               "status": {"phase": "Pending"}}
+    no_ports = {**pod, "spec": {"nodeName": "edge-real-1", "containers": [{"name": "runtime"}]}}
+    groups = pod_targets([pod, pending, no_ports])
+    assert [group["targets"] for group in groups] == [["10.224.0.5:8000"], ["10.224.0.5:8001"], ["10.224.0.5"]]
+    labels = groups[0]["labels"]
+    assert labels["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] == "true"
+    assert labels["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "digits"
+    assert (labels["__meta_kubernetes_pod_node_name"], labels["__meta_kubernetes_pod_ready"]) == ("edge-real-0", "true")
+    assert (labels["__meta_kubernetes_pod_container_port_name"], groups[1]["labels"][
+        "__meta_kubernetes_pod_container_port_number"]) == ("http", "8001")
+    assert "__meta_kubernetes_pod_container_port_number" not in groups[2]["labels"]
