@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
+from edgeloop import testing
 from edgeloop.testing import logged_errors
 
 from devcluster import nodes
@@ -109,6 +110,9 @@ def test_the_chart_runs_the_operator_and_the_store_as_real_pods(story: Story):
         "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{MODELS_NS}}}",
         # No provisioner here: the store keeps its blobs in a directory of the first node.
         "--set", "store.persistence.mode=hostPath", "--set", f"store.persistence.hostPath.node={story.real[0].name}",
+        # The cuda flavour is not built here (`make images` leaves it to its own target: 1.5 GB of wheels), and
+        # these nodes have no GPU anyway: the gpu class runs the cpu image, which has no CUDA provider.
+        "--set", f"config.acceleratorClasses.gpu.image={RUNTIME_IMAGE}",
         "--wait", "--timeout", "300s",
     )
     pods = devcluster.get_json("pods", "-n", RELEASE_NS)["items"]
@@ -205,6 +209,30 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
     assert sorted(p["spec"]["nodeName"] for p in pods) == [n.name for n in story.real]
     log = story.devcluster.kubectl("logs", "-n", MODELS_NS, pods[0]["metadata"]["name"]).stdout
     assert f"(sha256 {digest})" in log and "execution providers in use: CPUExecutionProvider" in log, log
+
+    # The status tells the truth about the fallback: what the runtime itself reports it runs on, the
+    # Accelerated condition, a Warning event and the column of `kubectl get im`; the model stays Ready.
+    body = wait_for("the CPU fallback in the status", lambda: (b := story.devcluster.get_json(
+        "inferencemodel", "digits", "-n", MODELS_NS)) and any(
+        c["type"] == "Accelerated" and c["reason"] == "CPUFallback" for c in b["status"]["conditions"]) and b,
+        timeout=120, debug=lambda: story.debug(MODELS_NS))
+    gpu = next(v for v in body["status"]["variants"] if v["accelerator"] == "gpu")
+    assert gpu["providersInUse"] == ["CPUExecutionProvider"], gpu
+    assert gpu["providersReportedBy"] in [n.name for n in story.real]
+    accelerated = next(c for c in body["status"]["conditions"] if c["type"] == "Accelerated")
+    assert accelerated["status"] == "False"
+    assert f"gpu variant runs on CPUExecutionProvider without CUDAExecutionProvider on node " \
+           f"{gpu['providersReportedBy']}" in accelerated["message"], accelerated
+    events = story.devcluster.get_json("events", "-n", MODELS_NS, "--field-selector",
+                                       "involvedObject.kind=InferenceModel,reason=CPUFallback")["items"]
+    assert [e["type"] for e in events] == ["Warning"], events
+    table = story.devcluster.kubectl("get", "im", "digits", "-n", MODELS_NS).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "NODES", "MODEL", "VERSION", "ACCELERATED", "AGE"], table
+    nodes_ready = f"{len(story.real)}/{len(story.real)}"
+    assert table[1].split()[:5] == ["digits", "True", nodes_ready, "1", "CPUFallback"], table
+    health = testing.argocd_health(testing.ARGOCD_HEALTH / "InferenceModel" / "health.lua", body)
+    assert health["status"] == "Healthy" and "CPUFallback" in health["message"], health
+    testing.capture_argocd_testdata("InferenceModel", "cpu-fallback", body)
     # The fetcher verified the model into the node's own cache.
     for node in story.real:
         assert (node.host_path / "models" / "sha256" / digest).read_bytes() == story.model_v1
