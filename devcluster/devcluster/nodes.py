@@ -420,16 +420,24 @@ def import_images(node: RealNode, archives: list[Path]) -> None:
 
 IMAGES_INDEX = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop")) / "images" / "images.json"
 SANDBOX_IMAGE = "pause"  # the images index entry that containerd runs as every pod's sandbox
-# The entry whose image runs the local-path provisioner's helper pods: every real node has it (it runs
-# the models), and it has a shell and coreutils (k3s runs busybox, which the nodes do not have).
-HELPER_IMAGE = "runtime"
+# The entries whose image may run the local-path provisioner's helper pods, the first listed: it needs a shell
+# and coreutils (k3s runs busybox, which the nodes do not have; the runtime images are FROM scratch). `helper`
+# is the Debian base `make images` builds; an index written before it was listed has the operator's.
+HELPER_IMAGES = ("helper", "operator")
 
 
 @dataclass(frozen=True)
 class Images:
     archives: list[Path]
-    sandbox: str  # the pause image's reference
-    helper: str  # the local-path provisioner's helper image's reference
+    refs: dict[str, str]  # name -> reference
+
+    @property
+    def sandbox(self) -> str:
+        return self.refs[SANDBOX_IMAGE]
+
+    @property
+    def helper(self) -> str:
+        return next(self.refs[name] for name in HELPER_IMAGES if name in self.refs)
 
 
 def load_images(index: Path | None = None) -> Images:
@@ -443,7 +451,8 @@ def load_images(index: Path | None = None) -> Images:
     if missing:
         raise ClusterError(f"image archives listed in {index} are missing ({', '.join(missing)}): run `make images`")
     refs = {entry["name"]: entry["ref"] for entry in entries}
-    for name in (SANDBOX_IMAGE, HELPER_IMAGE):
-        if name not in refs:
-            raise ClusterError(f"{index} lists no {name!r} image: run `make images`")
-    return Images([Path(entry["archive"]) for entry in entries], refs[SANDBOX_IMAGE], refs[HELPER_IMAGE])
+    if SANDBOX_IMAGE not in refs:
+        raise ClusterError(f"{index} lists no {SANDBOX_IMAGE!r} image: run `make images`")
+    if not set(HELPER_IMAGES) & set(refs):
+        raise ClusterError(f"{index} lists no {' or '.join(map(repr, HELPER_IMAGES))} image: run `make images`")
+    return Images([Path(entry["archive"]) for entry in entries], refs)

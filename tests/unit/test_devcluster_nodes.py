@@ -61,15 +61,22 @@ def test_images_index_needs_the_archives_and_a_pause_image(tmp_path):
     archive = tmp_path / "runtime.tar"
     archive.write_bytes(b"")
     index = tmp_path / "images.json"
-    index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)}]}))
+    entries = [{"name": "operator", "ref": "o:1", "archive": str(archive)}]
+    index.write_text(json.dumps({"images": entries}))
     with pytest.raises(ClusterError, match="no 'pause' image"):
         load_images(index)
     pause = tmp_path / "pause.tar"
     pause.write_bytes(b"")
-    index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)},
-                                            {"name": "pause", "ref": "p:3", "archive": str(pause)}]}))
+    entries.append({"name": "pause", "ref": "p:3", "archive": str(pause)})
+    index.write_text(json.dumps({"images": entries}))
     images = load_images(index)
-    assert (images.sandbox, images.helper, images.archives) == ("p:3", "r:1", [archive, pause])
+    assert (images.sandbox, images.helper, images.archives) == ("p:3", "o:1", [archive, pause])
+    entries.append({"name": "helper", "ref": "h:1", "archive": str(pause)})
+    index.write_text(json.dumps({"images": entries}))
+    assert load_images(index).helper == "h:1", "the Debian base when the index lists it"
+    index.write_text(json.dumps({"images": entries[1:2]}))
+    with pytest.raises(ClusterError, match="no 'helper' or 'operator' image"):
+        load_images(index)
 
 
 def test_with_real_nodes_the_apiserver_serves_on_the_gateway_with_endpoints(tmp_path):
