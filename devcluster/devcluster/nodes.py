@@ -154,6 +154,14 @@ def create_cgroup_root(network: Network, index: int) -> None:
                 (directory / name).write_text((directory.parent / name).read_text())
 
 
+def _cgroup_pids(root: Path) -> set[int]:
+    pids = set()
+    for procs in root.rglob("cgroup.procs"):
+        with contextlib.suppress(OSError):
+            pids.update(int(pid) for pid in procs.read_text().split())
+    return pids
+
+
 def kill_pods(network: Network, index: int, run_dir: Path) -> None:
     """Kill the node's containers and their shims (which outlive containerd by design), then remove the
     node's cgroups."""
@@ -163,15 +171,14 @@ def kill_pods(network: Network, index: int, run_dir: Path) -> None:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
             if argv[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in argv:
                 os.kill(int(proc.name), signal.SIGKILL)
-    for root in _cgroup_dirs(network, index):
-        if not root.is_dir():
-            continue
-        for procs in root.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError):
-                for pid in procs.read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-        time.sleep(0.2)
+    roots = [root for root in _cgroup_dirs(network, index) if root.is_dir()]
+    for pid in {pid for root in roots for pid in _cgroup_pids(root)}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # a killed process leaves its cgroups a moment later
+    while any(_cgroup_pids(root) for root in roots) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for root in roots:
         for directory in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             with contextlib.suppress(OSError):
                 directory.rmdir()
