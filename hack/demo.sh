@@ -75,12 +75,12 @@ fi
 NS=edgeloop-system
 echo "demo: installing the Helm chart: the operator and the model store run as pods on the real nodes"
 # The real nodes are labelled as GPU nodes and have none: their ONNX Runtime falls back to CPU, allowed here.
+# The store keeps its blobs on a PVC of the default StorageClass, k3s's local-path, as on k3s.
 helm upgrade --install edgeloop charts/edgeloop --namespace "$NS" --create-namespace \
   --set operator.replicas=1 \
-  --set store.persistence.mode=hostPath --set store.persistence.hostPath.node=edge-real-0 \
   --set 'workloadNamespaces={default}' --set config.acceleratorClasses.gpu.allowCpuFallback=true \
   --wait --timeout 300s >/dev/null
-kubectl get pods -n "$NS" -o wide
+kubectl get pods,pvc -n "$NS" -o wide
 
 # The host reaches Services through the first real node's kube-proxy, as a node would.
 STORE="http://$(kubectl get service edgeloop-store -n "$NS" -o jsonpath='{.spec.clusterIP}'):8000"

@@ -539,8 +539,10 @@ def status(cluster: Cluster) -> dict:
         "components": components,
     }
     if (network := _network(state)) is not None:
+        names = state.get("real_node_names", [])
         summary["real_nodes"] = [
-            {"index": index, "ip": network.node_ip(index), "host_path": str(nodes.host_path(cluster.run_dir, index))}
+            {"index": index, "name": names[index] if index < len(names) else None, "ip": network.node_ip(index),
+             "host_path": str(nodes.host_path(cluster.run_dir, index))}
             for index in range(state.get("real_nodes", 0))
         ]
     if summary["running"]:
