@@ -67,9 +67,11 @@ _FLAGS = [
 ]
 
 
-def add_arguments(parser: argparse.ArgumentParser, defaults: Limits, body_flag: str = "--max-body-bytes") -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, defaults: Limits, body_flag: str = "--max-body-bytes", body_help: str = ""
+) -> None:
     """The limit flags, with this server's defaults; `body_flag` renames --max-body-bytes (the store's is
-    --max-bytes)."""
+    --max-bytes), `body_help` says what its default means."""
     group = parser.add_argument_group("limits (see docs/security.md)")
     for flag, name, kind, help_text in _FLAGS:
         if name == "body_budget" and defaults.body_budget == 0:
@@ -77,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Limits, body_flag: 
         group.add_argument(
             body_flag if name == "max_body_bytes" else flag,
             dest=f"limit_{name}",
+            metavar="N" if kind is int else "S",
             type=_positive(kind),
             default=getattr(defaults, name),
-            help=help_text,
+            help=body_help if name == "max_body_bytes" and body_help else help_text,
         )
 
 

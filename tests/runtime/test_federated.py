@@ -26,6 +26,7 @@ from edgeloop_runtime.federated import secagg
 from edgeloop_runtime.federated.data import dirichlet_partition
 from edgeloop_runtime.federated.model import load, mlp
 from edgeloop_runtime.federated.transport import unpack
+from fed_processes import issue_certificates
 from sklearn.datasets import load_digits
 
 CLIENTS = 10
@@ -266,7 +267,7 @@ def test_secure_sum_equals_plain_sum_within_quantization_error(one_round, federa
     float32_error = np.abs(model_vector(plain.state / "final.onnx")).max() * 2**-23 * total * 2
     np.testing.assert_allclose(plain_sum, recomputed, atol=float32_error)
 
-    scale = secagg.quantization_scale(8.0, total)  # the default --quantization-bound
+    scale = secagg.quantization_scale(8.0, total, CLIENTS)  # the default --quantization-bound
     quantization_error = CLIENTS * 0.5 / scale
     assert np.abs(secure_sum - plain_sum).max() <= quantization_error + 2 * float32_error
     assert status["participants"] == {"selected": CLIENTS, "reported": CLIENTS, "dropped": 0}
@@ -279,8 +280,9 @@ def test_masked_upload_differs_from_the_update_and_looks_uniform(one_round):
     update = np.frombuffer(plain.proxy.uploads("/v1/update")["c0"][1], "<f4")  # c0's update (same seeds)
     assert len(payload) == 4 * len(update) + 64  # the masked vector, then public keys for the next round
     masked = np.frombuffer(payload[: 4 * len(update)], "<u4")
-    scale = secagg.quantization_scale(8.0, sum(h["examples"] for h, _ in secure.proxy.uploads("/v1/join").values()))
-    quantized = secagg.quantize(update * examples, scale)
+    joins = secure.proxy.uploads("/v1/join").values()
+    scale = secagg.quantization_scale(8.0, sum(h["examples"] for h, _ in joins), CLIENTS)
+    quantized = secagg.encode(update, examples, 8.0, scale)
 
     assert set(header) == {"metrics"}  # nothing but holdout metrics travels in the clear
     assert np.mean(masked == quantized) < 0.01
@@ -409,59 +411,10 @@ def test_restarted_aggregator_resumes_from_its_checkpoint(federation):
     assert all(client.returncode == 0 for client in run.clients.values())
 
 
-def issue_certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(name, key, issuer_name, issuer_key, ca=False, san=None, usage=None):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(issuer_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if usage:
-            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeloop test CA")])
-    files = {}
-    pem = serialization.Encoding.PEM
-    files["ca"] = directory / "ca.crt"
-    files["ca"].write_bytes(certificate("edgeloop test CA", ca_key, ca_name, ca_key, ca=True).public_bytes(pem))
-    for role, san, usage in [
-        ("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], ExtendedKeyUsageOID.SERVER_AUTH),
-        ("client", None, ExtendedKeyUsageOID.CLIENT_AUTH),
-    ]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[role] = directory / f"{role}.crt"
-        files[role].write_bytes(certificate(role, key, ca_name, ca_key, san=san, usage=usage).public_bytes(pem))
-        files[f"{role}-key"] = directory / f"{role}.key"
-        files[f"{role}-key"].write_bytes(
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-    return files
-
-
 def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
     import ssl
 
-    tls = issue_certificates(tmp_path)
+    tls = issue_certificates(tmp_path, clients=["c0", "c1", "c2"])  # C5: one certificate per client, CN = its id
     port = free_port()
     aggregator = runtime(
         "federated", "aggregate", "--model", str(federation / "m.onnx"), "--clients", "3", "--min-clients", "3",
@@ -482,9 +435,9 @@ def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
             "--tls-ca",
             str(tls["ca"]),
             "--tls-cert",
-            str(tls["client"]),
+            str(tls[f"c{i}"]),
             "--tls-key",
-            str(tls["client-key"]),
+            str(tls[f"c{i}-key"]),
             log=tmp_path / f"c{i}.log",
         )
         for i in range(3)
