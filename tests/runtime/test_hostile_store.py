@@ -200,3 +200,28 @@ def test_concurrent_good_duplicate_lying_and_abandoned_uploads(store, good_after
     stored = {p.name for p in (store.root / "sha256").iterdir()}
     assert {sha(d) for d in [*good, same]} <= stored
     assert not [name for name in stored if name.startswith(".")]
+
+
+def test_a_reader_that_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
+    store = start_store(tmp_path, "--idle-timeout", "1")
+    try:
+        data = os.urandom(40 << 20)  # more than the socket buffers of both ends hold
+        assert store.request("PUT", f"/sha256/{sha(data)}", data, AUTH, timeout=30)[0] == 201
+        baseline = threads_of(store.proc.pid)
+        readers = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", store.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /sha256/{sha(data)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(1024)  # the headers, then nothing more is read
+            readers.append(sock)
+        time.sleep(0.3)
+        assert threads_of(store.proc.pid) == baseline + 4  # sending, blocked on the readers
+        time.sleep(2.0)
+        assert threads_of(store.proc.pid) == baseline, "cut after the idle timeout"
+        status, _, body = store.request("GET", f"/sha256/{sha(data)}", timeout=30)
+        assert (status, len(body)) == (200, len(data))
+        for sock in readers:
+            sock.close()
+    finally:
+        store.stop()
