@@ -43,6 +43,15 @@ def good_afterwards(store):
     assert not list((store.root / "sha256").glob(".partial-*"))
 
 
+def wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def put_raw_head(port: int, path: str, headers: list[str]) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall((f"PUT {path} HTTP/1.1\r\nHost: x\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode())
@@ -207,7 +216,8 @@ def test_a_reader_that_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
     try:
         data = os.urandom(40 << 20)  # more than the socket buffers of both ends hold
         assert store.request("PUT", f"/sha256/{sha(data)}", data, AUTH, timeout=30)[0] == 201
-        baseline = threads_of(store.proc.pid)
+        baseline = 1  # the serving thread alone, once the upload's connection thread is gone
+        assert wait_for(lambda: threads_of(store.proc.pid) == baseline, 3)
         readers = []
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", store.port), timeout=5)
@@ -215,10 +225,10 @@ def test_a_reader_that_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
             sock.sendall(f"GET /sha256/{sha(data)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             sock.recv(1024)  # the headers, then nothing more is read
             readers.append(sock)
-        time.sleep(0.3)
-        assert threads_of(store.proc.pid) == baseline + 4  # sending, blocked on the readers
-        time.sleep(2.0)
-        assert threads_of(store.proc.pid) == baseline, "cut after the idle timeout"
+        assert wait_for(lambda: threads_of(store.proc.pid) == baseline + 4, 3)  # blocked on their readers
+        start = time.monotonic()
+        assert wait_for(lambda: threads_of(store.proc.pid) == baseline, 5), "cut after the idle timeout"
+        assert time.monotonic() - start > 0.5
         status, _, body = store.request("GET", f"/sha256/{sha(data)}", timeout=30)
         assert (status, len(body)) == (200, len(data))
         for sock in readers:
