@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -462,3 +463,35 @@ def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
                 process.kill()
     status = json.loads((tmp_path / "aggregator.log").read_text().strip().splitlines()[-1])
     assert status["phase"] == "Succeeded" and status["participants"]["reported"] == 3
+
+
+def test_an_aggregator_lost_with_its_node_resumes_from_the_store(federation, tmp_path):
+    """Issue 13 §2: the aggregator is killed mid-round and its state directory is gone (a new pod on another
+    node); the next one resumes after the last round the store holds, and the lost round is run again."""
+    token = "s3cret"
+    store_port = free_port()
+    store = runtime("store", "--root", str(tmp_path / "store"), "--host", "127.0.0.1", "--port", str(store_port),
+                    log=tmp_path / "store.log", env={"EDGELOOP_STORE_TOKEN": token})  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{store_port}/healthz")
+        flags = ["--store", f"http://127.0.0.1:{store_port}", "--checkpoint-ref", "ns.round.0f1e"]
+        run = Run(federation, "lost-node", *flags, rounds=4, aggregator_env={"EDGELOOP_STORE_TOKEN": token})
+        run.wait_until(lambda s: len(s.get("history", [])) >= 2 and s.get("stage") in ("share", "collect"))
+        run.aggregator.send_signal(signal.SIGKILL)
+        run.aggregator.wait()
+        saved = json.loads((tmp_path / "store" / "refs" / "ns.round.0f1e").read_text())
+        shutil.rmtree(run.state)  # the pod's emptyDir went with its node
+        run.aggregator = run.start_aggregator("aggregator-elsewhere.log")
+        code, status = run.finish()
+    finally:
+        store.kill()
+        store.wait()
+    log = run.log()
+    assert code == 0, log
+    assert f"resuming after round {saved['round']} from the store's ref ns.round.0f1e" in log
+    assert f"round {saved['round']} (train) open" not in log
+    assert [h["round"] for h in status["history"]] == [1, 2, 3, 4]
+    assert status["history"][: saved["round"]] == saved["history"]
+    assert all(client.returncode == 0 for client in run.clients.values())
+    refs = json.loads((tmp_path / "store" / "refs" / "ns.round.0f1e").read_text())
+    assert refs["phase"] == "Succeeded" and refs["result"] == status["result"]

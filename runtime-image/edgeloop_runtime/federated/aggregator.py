@@ -25,11 +25,8 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import io
-import json
 import logging
 import math
-import os
 import secrets
 import statistics
 import threading
@@ -41,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import secagg
+from .checkpoint import Checkpoints, StoreRef, Superseded, atomic_write
 from .model import load
 from .training import TrainConfig
 
@@ -70,6 +68,7 @@ class Settings:
     store_token: str | None = None
     store_context: object = None  # ssl.SSLContext trusting the store's CA, for https stores
     ca: object = None  # x509.Certificate: with it, clients' public keys must be signed by their certificates
+    checkpoint_ref: StoreRef | None = None  # also checkpoint to the store, to survive the pod and its node
 
 
 class JobFailed(RuntimeError):
@@ -198,9 +197,7 @@ class Aggregator:
     def __init__(self, settings: Settings, initial_model: bytes):
         self.settings = settings
         self.cond = threading.Condition()
-        self.weights_dir = settings.state_dir / "weights"
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = settings.state_dir / "checkpoint.json"
+        self.checkpoints = Checkpoints(settings.state_dir, settings.checkpoint_ref)
         # The graph never changes: clients download the model once, then only the weights of each round.
         self.model_bytes = initial_model
         self.model_sha = hashlib.sha256(initial_model).hexdigest()
@@ -215,12 +212,11 @@ class Aggregator:
             "reason": "",
             "participants": [],  # every client whose update went into a sum: who may evaluate
         }
-        if self.checkpoint_path.exists():
-            self.state = {**self.state, **json.loads(self.checkpoint_path.read_text())}
-            if self.state["model"] != self.model_sha:
-                raise ValueError(f"{settings.state_dir} holds a checkpoint of another model ({self.state['model']})")
-            self.weights = np.load(self.weights_dir / f"{self.state['weights']}.npy")
-            log.info("resuming after round %d from %s", self.state["round"], self.checkpoint_path)
+        found = self.checkpoints.load(self.model_sha)
+        if found is not None:
+            state, self.weights, where = found
+            self.state = {**self.state, **state}
+            log.info("resuming after round %d from %s", self.state["round"], where)
         else:
             self.weights = self.model.vector()
         self.weights_bytes = self.weights.astype("<f4").tobytes()
@@ -321,13 +317,17 @@ class Aggregator:
                 self._evaluate()
                 self._publish()
                 self.state["phase"] = "Succeeded"
-        except JobFailed as failure:
+        except (JobFailed, Superseded) as failure:
             log.error("failed: %s", failure)
             self.state["phase"], self.state["reason"] = "Failed", str(failure)
+            stale = isinstance(failure, Superseded)
+        else:
+            stale = False
         with self.cond:
             self.round = None
             self.cond.notify_all()
-        self._checkpoint()
+        if not stale:  # a stale aggregator leaves the newer one's checkpoint be
+            self._checkpoint()
         status = self.status()
         self.on_change(status)
         return status
@@ -533,7 +533,7 @@ class Aggregator:
     def _publish(self) -> None:
         data = self.model.export(self.weights)
         final = self.settings.state_dir / "final.onnx"
-        _atomic_write(final, data)
+        atomic_write(final, data)
         if self.settings.store:
             from ..store import upload
 
@@ -547,19 +547,8 @@ class Aggregator:
         log.info("published %s", uri)
 
     def _checkpoint(self) -> None:
-        """Weights first, then the checkpoint that names them, each by atomic rename: a crash leaves the old
-        checkpoint or the new one, never one that points at weights that are not there."""
-        sha = hashlib.sha256(self.weights_bytes).hexdigest()
-        path = self.weights_dir / f"{sha}.npy"
-        if not path.exists():
-            buffer = io.BytesIO()
-            np.save(buffer, self.weights)
-            _atomic_write(path, buffer.getvalue())
-        self.state["model"], self.state["weights"] = self.model_sha, sha
-        _atomic_write(self.checkpoint_path, json.dumps(self.state, indent=1).encode())
-        for old in self.weights_dir.glob("*.npy"):
-            if old != path:
-                old.unlink()
+        self.state["model"] = self.model_sha
+        self.checkpoints.save(self.state, self.weights)
 
     # --- what request threads do ----------------------------------------------------------------------------
 
@@ -725,10 +714,3 @@ class Aggregator:
         return r.members[client]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

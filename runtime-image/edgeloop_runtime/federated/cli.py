@@ -136,6 +136,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--store-token-file", type=Path, help="file with the store's bearer token (default: $EDGELOOP_STORE_TOKEN)"
     )
     agg.add_argument(
+        "--checkpoint-ref",
+        help="also checkpoint every round to the store as refs/NAME (needs --store), so that the Job's next pod, "
+        "on any node, resumes from it; unique to the round, e.g. <namespace>.<name>.<uid>",
+    )
+    agg.add_argument(
         "--store-ca-cert",
         type=Path,
         help="also trust this CA (PEM) for https:// stores and models, e.g. the in-cluster store's CA",
@@ -198,16 +203,21 @@ def run_aggregate(args: argparse.Namespace) -> int:
     from ..fetch import tls_context
     from .aggregator import Aggregator, Settings
     from .aggregator_http import serve
+    from .checkpoint import StoreRef
 
     if args.min_clients > args.clients or args.min_clients < 1:
         raise SystemExit("--min-clients must be between 1 and --clients")
     if args.max_examples < 1:
         raise SystemExit("--max-examples must be at least 1")
+    if args.checkpoint_ref and not args.store:
+        raise SystemExit("--checkpoint-ref needs --store")
     if args.strategy == "fedavg" and args.proximal_mu:
         raise SystemExit("--proximal-mu needs --strategy fedprox")
     token = (
         args.store_token_file.read_text().strip() if args.store_token_file else os.environ.get("EDGELOOP_STORE_TOKEN")
     )
+    store_context = tls_context(args.store_ca_cert) if args.store and args.store.startswith("https") else None
+    ref = StoreRef(args.store, args.checkpoint_ref, token or "", store_context) if args.checkpoint_ref else None
     settings = Settings(
         rounds=args.rounds,
         clients=args.clients,
@@ -231,8 +241,9 @@ def run_aggregate(args: argparse.Namespace) -> int:
         max_examples=args.max_examples,
         store=args.store,
         store_token=token,
-        store_context=tls_context(args.store_ca_cert) if args.store and args.store.startswith("https") else None,
+        store_context=store_context,
         ca=_load_ca(args.tls_ca),
+        checkpoint_ref=ref,
     )
     model = _initial_model(args.model, args.model_sha256, args.state_dir, args.store_ca_cert)
     agg = Aggregator(settings, model)
