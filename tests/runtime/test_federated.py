@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -363,11 +364,17 @@ def _wait_http(url: str, timeout: float = 20) -> None:
 
 @pytest.mark.parametrize("killed", [1, 3])
 def test_round_completes_when_clients_die_after_key_sharing(federation, killed):
-    run = Run(federation, f"dropouts-{killed}", rounds=2, deadline=6)
+    metrics_port = free_port()
+    # Round 3 waits stage-timeout for the dead clients to join, within its deadline.
+    flags = ("--metrics-port", str(metrics_port))
+    run = Run(federation, f"dropouts-{killed}", *flags, rounds=3, deadline=8, stage_timeout=3)
     victims = [f"c{i}" for i in range(killed)]
     run.wait_until(lambda s: len(s.get("history", [])) >= 1)  # round 1 completes with everyone
     for c in victims:
         run.proxy.kill_after[(c, "/v1/shares")] = run.clients[c]
+    run.wait_until(lambda s: len(s.get("history", [])) >= 2)
+    before = sum(len(b) for _, p, b in list(run.proxy.posts) if p == "/v1/update")  # answered before the scrape
+    exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     code, status = run.finish()
     assert code == 0, run.log()
     assert status["phase"] == "Succeeded"
@@ -379,6 +386,37 @@ def test_round_completes_when_clients_die_after_key_sharing(federation, killed):
     shared = [c for c, p, _ in run.proxy.posts if p == "/v1/shares"]
     assert all(shared.count(c) == 2 for c in victims)  # they did share their keys in round 2
     assert status["metrics"]["accuracy"] > 0.5
+
+    # Issue 15: the aggregator's own metrics, scraped while round 3 ran.
+    samples = prometheus_samples(exposition)
+    assert samples["edgeloop_federated_rounds", ()] == 3
+    assert samples["edgeloop_federated_rounds_completed", ()] >= 2
+    assert samples["edgeloop_federated_round", ()] >= 2
+    assert samples["edgeloop_federated_dropped_clients_total", ()] == killed
+    assert samples["edgeloop_federated_phase", (("phase", "Running"),)] == 1
+    assert samples["edgeloop_federated_clients", (("state", "selected"),)] == CLIENTS
+    assert 0 <= samples["edgeloop_federated_accuracy", ()] <= 1
+    received = samples["edgeloop_federated_received_bytes_total", (("endpoint", "/v1/update"),)]
+    uploads = sum(len(b) for _, p, b in run.proxy.posts if p == "/v1/update")
+    assert before <= received < uploads * 1.2  # bodies, plus request lines and headers
+    assert samples["edgeloop_federated_requests_total", (("code", "200"), ("endpoint", "/v1/shares"))] >= 2 * CLIENTS
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(name, sorted label pairs): value} of an exposition in the text format; every line must parse."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.startswith(("# HELP ", "# TYPE ")), line
+            continue
+        match = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+        assert match, line
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', match[2] or "")))
+        samples[match[1], labels] = float(match[3])
+    return samples
 
 
 def test_round_fails_explicitly_when_too_many_clients_die(federation):

@@ -1,14 +1,15 @@
 """The aggregator's HTTP(S) side: routes, client identity and limits; the logic lives in aggregator.py.
 
     GET  /v1/round?after=<id>   long poll for the next round          GET /v1/status   the status JSON
-    GET  /v1/model, /v1/weights  the graph (once), the round's weights  GET /healthz
+    GET  /v1/model, /v1/weights  the graph (once), the round's weights  GET /healthz, /metrics (Prometheus)
     POST /v1/join|shares|update|unmask|evaluate   4-byte length, JSON header, raw bytes (transport.pack)
 
 A client's identity is the subject CN of its verified certificate when the aggregator requires client
 certificates (--tls-ca): an `X-Edgeloop-Client` header that names anyone else is refused (403). Without mTLS the
 header is the identity, and nothing authenticates it. The server is a bounded_http server: connections,
 headers, bodies (at most the largest message the model's size allows) and their time are bounded, and one
-client has at most a few requests in flight.
+client has at most a few requests in flight. With --metrics-port, /metrics and /healthz are also served in
+plain HTTP on a port of their own, for scrapers that have no client certificate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import Counter
 from urllib.parse import parse_qs, urlsplit
 
 from ..bounded_http import BoundedHandler, BoundedHTTPServer, Limits, Refused
+from . import metrics
 from .aggregator import Aggregator, BadRequest, Conflict
 from .transport import unpack
 
@@ -39,18 +41,20 @@ REQUESTS_PER_CLIENT = 4  # in flight at once: a long poll and a blocking step, w
 DEFAULT_LIMITS = Limits(max_connections=1024, max_body_bytes=0, body_budget=256 << 20)  # body 0: from the model
 
 
-class AggregatorHandler(BoundedHandler):
+class MetricsHandler(BoundedHandler):
+    """/metrics and /healthz only: what the plain-HTTP metrics port serves (and the main port too)."""
+
     server_version = "edgeloop-aggregator"
     agg: Aggregator
-    mutual_tls: bool
-
-    def setup(self):
-        super().setup()
-        # Small request/response pairs: without this, Nagle + delayed ACKs add ~40 ms to many replies.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    counters: metrics.HTTPCounters
+    servers: list[BoundedHTTPServer]
 
     def log_message(self, fmt, *args):  # per-request lines would drown the round log
         log.debug(fmt, *args)
+
+    def send_response(self, code, message=None):
+        self.counters.request(getattr(self, "path", ""), code)
+        super().send_response(code, message)
 
     def refuse_body(self, status: int, message: str) -> None:
         self._reply(status, json.dumps({"error": message}).encode(), close=True)
@@ -66,6 +70,24 @@ class AggregatorHandler(BoundedHandler):
 
     def _json(self, code: int, obj) -> None:
         self._reply(code, json.dumps(obj).encode())
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        if path == "/healthz":
+            return self._json(200, {"ok": True})
+        if path == "/metrics":
+            text = metrics.render(self.agg, self.counters, self.servers).encode()
+            return self._reply(200, text, "text/plain; version=0.0.4; charset=utf-8")
+        self._json(404, {"error": "not found"})
+
+
+class AggregatorHandler(MetricsHandler):
+    mutual_tls: bool
+
+    def setup(self):
+        super().setup()
+        # Small request/response pairs: without this, Nagle + delayed ACKs add ~40 ms to many replies.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def identity(self) -> tuple[str, bytes]:
         """(client id, its certificate in DER or b""): from the verified certificate under mTLS."""
@@ -83,6 +105,7 @@ class AggregatorHandler(BoundedHandler):
     def _count(self, client: str, body_length: int) -> None:
         """Attribute what this request carried (request line, headers, body) to its client."""
         size = len(self.raw_requestline) + sum(len(k) + len(v) + 4 for k, v in self.headers.items()) + 2
+        self.counters.bytes_in(self.path, size + body_length)
         with self.agg.cond:
             if client and self.agg.round is not None:
                 self.agg.round.uploaded[client] += size + body_length
@@ -92,8 +115,8 @@ class AggregatorHandler(BoundedHandler):
 
     def do_GET(self):
         url = urlsplit(self.path)
-        if url.path == "/healthz":
-            return self._json(200, {"ok": True})
+        if url.path in ("/healthz", "/metrics"):
+            return super().do_GET()
         client, _ = self.identity()
         with self._in_flight(client):
             self._count(client, 0)
@@ -157,16 +180,31 @@ class _ClientSlot:
 
 
 def serve(
-    agg: Aggregator, host: str, port: int, tls: ssl.SSLContext | None = None, limits: Limits = DEFAULT_LIMITS
+    agg: Aggregator,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    metrics_port: int | None = None,
 ) -> BoundedHTTPServer:
-    """Start the HTTP(S) server in a daemon thread; the caller runs `agg.run()`. A body limit of 0 means the
-    largest message the model's size allows."""
+    """Start the HTTP(S) server (and the plain metrics port, as `.metrics_server`) in daemon threads; the caller
+    runs `agg.run()`. A body limit of 0 means the largest message the model's size allows."""
     if not limits.max_body_bytes:
         limits = Limits(**{**limits.__dict__, "max_body_bytes": agg.max_body_bytes})
+    servers: list[BoundedHTTPServer] = []
+    shared = {"agg": agg, "counters": metrics.HTTPCounters(), "servers": servers}
     mutual = tls is not None and tls.verify_mode == ssl.CERT_REQUIRED
-    handler = type("Handler", (AggregatorHandler,), {"agg": agg, "mutual_tls": mutual})
+    handler = type("Handler", (AggregatorHandler,), {**shared, "mutual_tls": mutual})
     server = BoundedHTTPServer((host, port), handler, limits, tls)
     server.clients_lock = threading.Lock()
     server.client_requests = Counter()
+    servers.append(server)
+    server.metrics_server = None
+    if metrics_port is not None:
+        plain = Limits(**{**limits.__dict__, "max_connections": 64, "max_body_bytes": 1})
+        metrics_handler = type("Metrics", (MetricsHandler,), shared)
+        server.metrics_server = BoundedHTTPServer((host, metrics_port), metrics_handler, plain)
+        servers.append(server.metrics_server)
+        server.metrics_server.serve_in_thread("aggregator-metrics")
     server.serve_in_thread("aggregator-http")
     return server

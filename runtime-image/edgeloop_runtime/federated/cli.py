@@ -122,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agg.add_argument("--host", default="0.0.0.0")
     agg.add_argument("--port", type=int, default=8080)
     agg.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve /metrics (Prometheus) and /healthz in plain HTTP on this port, for scrapers without a "
+        "client certificate (default: only on --port)",
+    )
+    agg.add_argument(
         "--state-dir",
         type=Path,
         default=Path("/var/lib/edgeloop/federated"),
@@ -250,10 +256,12 @@ def run_aggregate(args: argparse.Namespace) -> int:
     if args.status_file:
         agg.on_change = lambda status: _write_json(args.status_file, status)
     tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
-    server = serve(agg, args.host, args.port, tls, bounded_http.from_args(args, DEFAULT_LIMITS))
+    server = serve(agg, args.host, args.port, tls, bounded_http.from_args(args, DEFAULT_LIMITS), args.metrics_port)
     status = agg.run()
     time.sleep(args.linger)
-    server.shutdown()
+    for running in (server, server.metrics_server):
+        if running is not None:
+            running.shutdown()
     print(json.dumps(status), flush=True)  # the last line of the log: the operator's status source
     return 0 if status["phase"] == "Succeeded" else 1
 
