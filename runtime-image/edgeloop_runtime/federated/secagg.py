@@ -106,7 +106,10 @@ def recover(shares: Mapping[int, int], threshold: int, check, max_tries: int = 4
     try:
         secret = shamir_combine(shares, threshold)
         if check(secret):
-            return secret, wrong_shares(shares, threshold)
+            points = sorted(shares.items())
+            polynomial = _interpolate(points[:threshold])
+            agree = all(_horner(polynomial, x) == y for x, y in points)
+            return secret, [] if agree else wrong_shares(shares, threshold)
     except SecAggError:
         if len(shares) < threshold:
             raise
