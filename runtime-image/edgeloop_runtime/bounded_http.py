@@ -104,6 +104,21 @@ def _positive(kind):
     return parse
 
 
+def server_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """TLS for a server when it has a certificate; with a CA, clients must present a certificate it signed."""
+    if not cert:
+        if ca:
+            raise ValueError("a client CA needs a server certificate (--tls-cert, --tls-key)")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class Refused(Exception):
     """A request the server answers with `status` and closes: it broke a limit or is malformed."""
 

@@ -326,8 +326,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .federated.transport import server_context
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("EDGELOOP_STORE_TOKEN", "")
     if not token:
@@ -338,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     limits = bounded_http.from_args(args, DEFAULT_LIMITS)
     server = make_server(
-        args.root, token, args.host, args.port, server_context(args.tls_cert, args.tls_key, None), limits
+        args.root, token, args.host, args.port, bounded_http.server_context(args.tls_cert, args.tls_key, None), limits
     )
     log.info("serving %s on %s:%d%s", args.root, *server.server_address[:2], " (TLS)" if args.tls_cert else "")
     server.serve_forever()

@@ -712,5 +712,3 @@ class Aggregator:
         if client not in r.members:
             raise Conflict("this client did not join this round")
         return r.members[client]
-
-

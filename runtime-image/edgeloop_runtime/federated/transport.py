@@ -14,6 +14,8 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
+from ..bounded_http import server_context  # noqa: F401 - the aggregator's, like the store's
+
 
 class RoundGone(Exception):
     """The aggregator moved on (or restarted): the round this client was in no longer exists."""
@@ -37,21 +39,6 @@ def unpack(body: bytes) -> tuple[dict, bytes]:
     if not isinstance(header, dict):
         raise ValueError("the header must be a JSON object")
     return header, body[4 + n :]
-
-
-def server_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
-    """TLS for a server when it has a certificate; with a CA, clients must present a certificate it signed."""
-    if not cert:
-        if ca:
-            raise ValueError("a client CA needs a server certificate (--tls-cert, --tls-key)")
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    if ca:
-        context.load_verify_locations(ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def client_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
