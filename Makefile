@@ -7,14 +7,14 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test real-nodes demo demo-down clean \
-	bench-devcluster bench-serve bench-federated bench-operator-scale images
+	bench-devcluster bench-serve bench-federated bench-operator-scale images images-cuda images-multiarch
 
 all: test
 
 $(VENV)/.installed: pyproject.toml runtime-image/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]' -e './runtime-image'
+	$(BIN)/pip install --quiet -e '.[dev]' -e './runtime-image[cpu,tflite,federated]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -41,10 +41,20 @@ e2e: venv devcluster-build real-nodes
 test: venv devcluster-build lint real-nodes
 	$(BIN)/pytest
 
-# The runtime, operator and pause images as OCI archives in ~/.cache/edgeloop/images, built without a registry
-# (debootstrap base, buildah; needs root); rebuilt only when their inputs change. See docs/images.md.
+# The runtime flavours (cpu, openvino, federated), operator and pause images as OCI archives in
+# ~/.cache/edgeloop/images, built without a registry (debootstrap base, buildah; needs root); rebuilt only when
+# their inputs change. See docs/images.md.
 images: venv
 	$(BIN)/python images/build.py
+
+# The CUDA flavour: ~1.5 GB of CUDA and cuDNN wheels, so not part of `make images` (nor CI).
+images-cuda: venv
+	$(BIN)/python images/build.py --only runtime-cuda
+
+# Every image of `make images` for amd64 and arm64, one OCI image index each; arm64's RUN steps run under
+# qemu-user-static (installed and registered with binfmt_misc when missing), far too slow for CI.
+images-multiarch: venv
+	$(BIN)/python images/build.py --arch amd64,arm64
 
 # Real nodes' prerequisites (root: Debian's containerd, runc, CNI plugins; the images). Without root, says so.
 real-nodes: venv

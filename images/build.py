@@ -1,10 +1,11 @@
-"""`make images`: build edgeloop's runtime, operator and pause images locally, without a registry or a Docker
-engine, as OCI archives that `ctr -n k8s.io images import` loads into a node's containerd.
+"""`make images`: build edgeloop's runtime flavours, operator and pause images locally, without a registry or a
+Docker engine, as OCI archives that `ctr -n k8s.io images import` loads into a node's containerd.
 
 - base: a Debian bookworm root filesystem made by debootstrap from Debian's packages, slimmed like the
   debian:bookworm-slim image and committed as localhost/edgeloop/debian:bookworm-slim;
-- runtime, operator: their own Dockerfiles (the recipe registry users build too), run by `buildah bud` with
-  --build-arg BASE_IMAGE=<that base>; the Python dependencies come from PyPI;
+- runtime flavours (runtime, runtime-openvino, runtime-federated; runtime-cuda only when asked for, it is
+  big), operator: their own Dockerfiles (the recipe registry users build too), run by `buildah bud` with
+  --build-arg BASE_IMAGE=<that base> (and the flavour's EXTRAS); the Python dependencies come from PyPI;
 - pause: the pinned Kubernetes release's build/pause (pause.c and its Dockerfile), compiled as upstream does.
 
 Archives and images.json go to ${EDGELOOP_CACHE:-~/.cache/edgeloop}/images/. An image is rebuilt only when its
@@ -22,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import tomllib
@@ -37,6 +39,12 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 BASE_REF = f"localhost/edgeloop/debian:{DEBIAN_SUITE}-slim"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+ARCHES = ("amd64", "arm64")
+QEMU = {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}  # binfmt_misc entries of qemu-user-static
+CROSS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}  # gcc/strip prefixes for pause
+CROSS_PACKAGES = {"amd64": ["gcc-x86-64-linux-gnu", "libc6-dev-amd64-cross"],
+                  "arm64": ["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"]}  # fmt: skip
 
 # Run inside the debootstrapped tree (by `buildah run`, which provides /proc, /dev and DNS) before the base is
 # committed: what makes debian:bookworm-slim slim, and the release's updates and security updates.
@@ -90,12 +98,63 @@ rm -rf /usr/share/groff/* /usr/share/info/* /usr/share/linda/* /usr/share/lintia
 """
 
 
-# Commands that must succeed in each built image, run as the image's USER: it starts and finds its modules.
+# The runtime's flavours: the extras of runtime-image/pyproject.toml each one installs (its EXTRAS build arg).
+RUNTIMES = {
+    "runtime": "cpu,tflite",
+    "runtime-openvino": "openvino",
+    "runtime-federated": "federated",
+    "runtime-cuda": "cuda",
+}
+ON_REQUEST = ("runtime-cuda",)  # ~1.5 GB of CUDA and cuDNN wheels: `make images-cuda`, not CI
+ONE_ARCH = {"runtime-cuda": "amd64"}  # onnxruntime-gpu has no aarch64 wheel (Jetson needs NVIDIA's own builds)
+
+# Commands that must succeed in each built image, run as the image's USER: it starts, finds its modules and, for
+# a serving flavour, answers the digits model through its own backend code (images/smoke_model.py; the model
+# and the reference answer are mounted at /smoke).
+MODEL_CHECK = ("python", "/smoke/smoke_model.py", "check")
+OPENVINO_ON = '{"OpenVINOExecutionProvider": {"device_type": "%s"}}'
+RUNTIME_USER = "assert os.getuid() == 65532 == os.stat('/var/lib/edgeloop/models').st_uid"
 SMOKE = {
     "runtime": (
         ("edgeloop-runtime", "--help"),
-        ("python", "-c", "import os, onnxruntime, numpy, onnx, grpc, uvloop; assert os.getuid() == 65532"
-         " == os.stat('/var/lib/edgeloop/models').st_uid"),
+        ("python", "-c", f"import os, onnxruntime, numpy, grpc, uvloop, ai_edge_litert.interpreter; {RUNTIME_USER}"),
+        (*MODEL_CHECK, "--format", "onnx"),
+        (*MODEL_CHECK, "--format", "tflite"),
+    ),
+    "runtime-openvino": (
+        ("edgeloop-runtime", "--help"),
+        # The provider is there and runs the model (CPU standing in for an NPU); an NPU that is not there is
+        # refused, not silently replaced by the CPU.
+        (
+            *MODEL_CHECK,
+            "--providers",
+            "OpenVINOExecutionProvider",
+            "--provider-options",
+            OPENVINO_ON % "CPU",
+            "--tolerance",
+            "1e-4",
+        ),
+        (
+            *MODEL_CHECK,
+            "--providers",
+            "OpenVINOExecutionProvider",
+            "--provider-options",
+            OPENVINO_ON % "NPU",
+            "--refuse",
+        ),
+    ),
+    "runtime-federated": (
+        ("edgeloop-runtime", "federated", "--help"),
+        ("python", "-c", f"import os, onnx, cryptography, numpy; {RUNTIME_USER}"),
+    ),
+    "runtime-cuda": (
+        ("edgeloop-runtime", "--help"),
+        (
+            "python",
+            "-c",
+            "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p",
+        ),
+        (*MODEL_CHECK, "--providers", "CUDAExecutionProvider", "--refuse"),  # no GPU on the build machine
     ),
     "operator": (
         ("edgeloop", "operator", "--help"),
@@ -104,6 +163,7 @@ SMOKE = {
     "pause": (("/pause", "-v"),),  # prints the version compiled in and exits
 }
 NAMES = tuple(SMOKE)
+DEFAULT = tuple(name for name in NAMES if name not in ON_REQUEST)
 
 
 # --- pure helpers -------------------------------------------------------------------------------------------
@@ -264,15 +324,33 @@ def ensure_tools() -> None:
         run("apt-get", "install", "-y", "-q", *missing)
 
 
+def ensure_emulation(arches: list[str]) -> None:
+    """qemu-user-static registered with binfmt_misc, for RUN steps and smoke runs of foreign architectures."""
+    foreign = [arch for arch in arches if arch != HOST_ARCH]
+    if not foreign:
+        return
+    if not all(shutil.which(f"{QEMU[arch]}-static") for arch in foreign) or not shutil.which("update-binfmts"):
+        print("images: installing qemu-user-static and binfmt-support from Debian's packages", flush=True)
+        run("apt-get", "install", "-y", "-q", "qemu-user-static", "binfmt-support")
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "register").exists():
+        run("mount", "-t", "binfmt_misc", "binfmt_misc", binfmt)
+    for arch in foreign:
+        if not (binfmt / QEMU[arch]).exists():
+            run("update-binfmts", "--enable", QEMU[arch])
+
+
 def build_home() -> Path:
     """A HOME for the build's RUN steps, bind-mounted over /root (which the base has, so the mount leaves
     nothing in a layer): a pip.conf with the host pip's network settings and the CA bundle they name. The
     Dockerfiles and the images stay free of this machine's settings."""
     home = CACHE / "build-home"
-    shutil.rmtree(home, ignore_errors=True)
+    # Its .cache keeps pip's wheel cache from one build to the next (the flavours share most wheels).
+    shutil.rmtree(home / ".config", ignore_errors=True)
     (home / ".config" / "pip").mkdir(parents=True)
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=False, text=True,
-                             capture_output=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], check=False, text=True, capture_output=True
+    ).stdout
     settings = pip_settings(listing)
     if "cert" in settings:
         shutil.copyfile(settings["cert"], home / ".config" / "pip" / "ca.pem")
@@ -285,34 +363,43 @@ def build_home() -> Path:
 # --- the images ---------------------------------------------------------------------------------------------
 
 
-def build_base(force: bool) -> str:
-    """localhost/edgeloop/debian:bookworm-slim from debootstrap, unless built from the same recipe already;
-    returns its image ID."""
-    stamp = CACHE / "base.json"
+def base_ref(arch: str) -> str:
+    return BASE_REF if arch == HOST_ARCH else f"{BASE_REF}-{arch}"
+
+
+def build_base(force: bool, arch: str = HOST_ARCH) -> str:
+    """localhost/edgeloop/debian:bookworm-slim (-<arch> for a foreign architecture) from debootstrap, unless built
+    from the same recipe already; returns its image ID."""
+    ref = base_ref(arch)
+    suffix = "" if arch == HOST_ARCH else f"-{arch}"
+    stamp = CACHE / f"base{suffix}.json"
     recipe = base_recipe_digest()
     if not force and stamp.exists():
         recorded = json.loads(stamp.read_text())
-        if recorded["recipe"] == recipe and image_id(BASE_REF) == recorded["image_id"]:
+        if recorded["recipe"] == recipe and image_id(ref) == recorded["image_id"]:
             return recorded["image_id"]
     started = time.monotonic()
-    log = CACHE / "logs" / "base.log"
+    log = CACHE / "logs" / f"base{suffix}.log"
     log.unlink(missing_ok=True)
-    print(f"images: base {BASE_REF}: debootstrap --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR} (log: {log})",
-          flush=True)
+    print(
+        f"images: base {ref}: debootstrap --arch={arch} --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR} (log: {log})",
+        flush=True,
+    )
     container = buildah("from", "scratch", capture=True)
     mount = Path(buildah("mount", container, capture=True))
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-") as rootfs:
-        run("debootstrap", "--variant=minbase", DEBIAN_SUITE, rootfs, DEBIAN_MIRROR, log=log)
+        run("debootstrap", f"--arch={arch}", "--variant=minbase", DEBIAN_SUITE, rootfs, DEBIAN_MIRROR, log=log)
         run("cp", "-a", f"{rootfs}/.", mount)
     buildah("run", "--isolation", "chroot", "--network", "host", container, "--", "sh", "-c", BASE_SETUP, log=log)
     # debootstrap copied this machine's name and resolver in; a container gets both from its runtime.
     for name in ("etc/hostname", "etc/resolv.conf"):
         (mount / name).write_text("")
     created_by = f"debootstrap --variant=minbase {DEBIAN_SUITE} {DEBIAN_MIRROR}, slimmed by images/build.py"
-    buildah("config", "--env", f"PATH={DEFAULT_PATH}", "--cmd", "bash", "--created-by", created_by, container)
-    buildah("commit", "--rm", "--quiet", container, BASE_REF, capture=True)
-    base_id = image_id(BASE_REF)
-    stamp.write_text(json.dumps({"ref": BASE_REF, "recipe": recipe, "image_id": base_id}, indent=2) + "\n")
+    buildah("config", "--arch", arch, "--env", f"PATH={DEFAULT_PATH}", "--cmd", "bash", "--created-by", created_by,
+            container)  # fmt: skip
+    buildah("commit", "--rm", "--quiet", container, ref, capture=True)
+    base_id = image_id(ref)
+    stamp.write_text(json.dumps({"ref": ref, "recipe": recipe, "image_id": base_id}, indent=2) + "\n")
     print(f"images: base built in {time.monotonic() - started:.0f} s", flush=True)
     return base_id
 
@@ -325,22 +412,28 @@ class Plan:
     context: Path
     build_args: dict[str, str]
     inputs: str  # input_digest
+    arch: str = HOST_ARCH
 
 
-def app_plan(name: str, base_id: str) -> Plan:
-    """The runtime or the operator: its own Dockerfile on the debootstrap base."""
-    if name == "runtime":
-        dockerfile, context, pyproject = (REPO / "runtime-image" / "Dockerfile", REPO / "runtime-image",
-                                          REPO / "runtime-image" / "pyproject.toml")
+def app_plan(name: str, base_id: str, arch: str = HOST_ARCH) -> Plan:
+    """A runtime flavour or the operator: its own Dockerfile on the debootstrap base of `arch`."""
+    build_args = {"BASE_IMAGE": base_ref(arch)}
+    if name in RUNTIMES:
+        dockerfile, context, pyproject = (
+            REPO / "runtime-image" / "Dockerfile",
+            REPO / "runtime-image",
+            REPO / "runtime-image" / "pyproject.toml",
+        )
+        build_args["EXTRAS"] = RUNTIMES[name]
     else:
         dockerfile, context, pyproject = REPO / "operator" / "Dockerfile", REPO, REPO / "pyproject.toml"
     version = tomllib.loads(pyproject.read_text())["project"]["version"]
-    # Every stage must start from the base the build arg names, or the local build would need a registry.
-    if set(from_images(dockerfile.read_text())) != {"${BASE_IMAGE}"}:
-        sys.exit(f"images: every FROM in {dockerfile} must be ${{BASE_IMAGE}}")
-    build_args = {"BASE_IMAGE": BASE_REF}
+    # Every stage must start from the base the build arg names (or from nothing), or the local build would need
+    # a registry.
+    if not set(from_images(dockerfile.read_text())) <= {"${BASE_IMAGE}", "scratch"}:
+        sys.exit(f"images: every FROM in {dockerfile} must be ${{BASE_IMAGE}} or scratch")
     inputs = input_digest(dockerfile, copied_files(dockerfile, context), {**build_args, "base image": base_id})
-    return Plan(name, f"ghcr.io/edgeloop/{name}:{version}", dockerfile, context, build_args, inputs)
+    return Plan(name, f"ghcr.io/edgeloop/{name}:{version}", dockerfile, context, build_args, inputs, arch)
 
 
 def pause_source() -> tuple[Path, str, str]:
@@ -359,61 +452,155 @@ def pause_source() -> tuple[Path, str, str]:
     return pause, tag, version
 
 
-def pause_plan() -> tuple[Plan, list[str], Path]:
+def pause_plan(arch: str = HOST_ARCH) -> tuple[Plan, list[str], Path]:
     """Upstream's pause Dockerfile with BASE=scratch; also returns the gcc flags and pause.c."""
     source, tag, version = pause_source()
-    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
     cflags = pause_cflags(tag, version)
     build_args = {"BASE": "scratch", "ARCH": arch}
     # What the Dockerfile ADDs is compiled from pause.c, so pause.c and the flags are the inputs.
-    inputs = input_digest(source / "Dockerfile", {"linux/pause.c": source / "linux" / "pause.c"},
-                          {**build_args, "cflags": " ".join(cflags)})
-    plan = Plan("pause", f"localhost/edgeloop/pause:{tag}", source / "Dockerfile", CACHE / "pause-context",
-                build_args, inputs)
+    inputs = input_digest(
+        source / "Dockerfile",
+        {"linux/pause.c": source / "linux" / "pause.c"},
+        {**build_args, "cflags": " ".join(cflags)},
+    )
+    context = CACHE / "pause-context"
+    plan = Plan("pause", f"localhost/edgeloop/pause:{tag}", source / "Dockerfile", context, build_args, inputs, arch)
     return plan, cflags, source / "linux" / "pause.c"
 
 
-def build(plan: Plan, home: Path) -> dict:
-    """Builds the image, checks it runs and writes its OCI archive; returns its images.json entry."""
-    started = time.monotonic()
-    log = CACHE / "logs" / f"{plan.name}.log"
-    log.unlink(missing_ok=True)
-    print(f"images: building {plan.ref} (log: {log})", flush=True)
-    args = [arg for key, value in plan.build_args.items() for arg in ("--build-arg", f"{key}={value}")]
-    buildah("bud", "--isolation", "chroot", "--network", "host", "--pull=never", "--volume", f"{home}:/root",
-            *args, "--file", plan.dockerfile, "--tag", plan.ref, plan.context, log=log)
-    buildah("rmi", "--prune", capture=True)  # the stages' images and the ref's previous image
-    build_seconds = time.monotonic() - started
+def compile_pause(plan: Plan, cflags: list[str], pause_c: Path) -> None:
+    """pause.c compiled for the plan's architecture (a cross compiler from Debian's packages for a foreign one)."""
+    prefix = "" if plan.arch == HOST_ARCH else f"{CROSS[plan.arch]}-"
+    if not shutil.which(f"{prefix}gcc"):
+        run("apt-get", "install", "-y", "-q", *CROSS_PACKAGES[plan.arch])
+    binary = plan.context / "bin" / f"pause-linux-{plan.arch}"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    run(f"{prefix}gcc", *cflags, "-o", binary, pause_c)
+    run(f"{prefix}strip", binary)
 
-    container = buildah("from", "--pull=never", plan.ref, capture=True)
+
+def smoke_files() -> Path:
+    """The digits model, its input and plain onnxruntime's answer, for the runtime images' smoke runs."""
+    directory = CACHE / "smoke"
+    run(sys.executable, REPO / "images" / "smoke_model.py", "prepare", directory)
+    return directory
+
+
+def image_config(ref: str) -> dict:
+    return json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", ref, capture=True))
+
+
+def smoke_in_chroot(mount: Path, config: dict, commands: tuple, smoke: Path, log: Path) -> None:
+    """A foreign architecture's smoke run: chroot into the image's files (qemu through binfmt_misc), as its user,
+    with its environment, and without /sys, under which onnxruntime crashes in qemu (`buildah run` mounts it)."""
+    target = mount / "tmp" / "smoke"
+    shutil.copytree(smoke, target, dirs_exist_ok=True)
+    user = config.get("User") or "0:0"
+    environment = dict(item.split("=", 1) for item in config.get("Env") or [])
     try:
-        unpacked = tree_bytes(Path(buildah("mount", container, capture=True)))
-        for command in SMOKE[plan.name]:
-            buildah("run", "--isolation", "chroot", container, "--", *command, log=log)
+        for command in commands:
+            argv = [part.replace("/smoke/", "/tmp/smoke/") for part in command]
+            run("chroot", f"--userspec={user}", mount, *argv, log=log, env=environment)
+    finally:
+        shutil.rmtree(target)
+
+
+def build_arch(plan: Plan, tag: str, home: Path, smoke: Path | None, log: Path) -> dict:
+    """Builds one architecture's image under `tag` and smoke-runs it; its unpacked size and ID."""
+    args = [arg for key, value in plan.build_args.items() for arg in ("--build-arg", f"{key}={value}")]
+    buildah("bud", "--isolation", "chroot", "--network", "host", "--pull=never", "--arch", plan.arch,
+            "--volume", f"{home}:/root", *args, "--file", plan.dockerfile, "--tag", tag, plan.context,
+            log=log)  # fmt: skip
+    buildah("rmi", "--prune", capture=True)  # the stages' images and the tag's previous image
+    container = buildah("from", "--pull=never", "--arch", plan.arch, tag, capture=True)
+    try:
+        mount = Path(buildah("mount", container, capture=True))
+        unpacked = tree_bytes(mount)
+        if plan.arch == HOST_ARCH:
+            for command in SMOKE[plan.name]:
+                buildah("run", "--isolation", "chroot", "--volume", f"{smoke}:/smoke:ro", container, "--", *command,
+                        log=log)  # fmt: skip
+        else:
+            smoke_in_chroot(mount, image_config(tag), SMOKE[plan.name], smoke, log)
     finally:
         buildah("rm", container, capture=True)
+    return {"unpacked_bytes": unpacked, "image_id": "sha256:" + image_id(tag)}
 
-    archive = CACHE / f"{plan.name}.oci.tar"
+
+def archive_sizes(archive: Path) -> dict[str, int]:
+    """Per architecture, the bytes of an OCI archive's image: its manifest, config and (compressed) layers."""
+    with tarfile.open(archive) as tar:
+
+        def blob(digest: str) -> dict:
+            return json.load(tar.extractfile(f"blobs/sha256/{digest.split(':')[1]}"))
+
+        sizes = {}
+        manifests = json.load(tar.extractfile("index.json"))["manifests"]
+        if manifests and manifests[0]["mediaType"].endswith("image.index.v1+json"):  # an index inside the index
+            manifests = blob(manifests[0]["digest"])["manifests"]
+        for entry in manifests:
+            manifest = blob(entry["digest"])
+            arch = entry.get("platform", {}).get("architecture") or blob(manifest["config"]["digest"])["architecture"]
+            layers = sum(layer["size"] for layer in manifest["layers"])
+            sizes[arch] = entry["size"] + manifest["config"]["size"] + layers
+        return sizes
+
+
+def combined_inputs(plans: list[Plan]) -> str:
+    if len(plans) == 1:
+        return plans[0].inputs
+    joined = "\n".join(f"{plan.arch} {plan.inputs}" for plan in plans)
+    return "sha256:" + hashlib.sha256(joined.encode()).hexdigest()
+
+
+def build(plans: list[Plan], home: Path, smoke: Path | None) -> dict:
+    """Builds the image for each plan's architecture, checks each runs and writes one OCI archive (an image
+    index when there are several); returns its images.json entry."""
+    started = time.monotonic()
+    name, ref = plans[0].name, plans[0].ref
+    log = CACHE / "logs" / f"{name}.log"
+    log.unlink(missing_ok=True)
+    arches = [plan.arch for plan in plans]
+    print(f"images: building {ref} for {', '.join(arches)} (log: {log})", flush=True)
+    multi = len(plans) > 1
+    platforms = {plan.arch: build_arch(plan, f"{ref}-{plan.arch}" if multi else ref, home, smoke, log)
+                 for plan in plans}  # fmt: skip
+    build_seconds = time.monotonic() - started
+
+    archive = CACHE / f"{name}.oci.tar"
     partial = archive.with_suffix(".partial")
     partial.unlink(missing_ok=True)
     # The ref after the path becomes the index's org.opencontainers.image.ref.name: containerd names the
     # imported image by it.
-    buildah("push", "--quiet", "--format", "oci", plan.ref, f"oci-archive:{partial}:{plan.ref}", log=log)
+    if multi:
+        subprocess.run(["buildah", *storage_options(), "rmi", ref], capture_output=True, check=False)
+        subprocess.run(["buildah", *storage_options(), "manifest", "rm", ref], capture_output=True, check=False)
+        buildah("manifest", "create", ref, capture=True)
+        for arch in arches:
+            buildah("manifest", "add", ref, f"containers-storage:{ref}-{arch}", capture=True)
+        buildah("manifest", "push", "--quiet", "--all", "--format", "oci", ref, f"oci-archive:{partial}:{ref}",
+                log=log)  # fmt: skip
+    else:
+        buildah("push", "--quiet", "--format", "oci", ref, f"oci-archive:{partial}:{ref}", log=log)
     partial.rename(archive)
+    for arch, size in archive_sizes(archive).items():
+        platforms[arch]["bytes"] = size
+    main_arch = HOST_ARCH if HOST_ARCH in platforms else arches[0]
     return {
-        "name": plan.name,
-        "ref": plan.ref,
+        "name": name,
+        "ref": ref,
         "archive": str(archive),
         "bytes": archive.stat().st_size,
-        "unpacked_bytes": unpacked,
-        "image_id": "sha256:" + image_id(plan.ref),
-        "inputs": plan.inputs,
+        "unpacked_bytes": platforms[main_arch]["unpacked_bytes"],
+        "image_id": platforms[main_arch]["image_id"],
+        "platforms": platforms,
+        "inputs": combined_inputs(plans),
         "build_seconds": round(build_seconds, 1),
     }
 
 
-def up_to_date(entry: dict | None, plan: Plan) -> bool:
-    if not entry or entry.get("inputs") != plan.inputs or entry.get("ref") != plan.ref:
+def up_to_date(entry: dict | None, plans: list[Plan]) -> bool:
+    if not entry or entry.get("inputs") != combined_inputs(plans) or entry.get("ref") != plans[0].ref:
         return False
     archive = Path(entry["archive"])
     return archive.exists() and archive.stat().st_size == entry["bytes"]
@@ -421,42 +608,58 @@ def up_to_date(entry: dict | None, plan: Plan) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=NAMES, action="append", help="build only this image (repeatable)")
+    parser.add_argument("--only", choices=NAMES, action="append",
+                        help=f"build only this image (repeatable; default: {', '.join(DEFAULT)})")  # fmt: skip
+    parser.add_argument("--arch", default=HOST_ARCH,
+                        help=f"comma-separated architectures ({', '.join(ARCHES)}); more than one makes each archive "
+                             f"an OCI image index (default: {HOST_ARCH}, this machine's)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs did not change")
     options = parser.parse_args(argv)
-    names = options.only or list(NAMES)
+    names = options.only or list(DEFAULT)
+    arches = options.arch.split(",")
+    if unknown := set(arches) - set(ARCHES):
+        parser.error(f"unknown architecture(s) {sorted(unknown)}; known: {', '.join(ARCHES)}")
 
     ensure_tools()
+    ensure_emulation(arches)
     (CACHE / "logs").mkdir(parents=True, exist_ok=True)
     index = json.loads(INDEX.read_text()) if INDEX.exists() else {"images": []}
     entries = {entry["name"]: entry for entry in index["images"]}
     home = build_home()
-    base_id = build_base(options.force) if {"runtime", "operator"} & set(names) else None
+    needs_base = {*RUNTIMES, "operator"} & set(names)
+    base_ids = {arch: build_base(options.force, arch) for arch in arches} if needs_base else {}
+    smoke = smoke_files() if set(RUNTIMES) & set(names) else None
 
     rows = []
     for name in names:
         started = time.monotonic()
+        image_arches = [arch for arch in arches if ONE_ARCH.get(name, arch) == arch]
+        if not image_arches:
+            print(f"images: {name} exists for {ONE_ARCH[name]} only; skipped")
+            continue
         if name == "pause":
-            plan, cflags, pause_c = pause_plan()
+            pauses = [pause_plan(arch) for arch in image_arches]
+            plans = [plan for plan, _, _ in pauses]
         else:
-            plan = app_plan(name, base_id)
-        if not options.force and up_to_date(entries.get(name), plan):
+            plans = [app_plan(name, base_ids[arch], arch) for arch in image_arches]
+        if not options.force and up_to_date(entries.get(name), plans):
             rows.append((entries[name], "cached", time.monotonic() - started))
             continue
         if name == "pause":
-            shutil.rmtree(plan.context, ignore_errors=True)
-            binary = plan.context / "bin" / f"pause-linux-{plan.build_args['ARCH']}"
-            binary.parent.mkdir(parents=True)
-            run("gcc", *cflags, "-o", binary, pause_c)
-            run("strip", binary)
-        entries[name] = build(plan, home)
+            shutil.rmtree(plans[0].context, ignore_errors=True)
+            for plan, cflags, pause_c in pauses:
+                compile_pause(plan, cflags, pause_c)
+        entries[name] = build(plans, home, smoke)
         INDEX.write_text(json.dumps({"images": [entries[n] for n in NAMES if n in entries]}, indent=2) + "\n")
         rows.append((entries[name], "built", time.monotonic() - started))
 
     print(f"images: {INDEX}")
     for entry, state, seconds in rows:
-        print(f"  {entry['ref']:<34} {state:<6} {seconds:6.1f} s   archive {megabytes(entry['bytes']):>9}"
-              f"   unpacked {megabytes(entry['unpacked_bytes']):>9}   {entry['archive']}")
+        print(f"  {entry['ref']:<42} {state:<6} {seconds:6.1f} s   archive {megabytes(entry['bytes']):>9}   "
+              f"{entry['archive']}")  # fmt: skip
+        for arch, platform in sorted(entry.get("platforms", {}).items()):
+            print(f"      {arch:<6} layers {megabytes(platform['bytes']):>9}   "
+                  f"unpacked {megabytes(platform['unpacked_bytes']):>9}")  # fmt: skip
     return 0
 
 

@@ -1,6 +1,7 @@
 """Checks the archives `make images` wrote as a node would use them: a throwaway containerd (its own root, state
 and socket under /tmp) imports each one with `ctr -n k8s.io images import`, must list it under its full ref,
-and runs the image's smoke commands in a container with a read-only root filesystem. Needs root, containerd,
+and runs the image's smoke commands in a container with a read-only root filesystem (the smoke model that
+`make images` prepared mounted at /smoke). Needs root, containerd,
 ctr and runc; stops its containerd and removes its directory afterwards.
 
     python images/check_import.py [--keep]
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from build import INDEX, SMOKE
+from build import CACHE, INDEX, SMOKE
 
 CONFIG = """version = 2
 root = "{root}/root"
@@ -55,9 +56,22 @@ def main() -> int:
             print(f"{entry['ref']}: imported in {seconds:.1f} s, listed as {entry['ref']}: {'yes' if listed else 'NO'}")
             failures += not listed
             for number, command in enumerate(SMOKE[entry["name"]]):
+                smoke = f"type=bind,src={CACHE / 'smoke'},dst=/smoke,options=rbind:ro"
                 result = subprocess.run(
-                    [*ctr, "run", "--rm", "--read-only", entry["ref"], f"check-{entry['name']}-{number}", *command],
-                    capture_output=True, text=True, timeout=120,
+                    [
+                        *ctr,
+                        "run",
+                        "--rm",
+                        "--read-only",
+                        "--mount",
+                        smoke,
+                        entry["ref"],
+                        f"check-{entry['name']}-{number}",
+                        *command,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
                 )
                 print(f"  {' '.join(command)[:70]}: {'ok' if result.returncode == 0 else 'FAILED'}")
                 if result.returncode != 0:

@@ -1,12 +1,18 @@
 """bench/serve: edgeloop vs KServe's ModelServer vs MLServer vs raw onnxruntime, in one run, on one machine.
 
-    .venv/bin/python bench/serve/run.py [--seconds 5] [--models mlp,squeezenet,resnet50]
+    .venv/bin/python bench/serve/run.py [--seconds 5] [--models mlp,mlp-tflite,squeezenet,resnet50]
 
 Sets itself up: KServe and MLServer get their own venvs under bench/.venvs/ (their pins conflict), the
-digits MLP is trained there too. Every contender serves the same ONNX files with onnxruntime on CPU
-with the same thread settings, over the Open Inference Protocol v2 REST API; a closed-loop client
+digits MLP is trained there too, and written as a .tflite file with the same weights (mlp-tflite: edgeloop
+with LiteRT against raw LiteRT invoke()). Every contender serves the same ONNX files with onnxruntime on CPU
+with one intra-op thread per run, over the Open Inference Protocol v2 REST API; a closed-loop client
 (loadgen.py) drives each at concurrency 1 and 8. Prints req/s, p50, p99 and the ratios; writes JSON
 to bench/results/serve.json.
+
+Thread budget: edgeloop and raw onnxruntime get the same number of compute threads, one per core
+(--budget): edgeloop runs that many model instances of one intra-op thread; raw onnxruntime runs at most
+that many callers at once on one session (more callers than cores only take turns). KServe and MLServer
+run their single-process settings, one compute thread.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,10 +50,12 @@ PEER_PACKAGES = {
     "tools": ["scikit-learn", "skl2onnx", "onnxruntime"],
 }
 ONNX_LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-THREADS = 1  # onnxruntime intra-op threads, the same for every contender
+THREADS = 1  # onnxruntime intra-op threads per run, the same for every contender
+BUDGET = os.cpu_count() or 1  # compute threads for edgeloop (instances) and raw onnxruntime (callers)
 CONCURRENCY = (1, 8)
 # Per model: the largest request count per measurement (resnet50 is slow on one thread).
-MAX_REQUESTS = {"mlp": 50_000, "squeezenet": 2_000, "resnet50": 200}
+MAX_REQUESTS = {"mlp": 50_000, "mlp-tflite": 50_000, "squeezenet": 2_000, "resnet50": 200}
+RAW = ("onnxruntime", "litert")  # the libraries called in-process, for ONNX and tflite models
 ROUNDS = 4  # alternations of raw onnxruntime and edgeloop per measurement
 
 
@@ -65,14 +74,27 @@ def venv_python(name: str) -> Path:
 
 def build_models(directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    models = {"mlp": directory / "mlp.onnx"}
+    models = {"mlp": directory / "mlp.onnx", "mlp-tflite": directory / "mlp.tflite"}
     if not models["mlp"].exists():
         subprocess.run([venv_python("tools"), HERE / "build_mlp.py", models["mlp"]], check=True)
+    if not models["mlp-tflite"].exists():
+        models["mlp-tflite"].write_bytes(tflite_like(models["mlp"]))
     for name in ("squeezenet", "resnet50"):
         models[name] = directory / f"{name}.onnx"
         if not models[name].exists():
             shutil.copy(ONNX_LIGHT_MODELS / f"light_{name}.onnx", models[name])
     return models
+
+
+def tflite_like(onnx_mlp: Path) -> bytes:
+    """The digits MLP as a .tflite file with the same weights (skl2onnx names them coefficient*, intercepts*)."""
+    from edgeloop_runtime.backends.tflite_mlp import mlp
+
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(onnx_mlp).graph.initializer}
+    count = sum(name.startswith("coefficient") for name in weights)
+    suffixes = [""] + [str(i) for i in range(1, count)]
+    layers = [(weights[f"coefficient{s}"], weights[f"intercepts{s}"].ravel()) for s in suffixes]
+    return mlp(layers, softmax=True)
 
 
 def free_port() -> int:
@@ -103,8 +125,9 @@ def server(contender: str, model: Path, name: str, workdir: Path):
     if contender == "edgeloop":
         command = [
             sys.executable, "-m", "edgeloop_runtime.cli", "serve", "--model-path", str(model), "--model-name", name,
+            "--format", "tflite" if model.suffix == ".tflite" else "onnx",
             "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--threads", str(THREADS), "--log-level", "WARNING",
+            "--threads", str(THREADS), "--model-instances", str(BUDGET // THREADS), "--log-level", "WARNING",
         ]  # fmt: skip
     elif contender == "kserve":
         command = [venv_python("kserve"), HERE / "kserve_server.py", model, name, http_port, grpc_port, THREADS]
@@ -140,16 +163,21 @@ def server(contender: str, model: Path, name: str, workdir: Path):
 
 def sample(model: Path) -> tuple[str, np.ndarray]:
     """The model's single input name and a batch-1 input for it."""
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    (node,) = session.get_inputs()
-    shape = [d if isinstance(d, int) else 1 for d in node.shape]
-    return node.name, np.random.default_rng(0).random(shape, dtype=np.float32)
+    if model.suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        (detail,) = Interpreter(model_path=str(model)).get_input_details()
+        name, shape = detail["name"], [int(d) for d in detail["shape"]]
+    else:
+        (node,) = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()
+        name, shape = node.name, [d if isinstance(d, int) else 1 for d in node.shape]
+    return name, np.random.default_rng(0).random(shape, dtype=np.float32)
 
 
 def request_body(contender: str, model_name: str, input_name: str, x: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """JSON for the MLP (every contender's common ground); the binary extension for images where supported."""
     tensor = {"name": input_name, "datatype": "FP32", "shape": list(x.shape)}
-    binary = model_name != "mlp" and contender in ("edgeloop", "kserve")
+    binary = not model_name.startswith("mlp") and contender in ("edgeloop", "kserve")
     if not binary:
         body = json.dumps({"inputs": [{**tensor, "data": x.ravel().tolist()}]}).encode()
         return body, {"Content-Type": "application/json"}
@@ -159,30 +187,53 @@ def request_body(contender: str, model_name: str, input_name: str, x: np.ndarray
     return header + x.tobytes(), headers
 
 
-def raw_session(model: Path) -> ort.InferenceSession:
+def raw_calls(model: Path, input_name: str, x: np.ndarray) -> tuple[str, Callable[[], Callable[[], object]]]:
+    """The library called in-process, and a maker of per-thread calls that run one inference: onnxruntime threads
+    share one session; LiteRT's interpreter is not thread-safe, so each thread gets one (as edgeloop's do)."""
+    if model.suffix == ".tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        def make() -> Callable[[], object]:
+            interpreter = Interpreter(model_path=str(model), num_threads=THREADS)
+            interpreter.allocate_tensors()
+            index = interpreter.get_input_details()[0]["index"]
+            outputs = [d["index"] for d in interpreter.get_output_details()]
+
+            def call():
+                interpreter.set_tensor(index, x)
+                interpreter.invoke()
+                return [interpreter.get_tensor(i) for i in outputs]
+
+            return call
+
+        return "litert", make
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    feeds = {input_name: x}
+    return "onnxruntime", lambda: lambda: session.run(None, feeds)
 
 
-def measure_raw(session, feeds: dict, concurrency: int, seconds: float, max_requests: int) -> loadgen.Result:
-    """The limit: onnxruntime called in-process, `concurrency` threads sharing one session."""
-    for _ in range(3):
-        session.run(None, feeds)
+def measure_raw(make, concurrency: int, seconds: float, max_requests: int) -> loadgen.Result:
+    """The limit: the library called in-process by up to BUDGET threads; the result is reported at
+    `concurrency` (the requests a server would have in flight)."""
     latencies: list[float] = []
     count = [0]
     deadline = time.perf_counter() + seconds
 
     def loop():
+        call = make()
+        for _ in range(3):
+            call()
         while time.perf_counter() < deadline and count[0] < max_requests:
             count[0] += 1
             start = time.perf_counter()
-            session.run(None, feeds)
+            call()
             latencies.append(time.perf_counter() - start)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=loop) for _ in range(concurrency)]
+    threads = [threading.Thread(target=loop) for _ in range(min(concurrency, BUDGET))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -219,9 +270,11 @@ def run(models: dict[str, Path], contenders: list[str], seconds: float, workdir:
     rows = []
     for name, path in models.items():
         input_name, x = sample(path)
-        session = raw_session(path)
+        raw_name, make = raw_calls(path, input_name, x)
         limit = MAX_REQUESTS[name]
-        for contender in (c for c in contenders if c != "onnxruntime"):
+        # KServe and MLServer serve the ONNX files (their onnxruntime runtimes); the tflite MLP is edgeloop's.
+        servers = [c for c in contenders if c not in RAW and (c == "edgeloop" or path.suffix == ".onnx")]
+        for contender in servers:
             print(f"{name}: {contender} ...", flush=True)
             with server(contender, path, name, workdir) as port:
                 body, headers = request_body(contender, name, input_name, x)
@@ -230,14 +283,14 @@ def run(models: dict[str, Path], contenders: list[str], seconds: float, workdir:
                     if contender != "edgeloop" or "onnxruntime" not in contenders:
                         rows.append(row(name, contender, measure_http(port, request, c, seconds, limit, 20)))
                         continue
-                    # Raw onnxruntime and edgeloop alternate in short rounds, so that both meet the same
+                    # The raw library and edgeloop alternate in short rounds, so that both meet the same
                     # load from whatever else runs on the machine; the rounds are pooled.
                     raw, own = [], []
                     for i in range(ROUNDS):
-                        raw.append(measure_raw(session, {input_name: x}, c, seconds / ROUNDS, limit // ROUNDS))
+                        raw.append(measure_raw(make, c, seconds / ROUNDS, limit // ROUNDS))
                         warmup = 20 if i == 0 else 0
                         own.append(measure_http(port, request, c, seconds / ROUNDS, limit // ROUNDS, warmup))
-                    rows += [row(name, "edgeloop", merge(own)), row(name, "onnxruntime", merge(raw))]
+                    rows += [row(name, "edgeloop", merge(own)), row(name, raw_name, merge(raw))]
     return rows
 
 
@@ -256,7 +309,7 @@ def report(rows: list[dict]) -> str:
         own = find(rows, row["model"], "edgeloop", row["concurrency"])
         if row["contender"] == "edgeloop":
             versus = ""
-        elif row["contender"] == "onnxruntime":
+        elif row["contender"] in RAW:
             versus = f"p50 {own['p50_ms'] / row['p50_ms']:.2f}x of raw, req/s {own['rps'] / row['rps']:.2f}x"
         else:
             versus = f"req/s {own['rps'] / row['rps']:.2f}x, p50 {row['p50_ms'] / own['p50_ms']:.2f}x lower"
@@ -278,13 +331,26 @@ def report(rows: list[dict]) -> str:
         ratio = own["p50_ms"] / raw["p50_ms"]
         verdict = "met" if ratio <= 1.25 else "MISSED"
         lines.append(f"  squeezenet c=1: edgeloop p50 = {ratio:.2f}x raw onnxruntime (target <= 1.25x): {verdict}")
+    for c in CONCURRENCY:
+        onnx_mlp, tflite_mlp = find(rows, "mlp", "edgeloop", c), find(rows, "mlp-tflite", "edgeloop", c)
+        if onnx_mlp and tflite_mlp:
+            p50, rps = tflite_mlp["p50_ms"] / onnx_mlp["p50_ms"], tflite_mlp["rps"] / onnx_mlp["rps"]
+            verdict = "met" if p50 <= 1.1 and rps >= 1 / 1.1 else "MISSED"
+            lines.append(f"  mlp-tflite c={c}: edgeloop's tflite MLP p50 = {p50:.2f}x, req/s = {rps:.2f}x its onnx "
+                         f"MLP's (target within 1.1x): {verdict}")  # fmt: skip
+    for model in ("squeezenet", "resnet50"):
+        own, raw = find(rows, model, "edgeloop", 8), find(rows, model, "onnxruntime", 8)
+        if own and raw:
+            ratio = own["rps"] / raw["rps"]
+            verdict = "met" if ratio >= 0.9 else "MISSED"
+            lines.append(f"  {model} c=8: edgeloop req/s = {ratio:.2f}x raw onnxruntime (target >= 0.9x): {verdict}")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement (default %(default)s)")
-    parser.add_argument("--models", default="mlp,squeezenet,resnet50")
+    parser.add_argument("--models", default="mlp,mlp-tflite,squeezenet,resnet50")
     parser.add_argument("--contenders", default="edgeloop,kserve,mlserver,onnxruntime")
     args = parser.parse_args()
     contenders = args.contenders.split(",")
@@ -294,7 +360,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         rows = run(models, contenders, args.seconds, Path(workdir))
     text = report(rows)
-    print(f"\n{os.cpu_count()} CPUs, onnxruntime {ort.__version__}, {THREADS} intra-op thread(s) everywhere\n")
+    print(
+        f"\n{os.cpu_count()} CPUs, onnxruntime {ort.__version__}, {THREADS} intra-op thread(s) per run everywhere; "
+        f"thread budget {BUDGET}: edgeloop {BUDGET // THREADS} model instance(s), raw onnxruntime up to {BUDGET} "
+        "caller(s) on one session; KServe and MLServer one process, one compute thread\n"
+    )
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(rows, indent=2))

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from devcluster import build, cluster, nodes, pin
+from devcluster import addons, build, cluster, nodes, offline, pin
 from devcluster.fleet import load_fleet
 
 
@@ -18,6 +18,8 @@ def _cluster(args) -> cluster.Cluster:
 
 def cmd_build(args) -> int:
     print(build.build(force=args.force))
+    for name in addons.ADDONS:
+        print(addons.build(name))
     return 0
 
 
@@ -26,12 +28,24 @@ def cmd_pin(args) -> int:
     return 0
 
 
+def _group_count(text: str) -> tuple[str, int]:
+    name, _, count = text.partition("=")
+    if not count.isdigit():
+        raise argparse.ArgumentTypeError(f"expected GROUP=N, got {text!r}")
+    return name, int(count)
+
+
 def cmd_up(args) -> int:
     fleet = load_fleet(args.fleet)
-    if args.nodes is not None:
-        fleet = fleet.scaled_to(args.nodes)
-    if args.real_nodes is not None:
-        fleet = fleet.with_real_nodes(args.real_nodes)
+    try:
+        if args.nodes is not None:
+            fleet = fleet.scaled_to(args.nodes)
+        if args.real_nodes is not None:
+            fleet = fleet.with_real_nodes(args.real_nodes)
+        if args.scale:
+            fleet = fleet.with_counts(dict(args.scale))
+    except ValueError as error:
+        raise cluster.ClusterError(str(error)) from None
     target = _cluster(args)
     with target.locked():
         cluster.up(target, build.build(), fleet, timeout=args.timeout, images=args.images)
@@ -69,6 +83,12 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    offline.set_offline(_cluster(args), args.names, args.state == "offline", wait=args.wait)
+    print(f"devcluster: {', '.join(args.names)} {args.state}")
+    return 0
+
+
 def cmd_kubectl(args) -> int:
     """Run the pinned kubectl against this cluster."""
     kubectl = str(build.bin_dir() / "kubectl")
@@ -94,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, help="scale the simulated fleet to N nodes in all, keeping its mix of groups")
     p.add_argument("--real-nodes", type=int, metavar="N",
                    help="run N real nodes (kubelet, kube-proxy, containerd; needs root and `make images`)")
+    p.add_argument("--scale", type=_group_count, action="append", metavar="GROUP=N",
+                   help="set a group's count, e.g. --scale edge-real-npu=1 (a real NPU node), --scale edge-arm64=2")
     p.add_argument("--images", type=Path, metavar="FILE",
                    help=f"the images index real nodes import (default: {nodes.IMAGES_INDEX})")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for every node to be Ready")
@@ -105,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         func=cmd_status)
     sub.add_parser("kubeconfig", help="print the admin kubeconfig's path").set_defaults(func=cmd_kubeconfig)
     sub.add_parser("env", help="print shell exports for KUBECONFIG and PATH").set_defaults(func=cmd_env)
+    p = sub.add_parser("node", help="take nodes offline (cut off from the control plane) or bring them back")
+    p.add_argument("state", choices=["offline", "online"])
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="wait until the API shows it: Ready no longer True (offline; ~30 s) or True (online)")
+    p.set_defaults(func=cmd_node)
     p = sub.add_parser("kubectl", help="run the pinned kubectl against the cluster")
     p.add_argument("kubectl_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_kubectl)

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import yaml
 
-from devcluster import nodes, pki
+from devcluster import addons, nodes, pki
 from devcluster.build import KWOK_STAGES
 from devcluster.errors import ClusterError
 from devcluster.fleet import Fleet, node_manifests, runtime_class_manifests
 
+KWOK_EDGE_STAGES = nodes.MANIFESTS / "kwok-stages.yaml"  # beside kwok's defaults: offline nodes
 STATE_ROOT = Path(os.environ.get("DEVCLUSTER_HOME", Path.home() / ".local" / "state" / "edgeloop" / "devcluster"))
 SERVICE_CIDR = "10.96.0.0/16"
 
@@ -47,8 +48,6 @@ AUDIT_POLICY = {
         {"level": "Metadata"},
     ],
 }
-
-
 
 
 @dataclass(frozen=True)
@@ -243,6 +242,9 @@ def component_commands(
             # The default client rate limits (20 QPS) would make a 1000-node DaemonSet rollout wait on the
             # controller rather than on the API server.
             "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-daemonset-syncs=10",
+            # A node whose lease is not renewed for 30 s (3 missed renewals; upstream waits 50 s) is marked
+            # unreachable, so that tests of offline nodes wait less.
+            "--node-monitor-grace-period=30s",
         ],
         "kube-scheduler": [
             str(bin_dir / "kube-scheduler"), *authn("kube-scheduler"),
@@ -251,6 +253,7 @@ def component_commands(
         ],
         "kwok": [
             str(bin_dir / "kwok"), f"--kubeconfig={kc / 'kwok.kubeconfig'}", f"--config={bin_dir / KWOK_STAGES}",
+            f"--config={KWOK_EDGE_STAGES}",
             "--manage-all-nodes=false", "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1", "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
@@ -264,6 +267,11 @@ def component_commands(
 
 def _apiserver(state: dict, run_dir: Path) -> Api:
     return Api(state.get("host", "127.0.0.1"), state["ports"]["apiserver"], run_dir / "pki")
+
+
+def connect(cluster: Cluster) -> Api:
+    """An admin client of a running cluster's apiserver."""
+    return _apiserver(cluster.state(), cluster.run_dir)
 
 
 def _network(state: dict) -> nodes.Network | None:
@@ -323,7 +331,8 @@ def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, lo
     if real:
         images_index = nodes.load_images(images)  # fail before anything starts
         network = nodes.allocate_network()
-        state |= {"network": network.slot, "host": network.gateway, "real_nodes": len(real)}
+        state |= {"network": network.slot, "host": network.gateway, "real_nodes": len(real),
+                  "real_node_names": [name for name, _ in real]}
         cluster.state_file.write_text(json.dumps(state, indent=2))  # so that `down` removes the bridge
         nodes.setup_bridge(network)
     pki.write_pki(run_dir / "pki", **({"service_ip": network.service_ip, "extra_ips": [network.gateway]}
@@ -367,6 +376,7 @@ def start_real_nodes(cluster: Cluster, state: dict, api: Api, network: nodes.Net
     run_dir, bin_dir = cluster.run_dir, Path(state["bin_dir"])
     server = f"https://{network.gateway}:{state['ports']['apiserver']}"
     start_cluster_dns(cluster, state, api, network, server)
+    start_local_path(cluster, state, api, server, images.helper, log)
     for index, (name, group) in enumerate(real):
         started = time.monotonic()
         node = nodes.RealNode(name, index, network, run_dir)
@@ -389,8 +399,7 @@ def start_cluster_dns(cluster: Cluster, state: dict, api: Api, network: nodes.Ne
     resolve Service names through kube-proxy as on any cluster, with no image and no registry."""
     run_dir = cluster.run_dir
     for manifest in yaml.safe_load_all((nodes.MANIFESTS / "coredns-rbac.yaml").read_text()):
-        kind = manifest["kind"].lower() + "s"
-        _create(api, f"/apis/rbac.authorization.k8s.io/v1/{kind}", manifest)
+        create_manifest(api, manifest)
     pki.issue_client(run_dir / "pki", "coredns", "system:coredns")
     pki.write_kubeconfig(run_dir / "kubeconfigs" / "coredns.kubeconfig", server, run_dir / "pki", "coredns")
     ports = {name: free_port() for name in ("coredns-health", "coredns-ready")}
@@ -421,6 +430,25 @@ def start_cluster_dns(cluster: Cluster, state: dict, api: Api, network: nodes.Ne
     })
 
 
+def start_local_path(cluster: Cluster, state: dict, api: Api, server: str, helper_image: str, log) -> None:
+    """k3s's local-path provisioner as a host process, and its default StorageClass `local-path`
+    (manifests/local-path.yaml). Its helper pods, which make and remove the volumes' directories on a node,
+    run `helper_image`: there is no registry, and k3s's busybox is not among the images the nodes have."""
+    run_dir = cluster.run_dir
+    binary = addons.build("local-path-provisioner", log)
+    manifests = (nodes.MANIFESTS / "local-path.yaml").read_text().replace("HELPER_IMAGE", helper_image)
+    for manifest in yaml.safe_load_all(manifests):
+        create_manifest(api, manifest)
+    pki.issue_client(run_dir / "pki", "local-path-provisioner", "system:local-path-provisioner")
+    kubeconfig = run_dir / "kubeconfigs" / "local-path-provisioner.kubeconfig"
+    pki.write_kubeconfig(kubeconfig, server, run_dir / "pki", "local-path-provisioner")
+    argv = [str(binary), "start", f"--kubeconfig={kubeconfig}", "--namespace=kube-system",
+            "--configmap-name=local-path-config", "--service-account-name=local-path-provisioner-service-account",
+            "--provisioner-name=rancher.io/local-path", f"--helper-image={helper_image}"]
+    state["processes"].append(start_process("local-path-provisioner", argv, run_dir / "logs"))
+    cluster.state_file.write_text(json.dumps(state, indent=2))
+
+
 def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> None:
     """Create the fleet's simulated nodes that do not exist yet, give real nodes their extended resources,
     and wait until every node is Ready."""
@@ -436,7 +464,7 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
 
         def all_ready() -> bool:
             status, body = api.request("GET", "/api/v1/nodes")
-            ready = {item["metadata"]["name"] for item in body.get("items", []) if _is_ready(item)}
+            ready = {item["metadata"]["name"] for item in body.get("items", []) if is_ready(item)}
             for item in body.get("items", []):
                 name, node_status = item["metadata"]["name"], item["status"]
                 if name not in ready or name not in extended:
@@ -456,6 +484,24 @@ def ensure_fleet(cluster: Cluster, fleet: Fleet, timeout: float, log=print) -> N
         api.close()
 
 
+# Where the kinds devcluster creates live in the API: (path prefix, plural, namespaced).
+KINDS = {
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "StorageClass": ("/apis/storage.k8s.io/v1", "storageclasses", False),
+}
+
+
+def create_manifest(api: Api, manifest: dict) -> bool:
+    prefix, plural, namespaced = KINDS[manifest["kind"]]
+    namespace = f"/namespaces/{manifest['metadata']['namespace']}" if namespaced else ""
+    return _create(api, f"{prefix}{namespace}/{plural}", manifest)
+
+
 def _create(api: Api, path: str, manifest: dict) -> bool:
     """Create `manifest`; False if it exists already, which is what we want."""
     status, body = api.request("POST", path, manifest)
@@ -464,7 +510,7 @@ def _create(api: Api, path: str, manifest: dict) -> bool:
     return status == 201
 
 
-def _is_ready(node: dict) -> bool:
+def is_ready(node: dict) -> bool:
     conditions = node.get("status", {}).get("conditions", [])
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
@@ -493,7 +539,7 @@ def status(cluster: Cluster) -> dict:
             code, body = api.request("GET", "/api/v1/nodes")
             if code == 200:
                 items = body["items"]
-                summary["nodes"] = {"total": len(items), "ready": sum(_is_ready(n) for n in items)}
+                summary["nodes"] = {"total": len(items), "ready": sum(is_ready(n) for n in items)}
         finally:
             api.close()
     return summary

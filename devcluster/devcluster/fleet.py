@@ -58,12 +58,23 @@ class Fleet(BaseModel):
         return self.model_copy(update={"groups": [scaled.get(id(g), g) for g in self.groups]})
 
     def with_real_nodes(self, count: int) -> Fleet:
-        """The fleet with `count` real nodes: the count of its (single) kubelet group."""
-        real = [group for group in self.groups if group.runtime == "kubelet"]
-        if len(real) != 1:
-            raise ValueError(f"--real-nodes needs a fleet with exactly one group of runtime kubelet, not {len(real)}")
-        groups = [g.model_copy(update={"count": count}) if g is real[0] else g for g in self.groups]
-        return self.model_copy(update={"groups": groups})
+        """The fleet with `count` real nodes in its first group of runtime kubelet (the default fleet's
+        GPU-labelled `edge-real`)."""
+        real = [group.name for group in self.groups if group.runtime == "kubelet"]
+        if not real:
+            raise ValueError("--real-nodes needs a fleet with a group of runtime kubelet")
+        return self.with_counts({real[0]: count})
+
+    def with_counts(self, counts: dict[str, int]) -> Fleet:
+        """The fleet with the named groups' counts changed (e.g. {"edge-real-npu": 1, "edge-arm64": 2})."""
+        unknown = set(counts) - {group.name for group in self.groups}
+        if unknown:
+            raise ValueError(f"the fleet has no group {', '.join(sorted(unknown))}")
+        if any(count < 0 for count in counts.values()):
+            raise ValueError("a group's count cannot be negative")
+        return self.model_copy(update={"groups": [
+            group.model_copy(update={"count": counts[group.name]}) if group.name in counts else group
+            for group in self.groups]})
 
     def real_nodes(self) -> list[tuple[str, NodeGroup]]:
         """(name, group) of every real node, in order: the node's index is its position here."""
@@ -91,6 +102,14 @@ def node_manifests(fleet: Fleet) -> list[dict]:
         capacity = {**BASE_CAPACITY, **group.capacity}
         for index in range(group.count):
             name = f"{group.name}-{index}"
+            labels = {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "type": "kwok",
+                "edgeloop.io/node-group": group.name,
+                **group.labels,
+            }
             nodes.append(
                 {
                     "apiVersion": "v1",
@@ -98,17 +117,11 @@ def node_manifests(fleet: Fleet) -> list[dict]:
                     "metadata": {
                         "name": name,
                         "annotations": dict(KWOK_ANNOTATION),
-                        "labels": {
-                            "kubernetes.io/hostname": name,
-                            "kubernetes.io/os": "linux",
-                            "kubernetes.io/arch": "amd64",
-                            "type": "kwok",
-                            "edgeloop.io/node-group": group.name,
-                            **group.labels,
-                        },
+                        "labels": labels,
                     },
                     "spec": {"taints": [taint.model_dump() for taint in group.taints]},
-                    "status": {"capacity": capacity, "allocatable": capacity},
+                    "status": {"capacity": capacity, "allocatable": capacity, "nodeInfo": {
+                        "architecture": labels["kubernetes.io/arch"], "operatingSystem": "linux"}},
                 }
             )
     return nodes

@@ -30,7 +30,8 @@ from devcluster.errors import ClusterError
 CNI_BIN_DIR = Path("/usr/lib/cni")
 MANIFESTS = Path(__file__).parent / "manifests"
 HOST_PATH = Path("/var/lib/edgeloop")  # the node contract's root; each node mounts its own directory here
-NODE_PRIVATE_DIRS = ("/var/log/pods", "/var/log/containers", "/var/lib/cni")
+# k3s's local-path storage (see manifests/local-path.yaml) too: each node's volumes are its own.
+NODE_PRIVATE_DIRS = ("/var/log/pods", "/var/log/containers", "/var/lib/cni", "/var/lib/rancher/k3s/storage")
 RUNTIME_UID = 65532  # the runtime image's user: it writes the model cache
 CLUSTER_DOMAIN = "cluster.local"
 # What a real node needs on the host (Debian: containerd runc containernetworking-plugins iptables conntrack).
@@ -419,12 +420,16 @@ def import_images(node: RealNode, archives: list[Path]) -> None:
 
 IMAGES_INDEX = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop")) / "images" / "images.json"
 SANDBOX_IMAGE = "pause"  # the images index entry that containerd runs as every pod's sandbox
+# The entry whose image runs the local-path provisioner's helper pods: every real node has it (it runs
+# the models), and it has a shell and coreutils (k3s runs busybox, which the nodes do not have).
+HELPER_IMAGE = "runtime"
 
 
 @dataclass(frozen=True)
 class Images:
     archives: list[Path]
     sandbox: str  # the pause image's reference
+    helper: str  # the local-path provisioner's helper image's reference
 
 
 def load_images(index: Path | None = None) -> Images:
@@ -437,7 +442,8 @@ def load_images(index: Path | None = None) -> Images:
     missing = [entry["archive"] for entry in entries if not Path(entry["archive"]).exists()]
     if missing:
         raise ClusterError(f"image archives listed in {index} are missing ({', '.join(missing)}): run `make images`")
-    sandbox = [entry["ref"] for entry in entries if entry["name"] == SANDBOX_IMAGE]
-    if not sandbox:
-        raise ClusterError(f"{index} lists no {SANDBOX_IMAGE!r} image: run `make images`")
-    return Images([Path(entry["archive"]) for entry in entries], sandbox[0])
+    refs = {entry["name"]: entry["ref"] for entry in entries}
+    for name in (SANDBOX_IMAGE, HELPER_IMAGE):
+        if name not in refs:
+            raise ClusterError(f"{index} lists no {name!r} image: run `make images`")
+    return Images([Path(entry["archive"]) for entry in entries], refs[SANDBOX_IMAGE], refs[HELPER_IMAGE])

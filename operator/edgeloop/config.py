@@ -1,4 +1,4 @@
-"""Operator configuration: the runtime image, the node cache, the accelerator classes, the model store.
+"""Operator configuration: the runtime images, the node cache, the accelerator classes, the model store.
 
 Built-in defaults live here and only here. A YAML or JSON file (the Helm chart's values, rendered into a
 ConfigMap) is merged over them: top-level keys replace the defaults; under `acceleratorClasses`, each class
@@ -23,6 +23,8 @@ from edgeloop.api.common import Toleration
 from edgeloop.api.inferencemodel import AcceleratorClassName
 
 CPU_EXECUTION_PROVIDER = "CPUExecutionProvider"
+
+ImagePullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,16 @@ class AcceleratorClass(_Config):
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for taints that mark this class's nodes."
+    )
+    image: str = Field(
+        default="",
+        max_length=512,
+        description="The runtime image of this class's variants: a flavour whose ONNX Runtime has this class's "
+        "execution providers (runtime-cuda for CUDA, runtime-openvino for OpenVINO). Empty: runtimeImage. An "
+        "InferenceModel's spec.runtime.image replaces it for every variant of that model.",
+    )
+    image_pull_policy: ImagePullPolicy | None = Field(
+        default=None, description="imagePullPolicy of this class's variants; unset: imagePullPolicy."
     )
 
     @field_validator("execution_providers")
@@ -107,8 +119,11 @@ class TLSConfig(_Config):
 
 
 class OperatorConfig(_Config):
-    runtime_image: str = Field(description="Default image of the edgeloop runtime.")
-    image_pull_policy: str = "IfNotPresent"
+    runtime_image: str = Field(
+        description="Default image of the edgeloop runtime (the cpu flavour): the classes without an image of "
+        "their own, FederatedRound Jobs."
+    )
+    image_pull_policy: ImagePullPolicy = "IfNotPresent"
     model_cache_dir: str = Field(
         default="/var/lib/edgeloop/models",
         description="Node-local, content-addressed model cache (a hostPath shared by every pod on a node).",
@@ -178,6 +193,12 @@ class OperatorConfig(_Config):
         scheme = "https" if self.tls.enabled else "http"
         return self.aggregator_status_url or scheme + "://{service}.{namespace}.svc:{port}/v1/status"
 
+    def image_of(self, accelerator: AcceleratorClass) -> str:
+        return accelerator.image or self.runtime_image
+
+    def image_pull_policy_of(self, accelerator: AcceleratorClass) -> str:
+        return accelerator.image_pull_policy or self.image_pull_policy
+
     def accelerator_class(self, name: str) -> AcceleratorClass:
         try:
             return self.accelerator_classes[name]
@@ -197,8 +218,13 @@ def _label(key: str) -> dict[str, str]:
     return {key: "true"}
 
 
+def _image(flavour: str = "") -> str:
+    """The runtime image of a flavour (one per execution-provider family: their wheels exclude each other)."""
+    return f"ghcr.io/edgeloop/runtime{'-' + flavour if flavour else ''}:{_version()}"
+
+
 BUILT_IN: dict[str, Any] = {
-    "runtimeImage": f"ghcr.io/edgeloop/runtime:{_version()}",
+    "runtimeImage": _image(),
     "acceleratorClasses": {
         # Intel NPUs (Core Ultra): the Intel device plugin's resource, the OpenVINO execution provider.
         "npu": {
@@ -209,6 +235,7 @@ BUILT_IN: dict[str, Any] = {
             },
             "resource": "npu.intel.com/accel",
             "executionProviders": ["OpenVINOExecutionProvider", CPU_EXECUTION_PROVIDER],
+            "image": _image("openvino"),
         },
         # NVIDIA GPUs: labels from GPU Feature Discovery and NFD (vendor 10de); k3s runs GPU pods through
         # the "nvidia" RuntimeClass, and GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule.
@@ -224,6 +251,7 @@ BUILT_IN: dict[str, Any] = {
             "runtimeClassName": "nvidia",
             "executionProviders": ["CUDAExecutionProvider", CPU_EXECUTION_PROVIDER],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "image": _image("cuda"),
         },
         "cpu": {
             "matchAnyLabel": {},

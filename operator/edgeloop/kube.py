@@ -7,9 +7,10 @@ made here needs a matching rule in the operator's RBAC.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 from kubernetes import client, config
@@ -19,11 +20,17 @@ TIMEOUT_SECONDS = 30
 # Calls in flight at once: the operator's thread pool and the client's connection pool are this big, so that
 # a burst of new models is bounded by the API server rather than by the client.
 CONCURRENCY = 16
+# What a pod may answer through the API server (a runtime's metadata, a log tail): pods run images that a
+# namespace's users choose, so what the operator reads from them is bounded in bytes and in time.
+POD_ANSWER_MAX_BYTES = 64 << 10
+POD_ANSWER_TIMEOUT_SECONDS = 5.0
+LOG_TAIL_MAX_BYTES = 1 << 20  # an aggregator's final report, the last line of its log
 
 
 @dataclass(frozen=True)
 class Kind:
     api_version: str
+    kind: str
     plural: str
     namespaced: bool = True
 
@@ -41,15 +48,18 @@ class Kind:
 
 
 KINDS: dict[tuple[str, str], Kind] = {
-    ("apps/v1", "DaemonSet"): Kind("apps/v1", "daemonsets"),
-    ("v1", "Service"): Kind("v1", "services"),
-    ("v1", "Pod"): Kind("v1", "pods"),
-    ("v1", "Event"): Kind("v1", "events"),
-    ("v1", "Secret"): Kind("v1", "secrets"),
-    ("cert-manager.io/v1", "Certificate"): Kind("cert-manager.io/v1", "certificates"),
-    ("edgeloop.io/v1alpha1", "InferenceModel"): Kind("edgeloop.io/v1alpha1", "inferencemodels"),
-    ("batch/v1", "Job"): Kind("batch/v1", "jobs"),
-    ("edgeloop.io/v1alpha1", "FederatedRound"): Kind("edgeloop.io/v1alpha1", "federatedrounds"),
+    (kind.api_version, kind.kind): kind
+    for kind in (
+        Kind("apps/v1", "DaemonSet", "daemonsets"),
+        Kind("v1", "Service", "services"),
+        Kind("v1", "Pod", "pods"),
+        Kind("v1", "Event", "events"),
+        Kind("v1", "Secret", "secrets"),
+        Kind("batch/v1", "Job", "jobs"),
+        Kind("cert-manager.io/v1", "Certificate", "certificates"),
+        Kind("edgeloop.io/v1alpha1", "InferenceModel", "inferencemodels"),
+        Kind("edgeloop.io/v1alpha1", "FederatedRound", "federatedrounds"),
+    )
 }
 
 
@@ -69,6 +79,30 @@ class KubeError(Exception):
     def is_permanent(self) -> bool:
         """The request itself is wrong (invalid, forbidden, ...): repeating it cannot succeed."""
         return self.status in (400, 403, 422)
+
+
+class KubeApi(Protocol):
+    """The calls the operator makes; `Kube` makes them against a cluster, `edgeloop.testing.FakeKube` in memory."""
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def delete(self, kind: Kind, namespace: str, name: str, uid: str) -> None: ...
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    def list(
+        self, kind: Kind, namespace: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 100
+    ) -> Iterator[dict[str, Any]]: ...
+
+    def merge_patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
+
+    def proxy_get(self, namespace: str, pod: str, port: int, path: str, *, https: bool) -> str: ...
+
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None: ...
 
 
 class Kube:
@@ -106,17 +140,23 @@ class Kube:
         query: Mapping[str, Any] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        max_bytes: int | None = None,
+        timeout: float = TIMEOUT_SECONDS,
     ) -> str:
-        """The response body as text; non-2xx responses raise KubeError."""
+        """The response body as text; non-2xx responses raise KubeError. With `max_bytes`, a longer body
+        raises KubeError (413), and so does one that takes longer than `timeout` (504)."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         method, url, headers, body, _ = self._api.param_serialize(
             method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
         )
         if query:
             url += "?" + urlencode(query)
-        response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=TIMEOUT_SECONDS)
-        response.read()
-        text = (response.data or b"").decode()
+        response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=timeout)
+        if max_bytes is None:
+            data = response.read() or b""
+        else:
+            data = _bounded_read(response.response, max_bytes, time.monotonic() + timeout)
+        text = data.decode(errors="replace")
         if not 200 <= response.status < 300:
             try:
                 message = json.loads(text).get("message", text)
@@ -186,9 +226,20 @@ class Kube:
         )
 
     def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
-        """The last `lines` lines of a container's log (of its current run)."""
-        query = {"container": container, "tailLines": lines}
+        """The last `lines` lines of a container's log (of its current run), at most LOG_TAIL_MAX_BYTES."""
+        query = {"container": container, "tailLines": lines, "limitBytes": LOG_TAIL_MAX_BYTES}
         return self._call("GET", kind_of("v1", "Pod").path(namespace, pod, "log"), query=query)
+
+    def proxy_get(self, namespace: str, pod: str, port: int, path: str, *, https: bool) -> str:
+        """GET `path` on a pod's port through the API server (RBAC: pods/proxy get), bounded in bytes and time.
+        The API server does not verify the pod's certificate."""
+        target = f"{'https' if https else 'http'}:{pod}:{port}"
+        return self._call(
+            "GET",
+            kind_of("v1", "Pod").path(namespace, target, "proxy") + path,
+            max_bytes=POD_ANSWER_MAX_BYTES,
+            timeout=POD_ANSWER_TIMEOUT_SECONDS,
+        )
 
     def patch_status(
         self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]
@@ -206,3 +257,22 @@ class Kube:
             if error.status == 404:
                 return None
             raise
+
+
+def _bounded_read(response: Any, max_bytes: int, deadline: float) -> bytes:
+    """A urllib3 response's body, or KubeError once it exceeds `max_bytes` or `deadline` passes."""
+    chunks, size = [], 0
+    try:
+        while chunk := response.read1(16 << 10):
+            size += len(chunk)
+            if size > max_bytes:
+                raise KubeError(413, f"the answer exceeds {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise KubeError(504, "the answer took too long")
+            chunks.append(chunk)
+    except BaseException:
+        response.close()  # the rest is never read: the connection cannot be reused
+        raise
+    finally:
+        response.release_conn()
+    return b"".join(chunks)

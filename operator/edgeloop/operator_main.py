@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from edgeloop import aggregator
 from edgeloop import config as operator_config
 from edgeloop.kube import CONCURRENCY, Kube
 
@@ -77,6 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="read the aggregator's status of every FederatedRound in progress this often (default %(default)s)",
     )
     parser.add_argument(
+        "--aggregator-status-max-bytes",
+        type=int,
+        default=int(_env("aggregator_status_max_bytes", str(aggregator.MAX_REPORT_BYTES))),
+        help="read at most this much of an aggregator's status report (its image is the namespace's choice) "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--aggregator-status-timeout",
+        type=float,
+        default=float(_env("aggregator_status_timeout", str(aggregator.TIMEOUT_SECONDS))),
+        help="give up reading an aggregator's status report after this many seconds (default %(default)s)",
+    )
+    parser.add_argument(
         "--peering",
         default=_env("peering"),
         metavar="NAME",
@@ -122,12 +136,11 @@ def run(args: argparse.Namespace) -> int:
         # their warnings and errors are news. The operator logs what it changes itself.
         for chatty in ("kopf.objects", "aiohttp.access"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
-    from edgeloop.handlers import certificates, federatedround, inferencemodel  # registers the handlers
+    import edgeloop.handlers.operator  # noqa: F401 (registers every handler)
+    from edgeloop.handlers import shared
 
     operator_settings = settings()
-    inferencemodel.configure(operator_settings)
-    federatedround.configure(operator_settings)
-    certificates.configure(operator_settings)
+    shared.configure(operator_settings)
     memo = kopf.Memo(
         config=config,
         kube=Kube.from_environment(),
@@ -135,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         diagnosis_interval=args.diagnosis_seconds,
         coalesce_seconds=args.coalesce_seconds,
         federated_poll_seconds=args.federated_poll_seconds,
+        aggregator_status_limits={
+            "max_bytes": args.aggregator_status_max_bytes, "timeout": args.aggregator_status_timeout
+        },
     )
     asyncio.run(
         _operate(

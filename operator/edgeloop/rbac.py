@@ -31,8 +31,9 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": ["federatedrounds/status"], "verbs": ["patch"]},
     {"apiGroups": [GROUP], "resources": ["federatedrounds/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch"]},
-    # A finished aggregator's final report is the last line of its log.
-    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    # A finished aggregator's final report is the last line of its log; what a runtime really runs on is
+    # asked of it through the API server's pod proxy (GET /v2/models/<name>).
+    {"apiGroups": [""], "resources": ["pods/log", "pods/proxy"], "verbs": ["get"]},
     # Status: pods of variants with unready nodes, nodes for readiness and placement, the DaemonSet
     # controller's FailedCreate events; Kopf posts the operator's own events.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},

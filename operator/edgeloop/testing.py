@@ -1,9 +1,11 @@
-"""Running the real operator as a process against a cluster, under its own ServiceAccount, for the e2e
-tests and benchmarks (what `kopf.testing` is for Kopf, but out of process so it can be SIGKILLed)."""
+"""Test helpers: the real operator as a process against a cluster, under its own ServiceAccount, for the
+e2e tests and benchmarks (what `kopf.testing` is for Kopf, but out of process so it can be SIGKILLed); an
+in-memory API server behind `kube.KubeApi` for the unit tests of the handlers; log and audit readers."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -12,14 +14,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from edgeloop import rbac
+from edgeloop.kube import Kind, KubeError
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -135,6 +139,21 @@ def logged_errors(lines: Iterable[str]) -> list[dict]:
     return errors
 
 
+# The Argo CD health checks shipped in docs/gitops (in a source checkout).
+ARGOCD_HEALTH = Path(__file__).parents[2] / "docs" / "gitops" / "argocd" / "health" / "edgeloop.io"
+
+
+def capture_argocd_testdata(kind: str, name: str, body: dict) -> None:
+    """With EDGELOOP_CAPTURE_ARGOCD_TESTDATA=DIR (docs/gitops/argocd/health/edgeloop.io), keeps an object seen
+    on the devcluster as DIR/<kind>/testdata/<name>.yaml, a case for the health checks' unit tests."""
+    if directory := os.environ.get("EDGELOOP_CAPTURE_ARGOCD_TESTDATA"):
+        kept = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status")}
+        kept["metadata"] = {k: v for k, v in body["metadata"].items() if k in ("name", "namespace", "generation")}
+        target = Path(directory) / kind / "testdata" / f"{name}.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(kept, sort_keys=False))
+
+
 def argocd_health(script: Path, obj: dict) -> dict:
     """An Argo CD health check (health.lua) on `obj`, run by Lua 5.1 with only the libraries Argo CD opens
     (Argo CD runs gopher-lua, Lua 5.1)."""
@@ -175,3 +194,136 @@ WRITE_VERBS = {"create", "update", "patch", "delete", "deletecollection"}
 
 def _epoch(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+class FakeKube:
+    """An in-memory API server behind `kube.KubeApi`, for unit tests of the handlers.
+
+    `objects` holds what the server holds, by (kind, namespace, name); `calls` records every call as
+    ("apply", kind, name), ("get" | "list" | "delete" | "merge_patch" | "patch_status", plural, ...),
+    ("log_tail", pod, container, lines) or ("proxy_get", pod, path); a list records its label and field
+    selectors joined by a comma. Listing pods or events returns those of `pods` (with the selected labels) or
+    `events`; `log` is what a log tail answers and `proxied[pod]` what a pod answers through the proxy (an
+    exception is raised); `fail_apply` makes every apply raise.
+    """
+
+    WRITES = ("apply", "delete", "merge_patch", "patch_status")
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[Any, ...]] = []
+        self.pods: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.log: str | Exception = ""
+        self.proxied: dict[str, str | Exception] = {}
+        self.fail_apply: KubeError | None = None
+        self._resource_version = 0
+
+    def writes(self) -> list[tuple[Any, ...]]:
+        return [call for call in self.calls if call[0] in self.WRITES]
+
+    def put(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Stores `obj` as the server would hold it (a uid, a generation, a resourceVersion); no call recorded."""
+        stored = copy.deepcopy(dict(obj))
+        metadata = stored["metadata"]
+        key = (stored["kind"], metadata.get("namespace", ""), metadata["name"])
+        if (existing := self.objects.get(key)) is not None:
+            metadata.setdefault("uid", existing["metadata"]["uid"])
+            if "status" in existing:
+                stored.setdefault("status", existing["status"])
+        metadata.setdefault("uid", f"uid-{stored['kind']}-{metadata['name']}")
+        metadata.setdefault("generation", 1)
+        metadata["resourceVersion"] = self._next_version()
+        self.objects[key] = stored
+        return copy.deepcopy(stored)
+
+    def indexed(self, kind: str) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """What a Kopf index of whole bodies of `kind`, by (namespace, name), would hold now."""
+        return {(ns, name): [copy.deepcopy(obj)] for (k, ns, name), obj in self.objects.items() if k == kind}
+
+    def _next_version(self) -> str:
+        self._resource_version += 1
+        return str(self._resource_version)
+
+    # ---- KubeApi
+
+    def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        if self.fail_apply:
+            raise self.fail_apply
+        return self.put(manifest)
+
+    def delete(self, kind: Kind, namespace: str, name: str, uid: str) -> None:
+        self.calls.append(("delete", kind.plural, name, uid))
+        found = self.objects.get((kind.kind, namespace, name))
+        if found is not None and found["metadata"]["uid"] == uid:
+            del self.objects[(kind.kind, namespace, name)]
+
+    def get(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", kind.plural, name))
+        return copy.deepcopy(self.objects.get((kind.kind, namespace, name)))
+
+    def list(
+        self, kind: Kind, namespace: str, *, label_selector: str = "", field_selector: str = "", page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        self.calls.append(("list", kind.plural, ",".join(s for s in (label_selector, field_selector) if s)))
+        if kind.kind == "Event":
+            return iter(copy.deepcopy(self.events))
+        wanted = dict(term.split("=", 1) for term in label_selector.split(",") if term)
+        candidates = (
+            self.pods
+            if kind.kind == "Pod"
+            else [obj for (k, ns, _), obj in self.objects.items() if k == kind.kind and ns == namespace]
+        )
+        return iter(
+            copy.deepcopy(obj)
+            for obj in list(candidates)
+            if all(obj["metadata"].get("labels", {}).get(key) == value for key, value in wanted.items())
+        )
+
+    def merge_patch(self, kind: Kind, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(("merge_patch", kind.plural, name, copy.deepcopy(dict(patch))))
+        target = self.objects.get((kind.kind, namespace, name))
+        if target is None:
+            raise KubeError(404, f"{kind.plural} {name!r} not found")
+        expected = patch.get("metadata", {}).get("resourceVersion")
+        if expected is not None and expected != target["metadata"]["resourceVersion"]:
+            raise KubeError(409, "the object has been modified; please apply your changes to the latest version")
+        _merge(target, {k: v for k, v in patch.items() if k != "metadata"})
+        target["metadata"]["resourceVersion"] = self._next_version()
+        return copy.deepcopy(target)
+
+    def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
+        self.calls.append(("log_tail", pod, container, lines))
+        if isinstance(self.log, Exception):
+            raise self.log
+        return self.log
+
+    def proxy_get(self, namespace: str, pod: str, port: int, path: str, *, https: bool) -> str:
+        self.calls.append(("proxy_get", pod, path))
+        answer = self.proxied.get(pod, KubeError(503, f"no endpoint for pod {pod}"))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def patch_status(
+        self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        self.calls.append(("patch_status", kind.plural, name))
+        target = self.objects.get((kind.kind, namespace, name))
+        if target is None:
+            return None
+        target["status"] = copy.deepcopy(dict(status))
+        target["metadata"]["resourceVersion"] = self._next_version()
+        return copy.deepcopy(target)
+
+
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    """A JSON merge patch (RFC 7386) of `patch` into `target`."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)

@@ -2,6 +2,8 @@
 
 Each subcommand lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`.
 Only the module of the command being run is imported, so that the init container's `fetch` starts fast.
+An image flavour may lack a command's dependencies (the serving images have no onnx for `federated`): the
+command is then listed as missing, and running it says which image has it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop-runtime", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if only is None or only == name:
+        if only is not None and only != name:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
+        try:
             module = importlib.import_module(module_name)
-            module.add_arguments(command_parser)
-            command_parser.set_defaults(run=module.run)
+        except ImportError as error:
+            missing = f"not in this image ({error}); docs/images.md says which image has it"
+            if only == name:
+                parser.exit(1, f"edgeloop-runtime {name}: {missing}\n")
+            sub.add_parser(name, help=f"{help_text} [{missing}]", description=help_text)
+            continue
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(run=module.run)
     return parser
 
 

@@ -9,7 +9,7 @@ from edgeloop_runtime.batcher import Batcher
 from edgeloop_runtime.errors import BadRequest, NotFound, Unavailable
 from edgeloop_runtime.limits import Limits, MemoryBudget
 from edgeloop_runtime.metrics import Metrics
-from edgeloop_runtime.model import CPU, Model
+from edgeloop_runtime.model import Model
 from edgeloop_runtime.protocol.tensors import TRITON_CONFIG, Signature, Tensor
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
@@ -36,12 +36,18 @@ class Serving:
         self.metrics.gauge(
             "edgeloop_inflight_bytes", "Memory held by requests (--max-inflight-bytes).", lambda: self.budget.used
         )
+        self.metrics.gauge(
+            "edgeloop_warmup_seconds",
+            "Time the warm-up of every allowed batch size took before the server turned ready.",
+            lambda: model.warmup_seconds or 0.0,
+        )
         self.inflight = 0
+        self.warmed = False  # readiness waits for the warm-up
         self.draining = False
 
     @property
     def ready(self) -> bool:
-        return not self.draining
+        return self.warmed and not self.draining
 
     def find(self, name: str, version: str | None) -> Model:
         if name != self.model.name or version not in (None, "", self.model.version):
@@ -53,8 +59,8 @@ class Serving:
 
     def submit(self, inputs: list[Tensor], outputs: list[str] | None) -> asyncio.Future:
         """Checks the request against the model and queues it; the future yields (outputs, queued ns)."""
-        if self.draining:
-            raise Unavailable("the server is shutting down")
+        if not self.ready:
+            raise Unavailable("the server is shutting down" if self.draining else "the model is warming up")
         feeds, size = self.model.check(inputs)
         unknown = [name for name in outputs or () if name not in self.model.outputs]
         if unknown:
@@ -69,7 +75,7 @@ class Serving:
         return {
             "name": model.name,
             "versions": [model.version],
-            "platform": "onnxruntime_onnx",
+            "platform": model.backend.platform,
             "inputs": [spec.as_dict() for spec in model.inputs.values()],
             "outputs": [spec.as_dict() for spec in model.outputs.values()],
             "parameters": {"execution_providers": model.providers, "sha256": model.sha256},
@@ -88,21 +94,22 @@ class Serving:
 
         config = {
             "name": model.name,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
+            "platform": model.backend.platform,
+            "backend": model.backend.name,
             "max_batch_size": model.max_batch_size,
             "input": tensors(model.inputs),
             "output": tensors(model.outputs),
-            "instance_group": [
-                {"name": model.name, "count": 1, "kind": "KIND_CPU" if model.providers[0] == CPU else "KIND_GPU"}
-            ],
+            "instance_group": [{"name": model.name, "count": model.instances, "kind": model.device_kind}],
             "parameters": {
                 "execution_providers": {"string_value": ",".join(model.providers)},
                 "sha256": {"string_value": model.sha256},
             },
         }
         if model.max_batch_size:
-            config["dynamic_batching"] = {"max_queue_delay_microseconds": self.window_us}
+            config["dynamic_batching"] = {
+                "preferred_batch_size": list(model.batch_sizes),
+                "max_queue_delay_microseconds": self.window_us,
+            }
         return config
 
     def model_stats(self) -> dict:

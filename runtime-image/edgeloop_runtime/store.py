@@ -1,6 +1,7 @@
 """`edgeloop-runtime store`: a content-addressed model store over HTTP(S), on a volume.
 
-    GET  /sha256/<hex>   the blob (ETag "<hex>"); 404 if absent
+    GET  /sha256/<hex>   the blob: strong ETag "<hex>", Range (one range: 206, 416), If-Range, If-None-Match
+                         (304); sent with sendfile(2), never copied through Python on plain HTTP
     HEAD /sha256/<hex>   the same headers, no body
     PUT  /sha256/<hex>   needs `Authorization: Bearer <token>`; the body is streamed to a temporary file
                          while hashed, and renamed into place only if its sha256 is <hex> (201; 200 if
@@ -8,147 +9,194 @@
     GET  /healthz
 
 Blobs live at <root>/sha256/<hex>, the same layout as the nodes' model cache, so a URI
-http://store:8000/sha256/<hex> with sha256 <hex> is all an InferenceModel needs.
+http://store:8000/sha256/<hex> with sha256 <hex> is all an InferenceModel needs. Every connection, header,
+body and timeout is bounded (bounded_http.Limits, from flags).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import re
+import ssl
 import tempfile
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from . import bounded_http
+from .bounded_http import BoundedHandler, BoundedHTTPServer, Limits, Refused
 
 log = logging.getLogger("edgeloop_runtime.store")
 
 CHUNK = 1 << 20
 BLOB_PATH = re.compile(r"^/sha256/([0-9a-f]{64})$")
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+DEFAULT_LIMITS = Limits(max_body_bytes=4 << 30, body_budget=0)
 
 
 def blob_path(root: Path, sha256: str) -> Path:
     return root / "sha256" / sha256
 
 
-def make_handler(root: Path, token: str, max_bytes: int):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "edgeloop-store"
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single `Range: bytes=…` request, None to send the whole blob (no Range, or
+    one this store ignores as RFC 9110 allows: several ranges, or malformed); Refused(416) if unsatisfiable."""
+    match = RANGE.match(header.strip()) if header else None
+    if match is None or match[1] == match[2] == "":
+        return None
+    if match[1] == "":  # the last N bytes
+        n = int(match[2])
+        if n == 0:
+            raise Refused(416, "empty suffix range")
+        return max(0, size - n), size - 1
+    first = int(match[1])
+    last = min(int(match[2]), size - 1) if match[2] else size - 1
+    if first > last or first >= size:
+        raise Refused(416, f"range {header} is outside the blob's {size} bytes")
+    return first, last
 
-        def log_message(self, fmt, *args):
-            log.info("%s " + fmt, self.address_string(), *args)
 
-        def _plain(self, code: int, text: str) -> None:
-            body = (text + "\n").encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+class StoreHandler(BoundedHandler):
+    server_version = "edgeloop-store"
+    root: Path
+    token: str
 
-        def _blob(self) -> tuple[str, Path] | None:
-            match = BLOB_PATH.match(self.path)
-            if not match:
-                self._plain(404, "not found: blobs live at /sha256/<64 lowercase hex digits>")
-                return None
-            return match[1], blob_path(root, match[1])
+    def log_message(self, fmt, *args):
+        log.info("%s " + fmt, self.address_string(), *args)
 
-        def do_HEAD(self):
-            self.do_GET()
+    def _plain(self, code: int, text: str, headers: dict[str, str] | None = None) -> None:
+        body = (text + "\n").encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-        def do_GET(self):
-            if self.path == "/healthz":
-                return self._plain(200, "ok")
-            found = self._blob()
-            if found is None:
-                return
-            sha, path = found
-            if not path.is_file():
-                return self._plain(404, f"no blob sha256/{sha}")
-            with open(path, "rb") as f:  # blobs are only ever added, never removed, so this open succeeds
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
-                self.send_header("ETag", f'"{sha}"')
-                self.send_header("Cache-Control", "public, max-age=31536000, immutable")
+    def refuse_body(self, status: int, message: str) -> None:
+        size = getattr(self, "refused_size", None)
+        self._plain(status, message, {"Content-Range": f"bytes */{size}"} if status == 416 and size else None)
+
+    def _blob(self) -> tuple[str, Path]:
+        match = BLOB_PATH.match(self.path)
+        if not match:
+            raise Refused(404, "not found: blobs live at /sha256/<64 lowercase hex digits>")
+        return match[1], blob_path(self.root, match[1])
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        if self.path == "/healthz":
+            return self._plain(200, "ok")
+        sha, path = self._blob()
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below; blobs are never removed, so an open one stays whole
+        except FileNotFoundError:
+            return self._plain(404, f"no blob sha256/{sha}")
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            etag = f'"{sha}"'
+            headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "public, max-age=31536000, immutable"}
+            if etag in _etags(self.headers.get("If-None-Match")) or self.headers.get("If-None-Match") == "*":
+                self.send_response(304)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
-                if self.command == "GET":
-                    while chunk := f.read(CHUNK):
-                        self.wfile.write(chunk)
-
-        def do_PUT(self):
-            found = self._blob()
-            if found is None:
                 return
-            sha, path = found
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                self.close_connection = True  # the body is not read
-                return self._plain(401, "uploading needs Authorization: Bearer <token>")
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                return self._plain(411, "Content-Length required")
-            if int(length) > max_bytes:
-                self.close_connection = True
-                return self._plain(413, f"blob larger than {max_bytes} bytes")
-            created = self._receive(int(length), sha, path)
-            if created is None:
-                return self._plain(400, f"body does not have sha256 {sha}; nothing stored")
-            self._plain(201 if created else 200, f"/sha256/{sha}")
+            if_range = self.headers.get("If-Range")
+            self.refused_size = size
+            wanted = parse_range(self.headers.get("Range"), size) if if_range in (None, etag) else None
+            first, last = wanted or (0, size - 1)
+            self.send_response(206 if wanted else 200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(last - first + 1))
+            if wanted:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command == "GET" and last >= first:
+                self.send_file(f, first, last - first + 1)
 
-        def _receive(self, length: int, sha: str, path: Path) -> bool | None:
-            """Stream the body to a temporary file; True if stored now, False if it was there, None if the
-            digest did not match."""
-            path.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            handle, name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    remaining = length
-                    while remaining:
-                        chunk = self.rfile.read(min(CHUNK, remaining))
-                        if not chunk:
-                            raise ConnectionError("client closed the connection mid-upload")
-                        digest.update(chunk)
-                        out.write(chunk)
-                        remaining -= len(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if digest.hexdigest() != sha:
-                    return None
-                if path.exists():
-                    return False
-                os.chmod(name, 0o444)
-                os.replace(name, path)  # atomic: a reader sees no blob or the whole verified one
-                log.info("stored sha256/%s (%d bytes)", sha, length)
-                return True
-            finally:
-                Path(name).unlink(missing_ok=True)
+    def do_PUT(self):
+        sha, path = self._blob()
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise Refused(401, "uploading needs Authorization: Bearer <token>")
+        length = self.expect_body()
+        created = self._receive(length, sha, path)
+        if created is None:
+            return self._plain(400, f"body does not have sha256 {sha}; nothing stored")
+        self._plain(201 if created else 200, f"/sha256/{sha}")
 
-    return Handler
+    def _receive(self, length: int, sha: str, path: Path) -> bool | None:
+        """Stream the body to a temporary file; True if stored now, False if it was there, None if the
+        digest did not match."""
+        digest = hashlib.sha256()
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                remaining = length
+                while remaining:
+                    chunk = self.rfile.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise ConnectionError("client closed the connection mid-upload")
+                    digest.update(chunk)
+                    _write(out, chunk)
+                    remaining -= len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != sha:
+                return None
+            if path.exists():
+                return False
+            os.chmod(name, 0o444)
+            os.replace(name, path)  # atomic: a reader sees no blob or the whole verified one
+            log.info("stored sha256/%s (%d bytes)", sha, length)
+            return True
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+
+def _etags(header: str | None) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",")} if header else set()
+
+
+def _write(out, chunk: bytes) -> None:
+    try:
+        out.write(chunk)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise Refused(507, "the store's volume is full") from error
+        raise
 
 
 def make_server(
-    root: Path, token: str, host: str, port: int, tls=None, max_bytes: int = 4 << 30
-) -> ThreadingHTTPServer:
+    root: Path, token: str, host: str, port: int, tls: ssl.SSLContext | None = None, limits: Limits = DEFAULT_LIMITS
+) -> BoundedHTTPServer:
     """The store's server, bound (its `server_address` has the port) but not yet serving."""
     if not token:
         raise ValueError("the store needs an upload token")
-    (root / "sha256").mkdir(parents=True, exist_ok=True)
-    server = ThreadingHTTPServer((host, port), make_handler(root, token, max_bytes))
-    server.daemon_threads = True
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    return server
+    blobs = root / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for stale in blobs.glob(".partial-*"):  # uploads cut off by a previous process (one store per volume)
+        stale.unlink(missing_ok=True)
+    handler = type("Handler", (StoreHandler,), {"root": root, "token": token})
+    return BoundedHTTPServer((host, port), handler, limits, tls)
 
 
-def upload(base_url: str, data: bytes, token: str | None, timeout: float = 60.0) -> str:
+def upload(
+    base_url: str, data: bytes, token: str | None, timeout: float = 60.0, context: ssl.SSLContext | None = None
+) -> str:
     """PUT `data` into the store at `base_url`; returns the blob's URI."""
     if not token:
         raise ValueError("uploading to the store needs a token")
@@ -159,7 +207,7 @@ def upload(base_url: str, data: bytes, token: str | None, timeout: float = 60.0)
         method="PUT",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
     )
-    with urllib.request.urlopen(request, timeout=timeout):
+    with urllib.request.urlopen(request, timeout=timeout, context=context):
         pass  # urlopen raises on anything but 2xx
     return uri
 
@@ -176,9 +224,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file", type=Path, help="file holding the upload bearer token (default: $EDGELOOP_STORE_TOKEN)"
     )
-    parser.add_argument("--max-bytes", type=int, default=4 << 30, help="largest blob accepted (default 4 GiB)")
     parser.add_argument("--tls-cert", help="certificate (PEM): serve HTTPS")
     parser.add_argument("--tls-key", help="private key (PEM)")
+    bounded_http.add_arguments(parser, DEFAULT_LIMITS, body_flag="--max-bytes")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,9 +237,13 @@ def run(args: argparse.Namespace) -> int:
     if not token:
         log.error("no upload token: pass --token-file or set EDGELOOP_STORE_TOKEN")
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        log.error("--tls-cert and --tls-key go together")
+        return 2
+    limits = bounded_http.from_args(args, DEFAULT_LIMITS)
     server = make_server(
-        args.root, token, args.host, args.port, server_context(args.tls_cert, args.tls_key, None), args.max_bytes
+        args.root, token, args.host, args.port, server_context(args.tls_cert, args.tls_key, None), limits
     )
-    log.info("serving %s on %s:%d", args.root, *server.server_address[:2])
+    log.info("serving %s on %s:%d%s", args.root, *server.server_address[:2], " (TLS)" if args.tls_cert else "")
     server.serve_forever()
     return 0

@@ -1,10 +1,24 @@
 """The e2e tier: one devcluster (a real kube-apiserver, controller-manager, scheduler and etcd, with a
-kwok-simulated edge fleet) for the whole session, driven with the real kubectl."""
+kwok-simulated edge fleet) for the whole session, driven with the real kubectl; and, for the tests that need
+pods to really run, one devcluster of real nodes (`real_devcluster`), also once per session.
+
+Fixtures (see README's "The devcluster" for what they stand on):
+- devcluster: the kwok cluster (`e2e`, the default fleet of six); `.set_offline(*names)`, `.offline(*names)`.
+- namespace: a fresh namespace in it per test.
+- arm64_nodes: two simulated arm64 nodes (group edge-arm64) added to it for one test, removed afterwards.
+- prometheus_operator_crds: the PodMonitor/ServiceMonitor/PrometheusRule CRDs applied to it for one test.
+- real_devcluster: the real-node cluster (`e2e-real`) of REAL_FLEET; `.nodes` (devcluster.nodes.RealNode),
+  `.offline(*names)` partitions them; real_namespace: a fresh namespace in it per test.
+- prometheus: a real Prometheus scraping real_devcluster's annotated pods (devcluster.prometheus.Prometheus).
+- promtool: the path of Debian's promtool.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -12,9 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from devcluster.fleet import load_fleet
+import yaml
+from devcluster.fleet import load_fleet, node_manifests
 
-from devcluster import build, cluster
+from devcluster import build, cluster, nodes, offline
+from devcluster import prometheus as prom
+
+# The real-node cluster's groups (of the default fleet) and counts, shared by every real-node test; e.g.
+# EDGELOOP_E2E_REAL_FLEET=edge-real=1,edge-real-npu=1 for a GPU-labelled and an NPU-labelled node. Two nodes
+# by default: secure aggregation hides nothing with one client.
+REAL_FLEET = dict(
+    (group, int(count)) for group, _, count in
+    (item.partition("=") for item in os.environ.get(
+        "EDGELOOP_E2E_REAL_FLEET", f"edge-real={os.environ.get('EDGELOOP_E2E_REAL_NODES', '2')}").split(","))
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +63,24 @@ class DevCluster:
 
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    @property
+    def cluster(self) -> cluster.Cluster:
+        return cluster.Cluster(self.run_dir)
+
+    def set_offline(self, *names: str, offline_: bool = True, wait: float | None = 90.0) -> None:
+        """Cut nodes off from the control plane (kwok: silent; real: partitioned) or bring them back
+        (`offline_=False`), waiting until their Ready condition says so (offline: ~30 s, the grace period)."""
+        offline.set_offline(self.cluster, list(names), offline_, wait)
+
+    @contextlib.contextmanager
+    def offline(self, *names: str, wait: float | None = 90.0):
+        """Nodes offline for the block, and back (Ready) afterwards whatever happened in it."""
+        self.set_offline(*names, wait=wait)
+        try:
+            yield
+        finally:
+            self.set_offline(*names, offline_=False, wait=wait)
 
     def wait_established(self, *crds: str, timeout: float = 60) -> None:
         """Wait until the CRDs are Established. (`kubectl wait` fails at once on a CRD so new that it has
@@ -84,10 +127,121 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
+def _fresh_namespace(target: DevCluster, request):
+    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 10000}"
+    target.kubectl("create", "namespace", name)
+    yield name
+    target.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 @pytest.fixture
 def namespace(devcluster: DevCluster, request) -> str:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 10000}"
-    devcluster.kubectl("create", "namespace", name)
-    yield name
-    devcluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from _fresh_namespace(devcluster, request)
+
+
+@pytest.fixture
+def arm64_nodes(devcluster: DevCluster) -> list[str]:
+    """Two simulated arm64 boards (kubernetes.io/arch=arm64, CPU only) in the session's fleet for one test."""
+    fleet = load_fleet().with_counts({"edge-arm64": 2})
+    cluster.ensure_fleet(devcluster.cluster, fleet, timeout=60, log=lambda _: None)
+    names = [node["metadata"]["name"] for node in node_manifests(fleet)
+             if node["metadata"]["labels"]["edgeloop.io/node-group"] == "edge-arm64"]
+    yield names
+    devcluster.kubectl("delete", "node", *names, "--wait=false")
+
+
+@contextlib.contextmanager
+def prometheus_operator_crds_applied(target: DevCluster):
+    """The Prometheus Operator's PodMonitor, ServiceMonitor and PrometheusRule CRDs (prometheus-operator's Go
+    module), so that charts' monitor objects can be validated (`kubectl apply --dry-run=server`); deleted
+    afterwards, so that other tests (and Helm's .Capabilities) see a cluster without them."""
+    files = prom.operator_crds()
+    names = [yaml.safe_load(path.read_text())["metadata"]["name"] for path in files]
+    for path in files:
+        target.kubectl("apply", "--server-side", "-f", str(path))
+    target.wait_established(*names)
+    try:
+        yield names
+    finally:
+        target.kubectl("delete", "crd", *names, check=False)
+
+
+@pytest.fixture
+def prometheus_operator_crds(devcluster: DevCluster) -> list[str]:
+    with prometheus_operator_crds_applied(devcluster) as names:
+        yield names
+
+
+@dataclass(frozen=True)
+class RealDevCluster(DevCluster):
+    nodes: tuple[nodes.RealNode, ...] = ()
+
+
+@contextlib.contextmanager
+def real_devcluster_up(name: str, groups: dict[str, int]):
+    """A devcluster of real nodes only: the default fleet's `groups` with their counts (e.g. {"edge-real": 1,
+    "edge-real-npu": 1}); down afterwards, checking that it left nothing behind. Skips where real nodes
+    cannot run (no root, no containerd, no images)."""
+    if reason := nodes.unavailable_reason():
+        pytest.skip(reason)
+    try:
+        nodes.load_images()
+    except cluster.ClusterError as error:
+        pytest.skip(str(error))
+    target = cluster.Cluster.named(name)
+    bin_dir = build.build()
+    fleet = load_fleet().scaled_to(0).with_counts(groups)
+    with target.locked():
+        cluster.up(target, bin_dir, fleet, timeout=240)
+        network = nodes.Network(target.state()["network"])
+        real = tuple(nodes.RealNode(node, i, network, target.run_dir) for i, (node, _) in enumerate(fleet.real_nodes()))
+        try:
+            yield RealDevCluster(kubeconfig=target.kubeconfig, bin_dir=bin_dir, run_dir=target.run_dir, nodes=real)
+        finally:
+            cluster.down(target)
+    # `down` leaves nothing behind: no process, container, namespace, cgroup, bridge or route of its nodes.
+    assert not [command for command in running_commands() if str(target.run_dir) in command]
+    assert not Path(f"/sys/class/net/{network.bridge}").exists()
+    assert not any(Path(f"/run/netns/{network.netns(node.index)}").exists() for node in real)
+    assert not any(Path(f"/sys/fs/cgroup/memory/{network.netns(node.index)}").exists() for node in real)
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    assert network.service_cidr.split("/")[0] not in routes and network.pod_cidr.split(".0.0/")[0] not in routes
+
+
+def running_commands() -> list[str]:
+    commands = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            commands.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return commands
+
+
+@pytest.fixture(scope="session")
+def real_devcluster() -> RealDevCluster:
+    """The session's cluster of real nodes (REAL_FLEET), brought up by the first test that needs it."""
+    with real_devcluster_up(os.environ.get("EDGELOOP_E2E_REAL_CLUSTER", "e2e-real"), REAL_FLEET) as real:
+        yield real
+
+
+@pytest.fixture
+def real_namespace(real_devcluster: RealDevCluster, request) -> str:
+    """A fresh namespace in real_devcluster for one test, deleted (without waiting) afterwards."""
+    yield from _fresh_namespace(real_devcluster, request)
+
+
+@pytest.fixture(scope="session")
+def prometheus(real_devcluster: RealDevCluster) -> prom.Prometheus:
+    """A real Prometheus (Debian's) on the host, scraping real_devcluster's pods annotated
+    `prometheus.io/scrape: "true"` every 2 s; `.query(expr)`, `.reconfigure(scrape_configs, rule_files)`
+    (kept for the rest of the session), `.pod_job(...)`. `down` stops it."""
+    if reason := prom.unavailable_reason():
+        pytest.skip(reason)
+    return prom.start(real_devcluster.cluster)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    if reason := prom.unavailable_reason():
+        pytest.skip(reason)
+    return shutil.which("promtool")

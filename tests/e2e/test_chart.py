@@ -37,7 +37,6 @@ SERVICE_ACCOUNT = service_account_user(RELEASE_NS, RELEASE)
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
               "pod-security.kubernetes.io/enforce-version": "latest"}
 # Set to a directory to refresh the Argo CD health checks' testdata from this run's objects.
-CAPTURE = os.environ.get("EDGELOOP_CAPTURE_ARGOCD_TESTDATA")
 OPERATOR_ARGS = ("--resync-seconds", "2", "--coalesce-seconds", "0.5", "--diagnosis-seconds", "1")
 
 
@@ -68,15 +67,6 @@ def write_kubeconfig(devcluster, token: str, path: Path) -> Path:
     }))
     path.chmod(0o600)
     return path
-
-
-def capture(kind: str, name: str, body: dict) -> None:
-    if CAPTURE:
-        kept = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec", "status")}
-        kept["metadata"] = {k: v for k, v in body["metadata"].items() if k in ("name", "namespace", "generation")}
-        target = Path(CAPTURE) / kind / "testdata" / f"{name}.yaml"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(yaml.safe_dump(kept, sort_keys=False))
 
 
 # ---- what the chart renders is valid for the API server
@@ -212,7 +202,7 @@ def test_the_operator_reconciles_under_the_charts_service_account(devcluster, re
     body = wait_condition(devcluster, "Ready", ("True", "AllNodesReady"))
     assert body["status"]["readyNodes"] == 6
     assert argocd_health("InferenceModel", body)["status"] == "Healthy"
-    capture("InferenceModel", "ready", body)
+    testing.capture_argocd_testdata("InferenceModel", "ready", body)
 
     # The node cache comes through the chart's claim: no hostPath in any pod, so "restricted" admits them.
     pods = devcluster.get_json("pods", "-n", WORK_NS)["items"]
@@ -226,7 +216,7 @@ def test_the_operator_reconciles_under_the_charts_service_account(devcluster, re
     body = wait_condition(devcluster, "Degraded", ("True", "PodNotCreated"))
     health = argocd_health("InferenceModel", body)
     assert health["status"] == "Degraded" and "exceeded quota" in health["message"], health
-    capture("InferenceModel", "degraded", body)
+    testing.capture_argocd_testdata("InferenceModel", "degraded", body)
     devcluster.kubectl("delete", "quota", "no-pods", "-n", WORK_NS)
     wait_condition(devcluster, "Ready", ("True", "AllNodesReady"))
 
@@ -239,7 +229,7 @@ def test_the_operator_reconciles_under_the_charts_service_account(devcluster, re
     apply_model(devcluster, fewer)
     body = model(devcluster)
     assert argocd_health("InferenceModel", body)["status"] == "Progressing"
-    capture("InferenceModel", "progressing", body)
+    testing.capture_argocd_testdata("InferenceModel", "progressing", body)
     body = wait_condition(devcluster, "Ready", ("True", "AllNodesReady"))
     daemon_sets = sorted(d["metadata"]["name"] for d in devcluster.get_json("daemonsets", "-n", WORK_NS)["items"])
     assert daemon_sets == ["digits-cpu", "digits-gpu"]
@@ -254,7 +244,7 @@ def test_the_operator_reconciles_under_the_charts_service_account(devcluster, re
 
     body = wait_for("the operator to look for the aggregator's report", awaiting_report, 120, lambda: json.dumps(
         devcluster.get_json("federatedround", "digits-round-1", "-n", WORK_NS).get("status")))
-    capture("FederatedRound", "awaiting-report", body)
+    testing.capture_argocd_testdata("FederatedRound", "awaiting-report", body)
     assert argocd_health("FederatedRound", body)["status"] == "Progressing"
     release.calls_until = time.time()
 

@@ -8,6 +8,10 @@ import subprocess
 import pytest
 from devcluster.fleet import load_fleet, node_manifests
 
+from devcluster import offline
+
+from .conftest import wait_for
+
 
 def test_components_report_the_pinned_kubernetes_version(devcluster):
     version = json.loads(devcluster.kubectl("version", "-o", "json").stdout)
@@ -107,3 +111,49 @@ def test_apiserver_validates_custom_resources_against_the_crd_schema(devcluster,
     result = devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=bad, check=False)
     assert result.returncode != 0
     assert "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1" in result.stderr
+
+
+def ready_condition(devcluster, kind: str, name: str, namespace: str | None = None) -> dict:
+    body = devcluster.get_json(kind, name, *(["-n", namespace] if namespace else []))
+    return next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+
+
+def test_an_offline_node_is_lost_like_a_silent_kubelet_and_comes_back(devcluster, namespace):
+    """kwok stops renewing the node's lease: the node lifecycle controller, not kwok, marks it Unknown, taints
+    it unreachable and its pods not Ready; back online, the node and its pods are Ready again."""
+    node = "edge-cpu-1"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "on-edge", "namespace": namespace},
+           "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.example/runtime:1"}]}}
+    devcluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+    wait_for("the pod to be Ready",
+             lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "True")
+
+    with devcluster.offline(node):
+        condition = ready_condition(devcluster, "node", node)
+        assert (condition["status"], condition["reason"]) == ("Unknown", "NodeStatusUnknown"), condition
+        wait_for("the unreachable taints", lambda: {("node.kubernetes.io/unreachable", "NoExecute"),
+                                                   ("node.kubernetes.io/unreachable", "NoSchedule")} <= {
+            (t["key"], t["effect"]) for t in devcluster.get_json("node", node)["spec"].get("taints", [])})
+        wait_for("its pod to be marked not Ready",
+                 lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "False")
+        assert devcluster.get_json("lease", node, "-n", "kube-node-lease")["spec"]["holderIdentity"] == \
+            offline.LEASE_HOLDER
+
+    assert ready_condition(devcluster, "node", node)["status"] == "True"
+    wait_for("the taints to go", lambda: not devcluster.get_json("node", node)["spec"].get("taints"))
+    wait_for("its pod to be Ready again",
+             lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "True")
+
+
+def test_arm64_nodes_join_for_a_test_and_run_the_same_image_names(devcluster, namespace, arm64_nodes):
+    for name in arm64_nodes:
+        node = devcluster.get_json("node", name)
+        assert node["metadata"]["labels"]["kubernetes.io/arch"] == "arm64"
+        assert node["status"]["nodeInfo"]["architecture"] == "arm64"
+    daemonset = DAEMONSET.replace("gpu-only", "everywhere").replace("edgeloop.io/accelerator.gpu", "kubernetes.io/os") \
+        .replace('values: ["true"]', 'values: ["linux"]').replace('resources: {limits: {nvidia.com/gpu: "1"}}', "")
+    devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=daemonset)
+    devcluster.kubectl("rollout", "status", "-n", namespace, "daemonset/everywhere", "--timeout=90s")
+    pods = {p["spec"]["nodeName"]: p for p in devcluster.get_json("pods", "-n", namespace)["items"]}
+    assert set(arm64_nodes) <= set(pods) and len(pods) == 8
+    assert {c["image"] for p in pods.values() for c in p["spec"]["containers"]} == {"registry.example/runtime:1"}

@@ -1,21 +1,19 @@
 """Real nodes: kubelet, kube-proxy and containerd running the images `make images` built, with no registry.
 
-One cluster of its own (`e2e-real`: real nodes only; the session's kwok cluster keeps its fleet of six), and
-one story through it, in file order: pods get Services and DNS; the Helm chart runs the operator as a real
-pod; an InferenceModel's pods fetch a model from the chart's store, verify and serve it, and tritonclient
-reaches them through the Service; a FederatedRound trains on datasets in the nodes' data paths, aggregates
-securely, publishes and promotes; the model then rolls to the new sha256 and serves it.
+A cluster of real nodes only (`e2e-real`; the session's kwok cluster keeps its fleet of six), and one story
+through it, in file order: pods get Services and DNS; the Helm chart runs the operator as a real pod; an
+InferenceModel's pods fetch a model from the chart's store, verify and serve it, and tritonclient reaches them
+through the Service; a FederatedRound trains on datasets in the nodes' data paths, aggregates securely,
+publishes and promotes; the model then rolls to the new sha256 and serves it.
 
-Secure aggregation needs two clients to hide anything, so this cluster has two real nodes by default
-(EDGELOOP_E2E_REAL_NODES)."""
+It runs on the session's cluster of real nodes (conftest's real_devcluster: two GPU-labelled nodes by default;
+secure aggregation needs two clients to hide anything)."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
-import os
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -24,16 +22,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
-from devcluster.fleet import load_fleet
+from edgeloop import testing
 from edgeloop.testing import logged_errors
 
-from devcluster import build, cluster, nodes
+from devcluster import nodes
 
-from .conftest import DevCluster, wait_for
+from .conftest import DevCluster, RealDevCluster, wait_for
 
 ROOT = Path(__file__).parents[2]
 RELEASE, RELEASE_NS, MODELS_NS = "edgeloop", "edgeloop-system", "models"
-REAL_NODES = int(os.environ.get("EDGELOOP_E2E_REAL_NODES", "2"))
 RUNTIME_IMAGE = "ghcr.io/edgeloop/runtime:0.1.0"
 
 
@@ -60,37 +57,8 @@ class Story:
 
 
 @pytest.fixture(scope="module")
-def story() -> Story:
-    if reason := nodes.unavailable_reason():
-        pytest.skip(reason)
-    try:
-        nodes.load_images()
-    except cluster.ClusterError as error:
-        pytest.skip(str(error))
-    target = cluster.Cluster.named(os.environ.get("EDGELOOP_E2E_REAL_CLUSTER", "e2e-real"))
-    bin_dir = build.build()
-    fleet = load_fleet().scaled_to(0).with_real_nodes(REAL_NODES)
-    with target.locked():
-        cluster.up(target, bin_dir, fleet, timeout=240)
-        network = nodes.Network(target.state()["network"])
-        real = [nodes.RealNode(name, i, network, target.run_dir) for i, (name, _) in enumerate(fleet.real_nodes())]
-        yield Story(DevCluster(kubeconfig=target.kubeconfig, bin_dir=bin_dir, run_dir=target.run_dir), real)
-        cluster.down(target)
-    # `down` leaves nothing behind: no container, namespace, cgroup, bridge or route of its nodes.
-    assert not [command for command in running_commands() if str(target.run_dir) in command]
-    assert not Path(f"/sys/class/net/{network.bridge}").exists()
-    assert not any(Path(f"/run/netns/{network.netns(node.index)}").exists() for node in real)
-    assert not any(Path(f"/sys/fs/cgroup/memory/{network.netns(node.index)}").exists() for node in real)
-    assert network.service_cidr.split("/")[0] not in subprocess.run(["ip", "route"], capture_output=True,
-                                                                    text=True).stdout
-
-
-def running_commands() -> list[str]:
-    commands = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):  # it exited meanwhile
-            commands.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-    return commands
+def story(real_devcluster: RealDevCluster) -> Story:
+    return Story(real_devcluster, list(real_devcluster.nodes))
 
 
 def run_pod(story: Story, namespace: str, name: str, script: str, node: str) -> str:
@@ -142,6 +110,9 @@ def test_the_chart_runs_the_operator_and_the_store_as_real_pods(story: Story):
         "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{MODELS_NS}}}",
         # No provisioner here: the store keeps its blobs in a directory of the first node.
         "--set", "store.persistence.mode=hostPath", "--set", f"store.persistence.hostPath.node={story.real[0].name}",
+        # The cuda flavour is not built here (`make images` leaves it to its own target: 1.5 GB of wheels), and
+        # these nodes have no GPU anyway: the gpu class runs the cpu image, which has no CUDA provider.
+        "--set", f"config.acceleratorClasses.gpu.image={RUNTIME_IMAGE}",
         "--wait", "--timeout", "300s",
     )
     pods = devcluster.get_json("pods", "-n", RELEASE_NS)["items"]
@@ -238,6 +209,30 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
     assert sorted(p["spec"]["nodeName"] for p in pods) == [n.name for n in story.real]
     log = story.devcluster.kubectl("logs", "-n", MODELS_NS, pods[0]["metadata"]["name"]).stdout
     assert f"(sha256 {digest})" in log and "execution providers in use: CPUExecutionProvider" in log, log
+
+    # The status tells the truth about the fallback: what the runtime itself reports it runs on, the
+    # Accelerated condition, a Warning event and the column of `kubectl get im`; the model stays Ready.
+    body = wait_for("the CPU fallback in the status", lambda: (b := story.devcluster.get_json(
+        "inferencemodel", "digits", "-n", MODELS_NS)) and any(
+        c["type"] == "Accelerated" and c["reason"] == "CPUFallback" for c in b["status"]["conditions"]) and b,
+        timeout=120, debug=lambda: story.debug(MODELS_NS))
+    gpu = next(v for v in body["status"]["variants"] if v["accelerator"] == "gpu")
+    assert gpu["providersInUse"] == ["CPUExecutionProvider"], gpu
+    assert gpu["providersReportedBy"] in [n.name for n in story.real]
+    accelerated = next(c for c in body["status"]["conditions"] if c["type"] == "Accelerated")
+    assert accelerated["status"] == "False"
+    assert f"gpu variant runs on CPUExecutionProvider without CUDAExecutionProvider on node " \
+           f"{gpu['providersReportedBy']}" in accelerated["message"], accelerated
+    events = story.devcluster.get_json("events", "-n", MODELS_NS, "--field-selector",
+                                       "involvedObject.kind=InferenceModel,reason=CPUFallback")["items"]
+    assert [e["type"] for e in events] == ["Warning"], events
+    table = story.devcluster.kubectl("get", "im", "digits", "-n", MODELS_NS).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "NODES", "MODEL", "VERSION", "ACCELERATED", "AGE"], table
+    nodes_ready = f"{len(story.real)}/{len(story.real)}"
+    assert table[1].split()[:5] == ["digits", "True", nodes_ready, "1", "CPUFallback"], table
+    health = testing.argocd_health(testing.ARGOCD_HEALTH / "InferenceModel" / "health.lua", body)
+    assert health["status"] == "Healthy" and "CPUFallback" in health["message"], health
+    testing.capture_argocd_testdata("InferenceModel", "cpu-fallback", body)
     # The fetcher verified the model into the node's own cache.
     for node in story.real:
         assert (node.host_path / "models" / "sha256" / digest).read_bytes() == story.model_v1

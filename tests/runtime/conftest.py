@@ -40,15 +40,18 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def mlp_layers(features: int = 64, hidden: int = 32, classes: int = 10, seed: int = 0) -> list:
+    """(weight [in, out], bias [out]) of the test MLP's two layers."""
+    rng = np.random.default_rng(seed)
+    w1, b1 = rng.normal(0, 0.3, (features, hidden)), rng.normal(0, 0.1, hidden)
+    w2, b2 = rng.normal(0, 0.3, (hidden, classes)), rng.normal(0, 0.1, classes)
+    return [(w1.astype(np.float32), b1.astype(np.float32)), (w2.astype(np.float32), b2.astype(np.float32))]
+
+
 def build_mlp(path: Path, features: int = 64, hidden: int = 32, classes: int = 10, seed: int = 0) -> Path:
     """input FP32 [N, features] → logits FP32 [N, classes] and label INT64 [N]; N is dynamic."""
-    rng = np.random.default_rng(seed)
-    weights = [
-        numpy_helper.from_array(rng.normal(0, 0.3, (features, hidden)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.normal(0, 0.1, hidden).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.normal(0, 0.3, (hidden, classes)).astype(np.float32), "w2"),
-        numpy_helper.from_array(rng.normal(0, 0.1, classes).astype(np.float32), "b2"),
-    ]
+    (w1, b1), (w2, b2) = mlp_layers(features, hidden, classes, seed)
+    weights = [numpy_helper.from_array(array, name) for array, name in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
     nodes = [
         helper.make_node("MatMul", ["input", "w1"], ["h0"]),
         helper.make_node("Add", ["h0", "b1"], ["h1"]),
@@ -97,6 +100,16 @@ def build_slow(path: Path, width: int = 1024, depth: int = 100) -> Path:
 @pytest.fixture(scope="session")
 def mlp_path(tmp_path_factory) -> Path:
     return build_mlp(tmp_path_factory.mktemp("models") / "mlp.onnx")
+
+
+@pytest.fixture(scope="session")
+def tflite_mlp_path(tmp_path_factory) -> Path:
+    """The same MLP as mlp_path (the same weights), as a .tflite file written without TensorFlow."""
+    from edgeloop_runtime.backends.tflite_mlp import mlp
+
+    path = tmp_path_factory.mktemp("models") / "mlp.tflite"
+    path.write_bytes(mlp(mlp_layers()))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,7 @@ def http_origin():
 def test_file_uri_lands_verified_at_its_content_address(tmp_path):
     source = tmp_path / "model.onnx"
     source.write_bytes(MODEL)
-    path = fetch(source.as_uri(), DIGEST, tmp_path / "cache")
+    path = fetch(source.as_uri(), DIGEST, tmp_path / "cache", file_root=tmp_path)
     assert path == tmp_path / "cache" / "sha256" / DIGEST
     assert path.read_bytes() == MODEL
     assert [p.name for p in path.parent.iterdir()] == [DIGEST], "no temporary file is left behind"
@@ -85,7 +85,7 @@ def test_a_404_is_not_retried(tmp_path, http_origin):
 def test_digest_mismatch_fails_clearly_and_leaves_nothing_servable(tmp_path, http_origin):
     _, origin = http_origin
     wrong = "0" * 64
-    with pytest.raises(DigestMismatch, match=f"expected {wrong}"):
+    with pytest.raises(DigestMismatch, match=f"does not match sha256 {wrong}"):
         fetch(f"{origin}/model", wrong, tmp_path, backoff=0.01)
     assert list((tmp_path / "sha256").iterdir()) == []
 
@@ -119,13 +119,16 @@ def test_cli_prints_the_path_and_fails_with_a_message(tmp_path):
         source.as_uri(),
         "--cache",
         str(tmp_path),
+        "--file-root",
+        str(tmp_path),
     ]
     ok = subprocess.run([*command, "--sha256", DIGEST], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert Path(ok.stdout.strip()) == cache_path(tmp_path, DIGEST)
     bad = subprocess.run([*command, "--sha256", "f" * 64], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
-    assert f"has sha256 {DIGEST}, expected {'f' * 64}" in bad.stderr
+    assert f"does not match sha256 {'f' * 64}; nothing was written to the cache" in bad.stderr
+    assert DIGEST not in bad.stderr
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_triton_config_leaves_out_the_batch_dimension(client):
     assert config["max_batch_size"] == 8
     assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [64]}]
     assert config["output"][1] == {"name": "label", "data_type": "TYPE_INT64", "dims": []}
-    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000}
+    assert config["dynamic_batching"] == {"preferred_batch_size": [1, 2, 4, 8], "max_queue_delay_microseconds": 2000}
     assert config["parameters"]["execution_providers"] == {"string_value": "CPUExecutionProvider"}
 
 

@@ -5,71 +5,31 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
+import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 from pathlib import Path
 
 import pytest
 from edgeloop_runtime.fetch import fetch
 from edgeloop_runtime.store import upload
-
-TOKEN = "test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fed_processes import TOKEN, issue_certificates, start_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """(base URL, root directory) of a running store."""
-    root = tmp_path_factory.mktemp("store")
-    token_file = root.parent / "token"
-    token_file.write_text(TOKEN + "\n")
-    port = _free_port()
-    log = open(root.parent / "store.log", "wb")  # noqa: SIM115 - the process owns it until it exits
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgeloop_runtime.cli",
-            "store",
-            "--root",
-            str(root),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--token-file",
-            str(token_file),
-            "--max-bytes",
-            "1000000",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    end = time.monotonic() + 20
-    while _request(port, "GET", "/healthz") is None:
-        assert proc.poll() is None and time.monotonic() < end, (root.parent / "store.log").read_text()
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", root, port
-    proc.terminate()
-    proc.wait(10)
+    """(base URL, root directory, port) of a running store."""
+    running = start_store(tmp_path_factory.mktemp("store"), "--max-bytes", "1000000")
+    yield running.base, running.root, running.port
+    running.stop()
 
 
 def _request(port, method, path, body=None, headers=None):
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    except OSError:
-        return None
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    return response.status, dict(response.getheaders()), response.read()
 
 
 def sha(data: bytes) -> str:
@@ -151,3 +111,63 @@ def test_the_store_refuses_to_start_without_a_token(tmp_path):
         timeout=30,
     )
     assert result.returncode == 2 and b"no upload token" in result.stderr
+
+
+def test_ranges_and_strong_etags(store):
+    base, _, port = store
+    data = os.urandom(10_000)
+    upload(base, data, TOKEN)
+    path, etag = f"/sha256/{sha(data)}", f'"{sha(data)}"'
+    status, headers, body = _request(port, "GET", path, headers={"Range": "bytes=100-199"})
+    assert (status, body, headers["Content-Range"], headers["ETag"]) == (
+        206,
+        data[100:200],
+        "bytes 100-199/10000",
+        etag,
+    )
+    assert headers["Accept-Ranges"] == "bytes"
+    status, headers, body = _request(port, "GET", path, headers={"Range": "bytes=9000-"})
+    assert (status, body, headers["Content-Length"]) == (206, data[9000:], "1000")
+    status, _, body = _request(port, "GET", path, headers={"Range": "bytes=-10"})
+    assert (status, body) == (206, data[-10:])
+    status, _, body = _request(port, "GET", path, headers={"Range": "bytes=9990-20000"})
+    assert (status, body) == (206, data[9990:])
+    status, headers, _ = _request(port, "GET", path, headers={"Range": "bytes=10000-"})
+    assert (status, headers["Content-Range"]) == (416, "bytes */10000")
+    # A range of another version of the resource is not what the client has: the whole blob instead.
+    status, _, body = _request(port, "GET", path, headers={"Range": "bytes=0-9", "If-Range": '"' + "0" * 64 + '"'})
+    assert (status, body) == (200, data)
+    status, _, body = _request(port, "GET", path, headers={"Range": "bytes=0-9", "If-Range": etag})
+    assert (status, body) == (206, data[:10])
+    status, _, body = _request(port, "GET", path, headers={"Range": "bytes=0-1,5-6"})  # several: ignored
+    assert (status, body) == (200, data)
+    status, headers, body = _request(port, "GET", path, headers={"If-None-Match": etag})
+    assert (status, body, headers["ETag"]) == (304, b"", etag)
+
+
+def test_store_over_tls_for_uploads_and_fetches(tmp_path):
+    tls = issue_certificates(tmp_path / "tls")
+    context = ssl.create_default_context(cafile=str(tls["ca"]))
+    running = start_store(
+        tmp_path, "--tls-cert", str(tls["server"]), "--tls-key", str(tls["server-key"]), context=context
+    )
+    try:
+        data = os.urandom(300_000)
+        uri = upload(running.base, data, TOKEN, context=context)
+        assert uri.startswith("https://")
+        assert fetch(uri, sha(data), tmp_path / "cache", ca_cert=tls["ca"], jitter=0).read_bytes() == data
+        status, _, body = running.request("GET", f"/sha256/{sha(data)}", headers={"Range": "bytes=1000-1999"})
+        assert (status, body) == (206, data[1000:2000])
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            upload(running.base, b"x", TOKEN)  # the system's CAs do not know the store's
+    finally:
+        running.stop()
+    assert b"(TLS)" in running.log.read_bytes()
+
+
+def test_tls_cert_without_key_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeloop_runtime.cli", "store", "--root", str(tmp_path), "--tls-cert", "x.crt"],
+        capture_output=True, env={**os.environ, "EDGELOOP_STORE_TOKEN": "t"}, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and b"--tls-cert and --tls-key go together" in result.stderr

@@ -50,7 +50,8 @@ def daemon_set_status(manifest: dict[str, Any], *, desired: int, ready: int, upd
                       scheduled: int | None = None, settled: bool = True) -> dict[str, Any]:
     """`manifest` as the API server would return it with the DaemonSet controller's status filled in."""
     live = copy.deepcopy(manifest)
-    live["metadata"].update(uid=f"uid-{manifest['metadata']['name']}", generation=2)
+    live["metadata"].setdefault("uid", f"uid-{manifest['metadata']['name']}")
+    live["metadata"]["generation"] = 2
     live["status"] = {
         "observedGeneration": 2 if settled else 1,
         "desiredNumberScheduled": desired,

@@ -82,7 +82,13 @@ def test_check_mode_reports_stale_chart_files(tmp_path):
 
 def test_accelerator_class_defaults_in_values_are_the_operators_built_in_ones():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["config"]["acceleratorClasses"] == config.BUILT_IN["acceleratorClasses"]
+
+    def without_images(classes):
+        return {name: {k: v for k, v in cls.items() if k != "image"} for name, cls in classes.items()}
+
+    assert without_images(values["config"]["acceleratorClasses"]) == without_images(
+        config.BUILT_IN["acceleratorClasses"]
+    ), "the images are filled in by the chart at its appVersion: test_the_chart_defaults_are_the_built_in_classes"
     # The helper that turns a class removed from the values into an explicit null knows the same names.
     names = " ".join(f'"{name}"' for name in config.BUILT_IN["acceleratorClasses"])
     assert f"range list {names}" in (CHART / "templates" / "_helpers.tpl").read_text()
@@ -195,6 +201,20 @@ def test_the_config_map_is_a_valid_operator_configuration(tmp_path):
     assert loaded.runtime_image == "ghcr.io/edgeloop/runtime:0.1.0"
     assert loaded.model_cache_claim == "edgeloop-model-cache"
     assert (loaded.dataset_claim, loaded.dataset_root) == ("edgeloop-datasets", "/var/lib/edgeloop/data")
+
+
+@needs_helm
+def test_the_chart_defaults_are_the_built_in_classes_with_their_flavours_images(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(one(template(), "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    assert config.load(path).accelerator_classes == config.build().accelerator_classes
+    images = {name: cls.image for name, cls in config.build().accelerator_classes.items()}
+    assert images == {
+        "npu": "ghcr.io/edgeloop/runtime-openvino:0.1.0", "gpu": "ghcr.io/edgeloop/runtime-cuda:0.1.0", "cpu": ""
+    }, "an empty image is runtimeImage's"
+    mirrored = one(template("config.acceleratorClasses.gpu.image=registry.example/runtime-cuda:1"), "ConfigMap",
+                   "edgeloop-config")["data"]["config.yaml"]
+    assert yaml.safe_load(mirrored)["acceleratorClasses"]["gpu"]["image"] == "registry.example/runtime-cuda:1"
 
 
 # ---- RBAC: exactly edgeloop.rbac

@@ -25,6 +25,12 @@ def test_built_in_classes():
     for cls in built_in.accelerator_classes.values():
         assert cls.execution_providers[-1] == "CPUExecutionProvider"
     assert built_in.runtime_image.startswith("ghcr.io/edgeloop/runtime:")
+    images = {name: built_in.image_of(cls) for name, cls in built_in.accelerator_classes.items()}
+    assert images == {
+        "npu": built_in.runtime_image.replace("runtime:", "runtime-openvino:"),
+        "gpu": built_in.runtime_image.replace("runtime:", "runtime-cuda:"),
+        "cpu": built_in.runtime_image,
+    }, "each class runs the flavour that has its execution providers"
 
 
 def test_a_file_overrides_fields_adds_and_removes_classes(tmp_path):
@@ -46,6 +52,11 @@ def test_a_file_overrides_fields_adds_and_removes_classes(tmp_path):
     assert gpu.runtime_class_name is None and gpu.allow_cpu_fallback
     assert gpu.resource == "nvidia.com/gpu", "fields not given keep their built-in value"
     assert loaded.accelerator_class("rockchip").resource == "rockchip.com/npu"
+
+
+def test_a_bad_pull_policy_is_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match="imagePullPolicy"):
+        config.build({"acceleratorClasses": {"gpu": {"imagePullPolicy": "Sometimes"}}})
 
 
 def test_execution_providers_must_end_with_cpu(tmp_path):

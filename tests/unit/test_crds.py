@@ -63,7 +63,7 @@ def test_names_columns_and_status_subresource(crd):
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [column["name"] for column in version["additionalPrinterColumns"] if not column.get("priority")]
-    assert columns == ["Ready", "Nodes", "Model Version", "Age"]
+    assert columns == ["Ready", "Nodes", "Model Version", "Accelerated", "Age"]
 
 
 def test_defaults_fill_omitted_sections(schema):

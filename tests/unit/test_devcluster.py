@@ -65,8 +65,9 @@ def test_default_fleet_is_two_npu_two_gpu_two_cpu_nodes():
 def test_scaling_keeps_the_total_and_the_mix(total):
     scaled = load_fleet().scaled_to(total)
     assert len(node_manifests(scaled)) == total
-    counts = [group.count for group in scaled.groups if group.runtime == "kwok"]
-    assert max(counts) - min(counts) <= 1
+    counts = {group.name: group.count for group in scaled.groups if group.runtime == "kwok"}
+    assert counts.pop("edge-arm64") == 0, "an empty group stays empty"
+    assert max(counts.values()) - min(counts.values()) <= 1
     assert scaled.real_nodes() == [], "scaling the simulated fleet adds no real node"
 
 
@@ -76,8 +77,30 @@ def test_real_nodes_come_from_the_kubelet_group_and_are_not_simulated():
     _, group = fleet.real_nodes()[0]
     assert group.labels["edgeloop.io/accelerator.gpu"] == "true" and group.capacity == {"nvidia.com/gpu": "1"}
     assert not any(node["metadata"]["name"].startswith("edge-real") for node in node_manifests(fleet))
-    with pytest.raises(ValueError, match="exactly one group of runtime kubelet"):
+    with pytest.raises(ValueError, match="a group of runtime kubelet"):
         Fleet.model_validate({"groups": [{"name": "g", "count": 1}]}).with_real_nodes(1)
+
+
+def test_a_mix_of_real_gpu_and_npu_nodes_is_asked_for_by_group():
+    fleet = load_fleet().scaled_to(0).with_counts({"edge-real": 1, "edge-real-npu": 1})
+    [(gpu, gpu_group), (npu, npu_group)] = fleet.real_nodes()
+    assert (gpu, npu) == ("edge-real-0", "edge-real-npu-0"), "a real node's index is its place in this list"
+    assert gpu_group.capacity == {"nvidia.com/gpu": "1"}
+    assert npu_group.labels == {"edgeloop.io/accelerator.npu": "true"}
+    assert npu_group.capacity == {"npu.intel.com/accel": "1"}, "advertised as the Intel NPU device plugin does"
+    with pytest.raises(ValueError, match="no group edge-tpu"):
+        fleet.with_counts({"edge-tpu": 1})
+    with pytest.raises(ValueError, match="negative"):
+        fleet.with_counts({"edge-real": -1})
+
+
+def test_arm64_nodes_are_an_optional_group_outside_the_default_six():
+    assert all(node["metadata"]["labels"]["kubernetes.io/arch"] == "amd64" for node in node_manifests(load_fleet()))
+    arm64 = [node for node in node_manifests(load_fleet().with_counts({"edge-arm64": 2}))
+             if node["metadata"]["labels"]["edgeloop.io/node-group"] == "edge-arm64"]
+    assert [node["metadata"]["name"] for node in arm64] == ["edge-arm64-0", "edge-arm64-1"]
+    assert all(node["metadata"]["labels"]["kubernetes.io/arch"] == "arm64" for node in arm64)
+    assert all(node["status"]["nodeInfo"]["architecture"] == "arm64" for node in arm64), "as kwok reports it"
 
 
 def test_taints_are_rendered_and_unknown_fields_rejected():

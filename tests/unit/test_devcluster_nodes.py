@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -67,7 +68,8 @@ def test_images_index_needs_the_archives_and_a_pause_image(tmp_path):
     pause.write_bytes(b"")
     index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)},
                                             {"name": "pause", "ref": "p:3", "archive": str(pause)}]}))
-    assert load_images(index).sandbox == "p:3" and load_images(index).archives == [archive, pause]
+    images = load_images(index)
+    assert (images.sandbox, images.helper, images.archives) == ("p:3", "r:1", [archive, pause])
 
 
 def test_with_real_nodes_the_apiserver_serves_on_the_gateway_with_endpoints(tmp_path):
@@ -79,3 +81,34 @@ def test_with_real_nodes_the_apiserver_serves_on_the_gateway_with_endpoints(tmp_
     assert {"--bind-address=127.0.0.1", "--endpoint-reconciler-type=none"} <= set(simulated)
     assert {"--bind-address=10.210.1.1", "--advertise-address=10.210.1.1", "--endpoint-reconciler-type=lease",
             "--service-cluster-ip-range=10.97.0.0/16"} <= set(real)
+
+
+def test_kwok_plays_the_offline_stage_on_the_annotation_offline_sets_and_answers_with_its_token():
+    from devcluster.cluster import KWOK_EDGE_STAGES, component_commands
+
+    from devcluster import offline
+
+    stages = {stage["metadata"]["name"]: stage for stage in yaml.safe_load_all(KWOK_EDGE_STAGES.read_text())}
+    node_offline = stages["node-offline"]["spec"]
+    assert node_offline["selector"]["matchExpressions"] == [
+        {"key": f'.metadata.annotations["{offline.OFFLINE}"]', "operator": "Exists"}]
+    assert node_offline["weight"] > 0, "it must win over kwok's default node stages (weight 0)"
+    template = node_offline["next"]["patches"][0]["template"]
+    assert offline.OFFLINE_ACK in template and f'"{offline.OFFLINE}"' in template
+    # kwok loads its default stages and these; the controller-manager marks a silent node after 30 s.
+    ports = dict.fromkeys(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"), 1)
+    commands = component_commands(Path("/bin-dir"), Path("/run-dir"), ports)
+    assert f"--config={KWOK_EDGE_STAGES}" in commands["kwok"]
+    assert "--config=/bin-dir/kwok-stages.yaml" in commands["kwok"]
+    assert "--node-monitor-grace-period=30s" in commands["kube-controller-manager"]
+
+
+def test_a_partition_drops_only_the_traffic_between_the_node_and_the_apiserver():
+    from devcluster import offline
+
+    rules = [" ".join(rule) for rule in offline.partition_rules("10.210.3.1", 36443)]
+    assert rules == [
+        "-d 10.210.3.1 -p tcp --dport 36443 -j DROP",  # the kubelet, kube-proxy and pods (kubernetes Service)
+        "-s 10.210.3.1 -p tcp --sport 36443 -j DROP",
+        "-s 10.210.3.1 -p tcp --dport 10250 -j DROP",  # the apiserver's calls to the kubelet (logs, exec)
+    ], "the host's and other nodes' traffic to the node's pods (and its DNS) keeps flowing"

@@ -5,80 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime as dt
-import http.server
 import json
-import ssl
-import threading
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from edgeloop import certs, config
+from edgeloop.aggregator import AggregatorUnreachable
 from edgeloop.handlers.certificates import Certificates
-from edgeloop.handlers.federatedround import ALL_NODES, ClientTLS, FederatedRounds, read_url
+from edgeloop.handlers.federatedround import FederatedRounds
+from edgeloop.handlers.shared import ALL_NODES
 from edgeloop.kube import KubeError
+from edgeloop.nodes import NodeInfo
 from edgeloop.render.certificates import decode
-from edgeloop.render.participants import Candidate
-from edgeloop.status.federatedround import JobState
-from edgeloop_runtime.federated.transport import server_context
+from edgeloop.status.federatedround import JobState, parse_report
+from edgeloop.testing import FakeKube
 from fr_factories import SHA_TRAINED, report
 from im_factories import SHA_A, SHA_B, inference_model, node
 
 KEY = ("edge", "r1")
+ROUND = ("FederatedRound", *KEY)
+MODEL = ("InferenceModel", "edge", "digits")
+AGGREGATOR_LABELS = {"edgeloop.io/federatedround": "r1", "edgeloop.io/role": "aggregator"}
 STATUS_URL = "https://r1-aggregator.edge.svc:8080/v1/status"  # TLS by default
-
-
-class FakeKube:
-    """Records every call; `objects` is what the API server holds, by (kind, name)."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-        self.objects: dict[tuple[str, str], dict] = {}
-        self.pods: list[dict] = []
-        self.log = ""
-
-    def writes(self):
-        return [c for c in self.calls if c[0] in ("apply", "merge_patch", "patch_status")]
-
-    def apply(self, manifest):
-        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
-        live = copy.deepcopy(manifest)
-        live["metadata"]["uid"] = f"uid-{manifest['kind']}-{manifest['metadata']['name']}"
-        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = live
-        return live
-
-    def get(self, kind, namespace, name):
-        self.calls.append(("get", kind.plural, name))
-        return copy.deepcopy(
-            self.objects.get(
-                ({"jobs": "Job", "inferencemodels": "InferenceModel", "secrets": "Secret"}[kind.plural], name)
-            )
-        )
-
-    def list(self, kind, namespace, *, label_selector="", field_selector="", page_size=100):
-        self.calls.append(("list", kind.plural, label_selector))
-        return iter(self.pods)
-
-    def log_tail(self, namespace, pod, container, lines):
-        self.calls.append(("log", pod, container, lines))
-        if isinstance(self.log, Exception):
-            raise self.log
-        return self.log
-
-    def merge_patch(self, kind, namespace, name, patch):
-        self.calls.append(("merge_patch", kind.plural, name, copy.deepcopy(patch)))
-        target = self.objects[("InferenceModel", name)]
-        if patch["metadata"]["resourceVersion"] != target["metadata"]["resourceVersion"]:
-            raise KubeError(409, "the object has been modified")
-        target["spec"]["model"].update(patch["spec"]["model"])
-        target["metadata"]["resourceVersion"] = str(int(target["metadata"]["resourceVersion"]) + 1)
-        return target
-
-    def patch_status(self, kind, namespace, name, status):
-        self.calls.append(("patch_status", kind.plural, name))
-        self.objects[("FederatedRound", name)]["status"] = status
-        return {}
 
 
 def federated_round(**spec_override):
@@ -101,12 +50,10 @@ class World:
 
     def __init__(self, nodes=("edge-a", "edge-b", "edge-c", "edge-d"), body=None, operator_config=None):
         self.kube = FakeKube()
-        self.kube.objects[("FederatedRound", "r1")] = body or federated_round()
-        model = inference_model()
-        model["metadata"]["resourceVersion"] = "10"
-        self.kube.objects[("InferenceModel", "digits")] = model
+        self.kube.put(body or federated_round())
+        self.kube.put(inference_model())
         self.rounds, self.jobs, self.services, self.secrets = {}, {}, {}, {}
-        self.nodes = {ALL_NODES: [Candidate.from_object(node(name)) for name in nodes]}
+        self.nodes = {ALL_NODES: [NodeInfo.from_object(node(name)) for name in nodes]}
         self.namespaces = {KEY[0]: [True]}
         self.report: dict | None = None  # what GET /v1/status answers; None: unreachable
         self.events: list[tuple] = []
@@ -122,35 +69,35 @@ class World:
             nodes=self.nodes,
             namespaces=self.namespaces,
             coalesce_seconds=0,
-            read_url=self.read_url,
+            read_report=self.read_report,
             post_event=lambda body, **e: self.events.append((body["kind"], e["type"], e["reason"])),
             tls=Certificates(operator_config.tls, self.kube, self.secrets),
         )
         self.refresh()
 
-    def read_url(self, url, tls):
+    def read_report(self, url, tls):
         assert url == self.status_url
         self.polled_tls = tls
         if self.report is None:
-            raise ConnectionRefusedError("connection refused")
-        return json.dumps(self.report)
+            raise AggregatorUnreachable(f"GET {url}: connection refused")
+        return parse_report(json.dumps(self.report))
 
     def refresh(self, finished: dict[str, str] | None = None):
         """Let the watches catch up; `finished` sets Job conditions by name."""
-        self.rounds[KEY] = [copy.deepcopy(self.kube.objects[("FederatedRound", "r1")])]
-        for (kind, name), obj in self.kube.objects.items():
+        self.rounds[KEY] = [copy.deepcopy(self.kube.objects[ROUND])]
+        for (kind, _, name), obj in self.kube.objects.items():
             if kind == "Job" and name in (finished or {}):
                 obj["status"] = {
                     "conditions": [{"type": finished[name], "status": "True", "reason": "", "message": ""}]
                 }
         self.secrets.clear()
         self.secrets.update(
-            {("edge", name): [copy.deepcopy(o)] for (kind, name), o in self.kube.objects.items() if kind == "Secret"}
+            {("edge", name): [copy.deepcopy(o)] for (kind, _, name), o in self.kube.objects.items() if kind == "Secret"}
         )
-        self.jobs[KEY] = [JobState.from_object(o) for (kind, _), o in self.kube.objects.items() if kind == "Job"]
+        self.jobs[KEY] = [JobState.from_object(o) for (kind, _, _), o in self.kube.objects.items() if kind == "Job"]
         self.services[KEY] = [
             (o["metadata"]["name"], o["metadata"]["ownerReferences"][0]["uid"])
-            for (kind, _), o in self.kube.objects.items()
+            for (kind, _, _), o in self.kube.objects.items()
             if kind == "Service"
         ]
 
@@ -160,14 +107,14 @@ class World:
 
     @property
     def status(self):
-        return self.kube.objects[("FederatedRound", "r1")].get("status", {})
+        return self.kube.objects[ROUND].get("status", {})
 
     def conditions(self):
         return {c["type"]: (c["status"], c["reason"]) for c in self.status.get("conditions", [])}
 
     @property
     def model(self):
-        return self.kube.objects[("InferenceModel", "digits")]["spec"]["model"]
+        return self.kube.objects[MODEL]["spec"]["model"]
 
 
 def started_world(**kwargs) -> World:
@@ -192,9 +139,8 @@ def test_start_creates_the_aggregator_first_then_its_service_and_one_client_per_
         ("Job", "r1-client-1"),
         ("Job", "r1-client-2"),
     ]
-    pinned = [
-        world.kube.objects[("Job", f"r1-client-{i}")]["metadata"]["annotations"]["edgeloop.io/node"] for i in range(3)
-    ]
+    jobs = [world.kube.objects[("Job", "edge", f"r1-client-{i}")] for i in range(3)]
+    pinned = [job["metadata"]["annotations"]["edgeloop.io/node"] for job in jobs]
     assert pinned == ["edge-a", "edge-b", "edge-c"], "the first maxClients by name"
     assert world.status["phase"] == "Running" and world.status["participants"]["nodes"] == pinned
     assert world.status["baseModel"] == {"sha256": SHA_A, "version": "3"}
@@ -223,7 +169,7 @@ def test_too_few_nodes_waits_without_calls_and_starts_when_a_node_arrives():
     world.sync()
     assert world.kube.calls == [], "waiting reads only the node index"
 
-    world.nodes[ALL_NODES].append(Candidate.from_object(node("edge-b")))
+    world.nodes[ALL_NODES].append(NodeInfo.from_object(node("edge-b")))
 
     async def node_event():  # what the node watch does: a sync soon of every round waiting for nodes
         world.controller.nodes_changed()
@@ -240,7 +186,7 @@ def test_too_few_nodes_waits_without_calls_and_starts_when_a_node_arrives():
 
 def test_a_missing_inference_model_waits():
     world = World()
-    del world.kube.objects[("InferenceModel", "digits")]
+    del world.kube.objects[MODEL]
     world.sync()
     assert world.conditions()["Started"] == ("False", "InferenceModelNotFound")
     assert not [c for c in world.kube.writes() if c[0] == "apply"]
@@ -249,10 +195,10 @@ def test_a_missing_inference_model_waits():
 def test_an_explicit_model_needs_no_inference_model():
     explicit = {"uri": f"http://store/sha256/{SHA_B}", "sha256": SHA_B, "version": "7"}
     world = World(body=federated_round(modelRef=None, model=explicit))
-    del world.kube.objects[("FederatedRound", "r1")]["spec"]["modelRef"]
+    del world.kube.objects[ROUND]["spec"]["modelRef"]
     world.refresh()
     world.sync()
-    args = world.kube.objects[("Job", "r1-aggregator")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = world.kube.objects[("Job", "edge", "r1-aggregator")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--model-sha256") + 1] == SHA_B
     assert world.status["baseModel"] == {"sha256": SHA_B, "version": "7"}
 
@@ -271,11 +217,12 @@ def test_live_reports_update_the_status_and_an_unchanged_one_writes_nothing():
 def test_success_promotes_by_a_conditional_merge_patch_of_only_the_model_fields():
     world = started_world()
     world.report = report("Succeeded")
+    resource_version = world.kube.objects[MODEL]["metadata"]["resourceVersion"]
     world.sync()
     [patch] = [c for c in world.kube.writes() if c[0] == "merge_patch"]
     assert patch[1:3] == ("inferencemodels", "digits")
     assert patch[3] == {
-        "metadata": {"resourceVersion": "10"},
+        "metadata": {"resourceVersion": resource_version},
         "spec": {"model": {"uri": report("Succeeded")["result"]["uri"], "sha256": SHA_TRAINED, "version": "4"}},
     }
     assert world.model["sha256"] == SHA_TRAINED
@@ -319,7 +266,7 @@ def test_a_conflicting_write_is_retried_and_then_promotes():
 
     def stale_get(kind, namespace, name):  # someone else writes the InferenceModel in between
         found = real_get(kind, namespace, name)
-        world.kube.objects[("InferenceModel", "digits")]["metadata"]["resourceVersion"] = "11"
+        world.kube.objects[MODEL]["metadata"]["resourceVersion"] += "1"
         return found
 
     world.kube.get = stale_get
@@ -342,11 +289,12 @@ def test_a_promotion_done_before_a_restart_is_recognised_without_patching_again(
 
 def test_a_finished_aggregator_missed_by_the_polls_is_read_from_its_log():
     world = started_world()
-    aggregator = world.kube.objects[("Job", "r1-aggregator")]
+    aggregator = world.kube.objects[("Job", "edge", "r1-aggregator")]
     world.kube.pods = [
         {
             "metadata": {
                 "name": name,
+                "labels": AGGREGATOR_LABELS,
                 "creationTimestamp": stamp,
                 "ownerReferences": [{"uid": aggregator["metadata"]["uid"]}],
             }
@@ -359,14 +307,15 @@ def test_a_finished_aggregator_missed_by_the_polls_is_read_from_its_log():
     world.kube.log = "…\n" + json.dumps(report("Succeeded")) + "\n"
     world.refresh(finished={"r1-aggregator": "Complete"})
     world.sync()
-    assert ("log", "r1-aggregator-new", "aggregator", 1) in world.kube.calls
+    assert ("log_tail", "r1-aggregator-new", "aggregator", 1) in world.kube.calls
     assert world.status["phase"] == "Succeeded" and world.status["promoted"] is True
 
 
 def test_an_unreadable_log_leaves_the_round_awaiting_its_report():
     world = started_world()
     world.kube.pods = [
-        {"metadata": {"name": "p", "creationTimestamp": "x", "ownerReferences": [{"uid": "uid-Job-r1-aggregator"}]}}
+        {"metadata": {"name": "p", "labels": AGGREGATOR_LABELS, "creationTimestamp": "x",
+                      "ownerReferences": [{"uid": "uid-Job-r1-aggregator"}]}}
     ]
     world.kube.log = KubeError(502, "no kubelet")
     world.refresh(finished={"r1-aggregator": "Complete"})
@@ -378,28 +327,28 @@ def test_an_unreadable_log_leaves_the_round_awaiting_its_report():
 
 def test_a_deleted_client_job_is_recreated_and_existing_jobs_are_never_reapplied():
     world = started_world()
-    del world.kube.objects[("Job", "r1-client-1")]
+    del world.kube.objects[("Job", "edge", "r1-client-1")]
     world.refresh()
     world.sync()
     assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "Job", "r1-client-1")]
-    assert world.kube.objects[("Job", "r1-client-1")]["metadata"]["annotations"]["edgeloop.io/node"] == "edge-b"
+    assert world.kube.objects[("Job", "edge", "r1-client-1")]["metadata"]["annotations"]["edgeloop.io/node"] == "edge-b"
 
 
 def test_a_round_started_but_not_yet_in_the_index_is_not_started_again():
     world = started_world()
-    world.nodes[ALL_NODES] = [Candidate.from_object(node(n)) for n in ("edge-x", "edge-y")]  # the fleet changed
+    world.nodes[ALL_NODES] = [NodeInfo.from_object(node(n)) for n in ("edge-x", "edge-y")]  # the fleet changed
     world.jobs[KEY] = []  # the watch lags behind
     world.services[KEY] = []
     asyncio.run(world.controller.runner.run(KEY))
     assert ("get", "jobs", "r1-aggregator") in world.kube.calls
     assert ("apply", "Job", "r1-aggregator") not in world.kube.calls
-    assert world.kube.objects[("Job", "r1-client-0")]["metadata"]["annotations"]["edgeloop.io/node"] == "edge-a"
+    assert world.kube.objects[("Job", "edge", "r1-client-0")]["metadata"]["annotations"]["edgeloop.io/node"] == "edge-a"
 
 
 def test_jobs_of_an_earlier_round_of_the_same_name_are_not_this_rounds():
     world = started_world()
-    world.kube.objects[("FederatedRound", "r1")]["metadata"]["uid"] = "uid-r1-again"  # deleted and recreated
-    del world.kube.objects[("FederatedRound", "r1")]["status"]
+    world.kube.objects[ROUND]["metadata"]["uid"] = "uid-r1-again"  # deleted and recreated
+    del world.kube.objects[ROUND]["status"]
     world.refresh()
     world.sync()
     assert world.conditions()["Started"] == ("False", "PreviousRoundNotGone")
@@ -410,7 +359,7 @@ def test_a_running_round_whose_aggregator_job_was_deleted_fails_and_is_not_start
     world = started_world()
     world.report = report()
     world.sync()
-    del world.kube.objects[("Job", "r1-aggregator")]
+    del world.kube.objects[("Job", "edge", "r1-aggregator")]
     world.refresh()
     world.kube.calls.clear()
     world.sync()
@@ -446,7 +395,7 @@ def test_with_a_dataset_claim_a_dataset_outside_the_data_root_fails_the_round_wi
 def test_with_a_dataset_claim_a_dataset_under_the_root_starts():
     world = World(operator_config=config.build({"datasetClaim": "edgeloop-datasets"}))
     world.sync()
-    client = world.kube.objects[("Job", "r1-client-0")]["spec"]["template"]["spec"]
+    client = world.kube.objects[("Job", "edge", "r1-client-0")]["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in client["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "edgeloop-datasets"
     assert world.conditions()["Started"] == ("True", "JobsCreated")
@@ -455,11 +404,7 @@ def test_with_a_dataset_claim_a_dataset_under_the_root_starts():
 def test_a_round_deleted_during_a_sync_is_not_an_error():
     world = started_world()
     world.report = report()
-
-    def gone(kind, namespace, name, status):
-        return None  # what Kube.patch_status answers for a 404
-
-    world.kube.patch_status = gone
+    del world.kube.objects[ROUND]  # after the watch showed it: patch_status answers None (404)
     asyncio.run(world.controller.runner.run(KEY))
     assert world.events == []
 
@@ -468,7 +413,7 @@ def test_a_round_deleted_during_a_sync_is_not_an_error():
 
 
 def secret(world: World, name: str) -> dict:
-    return world.kube.objects[("Secret", name)]
+    return world.kube.objects[("Secret", "edge", name)]
 
 
 def test_the_certificates_are_issued_before_the_jobs_and_owned_by_the_round():
@@ -494,8 +439,8 @@ def test_the_certificates_are_issued_before_the_jobs_and_owned_by_the_round():
         [owner] = secret(world, name)["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"], owner["uid"]) == ("FederatedRound", "r1", "uid-r1"), "goes with it"
         assert secret(world, name)["metadata"]["labels"]["edgeloop.io/federatedround"] == "r1"
-    aggregator = world.kube.objects[("Job", "r1-aggregator")]["spec"]["template"]["spec"]
-    client_job = world.kube.objects[("Job", "r1-client-0")]["spec"]["template"]["spec"]
+    aggregator = world.kube.objects[("Job", "edge", "r1-aggregator")]["spec"]["template"]["spec"]
+    client_job = world.kube.objects[("Job", "edge", "r1-client-0")]["spec"]["template"]["spec"]
     assert {v["name"]: v.get("secret", {}).get("secretName") for v in aggregator["volumes"]}["tls"] == (
         "r1-aggregator-tls"
     )
@@ -511,7 +456,7 @@ def test_valid_certificates_cost_no_call_and_no_write():
 def test_a_certificate_due_for_rotation_is_renewed_by_the_sync_of_a_running_round():
     world = started_world()
     before = decode(secret(world, "r1-client-tls"), "tls.crt")
-    del world.kube.objects[("Secret", "r1-client-tls")]  # gone, as a certificate past rotation would be
+    del world.kube.objects[("Secret", "edge", "r1-client-tls")]  # gone, as a certificate past rotation would be
     world.refresh()
     world.sync()
     assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "Secret", "r1-client-tls")]
@@ -539,44 +484,8 @@ def test_with_tls_disabled_there_are_no_certificates_and_the_poll_is_plain_http(
     world.sync()
     assert not [c for c in world.kube.writes() if c[1] == "Secret"]
     assert world.polled_tls is None
-    args = world.kube.objects[("Job", "r1-client-0")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = world.kube.objects[("Job", "edge", "r1-client-0")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--aggregator") + 1] == "http://r1-aggregator.edge.svc:8080"
-
-
-def test_read_url_speaks_mtls_to_the_runtimes_server_and_verifies_the_service_name(tmp_path):
-    """The real poll against a server set up as the aggregator's (the runtime's own server_context)."""
-    now = dt.datetime.now(dt.UTC)
-    ca = certs.new_ca("ca", now, dt.timedelta(days=1))
-    server = certs.issue(ca, "s", certs.Usage.SERVER, now, dt.timedelta(hours=1), ["agg.edge.svc"])
-    client = certs.issue(ca, "c", certs.Usage.CLIENT, now, dt.timedelta(hours=1), [])
-    for name, text in {"ca.crt": ca.cert, "tls.crt": server.cert, "tls.key": server.key}.items():
-        (tmp_path / name).write_text(text)
-    context = server_context(str(tmp_path / "tls.crt"), str(tmp_path / "tls.key"), str(tmp_path / "ca.crt"))
-
-    class Status(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps({"path": self.path}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Status)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{httpd.server_address[1]}/v1/status"
-    try:
-        good = ClientTLS(ca.cert, client.cert, client.key, "agg.edge.svc")
-        assert json.loads(read_url(url, good)) == {"path": "/v1/status"}
-        with pytest.raises(ssl.SSLError):  # another name than the Service's
-            read_url(url, ClientTLS(ca.cert, client.cert, client.key, "other.edge.svc"))
-        with pytest.raises(OSError):  # no client certificate: the aggregator requires one
-            read_url(url)
-    finally:
-        httpd.shutdown()
 
 
 def test_in_cert_manager_mode_two_certificates_owned_by_the_round_come_before_the_jobs():
@@ -586,8 +495,8 @@ def test_in_cert_manager_mode_two_certificates_owned_by_the_round_come_before_th
     applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
     assert applied[:2] == [("Certificate", "r1-aggregator-tls"), ("Certificate", "r1-client-tls")]
     assert not [a for a in applied if a[0] == "Secret"], "cert-manager writes the Secrets"
-    server = world.kube.objects[("Certificate", "r1-aggregator-tls")]["spec"]
-    client = world.kube.objects[("Certificate", "r1-client-tls")]["spec"]
+    server = world.kube.objects[("Certificate", "edge", "r1-aggregator-tls")]["spec"]
+    client = world.kube.objects[("Certificate", "edge", "r1-client-tls")]["spec"]
     assert server["dnsNames"] == certs.service_dns_names("r1-aggregator", "edge")
     assert "server auth" in server["usages"] and "client auth" in client["usages"] and "dnsNames" not in client
     world.kube.calls.clear()

@@ -91,16 +91,30 @@ def test_every_stage_starts_from_the_base_image_build_arg(dockerfile: Path):
     assert "ARG BASE_IMAGE=debian:bookworm-slim" in build.dockerfile_instructions(text)
     stages = build.from_images(text)
     assert len(stages) == 2  # the build stage and the final one
-    assert set(stages) == {"${BASE_IMAGE}"}
+    assert stages[0] == "${BASE_IMAGE}" and stages[1] in ("${BASE_IMAGE}", "scratch")
 
 
-def test_runtime_inputs_are_its_project_file_and_package():
+def test_runtime_inputs_are_its_project_file_slim_script_and_package():
     dockerfile = REPO / "runtime-image" / "Dockerfile"
     files = build.copied_files(dockerfile, dockerfile.parent)
-    assert "pyproject.toml" in files
-    assert "edgeloop_runtime/cli.py" in files
-    assert all(name == "pyproject.toml" or name.startswith("edgeloop_runtime/") for name in files)
+    assert {"pyproject.toml", "slim.py", "edgeloop_runtime/cli.py"} <= set(files)
+    assert all(name in ("pyproject.toml", "slim.py") or name.startswith("edgeloop_runtime/") for name in files)
     assert not any(name.endswith(".pyc") for name in files)
+
+
+def test_each_runtime_flavour_installs_extras_the_runtime_defines():
+    extras = build.tomllib.loads((REPO / "runtime-image" / "pyproject.toml").read_text())["project"]
+    for flavour, wanted in build.RUNTIMES.items():
+        assert set(wanted.split(",")) <= set(extras["optional-dependencies"]), flavour
+    assert "runtime-cuda" not in build.DEFAULT, "the CUDA flavour is built on request only"
+    assert {"runtime", "runtime-openvino", "runtime-federated", "operator", "pause"} == set(build.DEFAULT)
+
+
+def test_flavours_differ_in_their_inputs():
+    plans = {name: build.app_plan(name, "sha256:base") for name in build.RUNTIMES}
+    assert len({plan.inputs for plan in plans.values()}) == len(plans)
+    assert plans["runtime-openvino"].build_args["EXTRAS"] == "openvino"
+    assert plans["runtime-openvino"].ref.startswith("ghcr.io/edgeloop/runtime-openvino:")
 
 
 def test_operator_inputs_are_the_root_project_files_and_the_operator_package():
@@ -127,5 +141,68 @@ def test_pip_settings_passes_network_settings_only_and_the_environment_wins():
 
 def test_pause_is_compiled_with_upstreams_flags():
     assert build.pause_cflags("3.10.1", "v1.34.4") == [
-        "-Os", "-Wall", "-Werror", "-static", "-DVERSION=v3.10.1-v1.34.4",
+        "-Os",
+        "-Wall",
+        "-Werror",
+        "-static",
+        "-DVERSION=v3.10.1-v1.34.4",
     ]
+
+
+def test_archive_sizes_per_architecture_of_an_image_and_of_an_index(tmp_path: Path):
+    import io
+    import json
+    import tarfile
+
+    def write(tar, document: dict | bytes) -> tuple[str, int]:
+        data = document if isinstance(document, bytes) else json.dumps(document).encode()
+        digest = build.hashlib.sha256(data).hexdigest()
+        info = tarfile.TarInfo(f"blobs/sha256/{digest}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        return f"sha256:{digest}", len(data)
+
+    def image(tar, arch: str, layer_sizes: list[int]) -> dict:
+        config, config_size = write(tar, {"architecture": arch})
+        layers = [{"digest": f"sha256:{i}", "size": size} for i, size in enumerate(layer_sizes)]
+        digest, size = write(tar, {"config": {"digest": config, "size": config_size}, "layers": layers})
+        return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": size,
+                "extra": config_size + sum(layer_sizes)}  # fmt: skip
+
+    single, multi = tmp_path / "single.tar", tmp_path / "multi.tar"
+    with tarfile.open(single, "w") as tar:
+        amd64 = image(tar, "amd64", [100, 20])
+        index = json.dumps({"manifests": [{k: v for k, v in amd64.items() if k != "extra"}]}).encode()
+        info = tarfile.TarInfo("index.json")
+        info.size = len(index)
+        tar.addfile(info, io.BytesIO(index))
+    assert build.archive_sizes(single) == {"amd64": amd64["size"] + amd64["extra"]}
+    with tarfile.open(multi, "w") as tar:
+        entries = {arch: image(tar, arch, sizes) for arch, sizes in (("amd64", [100]), ("arm64", [90, 5]))}
+        listed = [{**{k: v for k, v in e.items() if k != "extra"}, "platform": {"architecture": arch}}
+                  for arch, e in entries.items()]  # fmt: skip
+        nested, size = write(tar, {"manifests": listed})
+        index = json.dumps({"manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+                                           "digest": nested, "size": size}]}).encode()  # fmt: skip
+        info = tarfile.TarInfo("index.json")
+        info.size = len(index)
+        tar.addfile(info, io.BytesIO(index))
+    assert build.archive_sizes(multi) == {arch: e["size"] + e["extra"] for arch, e in entries.items()}
+
+
+_slim_spec = importlib.util.spec_from_file_location("runtime_slim", REPO / "runtime-image" / "slim.py")
+slim = importlib.util.module_from_spec(_slim_spec)
+_slim_spec.loader.exec_module(slim)
+
+
+def test_slim_keeps_a_dependency_another_package_needs(tmp_path: Path):
+    def dist(name: str, *requires: str) -> None:
+        info = tmp_path / f"{name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("".join(f"Requires-Dist: {r}\n" for r in requires))
+
+    dist("ai_edge_litert", "ml_dtypes", "numpy")
+    dist("tritonclient", "numpy", "ml-dtypes ; extra == 'all'")  # only as an extra: does not count
+    assert slim.required_by(tmp_path, "ml_dtypes") == {"ai-edge-litert"}
+    dist("onnx", "ml_dtypes>=0.5.0", "protobuf")
+    assert slim.required_by(tmp_path, "ml_dtypes") == {"ai-edge-litert", "onnx"}

@@ -5,57 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 
 import pytest
 from edgeloop import config
-from edgeloop.handlers.inferencemodel import ALL_NODES, InferenceModels, ServiceState
+from edgeloop.handlers.inferencemodel import InferenceModels, ServiceState
+from edgeloop.handlers.shared import ALL_NODES
 from edgeloop.kube import KubeError
-from edgeloop.render import RENDER_HASH
-from edgeloop.status.diagnosis import NodeInfo
+from edgeloop.names import ACCELERATOR_LABEL, RENDER_HASH
+from edgeloop.nodes import NodeInfo
 from edgeloop.status.inferencemodel import DaemonSetState
+from edgeloop.testing import FakeKube
 from im_factories import SHA_B, daemon_set_status, inference_model
 
 KEY = ("edge", "digits")
-
-
-class FakeKube:
-    """Records every call; `objects` is what the API server holds."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-        self.objects: dict[tuple[str, str], dict] = {}
-        self.pods: list[dict] = []
-        self.fail_apply: KubeError | None = None
-
-    def writes(self):
-        return [call for call in self.calls if call[0] in ("apply", "delete", "patch_status")]
-
-    def apply(self, manifest):
-        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
-        if self.fail_apply:
-            raise self.fail_apply
-        live = copy.deepcopy(manifest)
-        live["metadata"]["uid"] = f"uid-{manifest['metadata']['name']}"
-        live["metadata"]["generation"] = 1
-        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = live
-        return live
-
-    def delete(self, kind, namespace, name, uid):
-        self.calls.append(("delete", kind.plural, name, uid))
-
-    def get(self, kind, namespace, name):
-        self.calls.append(("get", kind.plural, name))
-        return self.objects.get(("InferenceModel", name))
-
-    def list(self, kind, namespace, *, label_selector="", field_selector="", page_size=100):
-        self.calls.append(("list", kind.plural, label_selector or field_selector))
-        return iter(self.pods if kind.plural == "pods" else [])
-
-    def patch_status(self, kind, namespace, name, status):
-        self.calls.append(("patch_status", name))
-        self.objects[("InferenceModel", name)]["status"] = status
-        return {}
+MODEL = ("InferenceModel", *KEY)
 
 
 class World:
@@ -63,12 +28,13 @@ class World:
 
     def __init__(self, operator_config=None, body=None, clock=None, diagnosis_interval=60):
         self.kube = FakeKube()
-        self.body = body or inference_model()
-        self.kube.objects[("InferenceModel", "digits")] = self.body
+        self.body = self.kube.put(body or inference_model())
         self.models, self.daemon_sets, self.services = {}, {}, {}
         self.nodes = {ALL_NODES: [NodeInfo("edge-cpu-0", {})]}
         self.namespaces = {"edge": [True]}
         self.counts: dict[str, tuple[int, int]] = {}
+        self.extra_pods: list[dict] = []  # besides one ready pod per variant with ready nodes
+        self.in_use: dict[str, str] = {}  # what a class's runtime reports; default: the providers configured
         self.events = []
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
@@ -82,30 +48,44 @@ class World:
     def refresh(self, **counts_by_class):
         """Let the watches catch up; DaemonSets of a class get (desired, ready) from now on, default (1, 1)."""
         self.counts.update(counts_by_class)
-        self.models[KEY] = [copy.deepcopy(self.kube.objects[("InferenceModel", "digits")])]
+        self.models[KEY] = [copy.deepcopy(self.kube.objects[MODEL])]
         daemon_sets = []
-        for (kind, _), obj in self.kube.objects.items():
+        for (kind, _, _), obj in self.kube.objects.items():
             if kind == "DaemonSet":
                 accelerator = obj["metadata"]["labels"]["edgeloop.io/accelerator"]
                 desired, ready = self.counts.get(accelerator, (1, 1))
                 daemon_sets.append(DaemonSetState.from_object(daemon_set_status(obj, desired=desired, ready=ready)))
         self.daemon_sets[KEY] = daemon_sets
+        self.kube.pods = [*self.ready_pods(), *self.extra_pods]
         self.services[KEY] = [
             ServiceState(o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["annotations"][RENDER_HASH])
-            for (kind, _), o in self.kube.objects.items() if kind == "Service"
+            for (kind, _, _), o in self.kube.objects.items() if kind == "Service"
         ]
 
+    def ready_pods(self):
+        for (kind, _, name), obj in self.kube.objects.items():
+            if kind == "DaemonSet" and self.counts.get(accelerator := obj["metadata"]["labels"][ACCELERATOR_LABEL],
+                                                       (1, 1))[1]:
+                pod = f"{name}-ready"
+                configured = ",".join(self.controller._config.accelerator_class(accelerator).execution_providers)
+                providers = self.in_use.get(accelerator, configured)
+                answer = {"name": "digits", "parameters": {"execution_providers": providers}}
+                self.kube.proxied[pod] = json.dumps(answer)
+                yield {
+                    "metadata": {"name": pod, "labels": obj["spec"]["template"]["metadata"]["labels"]},
+                    "spec": {"nodeName": f"edge-{accelerator}-0"},
+                    "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+                }
+
     def edit(self, **spec_override):
-        current = self.kube.objects[("InferenceModel", "digits")]
+        current = self.kube.objects[MODEL]
         generation = current["metadata"]["generation"] + 1
-        updated = inference_model(generation=generation, **spec_override)
-        updated["status"] = current.get("status", {})
-        self.kube.objects[("InferenceModel", "digits")] = updated
+        updated = self.kube.put(inference_model(generation=generation, **spec_override))
         self.refresh()
         return updated
 
     def reconcile(self, body=None):
-        asyncio.run(self.controller.reconcile(body or self.kube.objects[("InferenceModel", "digits")]))
+        asyncio.run(self.controller.reconcile(body or self.kube.objects[MODEL]))
         self.refresh()
 
     def resync(self):
@@ -119,7 +99,7 @@ def test_create_applies_every_object_once_and_reports_status():
     applied = [call for call in world.kube.writes() if call[0] == "apply"]
     assert applied == [("apply", "DaemonSet", "digits-npu"), ("apply", "DaemonSet", "digits-gpu"),
                        ("apply", "DaemonSet", "digits-cpu"), ("apply", "Service", "digits")]
-    assert world.kube.writes()[-1] == ("patch_status", "digits")
+    assert world.kube.writes()[-1] == ("patch_status", "inferencemodels", "digits")
     assert ("Normal", "RollingOut") in world.events
 
 
@@ -161,15 +141,15 @@ def test_a_placement_change_removes_the_variant_no_longer_listed():
     world.kube.calls.clear()
     world.reconcile(world.edit(placement={"accelerators": ["gpu", "cpu"]}))
     deletes = [c for c in world.kube.writes() if c[0] == "delete"]
-    assert deletes == [("delete", "daemonsets", "digits-npu", "uid-digits-npu")]
+    assert deletes == [("delete", "daemonsets", "digits-npu", "uid-DaemonSet-digits-npu")]
     assert not [c for c in world.kube.writes() if c[0] == "apply" and c[2] == "digits-npu"]
 
 
 def test_a_sync_from_a_stale_index_writes_nothing_for_a_deleted_model():
     world = World()
     world.reconcile()
-    del world.kube.objects[("DaemonSet", "digits-gpu")]  # someone deleted a DaemonSet ...
-    del world.kube.objects[("InferenceModel", "digits")]  # ... or the garbage collector, after the model
+    del world.kube.objects[("DaemonSet", "edge", "digits-gpu")]  # someone deleted a DaemonSet ...
+    del world.kube.objects[MODEL]  # ... or the garbage collector, after the model
     world.daemon_sets[KEY] = [ds for ds in world.daemon_sets[KEY] if ds.name != "digits-gpu"]
     world.kube.calls.clear()
     asyncio.run(world.controller.runner.run(KEY))
@@ -179,7 +159,7 @@ def test_a_sync_from_a_stale_index_writes_nothing_for_a_deleted_model():
 def test_a_deleted_daemon_set_is_recreated():
     world = World()
     world.reconcile()
-    del world.kube.objects[("DaemonSet", "digits-gpu")]
+    del world.kube.objects[("DaemonSet", "edge", "digits-gpu")]
     world.refresh()
     world.kube.calls.clear()
     world.resync()
@@ -189,7 +169,7 @@ def test_a_deleted_daemon_set_is_recreated():
 def test_a_class_the_operator_lacks_is_degraded_without_retrying():
     world = World(config.build({"acceleratorClasses": {"npu": None}}))
     world.reconcile()
-    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    status = world.kube.objects[MODEL]["status"]
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "UnknownAcceleratorClass")
     assert not [c for c in world.kube.calls if c[0] == "apply"]
@@ -202,7 +182,7 @@ def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry(
     world = World()
     world.kube.fail_apply = KubeError(422, 'DaemonSet.apps "digits-npu" is invalid')
     world.reconcile()
-    status = world.kube.objects[("InferenceModel", "digits")]["status"]
+    status = world.kube.objects[MODEL]["status"]
     assert next(c for c in status["conditions"] if c["type"] == "Degraded")["reason"] == "ApplyRejected"
 
     world.kube.fail_apply = KubeError(503, "etcd leader changed")
@@ -210,10 +190,17 @@ def test_a_rejected_apply_is_degraded_and_a_transient_error_is_raised_for_retry(
         world.reconcile(world.edit(model={"sha256": SHA_B}))
 
 
-CRASH_LOOPING_POD = {"metadata": {"name": "p"}, "spec": {"nodeName": "edge-cpu-0"}, "status": {
+CPU_PODS = "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu"
+CRASH_LOOPING_POD = {"metadata": {"name": "p", "labels": dict(term.split("=") for term in CPU_PODS.split(","))},
+                     "spec": {"nodeName": "edge-cpu-0"}, "status": {
     "conditions": [{"type": "Ready", "status": "False"}, {"type": "Initialized", "status": "True"}],
     "containerStatuses": [{"name": "runtime", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
                            "lastState": {"terminated": {"exitCode": 1, "message": "model load failed"}}}]}}
+
+
+def diagnosis_lists(world):
+    """Lists of pods to see why nodes do not serve (not the one that finds a pod to ask its providers)."""
+    return [c for c in world.kube.calls if c[0] == "list" and "status.phase" not in c[2]]
 
 
 def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
@@ -221,49 +208,50 @@ def test_pods_are_looked_at_only_for_a_stalled_rollout_and_not_too_often():
     world = World(clock=lambda: now[0])
     world.reconcile()
     world.refresh(cpu=(3, 1))
-    world.kube.pods = [CRASH_LOOPING_POD]
+    world.extra_pods = [CRASH_LOOPING_POD]
+    world.refresh()
     world.kube.calls.clear()
     world.resync()
     now[0] = 59
     world.resync()
-    assert not [c for c in world.kube.calls if c[0] == "list"], "the rollout may still progress: no pods listed"
+    assert not diagnosis_lists(world), "the rollout may still progress: no pods listed"
 
     now[0] = 60
     world.resync()
-    lists = [c for c in world.kube.calls if c[0] == "list"]
-    assert lists == [("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu")], (
+    assert diagnosis_lists(world) == [("list", "pods", CPU_PODS)], (
         "a minute without progress: only the variant with unready nodes is looked at")
     unhealthy = [{"node": "edge-cpu-0", "accelerator": "cpu", "reason": "RuntimeFailed",
                   "message": "model load failed"}]
-    assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+    assert world.kube.objects[MODEL]["status"]["unhealthyNodes"] == unhealthy
 
     world.kube.calls.clear()
     now[0] = 119
     world.resync()
-    assert world.kube.calls == [], "within the diagnosis interval the last findings are reused"
+    assert not diagnosis_lists(world), "within the diagnosis interval the last findings are reused"
     world.refresh(cpu=(3, 2))
     now[0] = 200
     world.resync()
-    assert not [c for c in world.kube.calls if c[0] == "list"], "progress again: the last findings stand"
-    assert world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"] == unhealthy
+    assert not diagnosis_lists(world), "progress again: the last findings stand"
+    assert world.kube.objects[MODEL]["status"]["unhealthyNodes"] == unhealthy
 
 
 def test_a_stalled_rollout_is_looked_at_without_waiting_for_the_resync():
     world = World(clock=time.monotonic, diagnosis_interval=0.05)
     world.reconcile()
     world.refresh(cpu=(3, 1))
-    world.kube.pods = [CRASH_LOOPING_POD]
+    world.extra_pods = [CRASH_LOOPING_POD]
+    world.refresh()
     world.kube.calls.clear()
 
     async def scenario():
         await world.controller.runner.run(KEY)  # the stall begins: nothing to look at yet
-        assert not [c for c in world.kube.calls if c[0] == "list"]
+        assert not diagnosis_lists(world)
         await asyncio.sleep(0.2)  # no watch event and no resync: only the sync it asked for
         await world.controller.runner.close()
 
     asyncio.run(scenario())
     assert ("list", "pods", "edgeloop.io/inferencemodel=digits,edgeloop.io/accelerator=cpu") in world.kube.calls
-    unhealthy = world.kube.objects[("InferenceModel", "digits")]["status"]["unhealthyNodes"]
+    unhealthy = world.kube.objects[MODEL]["status"]["unhealthyNodes"]
     assert [n["reason"] for n in unhealthy] == ["RuntimeFailed"]
 
 
@@ -283,6 +271,71 @@ def test_a_model_in_a_namespace_being_deleted_is_forgotten_without_a_call():
 
 def test_a_model_deleted_during_a_sync_is_not_an_error():
     world = World()
-    world.kube.patch_status = lambda kind, namespace, name, status: None  # Kube.patch_status's answer to a 404
-    world.reconcile()
+    body = world.kube.objects.pop(MODEL)  # deleted after the watch showed it: patch_status answers None (404)
+    asyncio.run(world.controller.reconcile(body))
     assert world.events == [], "no Event about an object that is gone"
+
+
+# ---- providers in use, asked of the runtimes
+
+
+def proxied(world):
+    return [c for c in world.kube.calls if c[0] == "proxy_get"]
+
+
+def test_each_variant_is_asked_once_what_it_runs_on_then_not_again():
+    world = World()
+    world.reconcile()
+    world.resync()
+    assert sorted(proxied(world)) == [
+        ("proxy_get", f"digits-{accelerator}-ready", "/v2/models/digits") for accelerator in ("cpu", "gpu", "npu")
+    ], "one ready pod per variant: O(variants), not O(nodes)"
+    status = world.kube.objects[MODEL]["status"]
+    assert {v["accelerator"]: v["providersInUse"] for v in status["variants"]}["gpu"] == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert next(c for c in status["conditions"] if c["type"] == "Accelerated")["reason"] == "AcceleratorsInUse"
+    world.kube.calls.clear()
+    for _ in range(3):
+        world.resync()
+    assert world.kube.calls == []
+
+
+def test_a_cpu_fallback_is_reported_with_a_warning_and_asked_again_after_a_rollout():
+    world = World()
+    world.in_use["gpu"] = "CPUExecutionProvider"
+    world.reconcile()
+    world.resync()
+    status = world.kube.objects[MODEL]["status"]
+    accelerated = next(c for c in status["conditions"] if c["type"] == "Accelerated")
+    assert (accelerated["status"], accelerated["reason"]) == ("False", "CPUFallback")
+    assert "without CUDAExecutionProvider on node edge-gpu-0" in accelerated["message"]
+    assert ("Warning", "CPUFallback") in world.events
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["status"] == "True"
+
+    world.in_use.clear()  # e.g. the driver installed, and a new model version rolled out
+    world.reconcile(world.edit(model={"sha256": SHA_B, "version": "4"}))
+    world.kube.calls.clear()
+    world.resync()
+    assert len(proxied(world)) == 3
+    status = world.kube.objects[MODEL]["status"]
+    assert next(c for c in status["conditions"] if c["type"] == "Accelerated")["reason"] == "AcceleratorsInUse"
+
+
+def test_a_runtime_that_cannot_be_asked_is_asked_again_only_after_the_interval():
+    now = [0.0]
+    world = World(clock=lambda: now[0])
+    world.reconcile()
+    world.kube.proxied["digits-gpu-ready"] = KubeError(503, "no route to the pod")
+    world.kube.calls.clear()
+    world.resync()
+    status = world.kube.objects[MODEL]["status"]
+    accelerated = next(c for c in status["conditions"] if c["type"] == "Accelerated")
+    assert (accelerated["status"], accelerated["reason"]) == ("Unknown", "NotSampled")
+    assert "no route to the pod" in accelerated["message"]
+    world.kube.calls.clear()
+    now[0] = 59
+    world.resync()
+    assert proxied(world) == []
+    now[0] = 60
+    world.resync()
+    assert proxied(world) == [("proxy_get", "digits-gpu-ready", "/v2/models/digits")]

@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 from edgeloop import config
-from edgeloop.render.placement import node_matches, node_selector_terms
+from edgeloop.nodes import node_matches
+from edgeloop.render.placement import node_selector_terms
 
 CLASSES = config.build().accelerator_classes
 # Every label that marks a built-in class, plus one that marks none.

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from edgeloop import config
 from edgeloop.api.federatedround import FederatedRoundSpec
+from edgeloop.names import START_ANNOTATION
 from edgeloop.render.federatedround import (
-    START_ANNOTATION,
     DatasetOutsideRoot,
     Start,
     active_deadline_seconds,

@@ -11,7 +11,7 @@ import yaml
 from edgeloop import config
 from edgeloop.api.inferencemodel import InferenceModelSpec
 from edgeloop.config import ConfigError
-from edgeloop.render import RENDER_HASH
+from edgeloop.names import RENDER_HASH
 from edgeloop.render.inferencemodel import owner_of, render
 from im_factories import SHA_B, example_body, spec
 
@@ -63,6 +63,27 @@ def test_one_daemon_set_per_class_with_its_resource_runtime_class_and_providers(
     }
     for pod in pods.values():
         assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}, "the spec's nodeSelector reaches every variant"
+
+
+def test_each_variant_runs_its_classs_image_unless_the_model_names_one_for_all():
+    def images(manifests):
+        return {
+            name: {(c["image"], c["imagePullPolicy"]) for c in [*pod["initContainers"], *pod["containers"]]}
+            for name, ds in manifests.daemon_sets.items()
+            for pod in [ds["spec"]["template"]["spec"]]
+        }
+
+    custom = config.build({
+        "runtimeImage": "registry.example/runtime:1",
+        "acceleratorClasses": {"gpu": {"image": "registry.example/runtime-cuda:1", "imagePullPolicy": "Always"}},
+    })
+    assert images(render(OWNER, spec(), custom)) == {
+        "digits-npu": {("ghcr.io/edgeloop/runtime-openvino:0.1.0", "IfNotPresent")},
+        "digits-gpu": {("registry.example/runtime-cuda:1", "Always")},
+        "digits-cpu": {("registry.example/runtime:1", "IfNotPresent")},
+    }
+    own = render(OWNER, spec(runtime={"image": "registry.example/mine:2"}), custom)
+    assert {image for found in images(own).values() for image, _ in found} == {"registry.example/mine:2"}
 
 
 def test_spec_tolerations_and_resource_amounts_reach_the_variants():

@@ -23,6 +23,7 @@ from edgeloop.status.federatedround import (
     parse_report,
     pending,
     promoted_version,
+    promotion,
     transitions,
 )
 from fr_factories import NODES, OWNER, SHA_TRAINED, START, job, report, spec
@@ -218,6 +219,21 @@ def test_improvement_is_higher_accuracy_or_equal_accuracy_at_lower_loss():
     assert improves(Metrics(accuracy=0.9, loss=0.29), base)
     assert not improves(Metrics(accuracy=0.9, loss=0.3), base)
     assert not improves(Metrics(accuracy=0.89, loss=0.1), base)
+
+
+def test_promotion_writes_only_over_the_model_served_when_the_round_started():
+    result = AggregatorReport.model_validate(report("Succeeded")).result
+    started_from = START.serving_sha256
+    written = promotion("digits", {"sha256": started_from, "version": "3"}, started_from, result, "4")
+    assert (written.promoted, written.reason) == (True, "Promoted")
+    assert written.write == {"uri": result.uri, "sha256": SHA_TRAINED, "version": "4"}
+    done = promotion("digits", {"sha256": SHA_TRAINED, "version": "4"}, started_from, result, "4")
+    assert (done.promoted, done.write) == (True, None), "already promoted, e.g. before a restart"
+    moved = promotion("digits", {"sha256": "c" * 64, "version": "9"}, started_from, result, "4")
+    assert (moved.promoted, moved.reason, moved.write) == (False, "InferenceModelChanged", None)
+    assert "moved on to version 9" in moved.message
+    gone = promotion("digits", None, started_from, result, "4")
+    assert (gone.promoted, gone.reason) == (False, "InferenceModelNotFound")
 
 
 @pytest.mark.parametrize(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from edgeloop.api.inferencemodel import InferenceModelStatus
 from edgeloop.status import condition
 from edgeloop.status.diagnosis import NodeProblem
 from edgeloop.status.inferencemodel import (
     DaemonSetState,
     Expected,
+    ProvidersSample,
     SpecProblem,
     compute,
+    parse_providers,
     transitions,
     unreadable,
 )
@@ -42,8 +45,10 @@ def status(daemon_sets, problems=(), previous=None, generation=2, now="2026-11-2
     )
 
 
-def conditions(result):
-    return {c.type: (c.status, c.reason) for c in result.conditions}
+def conditions(result, *types):
+    """By type, (status, reason) of the conditions of `types`, by default of all but Accelerated."""
+    types = types or ("Ready", "Progressing", "Degraded")
+    return {c.type: (c.status, c.reason) for c in result.conditions if c.type in types}
 
 
 def test_before_any_daemon_set_exists():
@@ -64,7 +69,7 @@ def test_all_nodes_ready():
     assert result.observed_generation == 2 and result.model.version == "3"
     assert [(v.accelerator, v.daemon_set, v.desired, v.ready, v.updated) for v in result.variants] == [
         ("npu", "digits-npu", 2, 2, 2), ("gpu", "digits-gpu", 2, 2, 2), ("cpu", "digits-cpu", 2, 2, 2)]
-    assert result.variants[1].execution_providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert result.variants[1].providers_in_use == [], "until its runtime is asked, nothing is claimed"
     assert all(c.observed_generation == 2 for c in result.conditions)
 
 
@@ -151,7 +156,7 @@ def test_transition_times_move_only_when_the_status_does():
                     previous=ready, now="2026-11-28T10:06:00Z")
     times = {c.type: c.last_transition_time for c in broken.conditions}
     assert times == {"Ready": "2026-11-28T10:06:00Z", "Progressing": "2026-11-28T10:00:00Z",
-                     "Degraded": "2026-11-28T10:06:00Z"}
+                     "Degraded": "2026-11-28T10:06:00Z", "Accelerated": "2026-11-28T10:00:00Z"}
 
 
 def test_events_on_significant_transitions_only():
@@ -167,3 +172,68 @@ def test_events_on_significant_transitions_only():
     assert [(e.type, e.reason) for e in transitions(ready, failing)] == [("Warning", "RuntimeFailed")]
     healed = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), previous=failing)
     assert [(e.type, e.reason) for e in transitions(failing, healed)] == [("Normal", "Ready"), ("Normal", "Recovered")]
+
+
+# ---- Accelerated: what the runtimes report they run on
+
+OPENVINO = ProvidersSample("edge-npu-0", ("OpenVINOExecutionProvider", "CPUExecutionProvider"))
+CUDA = ProvidersSample("edge-gpu-0", ("CUDAExecutionProvider", "CPUExecutionProvider"))
+ON_CPU = ProvidersSample("edge-gpu-1", ("CPUExecutionProvider",))
+
+
+def test_every_accelerated_variant_on_its_provider_is_accelerated_and_reported_per_variant():
+    result = status(fleet(npu=(2, 2), gpu=(3, 3), cpu=(2, 2)), samples={"digits-npu": OPENVINO, "digits-gpu": CUDA})
+    assert conditions(result, "Accelerated") == {"Accelerated": ("True", "AcceleratorsInUse")}
+    variants = {v.accelerator: (v.providers_in_use, v.providers_reported_by) for v in result.variants}
+    assert variants == {
+        "npu": (["OpenVINOExecutionProvider", "CPUExecutionProvider"], "edge-npu-0"),
+        "gpu": (["CUDAExecutionProvider", "CPUExecutionProvider"], "edge-gpu-0"),
+        "cpu": ([], ""),
+    }, "what runs, never what is configured"
+
+
+def test_a_cpu_fallback_stays_ready_and_says_where_and_what_is_missing():
+    result = status(fleet(npu=(0, 0), gpu=(3, 3), cpu=(2, 2)), samples={"digits-gpu": ON_CPU})
+    assert conditions(result, "Ready", "Accelerated") == {
+        "Ready": ("True", "AllNodesReady"), "Accelerated": ("False", "CPUFallback"),
+    }
+    message = condition(result.conditions, "Accelerated").message
+    assert "gpu variant runs on CPUExecutionProvider without CUDAExecutionProvider on node edge-gpu-1" in message
+    assert "1 of its 3 nodes" in message
+    assert result.variants[1].providers_in_use == ["CPUExecutionProvider"]
+    events = [(e.type, e.reason) for e in transitions(InferenceModelStatus(), result)]
+    assert ("Warning", "CPUFallback") in events
+    assert [e for e in transitions(result, result) if e.reason == "CPUFallback"] == [], "once"
+
+
+def test_accelerated_is_unknown_until_every_accelerated_variant_was_asked():
+    result = status(fleet(npu=(2, 2), gpu=(3, 3), cpu=(2, 2)), samples={
+        "digits-npu": OPENVINO, "digits-gpu": ProvidersSample("edge-gpu-0", error="HTTP 503: no endpoints"),
+    })
+    assert conditions(result, "Accelerated") == {"Accelerated": ("Unknown", "NotSampled")}
+    assert "HTTP 503: no endpoints" in condition(result.conditions, "Accelerated").message
+    assert conditions(status({}), "Accelerated") == {"Accelerated": ("Unknown", "NotSampled")}
+
+
+def test_only_cpu_nodes_means_nothing_to_accelerate():
+    result = status(fleet(npu=(0, 0), gpu=(0, 0), cpu=(4, 4)))
+    assert conditions(result, "Accelerated") == {"Accelerated": ("False", "NoAcceleratedNodes")}
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ('{"parameters": {"execution_providers": "CUDAExecutionProvider,CPUExecutionProvider"}}',
+     ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    ('{"parameters": {"execution_providers": ["CPUExecutionProvider"]}}', ("CPUExecutionProvider",)),
+])
+def test_the_runtimes_answer_parses(answer, expected):
+    assert parse_providers(answer) == expected
+
+
+@pytest.mark.parametrize("answer", [
+    "{}", "[]", "not json", '{"parameters": {"execution_providers": ""}}',
+    '{"parameters": {"execution_providers": "<script>"}}',
+    '{"parameters": {"execution_providers": "' + ",".join(["XExecutionProvider"] * 17) + '"}}',
+])
+def test_anything_else_is_refused(answer):
+    with pytest.raises(ValueError):
+        parse_providers(answer)

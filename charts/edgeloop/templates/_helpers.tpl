@@ -69,6 +69,13 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{- $_ := set $config.acceleratorClasses . nil }}
 {{- end }}
 {{- end }}
+{{- /* The built-in classes' runtime flavours, at the chart's version unless the values name an image. */}}
+{{- range $name, $flavour := dict "npu" "openvino" "gpu" "cuda" }}
+{{- $class := index $config.acceleratorClasses $name }}
+{{- if and $class (not $class.image) }}
+{{- $_ := set $class "image" (printf "ghcr.io/edgeloop/runtime-%s:%s" $flavour $.Chart.AppVersion) }}
+{{- end }}
+{{- end }}
 {{- range $name, $class := $config.acceleratorClasses }}
 {{- if and $class (ne (last $class.executionProviders) "CPUExecutionProvider") }}
 {{- fail (printf "config.acceleratorClasses.%s.executionProviders must end with CPUExecutionProvider, so every node can serve" $name) }}

@@ -139,9 +139,13 @@ class VariantStatus(ApiModel):
     desired: int = Field(default=0, description="Nodes that should run this variant.")
     ready: int = Field(default=0, description="Nodes whose runtime is ready.")
     updated: int = Field(default=0, description="Nodes running the current model and settings.")
-    execution_providers: list[str] = Field(
-        default_factory=list, description="ONNX Runtime execution providers tried in order."
+    providers_in_use: list[str] = Field(
+        default_factory=list,
+        description="The execution providers the runtime really runs the model on, as it reports them (its model "
+        "metadata), asked of one ready pod of the current version; empty until asked. Fewer accelerator providers "
+        "than the class configures is a CPU fallback (condition Accelerated).",
     )
+    providers_reported_by: str = Field(default="", description="The node whose runtime reported providersInUse.")
 
 
 class UnhealthyNode(ApiModel):
@@ -164,7 +168,7 @@ class InferenceModelStatus(ApiModel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, Progressing and Degraded.",
+        description="Ready, Progressing, Degraded and Accelerated.",
         json_schema_extra=CONDITIONS_LIST,
     )
     model: ModelRef | None = Field(default=None, description="The model the DaemonSets are rendered for.")
@@ -195,6 +199,11 @@ INFERENCE_MODEL = ResourceDefinition(
         PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status', description="Ready condition"),
         PrinterColumn("Nodes", ".status.nodes", description="Ready/desired nodes"),
         PrinterColumn("Model Version", ".status.model.version", description="Model the fleet is rolled to"),
+        PrinterColumn(
+            "Accelerated",
+            '.status.conditions[?(@.type=="Accelerated")].reason',
+            description="AcceleratorsInUse, CPUFallback, NoAcceleratedNodes or NotSampled",
+        ),
         PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
         PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
     ),

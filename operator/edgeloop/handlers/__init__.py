@@ -1,4 +1,5 @@
-"""Kopf handlers, one module per custom resource, and what they share."""
+"""Kopf handlers: one module per custom resource, what they share (shared), the one startup (operator), and
+the runner that serialises and coalesces the syncs of each object."""
 
 from __future__ import annotations
 
@@ -6,21 +7,11 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Any, Generic, TypeVar
-
-import kopf
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
 log = logging.getLogger(__name__)
-
-
-@kopf.index("", "v1", "namespaces")
-def live_namespaces(name: str, **_: Any) -> dict[str, bool]:
-    """The namespaces that exist and are not being deleted. Watching some namespaces only, Kopf stops
-    watching one as soon as it is being deleted, before its objects are: their deletions never reach the
-    indexes, so a custom resource indexed in a namespace missing here is gone (and not synced again)."""
-    return {name: True}
 
 
 class KeyedRunner(Generic[K]):

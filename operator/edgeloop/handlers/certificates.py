@@ -1,9 +1,10 @@
 """TLS Secrets: the operator's own CA per namespace and the certificates it signs, kept valid.
 
 Called from a workload's sync, so the InferenceModel resync (every minute by default) is also the rotation
-check. The Secrets are known from a Kopf index fed by a watch of the Secrets labelled edgeloop.io/tls, so a
-certificate with time left costs no API call at all. When the index says a certificate must be replaced,
-the live Secret is read first: a write of this operator that the watch has not shown yet is not repeated.
+check. The Secrets are known from a Kopf index fed by a watch of the Secrets labelled edgeloop.io/tls
+(handlers/shared.py), so a certificate with time left costs no API call at all. When the index says a
+certificate must be replaced, the live Secret is read first: a write of this operator that the watch has
+not shown yet is not repeated.
 
 Why a CA per namespace: the operator may be granted Secrets only in the namespaces it watches (a namespaced
 install), and a CA key kept beside its workloads can only sign for that namespace's trust domain.
@@ -13,20 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import kopf
-
 from edgeloop import certs
 from edgeloop.config import TLSConfig
-from edgeloop.kube import Kube, kind_of
-from edgeloop.render import MANAGED_BY, Owner, render_hash
+from edgeloop.kube import KubeApi, kind_of
+from edgeloop.render import Owner, render_hash
 from edgeloop.render.certificates import (
     CA_SECRET,
-    TLS_LABEL,
     ca_secret,
     certificate,
     decode,
@@ -42,10 +40,18 @@ Key = tuple[str, str]  # (namespace, name) of a Secret
 
 
 class Certificates:
+    """One per operator, shared by every workload kind: `secrets` is the index of the TLS Secrets."""
+
     def __init__(
-        self, tls: TLSConfig, kube: Kube, secrets: kopf.Index, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self,
+        tls: TLSConfig,
+        kube: KubeApi,
+        secrets: Mapping[Key, Any],
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         self._tls, self._kube, self._secrets, self._now = tls, kube, secrets, now
+        # Per namespace: the read (or creation) of its CA Secret in progress.
+        self._ca_flights: dict[str, asyncio.Future[certs.KeyPair]] = {}
         # cert-manager mode: the render hash of each Certificate applied by this process. It owns them all,
         # so one apply per process and content is enough, and watching Certificates (a CRD that operator
         # mode must not need) is not.
@@ -89,13 +95,12 @@ class Certificates:
         if not certs.ca_needs_rotation(ca, self._now()):
             assert ca is not None
             return ca
-        # Every sync that finds no valid CA in the index meanwhile (a burst of new workloads, of any kind,
-        # each with its own Certificates) waits for one read, and at most one write, of the CA Secret: one
-        # CA per namespace, and no queue of reads behind a lock.
-        key = (id(asyncio.get_running_loop()), namespace)
-        if (flight := _ca_flights.get(key)) is None:
-            flight = _ca_flights[key] = asyncio.ensure_future(self._read_or_create_ca(namespace))
-            flight.add_done_callback(lambda _: _ca_flights.pop(key, None))
+        # Every sync that finds no valid CA in the index meanwhile (a burst of new workloads, of any kind)
+        # waits for one read, and at most one write, of the CA Secret: one CA per namespace, and no queue
+        # of reads behind a lock.
+        if (flight := self._ca_flights.get(namespace)) is None:
+            flight = self._ca_flights[namespace] = asyncio.ensure_future(self._read_or_create_ca(namespace))
+            flight.add_done_callback(lambda _: self._ca_flights.pop(namespace, None))
         return await asyncio.shield(flight)
 
     async def _read_or_create_ca(self, namespace: str) -> certs.KeyPair:
@@ -125,10 +130,6 @@ class Stored:
     key: str
 
 
-# Per event loop and namespace: the read (or creation) of the CA Secret in progress.
-_ca_flights: dict[tuple[int, str], asyncio.Future[certs.KeyPair]] = {}
-
-
 def _usage(usage: certs.Usage) -> str:
     return usage.name.lower()
 
@@ -136,17 +137,3 @@ def _usage(usage: certs.Usage) -> str:
 def _pair(secret: dict[str, Any] | None) -> certs.KeyPair | None:
     cert, key = decode(secret or {}, "tls.crt"), decode(secret or {}, "tls.key")
     return certs.KeyPair(cert, key) if cert and key else None
-
-
-# ---- Kopf registration
-
-
-def configure(settings: kopf.OperatorSettings) -> None:
-    """Watch only the Secrets edgeloop manages for TLS (filtered by the API server): never anyone else's."""
-    managed = [f"{k}={v}" for k, v in MANAGED_BY.items()]
-    settings.watching.label_selectors["", "secrets"] = ",".join([*managed, TLS_LABEL])
-
-
-@kopf.index("", "v1", "secrets", labels={TLS_LABEL: kopf.PRESENT})
-def tls_secrets(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace, name): {"data": dict(body.get("data") or {})}}

@@ -23,22 +23,14 @@ Jobs (stopping their pods), the Service and the TLS Secrets with the FederatedRo
 from __future__ import annotations
 
 import asyncio
-import functools
-import http.client
 import logging
-import os
-import ssl
-import tempfile
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import kopf
 from pydantic import ValidationError
 
+from edgeloop.aggregator import AggregatorUnreachable, ClientTLS, read_report
 from edgeloop.api import API_VERSION, GROUP, VERSION
 from edgeloop.api.common import ModelRef, ModelSource
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec, FederatedRoundStatus
@@ -46,14 +38,13 @@ from edgeloop.certs import Usage, service_dns_names
 from edgeloop.config import OperatorConfig
 from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
-from edgeloop.kube import Kube, KubeError, kind_of
-from edgeloop.render import MANAGED_BY, Owner
+from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
+from edgeloop.kube import KubeApi, KubeError, kind_of
+from edgeloop.names import AGGREGATOR_CONTAINER, AGGREGATOR_ROLE, ROLE_LABEL, ROUND_LABEL, START_ANNOTATION
+from edgeloop.nodes import select, shortfall_message
+from edgeloop.render import Owner
 from edgeloop.render.federatedround import (
-    AGGREGATOR,
     AGGREGATOR_PORT,
-    ROLE_LABEL,
-    ROUND_LABEL,
-    START_ANNOTATION,
     DatasetOutsideRoot,
     Start,
     aggregator_host,
@@ -65,7 +56,6 @@ from edgeloop.render.federatedround import (
     owner_of,
     render,
 )
-from edgeloop.render.participants import Candidate, select, shortfall_message
 from edgeloop.status import federatedround as fr_status
 from edgeloop.status.federatedround import AggregatorReport, JobState, Promotion, Waiting, parse_report
 
@@ -76,82 +66,9 @@ FR_KIND = kind_of(API_VERSION, FEDERATED_ROUND.kind)
 IM_KIND = kind_of(API_VERSION, "InferenceModel")
 JOB = kind_of("batch/v1", "Job")
 POD = kind_of("v1", "Pod")
-ALL_NODES = "all"
 OWNED = {ROUND_LABEL: kopf.PRESENT}
-STATUS_TIMEOUT_SECONDS = 3.0
 
 Key = tuple[str, str]  # (namespace, name) of a FederatedRound
-
-# Straight to the Service: a proxy from the environment would not know cluster names.
-_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@dataclass(frozen=True)
-class ClientTLS:
-    """mTLS for a status poll: the namespace CA, the round's client certificate, and the name the
-    aggregator's server certificate must carry (its Service's, wherever the URL points)."""
-
-    ca: str
-    cert: str
-    key: str
-    server_name: str
-
-
-def read_url(url: str, tls: ClientTLS | None = None) -> str:
-    if tls is None:
-        with _direct.open(url, timeout=STATUS_TIMEOUT_SECONDS) as response:
-            return response.read().decode()
-    parts = urlsplit(url)
-    connection = _ServerNameHTTPS(
-        parts.hostname or "", parts.port or 443, tls.server_name, _client_context(tls.ca, tls.cert, tls.key)
-    )
-    try:
-        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
-        response = connection.getresponse()
-        body = response.read().decode()
-        if response.status != 200:
-            raise http.client.HTTPException(f"HTTP {response.status}: {body[:200]}")
-        return body
-    finally:
-        connection.close()
-
-
-class _ServerNameHTTPS(http.client.HTTPSConnection):
-    """HTTPS to host:port, verifying the certificate for `server_name` rather than for the host."""
-
-    def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext):
-        super().__init__(host, port, timeout=STATUS_TIMEOUT_SECONDS, context=context)
-        self._server_name = server_name
-
-    def connect(self) -> None:
-        http.client.HTTPConnection.connect(self)
-        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)  # type: ignore[attr-defined]
-
-
-@functools.lru_cache(maxsize=64)
-def _client_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(cadata=ca)
-    with tempfile.TemporaryDirectory() as directory:  # load_cert_chain reads files only
-        path = os.path.join(directory, "client.pem")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
-            file.write(cert + key)
-        context.load_cert_chain(path)
-    return context
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _one(index: kopf.Index, key: Any) -> Any:
-    return next(iter(index.get(key, [])), None)
-
-
-def _status_of(body: dict[str, Any]) -> FederatedRoundStatus:
-    try:
-        return FederatedRoundStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return FederatedRoundStatus()  # hand-edited into something else: it is rewritten whole
 
 
 class FederatedRounds:
@@ -159,14 +76,14 @@ class FederatedRounds:
         self,
         *,
         config: OperatorConfig,
-        kube: Kube,
-        rounds: kopf.Index,
-        jobs: kopf.Index,
-        services: kopf.Index,
-        nodes: kopf.Index,
-        namespaces: kopf.Index,
+        kube: KubeApi,
+        rounds: Mapping[Key, Any],
+        jobs: Mapping[Key, Any],
+        services: Mapping[Key, Any],
+        nodes: Mapping[str, Any],
+        namespaces: Mapping[str, Any],
         coalesce_seconds: float,
-        read_url: Callable[[str, ClientTLS | None], str] = read_url,
+        read_report: Callable[[str, ClientTLS | None], AggregatorReport] = read_report,
         post_event: Callable[..., None] = kopf.event,
         tls: Certificates | None = None,
     ):
@@ -176,10 +93,9 @@ class FederatedRounds:
         self._tls = tls if config.tls.enabled else None
         self._rounds, self._jobs, self._services, self._nodes = rounds, jobs, services, nodes
         self._namespaces = namespaces
-        self._read_url = read_url
+        self._read_report = read_report
         self._post_event = post_event
-        # The status last written, until the watch delivers it (as for InferenceModels).
-        self._published: dict[Key, FederatedRoundStatus] = {}
+        self._status = StatusPublisher(kube, FR_KIND, FederatedRoundStatus, fr_status.transitions, post_event)
         # Rounds waiting for nodes: synced again when a node changes.
         self._waiting_for_nodes: set[Key] = set()
         self._polling: asyncio.Task[None] | None = None
@@ -213,8 +129,7 @@ class FederatedRounds:
             await asyncio.sleep(interval)
             for key, bodies in list(self._rounds.items()):
                 body = next(iter(bodies), None) if key[0] in self._namespaces else None
-                status = self._published.get(key) or _status_of(body or {})
-                if body is not None and not fr_status.is_done(status):
+                if body is not None and not fr_status.is_done(self._status.latest(key, body)):
                     self.runner.request(key, delay=0)
 
     async def close(self) -> None:
@@ -223,10 +138,10 @@ class FederatedRounds:
         await self.runner.close()
 
     async def _sync_from_index(self, key: Key) -> None:
-        body = _one(self._rounds, key) if key[0] in self._namespaces else None
+        body = one(self._rounds, key) if key[0] in self._namespaces else None
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
-            self._published.pop(key, None)
+            self._status.forget(key)
             self._waiting_for_nodes.discard(key)
             return
         await self._sync(body)
@@ -239,7 +154,7 @@ class FederatedRounds:
             return
         key: Key = (metadata["namespace"], metadata["name"])
         generation = metadata.get("generation", 1)
-        previous = self._previous_status(key, body)
+        previous = self._status.previous(key, body)
         if fr_status.is_done(previous):
             return
         self._waiting_for_nodes.discard(key)
@@ -248,9 +163,9 @@ class FederatedRounds:
         except ValidationError as error:
             waiting = Waiting("InvalidSpec", f"spec does not match the operator's API: {error.errors()[0]['msg']}")
             status = fr_status.pending(
-                generation=generation, rounds=previous.rounds, waiting=waiting, previous=previous, now=_now()
+                generation=generation, rounds=previous.rounds, waiting=waiting, previous=previous, now=now()
             )
-            await self._publish(body, previous, status)
+            await self._status.publish(body, previous, status)
             return
 
         if self._config.dataset_claim:
@@ -259,9 +174,9 @@ class FederatedRounds:
             except DatasetOutsideRoot as error:
                 why = Waiting("DatasetOutsideRoot", str(error))
                 status = fr_status.cannot_run(
-                    generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=_now()
+                    generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=now()
                 )
-                await self._publish(body, previous, status)
+                await self._status.publish(body, previous, status)
                 return
 
         owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
@@ -270,15 +185,15 @@ class FederatedRounds:
         if aggregator is None:
             started = await self._start(owner, spec, previous)
             if started is None:
-                await self._publish(body, previous, fr_status.aggregator_deleted(previous, generation, _now()))
+                await self._status.publish(body, previous, fr_status.aggregator_deleted(previous, generation, now()))
                 return
             if isinstance(started, Waiting):
                 if started.reason == "NotEnoughNodes":
                     self._waiting_for_nodes.add(key)
                 status = fr_status.pending(
-                    generation=generation, rounds=spec.training.rounds, waiting=started, previous=previous, now=_now()
+                    generation=generation, rounds=spec.training.rounds, waiting=started, previous=previous, now=now()
                 )
-                await self._publish(body, previous, status)
+                await self._status.publish(body, previous, status)
                 return
             aggregator = started
         else:
@@ -302,17 +217,9 @@ class FederatedRounds:
             report_error=report_error,
             promotion=promotion,
             previous=previous,
-            now=_now(),
+            now=now(),
         )
-        await self._publish(body, previous, status)
-
-    def _previous_status(self, key: Key, body: dict[str, Any]) -> FederatedRoundStatus:
-        indexed = _status_of(body)
-        published = self._published.get(key)
-        if published is None or published == indexed:
-            self._published.pop(key, None)  # the watch has caught up
-            return indexed
-        return published
+        await self._status.publish(body, previous, status)
 
     # ---- starting
 
@@ -405,9 +312,9 @@ class FederatedRounds:
             service=aggregator_name(owner.name), namespace=owner.namespace, port=AGGREGATOR_PORT
         )
         try:
-            return parse_report(await asyncio.to_thread(self._read_url, url, self._client_tls(owner, url))), ""
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            unreachable = f"GET {url}: {error}"
+            return await asyncio.to_thread(self._read_report, url, self._client_tls(owner, url)), ""
+        except AggregatorUnreachable as error:
+            unreachable = str(error)
         if not aggregator.finished:
             return None, unreachable
         try:
@@ -417,7 +324,7 @@ class FederatedRounds:
 
     def _last_logged_report(self, owner: Owner, aggregator: JobState) -> AggregatorReport:
         """The aggregator prints its final report as the last line of its log."""
-        selector = f"{ROUND_LABEL}={owner.name},{ROLE_LABEL}={AGGREGATOR}"
+        selector = f"{ROUND_LABEL}={owner.name},{ROLE_LABEL}={AGGREGATOR_ROLE}"
         pods = [
             pod
             for pod in self._kube.list(POD, owner.namespace, label_selector=selector)
@@ -426,7 +333,7 @@ class FederatedRounds:
         if not pods:
             raise LookupError("no pod of the aggregator Job is left")
         latest = max(pods, key=lambda pod: pod["metadata"]["creationTimestamp"])
-        lines = self._kube.log_tail(owner.namespace, latest["metadata"]["name"], AGGREGATOR, 1).splitlines()
+        lines = self._kube.log_tail(owner.namespace, latest["metadata"]["name"], AGGREGATOR_CONTAINER, 1).splitlines()
         return parse_report(lines[-1] if lines else "")
 
     # ---- promoting
@@ -439,22 +346,16 @@ class FederatedRounds:
         name = spec.model_ref.name
         version = fr_status.promoted_version(spec.promote, start.model.version, owner.name)
         target = await asyncio.to_thread(self._kube.get, IM_KIND, owner.namespace, name)
-        if target is None:
-            return Promotion(False, "InferenceModelNotFound", f"InferenceModel {name} no longer exists")
-        serving = target["spec"]["model"]
-        done = f"InferenceModel {name} serves version {version} (sha256 {report.result.sha256[:12]}…)"
-        if serving["sha256"] == report.result.sha256:
-            return Promotion(True, "Promoted", done)  # already, e.g. just before the operator restarted
-        if serving["sha256"] != start.serving_sha256:
-            return Promotion(
-                False,
-                "InferenceModelChanged",
-                f"InferenceModel {name} moved on to version {serving.get('version')} since the round started; "
-                "it is left alone",
-            )
-        model = {"uri": report.result.uri, "sha256": report.result.sha256, "version": version}
+        serving = target["spec"]["model"] if target else None
+        promotion = fr_status.promotion(name, serving, start.serving_sha256, report.result, version)
+        if promotion.write is None:
+            return promotion
+        assert target is not None
         # Conditional on the version read: a change in between answers 409, and the sync is retried.
-        patch = {"metadata": {"resourceVersion": target["metadata"]["resourceVersion"]}, "spec": {"model": model}}
+        patch = {
+            "metadata": {"resourceVersion": target["metadata"]["resourceVersion"]},
+            "spec": {"model": dict(promotion.write)},
+        }
         try:
             await asyncio.to_thread(self._kube.merge_patch, IM_KIND, owner.namespace, name, patch)
         except KubeError as error:
@@ -468,31 +369,10 @@ class FederatedRounds:
             reason="Promoted",
             message=f"version {version} from FederatedRound {owner.name} (accuracy {report.metrics.accuracy:.4f})",
         )
-        return Promotion(True, "Promoted", done)
-
-    # ---- status
-
-    async def _publish(
-        self, body: dict[str, Any], previous: FederatedRoundStatus, status: FederatedRoundStatus
-    ) -> None:
-        if status == previous:
-            return
-        metadata = body["metadata"]
-        key = (metadata["namespace"], metadata["name"])
-        if await asyncio.to_thread(self._kube.patch_status, FR_KIND, *key, status.to_wire()) is None:
-            return  # deleted since the index showed it
-        self._published[key] = status
-        for event in fr_status.transitions(previous, status):
-            log.info("%s/%s: %s: %s", *key, event.reason, event.message)
-            self._post_event(body, type=event.type, reason=event.reason, message=event.message)
+        return promotion
 
 
-# ---- Kopf registration
-
-
-def configure(settings: kopf.OperatorSettings) -> None:
-    """Watch only the Jobs edgeloop manages (filtered by the API server)."""
-    settings.watching.label_selectors["batch", "jobs"] = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+# ---- Kopf registration (the one startup that builds the controller is in handlers/operator.py)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -513,49 +393,13 @@ def federated_round_services(
     return {(namespace, labels[ROUND_LABEL]): (name, owner)}
 
 
-@kopf.index("", "v1", "nodes")
-def federated_round_nodes(body: kopf.Body, **_: Any) -> dict[str, Candidate]:
-    return {ALL_NODES: Candidate.from_object(body)}
-
-
-@kopf.on.startup()
-async def start_federated_rounds(
-    memo: kopf.Memo,
-    federated_rounds: kopf.Index,
-    federated_round_jobs: kopf.Index,
-    federated_round_services: kopf.Index,
-    federated_round_nodes: kopf.Index,
-    live_namespaces: kopf.Index,
-    tls_secrets: kopf.Index,
-    **_: Any,
-) -> None:
-    memo.federated_rounds = FederatedRounds(
-        config=memo.config,
-        kube=memo.kube,
-        rounds=federated_rounds,
-        jobs=federated_round_jobs,
-        services=federated_round_services,
-        nodes=federated_round_nodes,
-        namespaces=live_namespaces,
-        coalesce_seconds=memo.coalesce_seconds,
-        tls=Certificates(memo.config.tls, memo.kube, tls_secrets),
-    )
-
-
-@kopf.on.cleanup()
-async def stop_federated_rounds(memo: kopf.Memo, **_: Any) -> None:
-    await memo.federated_rounds.close()
-
-
 # The spec is immutable (admission enforces it), so there is no update handler.
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
+@kube_errors_are_temporary
 async def reconcile_federated_round(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.federated_rounds.start_polling(memo.federated_poll_seconds)
-    try:
-        await memo.federated_rounds.reconcile(dict(body))
-    except KubeError as error:
-        raise kopf.TemporaryError(str(error), delay=10) from error
+    await memo.federated_rounds.reconcile(dict(body))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)

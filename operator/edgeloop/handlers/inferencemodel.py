@@ -9,17 +9,22 @@ reference, and the garbage collector removes it with the InferenceModel.
 
 Status changes arrive as DaemonSet watch events; a burst of them costs one sync per InferenceModel. A
 periodic resync re-runs every sync to refresh what has no event of its own (pod failure reasons).
+
+What each variant really runs on is asked of its runtime (`GET /v2/models/<name>` through the API server's
+pod proxy, on one ready pod): once per rollout state of the variant (its DaemonSet, generation, rendered
+content and node count), so O(variants) calls, not O(nodes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import kopf
 from pydantic import ValidationError
@@ -30,11 +35,11 @@ from edgeloop.certs import Usage, service_dns_names
 from edgeloop.config import ConfigError, OperatorConfig
 from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
-from edgeloop.kube import Kube, KubeError, kind_of
-from edgeloop.render import MANAGED_BY, RENDER_HASH
+from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
+from edgeloop.kube import KubeApi, KubeError, kind_of
+from edgeloop.names import ACCELERATOR_LABEL, INFERENCE_MODEL_LABEL, RENDER_HASH
+from edgeloop.nodes import eligible_nodes
 from edgeloop.render.inferencemodel import (
-    ACCELERATOR_LABEL,
-    INFERENCE_MODEL_LABEL,
     Manifests,
     Variant,
     labels,
@@ -44,8 +49,8 @@ from edgeloop.render.inferencemodel import (
     variants,
 )
 from edgeloop.status import inferencemodel as im_status
-from edgeloop.status.diagnosis import NodeInfo, NodeProblem, eligible_nodes, missing_pod_problems, node_of, pod_problem
-from edgeloop.status.inferencemodel import DaemonSetState, Expected, SpecProblem
+from edgeloop.status.diagnosis import NodeProblem, is_ready, missing_pod_problems, node_of, pod_problem
+from edgeloop.status.inferencemodel import DaemonSetState, Expected, ProvidersSample, SpecProblem, parse_providers
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,6 @@ DAEMON_SET = kind_of("apps/v1", "DaemonSet")
 SERVICE = kind_of("v1", "Service")
 POD = kind_of("v1", "Pod")
 EVENT = kind_of("v1", "Event")
-ALL_NODES = "all"
 OWNED = {INFERENCE_MODEL_LABEL: kopf.PRESENT}
 
 Key = tuple[str, str]  # (namespace, name) of an InferenceModel
@@ -103,16 +107,22 @@ class Diagnosis:
     found: list[NodeProblem]
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+@dataclass(frozen=True)
+class Sampled:
+    """A variant's providers sample: for which state of its DaemonSet, and when to ask again after a failure."""
+
+    state: tuple[str, int, str, int]  # uid, generation, render hash, desired nodes
+    sample: ProvidersSample
+    retry_at: float = 0.0
+    failures: int = 0
+
+
+# A failed ask is repeated at most once per diagnosis interval, backing off to this.
+MAX_SAMPLE_RETRY_SECONDS = 600
 
 
 def _render_hash(manifest: dict[str, Any]) -> str:
     return manifest["metadata"]["annotations"][RENDER_HASH]
-
-
-def _one(index: kopf.Index, key: Any) -> Any:
-    return next(iter(index.get(key, [])), None)
 
 
 class InferenceModels:
@@ -120,12 +130,12 @@ class InferenceModels:
         self,
         *,
         config: OperatorConfig,
-        kube: Kube,
-        models: kopf.Index,
-        daemon_sets: kopf.Index,
-        services: kopf.Index,
-        nodes: kopf.Index,
-        namespaces: kopf.Index,
+        kube: KubeApi,
+        models: Mapping[Key, Any],
+        daemon_sets: Mapping[Key, Any],
+        services: Mapping[Key, Any],
+        nodes: Mapping[str, Any],
+        namespaces: Mapping[str, Any],
         coalesce_seconds: float,
         diagnosis_interval: float,
         post_event: Callable[..., None] = kopf.event,
@@ -135,7 +145,6 @@ class InferenceModels:
         self._config = config
         # None: the runtime Service's TLS Secret is left alone (tests of the sync by itself).
         self._tls = tls if config.tls.enabled else None
-        self._post_event = post_event
         self._kube = kube
         self._models, self._daemon_sets, self._services, self._nodes = models, daemon_sets, services, nodes
         self._namespaces = namespaces
@@ -143,11 +152,11 @@ class InferenceModels:
         self._clock = clock
         # The plan of each InferenceModel's current (uid, generation): a generation's spec never changes.
         self._plans: dict[Key, tuple[tuple[str, int], Plan]] = {}
-        # The status last written, until the watch delivers it: compared against instead of the indexed
-        # status meanwhile, so a quick second sync neither writes nor posts events twice.
-        self._published: dict[Key, InferenceModelStatus] = {}
+        self._status = StatusPublisher(kube, IM_KIND, InferenceModelStatus, im_status.transitions, post_event)
         # Per InferenceModel, per DaemonSet that lacks ready pods: its progress, and its pods' problems.
         self._diagnoses: dict[Key, dict[str, Diagnosis]] = {}
+        # Per InferenceModel, per DaemonSet: what its runtime said it runs on.
+        self._samples: dict[Key, dict[str, Sampled]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
         self._resync: asyncio.Task[None] | None = None
 
@@ -183,10 +192,11 @@ class InferenceModels:
                 self.runner.request(key, delay=0)
 
     async def _sync_from_index(self, key: Key) -> None:
-        body = _one(self._models, key) if key[0] in self._namespaces else None
+        body = one(self._models, key) if key[0] in self._namespaces else None
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
-            for kept in (self._plans, self._published, self._diagnoses):
+            self._status.forget(key)
+            for kept in (self._plans, self._diagnoses, self._samples):
                 kept.pop(key, None)
             return
         await self._sync(body, fresh=False)
@@ -199,12 +209,12 @@ class InferenceModels:
             return
         key: Key = (metadata["namespace"], metadata["name"])
         generation = metadata.get("generation", 1)
-        previous = self._previous_status(key, body)
+        previous = self._status.previous(key, body)
         try:
             plan = self._plan(key, body, await self._ensure_tls(body))
         except ValidationError as error:
             problem = SpecProblem("InvalidSpec", f"spec does not match the operator's API: {error.errors()[0]['msg']}")
-            await self._publish(body, previous, im_status.unreadable(previous, generation, problem, _now()))
+            await self._status.publish(body, previous, im_status.unreadable(previous, generation, problem, now()))
             return
 
         daemon_sets = {state.name: state for state in self._daemon_sets.get(key, [])}
@@ -222,6 +232,7 @@ class InferenceModels:
                 daemon_sets = converged
 
         problems = [] if problem else await self._diagnose(key, plan, daemon_sets)
+        samples = {} if problem else await self._sample_providers(key, plan, daemon_sets)
         status = im_status.compute(
             generation=generation,
             spec=plan.spec,
@@ -229,18 +240,11 @@ class InferenceModels:
             daemon_sets=daemon_sets,
             problems=problems,
             previous=previous,
-            now=_now(),
+            now=now(),
             spec_problem=problem,
+            samples=samples,
         )
-        await self._publish(body, previous, status)
-
-    def _previous_status(self, key: Key, body: dict[str, Any]) -> InferenceModelStatus:
-        indexed = _status_of(body)
-        published = self._published.get(key)
-        if published is None or published == indexed:
-            self._published.pop(key, None)  # the watch has caught up
-            return indexed
-        return published
+        await self._status.publish(body, previous, status)
 
     async def _ensure_tls(self, body: dict[str, Any]) -> str:
         """The revision of the runtime Service's certificate, issued or renewed first where needed."""
@@ -280,7 +284,7 @@ class InferenceModels:
         """
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
-        service = _one(self._services, (namespace, name))
+        service = one(self._services, (namespace, name))
         live_hashes = {ds.name: ds.render_hash for ds in daemon_sets.values()}
         if service:
             live_hashes[service.name] = service.render_hash
@@ -323,20 +327,20 @@ class InferenceModels:
         """
         previous = self._diagnoses.get(key, {})
         current: dict[str, Diagnosis] = {}
-        now, interval = self._clock(), self._diagnosis_interval
+        clock, interval = self._clock(), self._diagnosis_interval
         wake_in: float | None = None
         for variant in plan.variants:
             state = daemon_sets.get(variant.daemon_set)
             if state is None or not state.needs_diagnosis:
                 continue
             last = previous.get(variant.daemon_set)
-            since = last.since if last and last.counts == state.counts else now
+            since = last.since if last and last.counts == state.counts else clock
             looked_at, found = (last.looked_at, last.found) if last else (None, [])
-            if now - since >= interval and (looked_at is None or now - looked_at >= interval):
+            if clock - since >= interval and (looked_at is None or clock - looked_at >= interval):
                 found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state)
-                looked_at = now
+                looked_at = clock
             elif looked_at is None or looked_at < since:
-                due = since + interval - now
+                due = since + interval - clock
                 wake_in = due if wake_in is None else min(wake_in, due)
             current[variant.daemon_set] = Diagnosis(state.counts, since, looked_at, found)
         self._diagnoses[key] = current
@@ -371,40 +375,55 @@ class InferenceModels:
                 problems += missing_pod_problems(eligible, with_pods, variant.name, latest.get("message", ""))
         return problems
 
-    # ---- status
 
-    async def _publish(
-        self, body: dict[str, Any], previous: InferenceModelStatus, status: InferenceModelStatus
-    ) -> None:
-        if status == previous:
-            return
-        metadata = body["metadata"]
-        patched = await asyncio.to_thread(
-            self._kube.patch_status, IM_KIND, metadata["namespace"], metadata["name"], status.to_wire()
-        )
-        if patched is None:
-            return  # deleted since the index showed it
-        self._published[(metadata["namespace"], metadata["name"])] = status
-        for event in im_status.transitions(previous, status):
-            log.info("%s/%s: %s: %s", metadata["namespace"], metadata["name"], event.reason, event.message)
-            self._post_event(body, type=event.type, reason=event.reason, message=event.message)
+    # ---- what the runtimes really run on
+
+    async def _sample_providers(
+        self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]
+    ) -> dict[str, ProvidersSample]:
+        """Asks one ready pod's runtime per variant which execution providers it uses, when the variant's
+        pods are all of the current version and the answer for that state of its DaemonSet is not known yet.
+        Meanwhile (a rollout) the last answer stands."""
+        previous = self._samples.get(key, {})
+        current: dict[str, Sampled] = {}
+        clock = self._clock()
+        for variant in plan.variants:
+            ds, last = daemon_sets.get(variant.daemon_set), previous.get(variant.daemon_set)
+            if ds is not None:
+                state = (ds.uid, ds.generation, ds.render_hash, ds.desired)
+                askable = ds.settled and ds.ready > 0 and ds.updated >= ds.desired
+                known = last is not None and last.state == state and (not last.sample.error or clock < last.retry_at)
+                if askable and not known:
+                    sample = await asyncio.to_thread(self._ask_runtime, key, plan, variant)
+                    failures = (last.failures if last and last.sample.error else 0) + 1 if sample.error else 0
+                    backoff = min(self._diagnosis_interval * 2 ** max(failures - 1, 0), MAX_SAMPLE_RETRY_SECONDS)
+                    last = Sampled(state, sample, clock + backoff, failures)
+            if last is not None:
+                current[variant.daemon_set] = last
+        self._samples[key] = current
+        return {name: sampled.sample for name, sampled in current.items()}
+
+    def _ask_runtime(self, key: Key, plan: Plan, variant: Variant) -> ProvidersSample:
+        """GET /v2/models/<name> of one ready pod of the variant, through the API server (C2)."""
+        namespace, name = key
+        selector = f"{INFERENCE_MODEL_LABEL}={name},{ACCELERATOR_LABEL}={variant.name}"
+        running = self._kube.list(POD, namespace, label_selector=selector, field_selector="status.phase=Running",
+                                  page_size=20)
+        pod = next((p for p in itertools.islice(running, 20) if is_ready(p)), None)
+        if pod is None:
+            return ProvidersSample(error="no ready pod found")
+        pod_name, node = pod["metadata"]["name"], node_of(pod) or ""
+        path = f"/v2/models/{quote(name, safe='')}"
+        try:
+            answer = self._kube.proxy_get(
+                namespace, pod_name, plan.spec.serving.http_port, path, https=self._config.tls.enabled
+            )
+            return ProvidersSample(node=node, providers=parse_providers(answer))
+        except (KubeError, ValueError) as error:
+            return ProvidersSample(node=node, error=f"GET {path} of pod {pod_name}: {error}"[:300])
 
 
-def _status_of(body: dict[str, Any]) -> InferenceModelStatus:
-    try:
-        return InferenceModelStatus.model_validate(body.get("status") or {})
-    except ValidationError:
-        return InferenceModelStatus()  # hand-edited into something else: it is rewritten whole
-
-
-# ---- Kopf registration
-
-
-def configure(settings: kopf.OperatorSettings) -> None:
-    """Watch only the DaemonSets and Services edgeloop manages (filtered by the API server)."""
-    selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-    settings.watching.label_selectors["apps", "daemonsets"] = selector
-    settings.watching.label_selectors["", "services"] = selector
+# ---- Kopf registration (the one startup that builds the controller is in handlers/operator.py)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -426,50 +445,13 @@ def inference_model_services(
     return {(namespace, labels[INFERENCE_MODEL_LABEL]): ServiceState(name, uid, annotations.get(RENDER_HASH, ""))}
 
 
-@kopf.index("", "v1", "nodes")
-def nodes(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
-    return {ALL_NODES: NodeInfo.from_object(body)}
-
-
-@kopf.on.startup()
-async def start(
-    memo: kopf.Memo,
-    inference_models: kopf.Index,
-    inference_model_daemon_sets: kopf.Index,
-    inference_model_services: kopf.Index,
-    nodes: kopf.Index,
-    live_namespaces: kopf.Index,
-    tls_secrets: kopf.Index,
-    **_: Any,
-) -> None:
-    memo.inference_models = InferenceModels(
-        config=memo.config,
-        kube=memo.kube,
-        models=inference_models,
-        daemon_sets=inference_model_daemon_sets,
-        services=inference_model_services,
-        nodes=nodes,
-        namespaces=live_namespaces,
-        tls=Certificates(memo.config.tls, memo.kube, tls_secrets),
-        coalesce_seconds=memo.coalesce_seconds,
-        diagnosis_interval=memo.diagnosis_interval,
-    )
-
-
-@kopf.on.cleanup()
-async def stop(memo: kopf.Memo, **_: Any) -> None:
-    await memo.inference_models.close()
-
-
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@kube_errors_are_temporary
 async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.inference_models.start_resync(memo.resync_seconds)
-    try:
-        await memo.inference_models.reconcile(dict(body))
-    except KubeError as error:
-        raise kopf.TemporaryError(str(error), delay=10) from error
+    await memo.inference_models.reconcile(dict(body))
 
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)

@@ -14,11 +14,8 @@ from typing import Any
 import jinja2
 import yaml
 
+from edgeloop import names
 from edgeloop.api import API_VERSION
-
-MANAGED_BY = {"app.kubernetes.io/managed-by": "edgeloop"}
-# The hash of everything the operator rendered into an object; equal hashes mean nothing to apply.
-RENDER_HASH = "edgeloop.io/render-hash"
 
 # LibYAML's loader where PyYAML was built with it (the wheels are): the pure-Python one made rendering 8
 # times slower, which a burst of new models feels.
@@ -33,6 +30,7 @@ _templates = jinja2.Environment(
     keep_trailing_newline=True,
 )
 _templates.filters["tojson"] = lambda value: json.dumps(value, sort_keys=True)
+_templates.globals["names"] = names
 
 
 @dataclass(frozen=True)
@@ -67,5 +65,5 @@ def render_hash(manifest: dict[str, Any]) -> str:
 def with_render_hash(manifest: dict[str, Any]) -> dict[str, Any]:
     """`manifest` annotated with the hash of its own content."""
     metadata = manifest["metadata"]
-    annotations = {**metadata.get("annotations", {}), RENDER_HASH: render_hash(manifest)}
+    annotations = {**metadata.get("annotations", {}), names.RENDER_HASH: render_hash(manifest)}
     return {**manifest, "metadata": {**metadata, "annotations": annotations}}

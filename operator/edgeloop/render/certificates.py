@@ -12,12 +12,10 @@ from typing import Any
 
 from edgeloop.certs import KeyPair
 from edgeloop.config import TLSConfig
-from edgeloop.render import MANAGED_BY, Owner
+from edgeloop.names import MANAGED_BY, TLS_LABEL
+from edgeloop.render import Owner
 
 CA_SECRET = "edgeloop-ca"
-# On every Secret this module renders ("ca", "server" or "client"): the operator watches only these.
-TLS_LABEL = "edgeloop.io/tls"
-REVISION_ANNOTATION = "edgeloop.io/tls-revision"
 
 
 def secret_name(workload: str) -> str:

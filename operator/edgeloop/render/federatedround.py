@@ -15,17 +15,20 @@ from typing import Any
 from edgeloop.api.common import ModelSource
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec
 from edgeloop.config import OperatorConfig
-from edgeloop.render import MANAGED_BY, Owner, render_template
+from edgeloop.names import (
+    AGGREGATOR_ROLE,
+    CLIENT_ROLE,
+    MANAGED_BY,
+    PART_OF,
+    ROLE_LABEL,
+    ROUND_LABEL,
+    RUNTIME_APP,
+    TRAINING_COMPONENT,
+)
+from edgeloop.render import Owner, render_template
 
-ROUND_LABEL = "edgeloop.io/federatedround"
-ROLE_LABEL = "edgeloop.io/role"
-AGGREGATOR, CLIENT = "aggregator", "client"
-START_ANNOTATION = "edgeloop.io/start"
-NODE_ANNOTATION = "edgeloop.io/node"
 STORE_TOKEN_KEY = "token"
 AGGREGATOR_PORT = 8080
-# Where the Jobs mount their kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt), as the runtime's pods do.
-TLS_DIR = "/etc/edgeloop/tls"
 
 # The runtime's defaults for what the spec does not set (FEDERATED.md): the short stages' timeout and how
 # long the aggregator keeps answering after the end. Only the Jobs' safety deadline depends on them.
@@ -99,10 +102,10 @@ def aggregator_url(owner: Owner, tls: bool = False) -> str:
 
 def labels(round_name: str, role: str | None = None) -> dict[str, str]:
     common = {
-        "app.kubernetes.io/name": "edgeloop-runtime",
+        "app.kubernetes.io/name": RUNTIME_APP,
         "app.kubernetes.io/instance": round_name,
-        "app.kubernetes.io/component": "federated-training",
-        "app.kubernetes.io/part-of": "edgeloop",
+        "app.kubernetes.io/component": TRAINING_COMPONENT,
+        "app.kubernetes.io/part-of": PART_OF,
         **MANAGED_BY,
         ROUND_LABEL: round_name,
     }
@@ -143,7 +146,6 @@ def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> d
         "image": spec.runtime.image or config.runtime_image,
         "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
         "active_deadline": active_deadline_seconds(spec),
-        "tls_dir": TLS_DIR,
     }
 
 
@@ -151,8 +153,7 @@ def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfi
     return render_template(
         "federatedround-aggregator.yaml.j2",
         name=aggregator_name(owner.name),
-        labels=labels(owner.name, AGGREGATOR),
-        start_annotation=START_ANNOTATION,
+        labels=labels(owner.name, AGGREGATOR_ROLE),
         start=start.to_annotation(),
         model=start.model,
         training=spec.training,
@@ -170,8 +171,8 @@ def service(owner: Owner) -> dict[str, Any]:
         name=aggregator_name(owner.name),
         namespace=owner.namespace,
         owner=owner.reference(),
-        labels=labels(owner.name, AGGREGATOR),
-        selector={ROUND_LABEL: owner.name, ROLE_LABEL: AGGREGATOR},
+        labels=labels(owner.name, AGGREGATOR_ROLE),
+        selector={ROUND_LABEL: owner.name, ROLE_LABEL: AGGREGATOR_ROLE},
         port=AGGREGATOR_PORT,
     )
 
@@ -180,8 +181,7 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
     return render_template(
         "federatedround-client.yaml.j2",
         name=client_name(owner.name, index),
-        labels=labels(owner.name, CLIENT),
-        node_annotation=NODE_ANNOTATION,
+        labels=labels(owner.name, CLIENT_ROLE),
         node=node,
         aggregator_url=aggregator_url(owner, config.tls.enabled),
         tls_secret=client_tls_secret(owner.name) if config.tls.enabled else None,

@@ -7,12 +7,19 @@ from typing import Any
 
 from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec
 from edgeloop.config import AcceleratorClass, OperatorConfig
-from edgeloop.render import MANAGED_BY, Owner, render_template, with_render_hash
-from edgeloop.render.certificates import REVISION_ANNOTATION, secret_name
-from edgeloop.render.placement import NodeSelectorTerm, node_selector_terms
-
-INFERENCE_MODEL_LABEL = "edgeloop.io/inferencemodel"
-ACCELERATOR_LABEL = "edgeloop.io/accelerator"
+from edgeloop.names import (
+    ACCELERATOR_LABEL,
+    INFERENCE_COMPONENT,
+    INFERENCE_MODEL_LABEL,
+    MANAGED_BY,
+    PART_OF,
+    RUNTIME_APP,
+    TLS_REVISION,
+)
+from edgeloop.nodes import NodeSelectorTerm
+from edgeloop.render import Owner, render_template, with_render_hash
+from edgeloop.render.certificates import secret_name
+from edgeloop.render.placement import node_selector_terms
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,10 @@ def variants(model_name: str, spec: InferenceModelSpec, config: OperatorConfig) 
 
 def labels(model_name: str, accelerator: str | None = None) -> dict[str, str]:
     common = {
-        "app.kubernetes.io/name": "edgeloop-runtime",
+        "app.kubernetes.io/name": RUNTIME_APP,
         "app.kubernetes.io/instance": model_name,
-        "app.kubernetes.io/component": "inference",
-        "app.kubernetes.io/part-of": "edgeloop",
+        "app.kubernetes.io/component": INFERENCE_COMPONENT,
+        "app.kubernetes.io/part-of": PART_OF,
         **MANAGED_BY,
         INFERENCE_MODEL_LABEL: model_name,
     }
@@ -83,6 +90,11 @@ def _tolerations(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> lis
     return merged
 
 
+def image(spec: InferenceModelSpec, config: OperatorConfig, accelerator: AcceleratorClass) -> str:
+    """The model's own image for every variant, else the class's flavour, else the default runtime image."""
+    return spec.runtime.image or config.image_of(accelerator)
+
+
 def tls_secret_name(model_name: str) -> str:
     """The Secret with the runtime Service's certificate (written by the operator or by cert-manager)."""
     return secret_name(model_name)
@@ -103,11 +115,12 @@ def daemon_set(
             spec=spec,
             config=config,
             variant=variant,
-            image=spec.runtime.image or config.runtime_image,
+            image=image(spec, config, variant.accelerator),
+            image_pull_policy=config.image_pull_policy_of(variant.accelerator),
             resources=_resources(spec, variant.accelerator),
             tolerations=_tolerations(spec, variant.accelerator),
             tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
-            tls_revision={REVISION_ANNOTATION: tls_revision} if config.tls.enabled else {},
+            tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
         )
     )
 

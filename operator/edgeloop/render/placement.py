@@ -11,12 +11,11 @@ labels) becomes one term per label, each carrying all the exclusions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from edgeloop.config import AcceleratorClass
-
-NodeSelectorTerm = dict[str, Any]
+from edgeloop.nodes import NodeSelectorTerm
 
 
 def _exclusions(earlier: Sequence[AcceleratorClass]) -> list[dict[str, Any]]:
@@ -42,28 +41,3 @@ def node_selector_terms(classes: Sequence[AcceleratorClass], index: int) -> list
         {"matchExpressions": [{"key": key, "operator": "In", "values": [value]}, *exclusions]}
         for key, value in sorted(own.match_any_label.items())
     ]
-
-
-def _expression_holds(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
-    if operator == "In":
-        return key in labels and labels[key] in values
-    if operator == "NotIn":
-        return key not in labels or labels[key] not in values
-    if operator == "Exists":
-        return key in labels
-    if operator == "DoesNotExist":
-        return key not in labels
-    raise ValueError(f"unsupported node selector operator {operator!r}")
-
-
-def node_matches(
-    terms: Sequence[NodeSelectorTerm], node_selector: Mapping[str, str], labels: Mapping[str, str]
-) -> bool:
-    """Whether a node with `labels` satisfies a variant's affinity terms and the spec's nodeSelector,
-    with the scheduler's semantics (used to name nodes that lack their pod)."""
-    if any(labels.get(key) != value for key, value in node_selector.items()):
-        return False
-    if not terms:
-        return True
-    return any(all(_expression_holds(e, labels) for e in term["matchExpressions"]) for term in terms)

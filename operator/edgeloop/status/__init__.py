@@ -9,6 +9,15 @@ from edgeloop.api.common import Condition, ConditionStatus
 
 
 @dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event worth recording on a custom resource."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class ConditionUpdate:
     type: str
     status: ConditionStatus

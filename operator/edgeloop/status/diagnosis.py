@@ -7,14 +7,11 @@ only show in unhealthyNodes while a rollout is under way.
 from __future__ import annotations
 
 import re
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgeloop.render.placement import NodeSelectorTerm, node_matches
-
-FETCH_CONTAINER = "fetch"
-RUNTIME_CONTAINER = "runtime"
+from edgeloop.names import FETCH_CONTAINER, RUNTIME_CONTAINER
 
 # Failure reasons, most telling first: when nodes fail for several reasons, Degraded names the first.
 FAILURES = (
@@ -29,7 +26,7 @@ FAILURES = (
 )
 # `edgeloop-runtime fetch` logs this on a digest mismatch; the fetch container's termination message
 # carries its last log lines (terminationMessagePolicy: FallbackToLogsOnError).
-_DIGEST_MISMATCH = re.compile(r"has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}")
+_DIGEST_MISMATCH = re.compile(r"does not match sha256 [0-9a-f]{64}")
 _IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _CREATE_FAILED = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 MAX_MESSAGE = 300
@@ -45,28 +42,6 @@ class NodeProblem:
     @property
     def is_failure(self) -> bool:
         return self.reason in FAILURES
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What the operator keeps of a Node."""
-
-    name: str
-    labels: Mapping[str, str]
-    taints: tuple[Mapping[str, str], ...] = ()
-    ready: bool = True
-
-    @classmethod
-    def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
-        conditions = node.get("status", {}).get("conditions", [])
-        return cls(
-            name=node["metadata"]["name"],
-            labels=dict(node["metadata"].get("labels", {})),
-            taints=tuple(
-                {k: t[k] for k in ("key", "value", "effect") if k in t} for t in node.get("spec", {}).get("taints", [])
-            ),
-            ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
-        )
 
 
 def _short(message: str) -> str:
@@ -115,6 +90,10 @@ def _condition(pod: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
     return next((c for c in pod.get("status", {}).get("conditions", []) if c.get("type") == type_), {})
 
 
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    return _condition(pod, "Ready").get("status") == "True" and not pod["metadata"].get("deletionTimestamp")
+
+
 def pod_problem(pod: Mapping[str, Any], accelerator: str, not_ready_nodes: Container[str] = ()) -> NodeProblem | None:
     """Why this DaemonSet pod does not serve, or None if it is ready."""
     node = node_of(pod)
@@ -141,37 +120,6 @@ def pod_problem(pod: Mapping[str, Any], accelerator: str, not_ready_nodes: Conta
     if _condition(pod, "Initialized").get("status") != "True":
         return problem("FetchingModel", "the init container is fetching and verifying the model")
     return problem("Starting", "the runtime is loading the model and not ready yet")
-
-
-def _tolerated(taint: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
-    for toleration in tolerations:
-        if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
-            continue
-        if not toleration.get("key"):
-            if toleration.get("operator") == "Exists":
-                return True
-            continue
-        if toleration["key"] != taint.get("key"):
-            continue
-        if toleration.get("operator") == "Exists" or toleration.get("value", "") == taint.get("value", ""):
-            return True
-    return False
-
-
-def eligible_nodes(
-    nodes: Iterable[NodeInfo],
-    terms: Sequence[NodeSelectorTerm],
-    node_selector: Mapping[str, str],
-    tolerations: Sequence[Mapping[str, Any]],
-) -> list[str]:
-    """Nodes where the DaemonSet controller wants a pod: affinity and nodeSelector match, and every
-    NoSchedule/NoExecute taint is tolerated."""
-    return sorted(
-        node.name
-        for node in nodes
-        if node_matches(terms, node_selector, node.labels)
-        and all(_tolerated(t, tolerations) for t in node.taints if t.get("effect") in ("NoSchedule", "NoExecute"))
-    )
 
 
 def missing_pod_problems(

@@ -28,7 +28,7 @@ from edgeloop.api.federatedround import (
     Promote,
     Result,
 )
-from edgeloop.status import ConditionUpdate, condition, merge_conditions
+from edgeloop.status import ConditionUpdate, Event, condition, merge_conditions
 
 STARTED, SUCCEEDED, PROMOTED = "Started", "Succeeded", "Promoted"
 TERMINAL = ("Succeeded", "Failed")
@@ -121,11 +121,13 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Promotion:
-    """Whether the trained model was promoted, and why (not)."""
+    """Whether the trained model was promoted, and why (not). With `write`, it is promoted once
+    modelRef's spec.model is written so (a merge patch conditional on what was read)."""
 
     promoted: bool
     reason: str
     message: str
+    write: Mapping[str, str] | None = None
 
 
 # ---- the promotion gate
@@ -164,6 +166,26 @@ def gate(promote: Promote, has_target: bool, report: AggregatorReport) -> Promot
                 f"model's {report.baseline.accuracy:.4f} (loss {report.baseline.loss:.4f})",
             )
     return None
+
+
+def promotion(
+    name: str, serving: Mapping[str, Any] | None, started_from: str | None, result: ReportResult, version: str
+) -> Promotion:
+    """What promoting `result` as `version` into InferenceModel `name` takes, given the spec.model it
+    serves now (None: it is gone) and the digest it served when the round started."""
+    if serving is None:
+        return Promotion(False, "InferenceModelNotFound", f"InferenceModel {name} no longer exists")
+    done = f"InferenceModel {name} serves version {version} (sha256 {result.sha256[:12]}…)"
+    if serving.get("sha256") == result.sha256:
+        return Promotion(True, "Promoted", done)  # already, e.g. just before the operator restarted
+    if serving.get("sha256") != started_from:
+        return Promotion(
+            False,
+            "InferenceModelChanged",
+            f"InferenceModel {name} moved on to version {serving.get('version')} since the round started; "
+            "it is left alone",
+        )
+    return Promotion(True, "Promoted", done, write={"uri": result.uri, "sha256": result.sha256, "version": version})
 
 
 def promoted_version(promote: Promote, base_version: str, round_name: str) -> str:
@@ -373,13 +395,6 @@ def compute(
             "conditions": merge_conditions(previous.conditions, [started, succeeded, promoted], generation, now),
         }
     )
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
 
 
 def transitions(previous: FederatedRoundStatus, current: FederatedRoundStatus) -> list[Event]:

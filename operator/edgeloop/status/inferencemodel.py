@@ -5,10 +5,14 @@ Conditions (Kubernetes API conventions; reasons are CamelCase):
 - Progressing: a rollout is under way (DaemonSets being updated, or new pods starting).
 - Degraded: the model cannot be served as specified on some or all nodes, and waiting will not fix it
   (no matching nodes, a failed fetch, a digest mismatch, an unschedulable pod, an invalid spec, ...).
+- Accelerated: every variant of an accelerator class runs on its accelerator's execution provider, as its
+  runtime reports (False CPUFallback when one serves on the CPU instead; the model stays Ready).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +26,12 @@ from edgeloop.api.inferencemodel import (
     UnhealthyNode,
     VariantStatus,
 )
-from edgeloop.render import RENDER_HASH
-from edgeloop.status import ConditionUpdate, condition, merge_conditions
+from edgeloop.config import CPU_EXECUTION_PROVIDER
+from edgeloop.names import RENDER_HASH
+from edgeloop.status import ConditionUpdate, Event, condition, merge_conditions
 from edgeloop.status.diagnosis import FAILURES, NodeProblem
 
-READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+READY, PROGRESSING, DEGRADED, ACCELERATED = "Ready", "Progressing", "Degraded", "Accelerated"
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,34 @@ class Expected:
 
 
 @dataclass(frozen=True)
+class ProvidersSample:
+    """What the runtime of one ready pod of a variant said it runs the model on, or why it could not be asked."""
+
+    node: str = ""
+    providers: tuple[str, ...] = ()
+    error: str = ""
+
+
+MAX_PROVIDERS = 16
+_PROVIDER = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+def parse_providers(text: str) -> tuple[str, ...]:
+    """The providers in use from the runtime's model metadata (`GET /v2/models/<name>`): its
+    parameters.execution_providers, a comma-joined string. ValueError when the answer says otherwise."""
+    document = json.loads(text)
+    value = document.get("parameters", {}).get("execution_providers") if isinstance(document, dict) else None
+    if isinstance(value, list):  # as runtimes before the string did
+        value = ",".join(str(item) for item in value)
+    if not isinstance(value, str):
+        raise ValueError("the model metadata has no parameters.execution_providers")
+    providers = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not providers or len(providers) > MAX_PROVIDERS or not all(_PROVIDER.match(p) for p in providers):
+        raise ValueError(f"parameters.execution_providers is not a list of providers: {value[:200]!r}")
+    return providers
+
+
+@dataclass(frozen=True)
 class SpecProblem:
     """The spec is valid for the API server but cannot be carried out; retrying will not help."""
 
@@ -112,6 +145,38 @@ def _degraded_by(problems: Sequence[NodeProblem]) -> ConditionUpdate | None:
     return ConditionUpdate(DEGRADED, "True", reason, message)
 
 
+def _accelerated(
+    expected: Sequence[Expected], live: Sequence[DaemonSetState | None], samples: Mapping[str, ProvidersSample]
+) -> ConditionUpdate:
+    """From what the runtimes report: does every variant of an accelerator class with nodes run on one of its
+    class's accelerator providers?"""
+    fallbacks, unknown, in_use = [], [], []
+    for variant, ds in zip(expected, live, strict=True):
+        wanted = [p for p in variant.execution_providers if p != CPU_EXECUTION_PROVIDER]
+        if not wanted or (ds is not None and ds.settled and ds.desired == 0):
+            continue  # no accelerator to use, or no node to use it on
+        sample = samples.get(variant.daemon_set)
+        if sample is None or sample.error:
+            unknown.append(f"{variant.accelerator} ({sample.error if sample else 'no ready pod asked yet'})")
+        elif not set(wanted) & set(sample.providers):
+            of = f", 1 of its {ds.desired} nodes" if ds else ""
+            fallbacks.append(
+                f"the {variant.accelerator} variant runs on {', '.join(sample.providers)} without "
+                f"{' or '.join(wanted)} on node {sample.node} (its runtime asked{of})"
+            )
+        else:
+            in_use.append(f"{variant.accelerator}: {', '.join(sample.providers)}")
+    if fallbacks:
+        return ConditionUpdate(ACCELERATED, "False", "CPUFallback", "; ".join(fallbacks))
+    if unknown:
+        return ConditionUpdate(ACCELERATED, "Unknown", "NotSampled", "not known yet for " + "; ".join(unknown))
+    if not in_use:
+        return ConditionUpdate(
+            ACCELERATED, "False", "NoAcceleratedNodes", "no node runs a class with an accelerator provider"
+        )
+    return ConditionUpdate(ACCELERATED, "True", "AcceleratorsInUse", "; ".join(in_use))
+
+
 def compute(
     *,
     generation: int,
@@ -122,7 +187,10 @@ def compute(
     previous: InferenceModelStatus,
     now: str,
     spec_problem: SpecProblem | None = None,
+    samples: Mapping[str, ProvidersSample] | None = None,
 ) -> InferenceModelStatus:
+    """`samples`: by DaemonSet, what its runtime reports it runs on (providersInUse, Accelerated)."""
+    samples = samples or {}
     live = [daemon_sets.get(variant.daemon_set) for variant in expected]
     applied = spec_problem is None and all(
         ds is not None and ds.render_hash == variant.render_hash for ds, variant in zip(live, expected, strict=True)
@@ -135,9 +203,11 @@ def compute(
             desired=ds.desired if ds else 0,
             ready=ds.ready if ds else 0,
             updated=ds.updated if ds and ds.render_hash == variant.render_hash else 0,
-            execution_providers=list(variant.execution_providers),
+            providers_in_use=list(sample.providers) if sample else [],
+            providers_reported_by=sample.node if sample else "",
         )
         for ds, variant in zip(live, expected, strict=True)
+        for sample in [_reported(samples.get(variant.daemon_set))]
     ]
     desired = sum(v.desired for v in variants)
     ready = sum(v.ready for v in variants)
@@ -183,10 +253,16 @@ def compute(
         )
 
     degraded = degraded or ConditionUpdate(DEGRADED, "False", "AsExpected", "")
+    accelerated = (
+        ConditionUpdate(ACCELERATED, "Unknown", spec_problem.reason, "")
+        if spec_problem
+        else _accelerated(expected, live, samples)
+    )
     ordered = sorted(problems, key=lambda p: (not p.is_failure, p.node))
+    updates = [ready_condition, progressing, degraded, accelerated]
     return InferenceModelStatus(
         observed_generation=generation if applied or spec_problem else previous.observed_generation,
-        conditions=merge_conditions(previous.conditions, [ready_condition, progressing, degraded], generation, now),
+        conditions=merge_conditions(previous.conditions, updates, generation, now),
         model=ModelRef(sha256=spec.model.sha256, version=version) if applied else previous.model,
         variants=variants,
         desired_nodes=desired,
@@ -200,11 +276,8 @@ def compute(
     )
 
 
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
+def _reported(sample: ProvidersSample | None) -> ProvidersSample | None:
+    return sample if sample and not sample.error else None
 
 
 def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -> list[Event]:
@@ -223,6 +296,9 @@ def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -
         events.append(Event("Warning", now.reason, now.message))
     if now and now.status == "False" and before and before.status == "True":
         events.append(Event("Normal", "Recovered", f"no longer degraded (was {before.reason})"))
+    before, now = condition(previous.conditions, ACCELERATED), condition(current.conditions, ACCELERATED)
+    if now and now.reason == "CPUFallback" and (not before or before.reason != now.reason):
+        events.append(Event("Warning", "CPUFallback", now.message))
     return events
 
 
@@ -234,6 +310,7 @@ def unreadable(
         ConditionUpdate(READY, "False", problem.reason, problem.message),
         ConditionUpdate(PROGRESSING, "False", problem.reason, ""),
         ConditionUpdate(DEGRADED, "True", problem.reason, problem.message),
+        ConditionUpdate(ACCELERATED, "Unknown", problem.reason, ""),
     ]
     return previous.model_copy(
         update={

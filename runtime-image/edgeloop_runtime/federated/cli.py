@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from .training import TrainConfig
 from .transport import Client, client_context, server_context
@@ -234,7 +235,9 @@ def _initial_model(uri: str, sha256: str | None, state_dir: Path) -> bytes:
         from ..fetch import fetch
 
         uri = uri if "://" in uri else Path(uri).resolve().as_uri()
-        return fetch(uri, sha256, state_dir / "cache").read_bytes()
+        # A local file named on the command line (the aggregator's own pod) may be read; only that file.
+        local = Path(unquote(urlsplit(uri).path)).parent if uri.startswith("file:") else None
+        return fetch(uri, sha256, state_dir / "cache", file_root=local).read_bytes()
     if "://" in uri:
         raise SystemExit("--model-sha256 is required when --model is a URI")
     return Path(uri).read_bytes()

@@ -1,4 +1,4 @@
-"""Tensors on the wire: datatype tables (OIP, ONNX Runtime, numpy, Triton config) and the codecs of one tensor.
+"""Tensors on the wire: datatype tables (OIP, numpy, Triton config) and the codecs of one tensor.
 
 Decoders raise BadRequest naming the tensor, since their input is whatever a client sent.
 """
@@ -39,23 +39,6 @@ NUMPY: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
-}
-
-# ONNX Runtime's type strings (NodeArg.type) → OIP datatype.
-FROM_ORT: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
 }
 
 # OIP datatype → Triton's model_config DataType enum name (BYTES is TYPE_STRING there).

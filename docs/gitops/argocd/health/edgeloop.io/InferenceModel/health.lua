@@ -1,5 +1,6 @@
 -- Argo CD health of an edgeloop.io InferenceModel, from the conditions the operator writes.
--- Healthy: Ready for the current generation. Degraded: Degraded=True (the reason says why: no matching
+-- Healthy: Ready for the current generation; a CPU fallback (Accelerated=False, CPUFallback) stays Healthy,
+-- since the model serves, and the message says so. Degraded: Degraded=True (the reason says why: no matching
 -- nodes, unschedulable, a crashing runtime, a model that does not verify, ...). Progressing: otherwise,
 -- including until the operator has seen the current generation.
 local hs = {status = "Progressing", message = "Waiting for the operator to report"}
@@ -29,6 +30,10 @@ if degraded ~= nil and degraded.status == "True" then
 elseif ready ~= nil and ready.status == "True" then
   hs.status = "Healthy"
   hs.message = "Serving on " .. (status.nodes or "") .. " nodes"
+  local accelerated = conditions["Accelerated"]
+  if accelerated ~= nil and accelerated.reason == "CPUFallback" then
+    hs.message = hs.message .. ", with a " .. describe(accelerated)
+  end
 elseif progressing ~= nil and progressing.status == "True" then
   hs.message = describe(progressing)
 elseif ready ~= nil then

@@ -1,9 +1,10 @@
-"""Choosing a FederatedRound's participants: eligible nodes, the first maxClients by name, or none."""
+"""Node eligibility: where a pod may land, and a FederatedRound's participants (eligible nodes, the first
+maxClients by name, or none)."""
 
 from __future__ import annotations
 
 from edgeloop.api.federatedround import Participants
-from edgeloop.render.participants import Candidate, select, shortfall_message
+from edgeloop.nodes import NodeInfo, eligible_nodes, select, shortfall_message
 from im_factories import node
 
 FLEET = [
@@ -16,7 +17,7 @@ FLEET = [
 
 
 def candidates(nodes=FLEET):
-    return [Candidate.from_object(n) for n in nodes]
+    return [NodeInfo.from_object(n) for n in nodes]
 
 
 def participants(**fields) -> Participants:
@@ -64,3 +65,18 @@ def test_fewer_than_min_clients_selects_no_one_and_says_why():
 def test_exactly_min_clients_is_enough():
     chosen = select(candidates(), participants(minClients=5, maxClients=5))
     assert chosen.enough and len(chosen.nodes) == 5
+
+
+def test_eligible_nodes_follow_affinity_selector_and_taints():
+    terms = [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["true"]}]}]
+    nodes = [NodeInfo.from_object(n) for n in (
+        node("a", {"gpu": "true"}),
+        node("b", {"gpu": "true"}, taints=[{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]),
+        node("c", {"gpu": "true"}, taints=[{"key": "dedicated", "value": "ml", "effect": "NoExecute"}]),
+        node("d", {"gpu": "true"}, taints=[{"key": "soft", "effect": "PreferNoSchedule"}]),
+        node("e", {}),
+    )]
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert eligible_nodes(nodes, terms, {}, tolerations) == ["a", "b", "d"]
+    assert eligible_nodes(nodes, terms, {}, [*tolerations, {"key": "dedicated", "value": "ml"}]) == ["a", "b", "c", "d"]
+    assert eligible_nodes(nodes, terms, {"zone": "x"}, [{"operator": "Exists"}]) == []
