@@ -214,6 +214,12 @@ class OperatorConfig(_Config):
         pattern=r"^https?://[^/]+$",
         description="The model store's base URL; FederatedRounds publish trained models there.",
     )
+    store_ca_config_map: str | None = Field(
+        default=None,
+        description="ConfigMap, in each workload namespace, whose key ca.crt is the CA of the model store's HTTPS "
+        "certificate: fetchers of https:// models and aggregators trust it besides the system's CAs (the Helm chart "
+        "creates it with the store's TLS).",
+    )
     store_token_secret: str = Field(
         default="edgeloop-store-token",
         description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
+import ssl
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -165,13 +166,28 @@ def expected(model: bytes, inputs: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: inputs})[0]
 
 
+class _StoreHTTPS(http.client.HTTPSConnection):
+    """HTTPS to the store's ClusterIP, verifying its certificate for the Service's name."""
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=f"edgeloop-store.{RELEASE_NS}.svc")
+
+
 def upload(story: Story, model: bytes) -> str:
+    """PUT through the store's Service over HTTPS, trusting the CA the chart made for it (the token never
+    crosses the network in clear)."""
     digest = hashlib.sha256(model).hexdigest()
     token = story.secret(RELEASE_NS, "edgeloop-store-token", "token").decode()
-    store = f"http://{story.cluster_ip(RELEASE_NS, 'edgeloop-store')}:8000"
-    request = urllib.request.Request(f"{store}/sha256/{digest}", data=model, method="PUT",
-                                     headers={"Authorization": f"Bearer {token}"})
-    urllib.request.urlopen(request, timeout=30).close()
+    ca = story.secret(RELEASE_NS, "edgeloop-store-tls", "ca.crt").decode()
+    connection = _StoreHTTPS(story.cluster_ip(RELEASE_NS, "edgeloop-store"), 8000, timeout=30,
+                             context=ssl.create_default_context(cadata=ca))
+    try:
+        connection.request("PUT", f"/sha256/{digest}", body=model, headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        assert response.status in (200, 201), (response.status, response.read()[:200])
+    finally:
+        connection.close()
     return digest
 
 
@@ -195,7 +211,7 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
     digest = upload(story, story.model_v1)
     model = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
     model["metadata"]["namespace"] = MODELS_NS
-    model["spec"]["model"] = {"uri": f"http://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}",
+    model["spec"]["model"] = {"uri": f"https://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}",
                               "sha256": digest, "version": "1"}
     story.devcluster.kubectl("apply", "-f", "-", input=json.dumps(model))
 
