@@ -167,3 +167,24 @@ def test_arm64_nodes_join_for_a_test_and_run_the_same_image_names(devcluster, na
     pods = {p["spec"]["nodeName"]: p for p in devcluster.get_json("pods", "-n", namespace)["items"]}
     assert set(arm64_nodes) <= set(pods) and len(pods) == 8
     assert {c["image"] for p in pods.values() for c in p["spec"]["containers"]} == {"registry.example/runtime:1"}
+
+
+POD_MONITOR = """
+apiVersion: monitoring.coreos.com/v1
+kind: PodMonitor
+metadata: {name: runtime}
+spec:
+  selector: {matchLabels: {app.kubernetes.io/managed-by: edgeloop}}
+  podMetricsEndpoints: [{port: http, path: /metrics, interval: 15s}]
+"""
+
+
+def test_monitor_objects_are_validated_against_the_prometheus_operator_crds(devcluster, namespace,
+                                                                            prometheus_operator_crds):
+    assert set(prometheus_operator_crds) == {"podmonitors.monitoring.coreos.com",
+                                             "servicemonitors.monitoring.coreos.com",
+                                             "prometheusrules.monitoring.coreos.com"}
+    devcluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=POD_MONITOR)
+    bad = POD_MONITOR.replace("interval: 15s", "interval: soon")
+    result = devcluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=bad, check=False)
+    assert result.returncode != 0 and "interval" in result.stderr, result.stderr
