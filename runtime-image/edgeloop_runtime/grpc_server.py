@@ -341,7 +341,7 @@ class GrpcConnection(http2.Http2Connection):
             self.fail(call, error)
         else:
             self.reply(call, future.result())
-        self.flush()
+        self.flush_soon()
 
     # ModelStreamInfer: each request answered in order, an error answered for its request only
 
@@ -369,7 +369,7 @@ class GrpcConnection(http2.Http2Connection):
         if call.remote_ended and not call.answers:  # the client is done and every answer is out
             self._open_reply(call)
             self.finish(call, OK_TRAILERS)
-        self.flush()
+        self.flush_soon()
 
     # answering
 

@@ -86,8 +86,9 @@ class Http2Connection(asyncio.Protocol):
         self.last_stream_id = 0
         self.send_window = DEFAULT_WINDOW
         self.receive_window = CONNECTION_WINDOW
-        self.credits: dict[int, int] = {}  # received bytes to give back to windows, by stream (0: the connection)
+        self.credits: dict[int, int] = {0: 0}  # consumed bytes to give back to windows, by stream (0: the connection)
         self.going_away = False  # the client sent GOAWAY: the connection closes when its last stream does
+        self.flushing = False  # a flush is scheduled for the end of this event-loop turn
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self.continuation: tuple[int, int, bytearray] | None = None  # stream, flags, header block so far
@@ -321,10 +322,8 @@ class Http2Connection(asyncio.Protocol):
         self._drain(stream)
 
     def credit(self, stream_id: int, size: int) -> None:
-        """Gives `size` received bytes back to the client's window (of the connection when `stream_id` is 0), with
-        the next write."""
-        if stream_id == 0:
-            self.receive_window += size
+        """Gives `size` consumed bytes back to the client's window (of the connection when `stream_id` is 0), once
+        half a window's worth has gathered: one WINDOW_UPDATE per many requests, not one each."""
         self.credits[stream_id] = self.credits.get(stream_id, 0) + size
 
     # sending
@@ -372,13 +371,21 @@ class Http2Connection(asyncio.Protocol):
         if self.going_away and not self.streams:
             self.close(NO_ERROR)
 
+    def flush_soon(self) -> None:
+        """Flushes at the end of this event-loop turn: the answers a batch completes together on one connection
+        go out in one write (a write is a system call; on 2 cores it was a third of a gRPC call's CPU time)."""
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
     def flush(self) -> None:
-        if self.credits:
-            self.output.extend(
-                frame(WINDOW_UPDATE, 0, stream_id, size.to_bytes(4, "big")) for stream_id, size in self.credits.items()
-                if size
-            )  # fmt: skip
-            self.credits.clear()
+        self.flushing = False
+        for stream_id, size in self.credits.items():
+            if size >= (CONNECTION_WINDOW if stream_id == 0 else STREAM_WINDOW) // 2:
+                self.output.append(frame(WINDOW_UPDATE, 0, stream_id, size.to_bytes(4, "big")))
+                self.credits[stream_id] = 0
+                if stream_id == 0:
+                    self.receive_window += size
         if self.output and self.transport is not None:
             self.transport.write(b"".join(self.output))
         self.output.clear()
