@@ -221,6 +221,7 @@ class GrpcConnection(http2.Http2Connection):
             if self.service.calls > self.limits.max_grpc_calls:
                 raise TooLarge(f"more than {self.limits.max_grpc_calls} gRPC calls at once (--max-grpc-calls)")
         except ServingError as error:
+            self.serving.metrics.refused("grpc", error.outcome)
             self.fail(call, error)
 
     def stream_data(self, call: Call, data: bytes, ended: bool) -> None:

@@ -50,7 +50,7 @@ def dynamic_path(tmp_path_factory):
     return save(helper.make_model(graph), tmp_path_factory.mktemp("models") / "dynamic.onnx")
 
 
-HELD = ("edgeloop_inflight_requests", "edgeloop_queue_depth", "edgeloop_inflight_bytes")
+HELD = ("edgeloop_inflight_requests", "nv_inference_pending_request_count", "edgeloop_inflight_bytes")
 
 
 def metric(server, name: str) -> float:
