@@ -2,7 +2,7 @@
 
 Triton's metric names where the meaning is the same (nv_inference_*, labels model and version), read from the
 very counters behind the statistics extension, so /metrics and …/stats always agree; edgeloop_* for the rest.
-`edgeloop_runtime_info` carries what identifies the runtime (digest, node, accelerator, providers in use), to
+`edgeloop_model_info` carries what identifies the runtime (digest, node, accelerator, providers in use), to
 be joined on model and version. The names are a contract (CONTRACTS.md, "Runtime metrics").
 
 Everything here is updated from the event loop's thread only, so nothing needs a lock.
@@ -148,7 +148,7 @@ class Metrics:
         self.model, self.version = model, version
         self.labels = {"model": model, "version": version}
         self.info = Gauge(
-            "edgeloop_runtime_info",
+            "edgeloop_model_info",
             "What this runtime serves, where, and with which providers; always 1. Join on model and version.",
             lambda: 1,
             {**self.labels, "sha256": sha256, "node": node, "accelerator": accelerator,

@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM (default %(default)s)"
     )
-    identity = parser.add_argument_group("identity (labels of the edgeloop_runtime_info metric)")
+    identity = parser.add_argument_group("identity (labels of the edgeloop_model_info metric)")
     identity.add_argument(
         "--node-name", default=os.environ.get("NODE_NAME", ""), help="the node this runs on (default: $NODE_NAME)"
     )

@@ -172,7 +172,7 @@ def test_metrics_use_tritons_names_and_agree_with_the_statistics(client, mlp_ser
     ):
         assert name in text
     assert (
-        f'edgeloop_runtime_info{{{labels},sha256="{sha256_of(mlp_path)}",node="",accelerator="",'
+        f'edgeloop_model_info{{{labels},sha256="{sha256_of(mlp_path)}",node="",accelerator="",'
         'providers="CPUExecutionProvider"} 1'
     ) in text
 
@@ -181,7 +181,7 @@ def test_runtime_info_names_the_node_and_accelerator(mlp_path, server_factory):
     """CONTRACTS C3: the operator renders --node-name $(NODE_NAME) and --accelerator <class>."""
     server = server_factory(mlp_path, "--node-name", "edge-gpu-0", "--accelerator", "gpu")
     _, body = raw_request(server, "GET", "/metrics")
-    info = metric_values(body.decode(), "edgeloop_runtime_info")
+    info = metric_values(body.decode(), "edgeloop_model_info")
     (labels,) = info
     assert 'node="edge-gpu-0",accelerator="gpu",providers="CPUExecutionProvider"' in labels
 
