@@ -72,7 +72,8 @@ def decode_inputs(
             raise BadRequest(f"input '{name}' of datatype {datatype} must be sent in raw_input_contents")
     if raw_index != len(raw):
         raise BadRequest(f"{len(raw) - raw_index} raw_input_contents belong to no input")
-    reserve(cost)
+    if cost:
+        reserve(cost)
     tensors = []
     for name, datatype, shape, data in planned:
         if isinstance(data, Slice):
