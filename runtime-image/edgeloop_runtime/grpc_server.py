@@ -279,11 +279,11 @@ class GrpcConnection(http2.Http2Connection):
             self._stream_request(call, message, inference)
 
     def _inference(self, call: Call, size: int):
-        """A serving.Call that takes over the memory held by the call's next `size` bytes."""
+        """A serving.Call that takes over the memory held by the call's next `size` bytes (from the budget's point
+        of view nothing changes hands: the bytes stay held, by the inference now)."""
         inference = self.serving.call("grpc")
-        self.serving.budget.release(size)
         call.held -= size
-        inference.reserve(size)
+        inference.held += size
         return inference
 
     def _decompress(self, holder, message: bytes, compressed: int, encoding: bytes) -> bytes:
