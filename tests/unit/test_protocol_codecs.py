@@ -52,8 +52,8 @@ def no_reservation(size: int) -> None:
     pass
 
 
-settings.register_profile("codecs", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("codecs")
+# per test, not a profile: a loaded profile would change the settings of every other module's property tests
+CODECS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 dims = st.one_of(st.integers(-3, 10), st.integers(2**31 - 2, 2**64), st.booleans(), st.floats(), st.text(max_size=2))
 shapes = st.one_of(st.lists(dims, max_size=5), st.integers(), st.none(), st.text(max_size=3))
@@ -65,6 +65,7 @@ json_values = st.recursive(
 )
 
 
+@CODECS
 @given(name=st.one_of(st.sampled_from(["x", "t", "y", ""]), st.integers()), datatype=datatypes, shape=shapes)
 def test_a_header_is_accepted_only_within_the_model_and_the_caps(name, datatype, shape):
     try:
@@ -79,6 +80,7 @@ def test_a_header_is_accepted_only_within_the_model_and_the_caps(name, datatype,
     assert all(0 <= d <= CAP for d in checked_shape) and math.prod(checked_shape) <= CAP
 
 
+@CODECS
 @given(
     st.lists(
         st.fixed_dictionaries(
@@ -95,12 +97,14 @@ def test_any_json_request_decodes_or_is_a_serving_error(inputs, outputs):
         http_codec.decode_request(body, None, SIGNATURE, no_reservation)
 
 
+@CODECS
 @given(st.binary(max_size=512), st.one_of(st.none(), st.integers(-5, 600)))
 def test_any_bytes_decode_or_are_a_serving_error(body, header_length):
     with contextlib.suppress(ServingError):
         http_codec.decode_request(body, header_length, SIGNATURE, no_reservation)
 
 
+@CODECS
 @given(st.data())
 def test_a_binary_request_round_trips(data):
     datatype = data.draw(st.sampled_from(NUMERIC))
@@ -121,6 +125,7 @@ def test_a_binary_request_round_trips(data):
     assert tensor.shape == array.shape and request.id == "r"
 
 
+@CODECS
 @given(st.lists(st.binary(max_size=20), max_size=30))
 def test_bytes_elements_round_trip(items):
     array = np.empty(len(items), dtype=object)
@@ -130,6 +135,7 @@ def test_bytes_elements_round_trip(items):
     assert from_buffer("t", "BYTES", (len(items),), buffer).data.tolist() == items
 
 
+@CODECS
 @given(st.binary(max_size=200), st.integers(0, 100))
 def test_any_bytes_payload_is_elements_or_a_value_error(buffer, count):
     try:
@@ -139,6 +145,7 @@ def test_any_bytes_payload_is_elements_or_a_value_error(buffer, count):
     assert len(array) == count and sum(4 + len(item) for item in array) == len(buffer)
 
 
+@CODECS
 @given(
     st.lists(
         st.fixed_dictionaries(
