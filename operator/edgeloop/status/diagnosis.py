@@ -22,7 +22,6 @@ FAILURES = (
     "RuntimeFailed",
     "PodNotCreated",
     "Unschedulable",
-    "NodeNotReady",
 )
 # `edgeloop-runtime fetch` logs this on a digest mismatch; the fetch container's termination message
 # carries its last log lines (terminationMessagePolicy: FallbackToLogsOnError).
@@ -95,18 +94,17 @@ def is_ready(pod: Mapping[str, Any]) -> bool:
 
 
 def pod_problem(pod: Mapping[str, Any], accelerator: str, not_ready_nodes: Container[str] = ()) -> NodeProblem | None:
-    """Why this DaemonSet pod does not serve, or None if it is ready."""
+    """Why this DaemonSet pod does not serve, or None if it is ready or its node is not Ready (an offline node
+    is no fault of the model's: the status reports offline nodes apart)."""
     node = node_of(pod)
-    if node is None or pod["metadata"].get("deletionTimestamp"):
-        return None  # not tied to a node yet, or on its way out during a rollout
+    if node is None or pod["metadata"].get("deletionTimestamp") or node in not_ready_nodes:
+        return None  # not tied to a node yet, on its way out during a rollout, or offline
 
     def problem(reason: str, message: str) -> NodeProblem:
         return NodeProblem(node=node, accelerator=accelerator, reason=reason, message=_short(message))
 
     if _condition(pod, "Ready").get("status") == "True":
         return None
-    if node in not_ready_nodes:
-        return problem("NodeNotReady", f"node {node} is not Ready")
     scheduled = _condition(pod, "PodScheduled")
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         return problem("Unschedulable", scheduled.get("message", ""))
