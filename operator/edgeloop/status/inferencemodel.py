@@ -403,9 +403,14 @@ def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -
         events.append(Event("Warning", now.reason, now.message))
     if now and now.status == "False" and before and before.status == "True":
         events.append(Event("Normal", "Recovered", f"no longer degraded (was {before.reason})"))
+    if now and now.reason == NODES_OFFLINE and (not before or before.reason != now.reason):
+        events.append(Event("Normal", NODES_OFFLINE, now.message))
     before, now = condition(previous.conditions, ACCELERATED), condition(current.conditions, ACCELERATED)
     if now and now.reason == "CPUFallback" and (not before or before.reason != now.reason):
         events.append(Event("Warning", "CPUFallback", now.message))
+    wave, was = current.rollout, previous.rollout
+    if wave and was and wave.revision == was.revision and wave.wave > was.wave and wave.state != "Complete":
+        events.append(Event("Normal", "WaveStarted", f"wave {wave.wave}/{wave.waves} of the rollout"))
     return events
 
 
