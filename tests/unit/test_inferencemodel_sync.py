@@ -35,6 +35,7 @@ class World:
         self.counts: dict[str, tuple[int, int]] = {}
         self.extra_pods: list[dict] = []  # besides one ready pod per variant with ready nodes
         self.in_use: dict[str, str] = {}  # what a class's runtime reports; default: the providers configured
+        self.ready_pod = True  # a ready pod of the current template on each variant's first node
         self.events = []
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
@@ -58,7 +59,7 @@ class World:
                 live = daemon_set_status(obj, desired=desired, ready=ready, updated=updated[0] if updated else None)
                 daemon_sets.append(DaemonSetState.from_object(live))
         self.daemon_sets[KEY] = daemon_sets
-        self.kube.pods = [*self.ready_pods(), *self.extra_pods]
+        self.kube.pods = [*(self.ready_pods() if self.ready_pod else ()), *self.extra_pods]
         self.services[KEY] = [
             ServiceState(o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["annotations"][RENDER_HASH])
             for (kind, _, _), o in self.kube.objects.items() if kind == "Service"
@@ -346,10 +347,10 @@ def test_a_runtime_that_cannot_be_asked_is_asked_again_only_after_the_interval()
 # ---- rollouts: old pods replaced by the operator, on reachable nodes
 
 
-def old_pod(node: str, template: str, *, ready: bool = True) -> dict:
+def old_pod(node: str, template: str, *, ready: bool = True, name: str = "old") -> dict:
     labels = {**dict(term.split("=") for term in CPU_PODS.split(",")), TEMPLATE_LABEL: template}
     return {
-        "metadata": {"name": f"old-{node}", "uid": f"uid-old-{node}", "labels": labels,
+        "metadata": {"name": f"{name}-{node}", "uid": f"uid-{name}-{node}", "labels": labels,
                      "annotations": {MODEL_VERSION_ANNOTATION: "3"}, "creationTimestamp": "2026-11-28T09:00:00Z"},
         "spec": {"nodeName": node},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
@@ -407,3 +408,42 @@ def test_a_model_with_nothing_to_replace_lists_no_pod():
     world.refresh(cpu=(3, 3))
     world.resync()
     assert world.kube.objects[MODEL]["status"]["rollout"]["state"] == "Complete"
+
+
+def test_a_canary_that_cannot_be_scheduled_halts_the_rollout_though_no_count_moves():
+    now = [0.0]
+    spec = {"placement": {"accelerators": ["cpu"]}, "rollout": {"waves": [1], "pauseSeconds": 10}}
+    world = World(body=inference_model(**spec), clock=lambda: now[0], diagnosis_interval=15)
+    world.nodes[ALL_NODES] = [NodeInfo(f"edge-cpu-{i}", {}) for i in range(4)]
+    world.ready_pod = False
+    world.reconcile()
+    old = world.kube.objects[("DaemonSet", "edge", "digits-cpu")]["spec"]["template"]["metadata"]["labels"][
+        TEMPLATE_LABEL]
+    world.edit(model={"sha256": SHA_B, "version": "4"}, **spec)
+    world.reconcile()
+    new = world.kube.objects[("DaemonSet", "edge", "digits-cpu")]["spec"]["template"]["metadata"]["labels"][
+        TEMPLATE_LABEL]
+    world.extra_pods = [old_pod(f"edge-cpu-{i}", old) for i in range(4)]
+    world.refresh(cpu=(4, 4, 0))
+    world.resync()
+    assert pod_deletions(world) == ["old-edge-cpu-0"], "the canary"
+
+    # Its successor waits for the scheduler; then the scheduler finds no room, which moves no count.
+    canary = old_pod("edge-cpu-0", new, ready=False, name="new")
+    world.extra_pods[0] = canary
+    world.refresh(cpu=(4, 3, 1))
+    now[0] = 1
+    world.resync()
+    assert world.kube.objects[MODEL]["status"]["rollout"]["state"] == "RollingOut"
+    canary["status"]["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                           "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."})
+    world.refresh()
+    now[0] = 16
+    world.kube.calls.clear()
+    world.resync()
+    rollout = world.kube.objects[MODEL]["status"]["rollout"]
+    assert (rollout["state"], rollout["reason"]) == ("Halted", "Unschedulable")
+    assert "new-edge-cpu-0 on node edge-cpu-0 (cpu): 0/4 nodes are available" in rollout["message"]
+    assert pod_deletions(world) == []
+    assert ("Warning", "RolloutHalted") in world.events
+    assert [c for c in world.kube.calls if c[0] == "list"] == [("list", "pods", CPU_PODS)], "one list, not two"

@@ -140,9 +140,10 @@ MAX_SAMPLE_RETRY_SECONDS = 600
 @dataclass(frozen=True)
 class PodSnapshot:
     """A variant's pods as last listed, and the state of its DaemonSet and offline nodes then: while that state
-    stands, the list stands too."""
+    stands (and, if some pod is not ready, for a diagnosis interval at most), the list stands too."""
 
     state: tuple[Any, ...]
+    listed_at: float
     pods: tuple[PodView, ...]
 
 
@@ -260,9 +261,10 @@ class InferenceModels:
                     return  # the index lags behind a newer generation or a deletion; its own event follows
                 daemon_sets = converged
 
-        fleets = {} if problem else await self._fleets(key, plan, daemon_sets, previous.rollout)
+        clock = self._clock()
+        fleets = {} if problem else await self._fleets(key, plan, daemon_sets, previous.rollout, clock)
         progress = previous.rollout if problem else await self._roll(key, plan, daemon_sets, fleets, previous)
-        problems = [] if problem else await self._diagnose(key, plan, daemon_sets)
+        problems = [] if problem else await self._diagnose(key, plan, daemon_sets, clock)
         samples = {} if problem else await self._sample_providers(key, plan, daemon_sets)
         status = im_status.compute(
             generation=generation,
@@ -350,11 +352,17 @@ class InferenceModels:
     # ---- the rollout: offline nodes, pods, and the old pods each wave replaces
 
     async def _fleets(
-        self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState], progress: RolloutStatus | None
+        self,
+        key: Key,
+        plan: Plan,
+        daemon_sets: dict[str, DaemonSetState],
+        progress: RolloutStatus | None,
+        clock: float,
     ) -> dict[str, VariantFleet]:
         """Each variant's offline nodes (from the nodes index) and, while it has old pods on reachable nodes,
-        offline nodes, or unready pods with waves still to come, its pods (listed again only when its DaemonSet's
-        counts or its offline nodes change). A burst of new models lists no pod: they have no old ones."""
+        offline nodes, or unready pods with waves still to come, its pods: listed again when its DaemonSet's
+        counts or its offline nodes change, or, while some pod is not ready, after a diagnosis interval (a new
+        pod that fails may move no count). A burst of new models lists no pod: they have no old ones."""
         assert plan.manifests is not None
         waves_to_come = (
             progress is not None
@@ -379,9 +387,13 @@ class InferenceModels:
             if ds is not None and (offline or ds.scheduled > ds.updated or (waves_to_come and not ds.complete)):
                 state = (ds.counts, ds.render_hash, tuple(node.node for node in offline))
                 snapshot = previous.get(variant.daemon_set)
-                if snapshot is None or snapshot.state != state:
+                if (
+                    snapshot is None
+                    or snapshot.state != state
+                    or (not ds.complete and clock - snapshot.listed_at >= self._diagnosis_interval)
+                ):
                     listed = await asyncio.to_thread(self._list_pods, key, variant, not_ready)
-                    snapshot = PodSnapshot(state, listed)
+                    snapshot = PodSnapshot(state, clock, listed)
                 current[variant.daemon_set] = snapshot
                 pods = snapshot.pods
             fleets[variant.daemon_set] = VariantFleet(
@@ -435,6 +447,9 @@ class InferenceModels:
             await self._replace(key, step.delete)
         if step.wake_in is not None:
             self.runner.request(key, delay=step.wake_in)
+        elif step.status.state in ("RollingOut", "Paused") and any(not f.complete and f.pods for f in fleets.values()):
+            # New pods that fail may move no count of their DaemonSet: look again after an interval.
+            self.runner.request(key, delay=self._diagnosis_interval)
         return step.status
 
     async def _replace(self, key: Key, pods: tuple[PodView, ...]) -> None:
@@ -469,7 +484,9 @@ class InferenceModels:
 
     # ---- diagnosis: why nodes do not serve
 
-    async def _diagnose(self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]) -> list[NodeProblem]:
+    async def _diagnose(
+        self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState], clock: float
+    ) -> list[NodeProblem]:
         """Looks at the pods of the variants whose rollout has stalled.
 
         A DaemonSet with nodes that lack a ready pod, whose counts have not moved for a diagnosis interval,
@@ -480,7 +497,7 @@ class InferenceModels:
         """
         previous = self._diagnoses.get(key, {})
         current: dict[str, Diagnosis] = {}
-        clock, interval = self._clock(), self._diagnosis_interval
+        interval = self._diagnosis_interval
         wake_in: float | None = None
         for variant in plan.variants:
             state = daemon_sets.get(variant.daemon_set)
@@ -490,7 +507,9 @@ class InferenceModels:
             since = last.since if last and last.counts == state.counts else clock
             looked_at, found = (last.looked_at, last.found) if last else (None, [])
             if clock - since >= interval and (looked_at is None or clock - looked_at >= interval):
-                found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state)
+                fresh = self._pods.get(key, {}).get(variant.daemon_set)
+                pods = fresh.pods if fresh is not None and fresh.listed_at == clock else None
+                found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state, pods)
                 looked_at = clock
             elif looked_at is None or looked_at < since:
                 due = since + interval - clock
@@ -501,10 +520,14 @@ class InferenceModels:
             self.runner.request(key, delay=wake_in)
         return [problem for diagnosis in current.values() for problem in diagnosis.found]
 
-    def _diagnose_variant(self, key: Key, plan: Plan, variant: Variant, state: DaemonSetState) -> list[NodeProblem]:
+    def _diagnose_variant(
+        self, key: Key, plan: Plan, variant: Variant, state: DaemonSetState, pods: tuple[PodView, ...] | None
+    ) -> list[NodeProblem]:
+        """`pods`: the variant's pods if this sync listed them already."""
         namespace = key[0]
         nodes = list(self._nodes.get(ALL_NODES, []))
-        pods = self._list_pods(key, variant, {node.name for node in nodes if not node.ready})
+        if pods is None:
+            pods = self._list_pods(key, variant, {node.name for node in nodes if not node.ready})
         problems = [pod.problem for pod in pods if pod.problem is not None]
         with_pods = {pod.node for pod in pods}
         if state.scheduled < state.desired:
