@@ -116,6 +116,32 @@ def test_one_client_job_pinned_to_each_selected_node():
     assert tuple(pinned) == NODES
 
 
+def test_the_aggregator_goes_where_spec_aggregator_says_with_its_own_resources():
+    pinned = spec(
+        aggregator={
+            "nodeSelector": {"node-role.kubernetes.io/control-plane": "true"},
+            "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",
+                             "effect": "NoSchedule"}],
+            "resources": {"requests": {"cpu": "500m"}, "limits": {"memory": "1Gi"}},
+        },
+        runtime={"resources": {"requests": {"cpu": "100m"}}},
+    )
+    manifests = render(OWNER, pinned, config.build(), START)
+    aggregator = pod(manifests.aggregator)
+    assert aggregator["nodeSelector"] == {"node-role.kubernetes.io/control-plane": "true"}
+    assert aggregator["tolerations"] == [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",
+                                          "effect": "NoSchedule"}]
+    assert container(manifests.aggregator)["resources"] == {"requests": {"cpu": "500m"}, "limits": {"memory": "1Gi"}}
+    for client in manifests.clients:
+        assert "nodeSelector" not in pod(client) and "tolerations" not in pod(client)
+        assert container(client)["resources"] == {"requests": {"cpu": "100m"}}
+
+    # Unset: anywhere, with the runtime's resources.
+    default = render(OWNER, spec(runtime={"resources": {"requests": {"cpu": "100m"}}}), config.build(), START)
+    assert "nodeSelector" not in pod(default.aggregator) and "tolerations" not in pod(default.aggregator)
+    assert container(default.aggregator)["resources"] == {"requests": {"cpu": "100m"}}
+
+
 def test_the_dataset_is_mounted_read_only_from_the_node():
     for job in rendered_example().clients:
         volumes = {v["name"]: v for v in pod(job)["volumes"]}

@@ -123,6 +123,7 @@ def count_or_percent(what: str) -> Any:
         Field(
             json_schema_extra={
                 "x-kubernetes-int-or-string": True,
+                "maxLength": 4,  # "100%"; bounds the cost of the rule below
                 "x-kubernetes-validations": [
                     cel(
                         f"type(self) == int ? self >= 1 : self.matches('{COUNT_OR_PERCENT}')",

@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from edgeloop.api.common import ModelSource
+from edgeloop.api.common import ModelSource, ResourceRequirements
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec
 from edgeloop.config import OperatorConfig
 from edgeloop.names import (
@@ -144,9 +144,12 @@ def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> d
         "spec": spec,
         "config": config,
         "image": spec.runtime.image or config.runtime_image,
-        "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
         "active_deadline": active_deadline_seconds(spec),
     }
+
+
+def _resources(requirements: ResourceRequirements) -> dict[str, Any]:
+    return {key: value for key, value in requirements.to_wire().items() if value}
 
 
 def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, start: Start) -> dict[str, Any]:
@@ -161,6 +164,9 @@ def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfi
         port=AGGREGATOR_PORT,
         store_token_key=STORE_TOKEN_KEY,
         tls_secret=aggregator_tls_secret(owner.name) if config.tls.enabled else None,
+        resources=_resources(spec.aggregator.resources) or _resources(spec.runtime.resources),
+        node_selector=dict(spec.aggregator.node_selector),
+        tolerations=[t.to_wire() for t in spec.aggregator.tolerations],
         **_common(owner, spec, config),
     )
 
@@ -187,6 +193,7 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
         tls_secret=client_tls_secret(owner.name) if config.tls.enabled else None,
         tolerations=[t.to_wire() for t in spec.participants.tolerations],
         dataset_sub_path=dataset_sub_path(spec, config) if config.dataset_claim else None,
+        resources=_resources(spec.runtime.resources),
         **_common(owner, spec, config),
     )
 
