@@ -36,8 +36,9 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods/log", "pods/proxy"], "verbs": ["get"]},
     # Status: pods of variants with unready nodes, nodes for readiness and placement, the DaemonSet
     # controller's FailedCreate events; Kopf posts the operator's own events. Rollouts: the operator deletes
-    # the old pods of its OnDelete DaemonSets, wave by wave.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
+    # the old pods of its OnDelete DaemonSets, wave by wave. It watches the pods of FederatedRounds (stuck
+    # ones are reported within seconds) and reads the kubelet's FailedMount events of those that wait.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
     # TLS by default: the CA and certificate Secrets it labels edgeloop.io/tls (watched, so an unchanged
