@@ -223,12 +223,14 @@ def test_a_client_that_learns_the_round_failed_fails_its_job_at_once():
     assert pod(rendered_example().clients[0])["restartPolicy"] == "Never"
 
 
-def test_a_crashed_aggregator_restarts_in_its_pod_where_the_checkpoint_is():
+def test_a_crashed_aggregator_restarts_in_its_pod_where_the_checkpoint_is_and_a_lost_one_resumes_from_the_store():
     aggregator = rendered_example().aggregator
     assert pod(aggregator)["restartPolicy"] == "OnFailure"
     volumes = {v["name"]: v for v in pod(aggregator)["volumes"]}
     assert "emptyDir" in volumes["state"]
     assert str(parsed(aggregator).state_dir) == "/state"
+    # The store keeps every round's checkpoint under a ref unique to this round (fed's C4 flag).
+    assert parsed(aggregator).checkpoint_ref == f"edge.digits-round-1.{OWNER.uid}"
     assert volumes["store-token"]["secret"] == {
         "secretName": "edgeloop-store-token",
         "items": [{"key": "token", "path": "token"}],

@@ -179,6 +179,12 @@ def _resources(requirements: ResourceRequirements) -> dict[str, Any]:
     return {key: value for key, value in requirements.to_wire().items() if value}
 
 
+def checkpoint_ref(owner: Owner) -> str:
+    """The store ref of the round's checkpoint: the uid keeps a recreated round of the same name from resuming an
+    old one, and makes the name unguessable to other tenants."""
+    return f"{owner.namespace}.{owner.name}.{owner.uid}"
+
+
 def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, start: Start) -> dict[str, Any]:
     return render_template(
         "federatedround-aggregator.yaml.j2",
@@ -194,6 +200,7 @@ def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfi
         resources=_resources(spec.aggregator.resources) or _resources(spec.runtime.resources),
         node_selector=dict(spec.aggregator.node_selector),
         tolerations=[t.to_wire() for t in spec.aggregator.tolerations],
+        checkpoint_ref=checkpoint_ref(owner),
         **_common(owner, spec, config),
     )
 
