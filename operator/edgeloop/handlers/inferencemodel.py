@@ -395,8 +395,9 @@ class InferenceModels:
             tolerations = [*pod_spec.get("tolerations", []), *DAEMON_SET_TOLERATIONS]
             offline = tuple(
                 OfflineView(node.name, node.unreachable, node.ready_since, counted_by_daemon_set(node, tolerations))
-                for node in offline_nodes(nodes, variant.node_selector_terms, plan.spec.placement.node_selector,
-                                          tolerations)
+                for node in offline_nodes(
+                    nodes, variant.node_selector_terms, plan.spec.placement.node_selector, tolerations
+                )
             )
             ds = daemon_sets.get(variant.daemon_set)
             pods: tuple[PodView, ...] | None = None
@@ -428,8 +429,10 @@ class InferenceModels:
     def _list_pods(self, key: Key, variant: Variant, not_ready: set[str]) -> tuple[PodView, ...]:
         namespace, name = key
         selector = f"{INFERENCE_MODEL_LABEL}={name},{ACCELERATOR_LABEL}={variant.name}"
-        views = (PodView.from_object(pod, variant.name, not_ready) for pod in self._kube.list(POD, namespace,
-                                                                                              label_selector=selector))
+        views = (
+            PodView.from_object(pod, variant.name, not_ready)
+            for pod in self._kube.list(POD, namespace, label_selector=selector)
+        )
         return tuple(view for view in views if view is not None)
 
     async def _roll(
@@ -443,8 +446,9 @@ class InferenceModels:
         """One step of the rollout (status/rollout.py): deletes the old pods it replaces now, and asks for a
         sync when a wave's pause ends. Only once every DaemonSet is applied and its controller has caught up."""
         live = [daemon_sets.get(v.daemon_set) for v in plan.expected]
-        if not all(ds and ds.settled and ds.render_hash == v.render_hash for ds, v in zip(live, plan.expected,
-                                                                                          strict=True)):
+        if not all(
+            ds and ds.settled and ds.render_hash == v.render_hash for ds, v in zip(live, plan.expected, strict=True)
+        ):
             return previous.rollout
         inputs = {
             "revision": plan.revision,
