@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from edgeloop import testing
 
 from devcluster import nodes
 
@@ -161,6 +162,57 @@ def test_a_partitioned_node_keeps_serving_from_its_cache_and_converges_when_it_r
     np.testing.assert_allclose(outputs, expected(v2, inputs), rtol=1e-5, atol=1e-6)
     assert (cut.host_path / "models" / MODELS_NS / "sha256" / digests[1]).read_bytes() == v2
     story.devcluster.kubectl("delete", "inferencemodel", name, "-n", MODELS_NS, "--wait=false")
+
+
+def test_stuck_round_pods_are_diagnosed_with_their_reason_long_before_the_deadline(story: Story):
+    """An image that cannot be pulled (the aggregator's), and a dataset a node lacks (a client's)."""
+    from edgeloop_runtime.federated.model import mlp
+
+    devcluster = story.devcluster
+    digest = upload(story, mlp([64, 32, 10], seed=7))
+    spec = {
+        "model": {"uri": f"http://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}", "sha256": digest,
+                  "version": "1"},
+        "participants": {"nodeSelector": {"edgeloop.io/node-group": "edge-real"}, "minClients": 1},
+        "deadlineSeconds": 3600,
+        "runtime": {"resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+    }
+    rounds = {
+        "no-image": {**spec, "dataset": {"name": "digits"},
+                     "runtime": {**spec["runtime"], "image": "registry.invalid/edgeloop/runtime-federated:0"}},
+        "no-data": {**spec, "dataset": {"name": "nowhere"}},
+    }
+    for name, round_spec in rounds.items():
+        body = {"apiVersion": "edgeloop.io/v1alpha1", "kind": "FederatedRound",
+                "metadata": {"name": name, "namespace": MODELS_NS}, "spec": round_spec}
+        devcluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+    def degraded(name: str):
+        body = devcluster.get_json("federatedround", name, "-n", MODELS_NS)
+        found = next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == "Degraded"), {})
+        return found.get("status") == "True" and (body["status"]["phase"], found)
+
+    try:
+        phase, found = wait_for("the missing image diagnosed", lambda: degraded("no-image"), timeout=90,
+                                debug=lambda: story.debug(MODELS_NS))
+        assert phase == "Running" and found["reason"] == "ImagePullFailed", found
+        assert found["message"].startswith("the aggregator pod no-image-aggregator-"), found
+        assert "registry.invalid/edgeloop/runtime-federated:0" in found["message"], found
+        events = devcluster.get_json("events", "-n", MODELS_NS, "--field-selector",
+                                     "involvedObject.name=no-image,reason=ImagePullFailed")["items"]
+        assert [e["type"] for e in events] == ["Warning"], events
+
+        # The aggregator of no-data runs (it waits for its clients); its clients find no dataset on their node.
+        phase, found = wait_for("the missing dataset diagnosed", lambda: degraded("no-data"), timeout=120,
+                                debug=lambda: story.debug(MODELS_NS))
+        assert phase == "Running" and found["reason"] in ("MountFailed", "ContainerFailed", "CrashLooping"), found
+        assert found["message"].startswith("the client pod no-data-client-"), found
+        body = devcluster.get_json("federatedround", "no-data", "-n", MODELS_NS)
+        health = testing.argocd_health(testing.ARGOCD_HEALTH / "FederatedRound" / "health.lua", body)
+        assert health["status"] == "Degraded" and found["reason"] in health["message"], health
+        testing.capture_argocd_testdata("FederatedRound", "stuck-client", body)
+    finally:
+        devcluster.kubectl("delete", "federatedround", *rounds, "-n", MODELS_NS, "--wait=false")
 
 
 CUT_CHAIN = "E2E-CABLE-CUT"
