@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgeloop_runtime.federated.aggregator import summarize
 from edgeloop_runtime.federated.data import dirichlet_partition, holdout_split, load_npz
 from edgeloop_runtime.federated.model import load, mlp
 from edgeloop_runtime.federated.training import TrainConfig, evaluate, local_train, privatize
+from edgeloop_runtime.federated.validation import summarize
 from sklearn.datasets import load_digits
 
 

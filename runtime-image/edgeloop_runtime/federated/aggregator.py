@@ -28,7 +28,6 @@ import hashlib
 import logging
 import math
 import secrets
-import statistics
 import threading
 import time
 from collections import defaultdict
@@ -41,12 +40,12 @@ from . import secagg
 from .checkpoint import Checkpoints, StoreRef, Superseded, atomic_write
 from .model import load
 from .training import TrainConfig
+from .validation import BadRequest, Conflict, check_count, check_metrics, check_plain_update, summarize, unb64
 
 log = logging.getLogger("edgeloop.federated.aggregator")
 
 LONG_POLL_SECONDS = 25.0
 UNMASK_GRACE_SECONDS = 2.0  # once the sum is recoverable, how long to wait for more reveals (to check them)
-MAX_LOSS = 1e6
 
 
 @dataclass(frozen=True)
@@ -73,14 +72,6 @@ class Settings:
 
 class JobFailed(RuntimeError):
     """The job cannot succeed: reported as phase Failed with this message as the reason."""
-
-
-class Conflict(Exception):
-    status = 409
-
-
-class BadRequest(Exception):
-    status = 400
 
 
 class Discarded(Exception):
@@ -124,73 +115,8 @@ class Round:
         return next(m for m in self.members.values() if m.index == index)
 
 
-# --- what clients claim, checked ------------------------------------------------------------------------------
-
-
-def check_count(value, name: str, low: int, high: int) -> int:
-    if type(value) is not int or not low <= value <= high:
-        raise BadRequest(f"{name} must be an integer in [{low}, {high}], not {value!r}")
-    return value
-
-
-def check_metrics(metrics, max_examples: int) -> dict:
-    """Holdout metrics: examples in [0, max_examples]; accuracy in [0, 1] and loss in [0, 1e6], finite."""
-    if not isinstance(metrics, dict):
-        raise BadRequest("metrics must be an object")
-    examples = check_count(metrics.get("examples"), "metrics.examples", 0, max_examples)
-    values = {}
-    for name, high in (("accuracy", 1.0), ("loss", MAX_LOSS)):
-        value = metrics.get(name, 0.0 if examples == 0 else None)
-        if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= high:
-            raise BadRequest(f"metrics.{name} must be a finite number in [0, {high:g}], not {value!r}")
-        values[name] = float(value)
-    return {**values, "examples": examples}
-
-
-def check_plain_update(vector: np.ndarray, bound: float, train: TrainConfig) -> None:
-    """A plain update: finite, each value within ±bound, and within the clip norm (plus what the noise adds)."""
-    if not np.all(np.isfinite(vector)):
-        raise BadRequest("update has values that are not finite")
-    if np.abs(vector).max(initial=0.0) > bound * (1 + 1e-6):
-        raise BadRequest(f"update has values beyond ±{bound:g} (--quantization-bound)")
-    if train.clip_norm is not None:
-        sigma = train.noise_multiplier * train.clip_norm
-        # The noise's norm exceeds sigma·(√d + 8) with probability below e^-32 (Gaussian concentration).
-        allowed = train.clip_norm * (1 + 1e-5) + sigma * (math.sqrt(len(vector)) + 8)
-        norm = float(np.linalg.norm(vector.astype(np.float64)))
-        if norm > allowed:
-            raise BadRequest(f"update norm {norm:.4g} is beyond the clip norm {train.clip_norm:g} (with noise)")
-
-
-def summarize(reports: list[dict], min_evaluators: int) -> dict | None:
-    """Federated evaluation from clients' holdout metrics: medians over the clients (one vote each, so no
-    client moves them past its honest neighbours in the order), and the means weighted by holdout size for
-    information. None when fewer than `min_evaluators` clients evaluated: too few to trust."""
-    reports = [r for r in reports if r.get("examples", 0) > 0]
-    if len(reports) < max(1, min_evaluators):
-        return None
-    total = sum(r["examples"] for r in reports)
-    return {
-        "accuracy": statistics.median(r["accuracy"] for r in reports),
-        "loss": statistics.median(r["loss"] for r in reports),
-        "evaluators": len(reports),
-        "meanAccuracy": sum(r["accuracy"] * r["examples"] for r in reports) / total,
-        "meanLoss": sum(r["loss"] * r["examples"] for r in reports) / total,
-    }
-
-
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _unb64(value, name: str, size: int | None = None, max_size: int = 4096) -> bytes:
-    try:
-        data = base64.b64decode(value, validate=True)
-    except (TypeError, ValueError) as error:
-        raise BadRequest(f"{name} must be base64") from error
-    if (size is not None and len(data) != size) or len(data) > max_size:
-        raise BadRequest(f"{name} has {len(data)} bytes")
-    return data
 
 
 class Aggregator:
@@ -593,7 +519,7 @@ class Aggregator:
             return b""
         if not signature:
             raise BadRequest("keys must be signed with the client certificate's key: this aggregator requires them")
-        signature = _unb64(signature, "signature")
+        signature = unb64(signature, "signature")
         try:
             secagg.verify_keys(cert, self.settings.ca, client, secagg.keys_message(round_id, client, keys), signature)
         except secagg.UntrustedKeys as error:
@@ -619,7 +545,7 @@ class Aggregator:
             raise BadRequest("to must list the receivers' indexes")
         if set(to) != r.graph[me.index] or len(payload) != len(to) * secagg.CIPHERTEXT_BYTES:
             raise BadRequest("shares must go to exactly this client's neighbours, one ciphertext each")
-        commitment = _unb64(header.get("commitment"), "commitment", size=32)
+        commitment = unb64(header.get("commitment"), "commitment", size=32)
         n = secagg.CIPHERTEXT_BYTES
         shares = {v: payload[i * n : (i + 1) * n] for i, v in enumerate(to)}
         before = (me.commitment, r.shares[me.index]) if me.index in r.shares else None
