@@ -14,9 +14,26 @@ import time
 import pytest
 import yaml
 from edgeloop import testing
+from edgeloop.testing import install_service_account
 
 from .conftest import wait_for
-from .test_inferencemodel import EXAMPLE, apply, cluster, conditions, model, operator  # noqa: F401 (fixtures)
+from .test_inferencemodel import EXAMPLE, ROOT, apply, conditions, model, operator  # noqa: F401 (a fixture)
+
+OPERATOR = "edgeloop-e2e-rollouts"  # its ServiceAccount, ClusterRole and namespace: this module's own
+
+
+@pytest.fixture(scope="module")
+def cluster(devcluster, tmp_path_factory):
+    """The CRDs (a module before this one may have deleted them without waiting) and the operator's own
+    ServiceAccount and RBAC."""
+    for crd in ("inferencemodels.edgeloop.io", "federatedrounds.edgeloop.io"):
+        devcluster.kubectl("wait", "--for=delete", f"crd/{crd}", "--timeout=60s", check=False)
+    devcluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    devcluster.wait_established("inferencemodels.edgeloop.io")
+    yield install_service_account(devcluster.kubectl, devcluster.kubeconfig, tmp_path_factory.mktemp("operator"),
+                                  namespace=OPERATOR, name=OPERATOR)
+    devcluster.kubectl("delete", "clusterrole,clusterrolebinding", OPERATOR, "--ignore-not-found")
+    devcluster.kubectl("delete", "namespace", OPERATOR, "--wait=false", "--ignore-not-found")
 
 CPU_ONLY = copy.deepcopy(EXAMPLE)
 CPU_ONLY["spec"]["placement"]["accelerators"] = ["cpu"]  # every node of the six runs the one variant
@@ -150,7 +167,7 @@ INVALID_ROLLOUTS = [
 
 
 @pytest.mark.parametrize(("case", "rollout", "message"), INVALID_ROLLOUTS, ids=[c for c, _, _ in INVALID_ROLLOUTS])
-def test_invalid_rollouts_are_rejected_at_admission(devcluster, cluster, case, rollout, message):  # noqa: F811
+def test_invalid_rollouts_are_rejected_at_admission(devcluster, cluster, case, rollout, message):
     body = copy.deepcopy(CPU_ONLY)
     body["spec"]["rollout"] = rollout
     result = devcluster.kubectl("apply", "--dry-run=server", "-n", "default", "-f", "-",
