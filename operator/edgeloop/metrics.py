@@ -42,6 +42,21 @@ PHASES = ("Pending", "Running", "Succeeded", "Failed")
 NODE_STATES = ("desired", "ready", "updated")
 PARTICIPANT_STATES = ("selected", "reported", "dropped")
 
+# What the chart's dashboard and alerts read from the runtimes (CONTRACTS.md C7): Triton's names where the
+# meaning is the same, edgeloop's histograms where Triton has none, and the info metric that names each
+# runtime's model, version, digest, node, accelerator class and providers in use.
+RUNTIME_METRICS = (
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_pending_request_count",
+    "nv_inference_queue_duration_us",
+    "edgeloop_request_duration_seconds",
+    "edgeloop_batch_size",
+    "edgeloop_model_info",
+)
+
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 RECONCILES = Counter(

@@ -318,7 +318,10 @@ def test_store_network_policy_admits_runtime_pods_and_aggregators_only():
     assert [selects(peer, pods["aggregator"]["metadata"]["labels"]) for peer in rule["from"]] == [False, True]
     assert not any(selects(peer, pods["client"]["metadata"]["labels"]) for peer in rule["from"])
     operator_policy = one(docs, "NetworkPolicy", "edgeloop-operator")
-    assert operator_policy["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in operator_policy["spec"]
+    assert operator_policy["spec"]["policyTypes"] == ["Ingress"]
+    assert operator_policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}], "metrics only"
+    without_metrics = one(template("monitoring.metricsPort=0"), "NetworkPolicy", "edgeloop-operator")
+    assert "ingress" not in without_metrics["spec"]
 
 
 @needs_helm
