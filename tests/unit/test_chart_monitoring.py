@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 import yaml
@@ -186,3 +188,20 @@ def test_every_panel_says_what_it_shows():
         for target in panel.get("targets", []):
             assert target["legendFormat"], f"{panel['title']}: a legend names the series"
             assert "$namespace" in target["expr"] or "edgeloop_operator" in target["expr"], panel["title"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+def test_every_dashboard_query_is_valid_promql(tmp_path):
+    """promtool parses each query (with Grafana's variables filled in) as a recording rule's expression."""
+    substitutions = {"$namespace": "edge", "$model": "digits", "$__rate_interval": "1m"}
+    rules = []
+    for number, target in enumerate(t for p in dashboard()["panels"] for t in p.get("targets", [])):
+        expr = target["expr"]
+        for variable, value in substitutions.items():
+            expr = expr.replace(variable, value)
+        assert "$" not in expr.replace('"$1"', ""), expr
+        rules.append({"record": f"edgeloop:dashboard_{number}", "expr": expr})
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dashboard.yaml")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
