@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import yaml
+from urllib3.exceptions import HTTPError
 
 from edgeloop.kube import Kind, Kube, KubeError
 from edgeloop.names import ACCELERATOR_LABEL, INFERENCE_COMPONENT, INFERENCE_MODEL_LABEL, RUNTIME_APP, RUNTIME_CONTAINER
@@ -309,14 +310,14 @@ class Plugin:
             answer = self.kube.proxy_get(namespace, name, port, f"/v2/models/{model}", https=https)
             metrics = self.kube.proxy_get(namespace, name, port, "/metrics", https=https)
             return parse_providers(answer), histogram(metrics)
-        except (KubeError, ValueError) as error:
+        except (KubeError, ValueError, HTTPError) as error:
             return f"{error}"[:200]
 
     def _read_metrics(self, pod: Mapping[str, Any]) -> Histogram | str:
         namespace, name, port, https, _ = self._target(pod)
         try:
             return histogram(self.kube.proxy_get(namespace, name, port, "/metrics", https=https))
-        except (KubeError, ValueError) as error:
+        except (KubeError, ValueError, HTTPError) as error:
             return f"{error}"[:200]
 
     def rounds(self, namespace: str, name: str | None) -> list[dict[str, Any]]:
@@ -332,9 +333,8 @@ def connect(kubeconfig: str | None, context: str | None) -> tuple[Kube, str]:
     configuration = client.Configuration()
     config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     configuration.connection_pool_maxsize = PARALLEL
-    _, active = config.list_kube_config_contexts(config_file=kubeconfig)
-    contexts = {c["name"]: c for c in config.list_kube_config_contexts(config_file=kubeconfig)[0]}
-    chosen = contexts.get(context, active) if context else active
+    contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    chosen = next((c for c in contexts if c["name"] == context), active) if context else active
     return Kube(client.ApiClient(configuration)), (chosen.get("context") or {}).get("namespace") or "default"
 
 
@@ -392,6 +392,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             )
     except KubeError as error:
         print(f"Error from server: {error}", file=sys.stderr)
+        return 1
+    except HTTPError as error:
+        print(f"error: cannot reach the API server: {error}", file=sys.stderr)
         return 1
     sys.stdout.write(text)
     return 0
