@@ -7,7 +7,8 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test real-nodes demo demo-down clean \
-	bench-devcluster bench-serve bench-federated bench-operator-scale images images-cuda images-multiarch
+	bench-devcluster bench-serve bench-federated bench-store-fanout bench-operator-scale images images-cuda \
+	images-multiarch
 
 all: test
 
@@ -76,6 +77,10 @@ bench-serve: venv
 
 bench-federated: venv
 	$(BIN)/python bench/federated.py --rounds 10 --repeat 5
+
+# Installs Debian's nginx with apt when missing (root).
+bench-store-fanout: venv
+	$(BIN)/python bench/store_fanout.py
 
 bench-operator-scale: venv devcluster-build
 	$(BIN)/python bench/operator_scale.py

@@ -60,16 +60,12 @@ def resnet50_onnx(path: Path) -> Path:
     except ImportError:
         model = _resnet50(torch.nn)
     model.eval()
-    torch.onnx.export(
-        model,
-        torch.randn(1, 3, 224, 224),
-        str(path),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    arguments = {"input_names": ["input"], "output_names": ["logits"], "opset_version": 17,
+                 "dynamic_axes": {"input": {0: "N"}, "logits": {0: "N"}}}  # fmt: skip
+    try:  # the TorchScript exporter: torch >= 2.9 defaults to the dynamo one, which needs onnxscript
+        torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), dynamo=False, **arguments)
+    except TypeError:  # torch < 2.5 has no dynamo argument
+        torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), **arguments)
     return path
 
 

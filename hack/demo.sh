@@ -41,10 +41,9 @@ fi
 eval "$("$BIN/devcluster" env)"
 RUN_DIR=$("$BIN/devcluster" status | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["run_dir"])')
 
-show_model() {
+show_model() {  # its printer columns, wide: per variant, what runs where
   echo
-  kubectl get inferencemodel digits
-  kubectl get inferencemodel digits -o jsonpath='{range .status.variants[*]}{.accelerator}{": "}{.ready}{"/"}{.desired}{" ready, providers "}{.executionProviders}{"\n"}{end}'
+  kubectl get inferencemodels -o wide
 }
 
 if [[ $REAL_NODES == 0 ]]; then
@@ -76,12 +75,12 @@ fi
 NS=edgeloop-system
 echo "demo: installing the Helm chart: the operator and the model store run as pods on the real nodes"
 # The real nodes are labelled as GPU nodes and have none: their ONNX Runtime falls back to CPU, allowed here.
+# The store keeps its blobs on a PVC of the default StorageClass, k3s's local-path, as on k3s.
 helm upgrade --install edgeloop charts/edgeloop --namespace "$NS" --create-namespace \
   --set operator.replicas=1 \
-  --set store.persistence.mode=hostPath --set store.persistence.hostPath.node=edge-real-0 \
   --set 'workloadNamespaces={default}' --set config.acceleratorClasses.gpu.allowCpuFallback=true \
   --wait --timeout 300s >/dev/null
-kubectl get pods -n "$NS" -o wide
+kubectl get pods,pvc -n "$NS" -o wide
 
 # The host reaches Services through the first real node's kube-proxy, as a node would.
 STORE="http://$(kubectl get service edgeloop-store -n "$NS" -o jsonpath='{.spec.clusterIP}'):8000"

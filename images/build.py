@@ -106,7 +106,9 @@ RUNTIMES = {
     "runtime-cuda": "cuda",
 }
 ON_REQUEST = ("runtime-cuda",)  # ~1.5 GB of CUDA and cuDNN wheels: `make images-cuda`, not CI
-ONE_ARCH = {"runtime-cuda": "amd64"}  # onnxruntime-gpu has no aarch64 wheel (Jetson needs NVIDIA's own builds)
+# No aarch64 wheels: onnxruntime-gpu (Jetson needs NVIDIA's own builds) and onnxruntime-openvino (Intel NPUs and
+# iGPUs sit beside x86 cores).
+ONE_ARCH = {"runtime-cuda": "amd64", "runtime-openvino": "amd64"}
 
 # Commands that must succeed in each built image, run as the image's USER: it starts, finds its modules and, for
 # a serving flavour, answers the digits model through its own backend code (images/smoke_model.py; the model
@@ -487,7 +489,8 @@ def smoke_files() -> Path:
 
 
 def image_config(ref: str) -> dict:
-    return json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", ref, capture=True))
+    """The image's OCI config (User, Env, ...); buildah 1.28's --format has no json function."""
+    return json.loads(buildah("inspect", "--type", "image", ref, capture=True))["OCIv1"]["config"]
 
 
 def smoke_in_chroot(mount: Path, config: dict, commands: tuple, smoke: Path, log: Path) -> None:
@@ -497,10 +500,11 @@ def smoke_in_chroot(mount: Path, config: dict, commands: tuple, smoke: Path, log
     shutil.copytree(smoke, target, dirs_exist_ok=True)
     user = config.get("User") or "0:0"
     environment = dict(item.split("=", 1) for item in config.get("Env") or [])
+    chroot = shutil.which("chroot")  # found on this machine's PATH, not the image's
     try:
         for command in commands:
             argv = [part.replace("/smoke/", "/tmp/smoke/") for part in command]
-            run("chroot", f"--userspec={user}", mount, *argv, log=log, env=environment)
+            run(chroot, f"--userspec={user}", mount, *argv, log=log, env=environment)
     finally:
         shutil.rmtree(target)
 

@@ -276,22 +276,45 @@ def run(models: dict[str, Path], contenders: list[str], seconds: float, workdir:
         servers = [c for c in contenders if c not in RAW and (c == "edgeloop" or path.suffix == ".onnx")]
         for contender in servers:
             print(f"{name}: {contender} ...", flush=True)
-            with server(contender, path, name, workdir) as port:
+            with server(contender, path, name, workdir) as port, paired_server(name, models, workdir) as paired:
                 body, headers = request_body(contender, name, input_name, x)
                 request = loadgen.build_request("127.0.0.1", port, f"/v2/models/{name}/infer", body, headers)
                 for c in CONCURRENCY:
                     if contender != "edgeloop" or "onnxruntime" not in contenders:
                         rows.append(row(name, contender, measure_http(port, request, c, seconds, limit, 20)))
                         continue
-                    # The raw library and edgeloop alternate in short rounds, so that both meet the same
-                    # load from whatever else runs on the machine; the rounds are pooled.
-                    raw, own = [], []
+                    # The raw library and edgeloop (and the ONNX twin of a tflite model) alternate in short
+                    # rounds, so that all meet the same load from whatever else runs on the machine; the rounds
+                    # are pooled.
+                    raw, own, twin = [], [], []
                     for i in range(ROUNDS):
                         raw.append(measure_raw(make, c, seconds / ROUNDS, limit // ROUNDS))
                         warmup = 20 if i == 0 else 0
                         own.append(measure_http(port, request, c, seconds / ROUNDS, limit // ROUNDS, warmup))
+                        if paired:
+                            twin.append(measure_http(*paired, c, seconds / ROUNDS, limit // ROUNDS, warmup))
                     rows += [row(name, "edgeloop", merge(own)), row(name, raw_name, merge(raw))]
+                    if twin:
+                        rows.append(row(name, TWIN, merge(twin)))
     return rows
+
+
+TWINS = {"mlp-tflite": "mlp"}  # a tflite model and the ONNX model with its weights
+TWIN = "onnx twin"  # edgeloop serving the ONNX twin, measured in the same rounds
+
+
+@contextmanager
+def paired_server(name: str, models: dict[str, Path], workdir: Path):
+    """For a tflite model with an ONNX twin: edgeloop serving the twin, as (port, request); else None."""
+    twin = TWINS.get(name)
+    if twin is None:
+        yield None
+        return
+    path = models.get(twin) or build_models(VENVS / "models")[twin]
+    input_name, x = sample(path)
+    with server("edgeloop", path, twin, workdir) as port:
+        body, headers = request_body("edgeloop", twin, input_name, x)
+        yield port, loadgen.build_request("127.0.0.1", port, f"/v2/models/{twin}/infer", body, headers)
 
 
 def find(rows, model, contender, concurrency):
@@ -309,6 +332,8 @@ def report(rows: list[dict]) -> str:
         own = find(rows, row["model"], "edgeloop", row["concurrency"])
         if row["contender"] == "edgeloop":
             versus = ""
+        elif row["contender"] == TWIN:
+            versus = f"p50 {own['p50_ms'] / row['p50_ms']:.2f}x of the twin's, req/s {own['rps'] / row['rps']:.2f}x"
         elif row["contender"] in RAW:
             versus = f"p50 {own['p50_ms'] / row['p50_ms']:.2f}x of raw, req/s {own['rps'] / row['rps']:.2f}x"
         else:
@@ -332,7 +357,7 @@ def report(rows: list[dict]) -> str:
         verdict = "met" if ratio <= 1.25 else "MISSED"
         lines.append(f"  squeezenet c=1: edgeloop p50 = {ratio:.2f}x raw onnxruntime (target <= 1.25x): {verdict}")
     for c in CONCURRENCY:
-        onnx_mlp, tflite_mlp = find(rows, "mlp", "edgeloop", c), find(rows, "mlp-tflite", "edgeloop", c)
+        onnx_mlp, tflite_mlp = find(rows, "mlp-tflite", TWIN, c), find(rows, "mlp-tflite", "edgeloop", c)
         if onnx_mlp and tflite_mlp:
             p50, rps = tflite_mlp["p50_ms"] / onnx_mlp["p50_ms"], tflite_mlp["rps"] / onnx_mlp["rps"]
             verdict = "met" if p50 <= 1.1 and rps >= 1 / 1.1 else "MISSED"

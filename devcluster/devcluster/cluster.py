@@ -8,6 +8,7 @@ exactly those processes and removes the directory.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import http.client
@@ -372,26 +373,35 @@ def up(cluster: Cluster, bin_dir: Path, fleet: Fleet, timeout: float = 180.0, lo
 
 def start_real_nodes(cluster: Cluster, state: dict, api: Api, network: nodes.Network, real: list,
                      images: nodes.Images, log) -> None:
-    """Start every real node's containerd (with the images imported), kubelet and kube-proxy."""
+    """Start every real node's containerd, import every image of the index into each (the nodes at once:
+    unpacking the images is most of a node's start), then start their kubelets and kube-proxies."""
     run_dir, bin_dir = cluster.run_dir, Path(state["bin_dir"])
     server = f"https://{network.gateway}:{state['ports']['apiserver']}"
     start_cluster_dns(cluster, state, api, network, server)
     start_local_path(cluster, state, api, server, images.helper, log)
-    for index, (name, group) in enumerate(real):
-        started = time.monotonic()
-        node = nodes.RealNode(name, index, network, run_dir)
+    started = time.monotonic()
+    real_nodes = [nodes.RealNode(name, index, network, run_dir) for index, (name, _) in enumerate(real)]
+    daemons = {}
+    for node, (name, group) in zip(real_nodes, real, strict=True):
         nodes.setup_namespaces(node)
         nodes.write_node_config(node, run_dir / "pki", server, images.sandbox)
         labels = {"kubernetes.io/hostname": name, "edgeloop.io/node-group": group.name, **group.labels}
-        daemons = nodes.commands(node, bin_dir, labels, [t.model_dump() for t in group.taints])
-        for daemon, argv in daemons.items():
-            state["processes"].append(start_process(f"{name}-{daemon}", argv, run_dir / "logs", node.enter()))
-            cluster.state_file.write_text(json.dumps(state, indent=2))
-            if daemon == "containerd":
-                wait_for(f"{name}'s containerd", node.socket.exists, 30, run_dir / "logs" / f"{name}-containerd.log")
-                nodes.import_images(node, images.archives)
-        log(f"devcluster: real node {name} started, {len(images.archives)} images imported, "
-            f"in {time.monotonic() - started:.1f} s")
+        daemons[name] = nodes.commands(node, bin_dir, labels, [t.model_dump() for t in group.taints])
+        _start_node_daemon(cluster, state, node, "containerd", daemons[name].pop("containerd"))
+    for node in real_nodes:
+        wait_for(f"{node.name}'s containerd", node.socket.exists, 30, run_dir / "logs" / f"{node.name}-containerd.log")
+    with concurrent.futures.ThreadPoolExecutor(len(real_nodes)) as pool:
+        list(pool.map(lambda node: nodes.import_images(node, images.archives), real_nodes))
+    log(f"devcluster: {len(images.archives)} images imported into {len(real_nodes)} real nodes "
+        f"in {time.monotonic() - started:.1f} s")
+    for node in real_nodes:
+        for daemon, argv in daemons[node.name].items():
+            _start_node_daemon(cluster, state, node, daemon, argv)
+
+
+def _start_node_daemon(cluster: Cluster, state: dict, node: nodes.RealNode, daemon: str, argv: list[str]) -> None:
+    state["processes"].append(start_process(f"{node.name}-{daemon}", argv, cluster.run_dir / "logs", node.enter()))
+    cluster.state_file.write_text(json.dumps(state, indent=2))
 
 
 def start_cluster_dns(cluster: Cluster, state: dict, api: Api, network: nodes.Network, server: str) -> None:
@@ -529,8 +539,10 @@ def status(cluster: Cluster) -> dict:
         "components": components,
     }
     if (network := _network(state)) is not None:
+        names = state.get("real_node_names", [])
         summary["real_nodes"] = [
-            {"index": index, "ip": network.node_ip(index), "host_path": str(nodes.host_path(cluster.run_dir, index))}
+            {"index": index, "name": names[index] if index < len(names) else None, "ip": network.node_ip(index),
+             "host_path": str(nodes.host_path(cluster.run_dir, index))}
             for index in range(state.get("real_nodes", 0))
         ]
     if summary["running"]:

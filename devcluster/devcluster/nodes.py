@@ -154,6 +154,14 @@ def create_cgroup_root(network: Network, index: int) -> None:
                 (directory / name).write_text((directory.parent / name).read_text())
 
 
+def _cgroup_pids(root: Path) -> set[int]:
+    pids = set()
+    for procs in root.rglob("cgroup.procs"):
+        with contextlib.suppress(OSError):
+            pids.update(int(pid) for pid in procs.read_text().split())
+    return pids
+
+
 def kill_pods(network: Network, index: int, run_dir: Path) -> None:
     """Kill the node's containers and their shims (which outlive containerd by design), then remove the
     node's cgroups."""
@@ -163,15 +171,14 @@ def kill_pods(network: Network, index: int, run_dir: Path) -> None:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
             if argv[0].endswith(b"containerd-shim-runc-v2") and socket.encode() in argv:
                 os.kill(int(proc.name), signal.SIGKILL)
-    for root in _cgroup_dirs(network, index):
-        if not root.is_dir():
-            continue
-        for procs in root.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError):
-                for pid in procs.read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-        time.sleep(0.2)
+    roots = [root for root in _cgroup_dirs(network, index) if root.is_dir()]
+    for pid in {pid for root in roots for pid in _cgroup_pids(root)}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # a killed process leaves its cgroups a moment later
+    while any(_cgroup_pids(root) for root in roots) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for root in roots:
         for directory in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             with contextlib.suppress(OSError):
                 directory.rmdir()
@@ -420,16 +427,24 @@ def import_images(node: RealNode, archives: list[Path]) -> None:
 
 IMAGES_INDEX = Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop")) / "images" / "images.json"
 SANDBOX_IMAGE = "pause"  # the images index entry that containerd runs as every pod's sandbox
-# The entry whose image runs the local-path provisioner's helper pods: every real node has it (it runs
-# the models), and it has a shell and coreutils (k3s runs busybox, which the nodes do not have).
-HELPER_IMAGE = "runtime"
+# The entries whose image may run the local-path provisioner's helper pods, the first listed: it needs a shell
+# and coreutils (k3s runs busybox, which the nodes do not have; the runtime images are FROM scratch). `helper`
+# is the Debian base `make images` builds; an index written before it was listed has the operator's.
+HELPER_IMAGES = ("helper", "operator")
 
 
 @dataclass(frozen=True)
 class Images:
     archives: list[Path]
-    sandbox: str  # the pause image's reference
-    helper: str  # the local-path provisioner's helper image's reference
+    refs: dict[str, str]  # name -> reference
+
+    @property
+    def sandbox(self) -> str:
+        return self.refs[SANDBOX_IMAGE]
+
+    @property
+    def helper(self) -> str:
+        return next(self.refs[name] for name in HELPER_IMAGES if name in self.refs)
 
 
 def load_images(index: Path | None = None) -> Images:
@@ -443,7 +458,8 @@ def load_images(index: Path | None = None) -> Images:
     if missing:
         raise ClusterError(f"image archives listed in {index} are missing ({', '.join(missing)}): run `make images`")
     refs = {entry["name"]: entry["ref"] for entry in entries}
-    for name in (SANDBOX_IMAGE, HELPER_IMAGE):
-        if name not in refs:
-            raise ClusterError(f"{index} lists no {name!r} image: run `make images`")
-    return Images([Path(entry["archive"]) for entry in entries], refs[SANDBOX_IMAGE], refs[HELPER_IMAGE])
+    if SANDBOX_IMAGE not in refs:
+        raise ClusterError(f"{index} lists no {SANDBOX_IMAGE!r} image: run `make images`")
+    if not set(HELPER_IMAGES) & set(refs):
+        raise ClusterError(f"{index} lists no {' or '.join(map(repr, HELPER_IMAGES))} image: run `make images`")
+    return Images([Path(entry["archive"]) for entry in entries], refs)

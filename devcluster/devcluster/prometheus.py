@@ -1,9 +1,12 @@
 """A real Prometheus for a devcluster with real nodes, and the Prometheus Operator's CRDs.
 
 Prometheus is Debian's package (`make real-nodes` installs it), run as a host process of the cluster (recorded
-with its processes, so `down` stops it; its data lives in the run directory). It finds pods through the
-apiserver (kubernetes_sd, as user `system:prometheus`, manifests/prometheus-rbac.yaml) and scrapes them at their
-pod IPs, which the host routes to their nodes. Its default job scrapes the pods that ask for it with the
+with its processes, so `down` stops it; its data lives in the run directory). It scrapes pods at their pod IPs,
+which the host routes to their nodes. Debian builds Prometheus without kubernetes_sd (client-go is not packaged
+in Debian), so pods are found by file_sd instead: a discovery thread of the process that started Prometheus
+lists the pods every SCRAPE_INTERVAL and writes them as kubernetes_sd's role `pod` would describe them (one
+target per declared container port, or the pod IP; the same `__meta_kubernetes_pod_*` labels), so relabelings
+written for kubernetes_sd work unchanged. The default job scrapes the pods that ask for it with the
 `prometheus.io/scrape: "true"` annotation convention (`prometheus.io/port`, `/path`, `/scheme`); tests add
 jobs of their own (`Prometheus.pod_job`, e.g. with a CA for HTTPS) and rule files with `reconfigure`.
 
@@ -13,10 +16,14 @@ module's zip (example/prometheus-operator-crd/), downloaded and checksum-verifie
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -26,12 +33,13 @@ from pathlib import Path
 
 import yaml
 
-from devcluster import cluster, nodes, pki
+from devcluster import cluster
 from devcluster.errors import ClusterError
 
 OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 OPERATOR_CRDS = ("podmonitors", "servicemonitors", "prometheusrules")  # what charts render; not the big ones
-SCRAPE_INTERVAL = "2s"  # tests wait for series: scrape and evaluate often
+SCRAPE_INTERVAL_SECONDS = 2  # tests wait for series: discover, scrape and evaluate often
+SCRAPE_INTERVAL = f"{SCRAPE_INTERVAL_SECONDS}s"
 
 
 def unavailable_reason() -> str | None:
@@ -50,28 +58,74 @@ def operator_crds() -> list[Path]:
     return [crds / f"monitoring.coreos.com_{plural}.yaml" for plural in OPERATOR_CRDS]
 
 
+def _label_name(name: str) -> str:
+    """As Prometheus sanitizes Kubernetes label and annotation names into label names."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def pod_targets(pods: list[dict]) -> list[dict]:
+    """file_sd target groups for `pods` (a pod list's items), labelled as kubernetes_sd's role `pod` labels
+    them: one target per declared container port (address pod IP:port), or one at the pod IP without."""
+    groups = []
+    for pod in pods:
+        meta, spec, status = pod["metadata"], pod["spec"], pod.get("status", {})
+        if not status.get("podIP"):
+            continue
+        ready = next((c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"), "unknown")
+        labels = {
+            "__meta_kubernetes_namespace": meta["namespace"],
+            "__meta_kubernetes_pod_name": meta["name"],
+            "__meta_kubernetes_pod_uid": meta.get("uid", ""),
+            "__meta_kubernetes_pod_ip": status["podIP"],
+            "__meta_kubernetes_pod_host_ip": status.get("hostIP", ""),
+            "__meta_kubernetes_pod_node_name": spec.get("nodeName", ""),
+            "__meta_kubernetes_pod_phase": status.get("phase", ""),
+            "__meta_kubernetes_pod_ready": ready.lower(),
+        }
+        for kind, values in (("label", meta.get("labels", {})), ("annotation", meta.get("annotations", {}))):
+            for key, value in values.items():
+                labels[f"__meta_kubernetes_pod_{kind}_{_label_name(key)}"] = value
+                labels[f"__meta_kubernetes_pod_{kind}present_{_label_name(key)}"] = "true"
+        ports = [(container, port) for container in spec["containers"] for port in container.get("ports", [])]
+        for container, port in ports or [(spec["containers"][0], None)]:
+            target = {**labels, "__meta_kubernetes_pod_container_name": container["name"]}
+            address = status["podIP"]
+            if port:
+                address = f"{address}:{port['containerPort']}"
+                target |= {"__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+                           "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+                           "__meta_kubernetes_pod_container_port_protocol": port.get("protocol", "TCP")}
+            groups.append({"targets": [address], "labels": target})
+    return groups
+
+
 @dataclass(frozen=True)
 class Prometheus:
     """A running Prometheus of a devcluster: its HTTP API at `url`."""
 
     url: str
     run_dir: Path  # the cluster's
-    server: str  # the apiserver's URL, for kubernetes_sd
+
+    @property
+    def directory(self) -> Path:
+        return self.run_dir / "prometheus"
 
     @property
     def config_file(self) -> Path:
-        return self.run_dir / "prometheus" / "prometheus.yml"
+        return self.directory / "prometheus.yml"
+
+    @property
+    def pods_file(self) -> Path:
+        """The cluster's pods as file_sd targets, kept current by the discovery thread."""
+        return self.directory / "pods.json"
 
     def pod_job(self, name: str, relabel_configs: list[dict] = (), **options) -> dict:
-        """A scrape job over the cluster's pods (kubernetes_sd, role pod), labelling each series with its
-        namespace, pod and node, then `relabel_configs`; `options` are the job's other settings (scheme,
-        tls_config, metrics_path, ...)."""
-        pki_dir = self.run_dir / "pki"
+        """A scrape job over the cluster's running pods (as kubernetes_sd's role pod would find them),
+        labelling each series with its namespace, pod and node, then `relabel_configs`; `options` are the job's
+        other settings (scheme, tls_config, metrics_path, ...)."""
         return {
             "job_name": name,
-            "kubernetes_sd_configs": [{"role": "pod", "api_server": self.server, "tls_config": {
-                "ca_file": str(pki_dir / "ca.crt"), "cert_file": str(pki_dir / "prometheus.crt"),
-                "key_file": str(pki_dir / "prometheus.key")}}],
+            "file_sd_configs": [{"files": [str(self.pods_file)], "refresh_interval": SCRAPE_INTERVAL}],
             "relabel_configs": [
                 {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
                 {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
@@ -134,40 +188,52 @@ class Prometheus:
             raise ClusterError(f"Prometheus {method} {path}: HTTP {error.code}: {with_message}") from None
 
 
-def start(target: cluster.Cluster, timeout: float = 60) -> Prometheus:
-    """Start Prometheus for a running cluster with real nodes (once: a second call returns the running one)."""
+def discover_pods(target: cluster.Cluster, prometheus: Prometheus, stop: threading.Event) -> None:
+    """Until `stop`: write the cluster's pods as file_sd targets whenever they change (a replace, so
+    Prometheus never reads half a file)."""
+    api, written = cluster.connect(target), None
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                code, body = api.request("GET", "/api/v1/pods")
+                if code == 200 and (groups := pod_targets(body["items"])) != written:
+                    partial = prometheus.pods_file.with_suffix(".partial")
+                    partial.write_text(json.dumps(groups))
+                    partial.replace(prometheus.pods_file)
+                    written = groups
+            stop.wait(SCRAPE_INTERVAL_SECONDS)
+    finally:
+        api.close()
+
+
+def start(target: cluster.Cluster, timeout: float = 60) -> tuple[Prometheus, threading.Event]:
+    """Start Prometheus for a running cluster with real nodes, and its pod discovery in a thread of this
+    process; set the returned event to stop the discovery (`down` stops Prometheus)."""
     if reason := unavailable_reason():
         raise ClusterError(reason)
     state = target.state()
     if not state or state.get("network") is None:
         raise ClusterError("Prometheus scrapes real nodes' pods: start the cluster with real nodes")
-    run_dir = target.run_dir
-    running = next((p for p in state["processes"] if p["name"] == "prometheus" and cluster.is_running(p)), None)
-    if running:
-        return Prometheus(f"http://127.0.0.1:{state['ports']['prometheus']}", run_dir, _server(state))
-    api = cluster.connect(target)
-    try:
-        for manifest in yaml.safe_load_all((nodes.MANIFESTS / "prometheus-rbac.yaml").read_text()):
-            cluster.create_manifest(api, manifest)
-    finally:
-        api.close()
-    pki.issue_client(run_dir / "pki", "prometheus", "system:prometheus")
-    port = cluster.free_port()
-    prometheus = Prometheus(f"http://127.0.0.1:{port}", run_dir, _server(state))
-    (run_dir / "prometheus" / "data").mkdir(parents=True, exist_ok=True)
+    run_dir, port = target.run_dir, cluster.free_port()
+    prometheus = Prometheus(f"http://127.0.0.1:{port}", run_dir)
+    (prometheus.directory / "data").mkdir(parents=True, exist_ok=True)
+    prometheus.pods_file.write_text("[]")
     prometheus.reconfigure()
+    stop = threading.Event()
+    threading.Thread(target=discover_pods, args=(target, prometheus, stop), name="prometheus-pods",
+                     daemon=True).start()
     argv = [shutil.which("prometheus"), f"--config.file={prometheus.config_file}",
-            f"--storage.tsdb.path={run_dir / 'prometheus' / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={prometheus.directory / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
             "--web.enable-lifecycle", "--storage.tsdb.retention.time=2h", "--log.level=warn"]
     state["ports"]["prometheus"] = port
     state["processes"].append(cluster.start_process("prometheus", argv, run_dir / "logs"))
     target.state_file.write_text(json.dumps(state, indent=2))
-    cluster.wait_for("Prometheus /-/ready", prometheus._running, timeout, run_dir / "logs" / "prometheus.log")
-    return prometheus
-
-
-def _server(state: dict) -> str:
-    return f"https://{state['host']}:{state['ports']['apiserver']}"
+    try:
+        cluster.wait_for("Prometheus /-/ready", prometheus._running, timeout, run_dir / "logs" / "prometheus.log")
+    except ClusterError:
+        stop.set()
+        raise
+    return prometheus, stop
 
 
 def wait_for_series(prometheus: Prometheus, expr: str, timeout: float = 60) -> list[dict]:

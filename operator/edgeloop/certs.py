@@ -8,6 +8,7 @@ function of its inputs. Keys are ECDSA P-256: small, fast, and accepted by every
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -132,26 +133,43 @@ def signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def needs_rotation(cert_pem: str | None, ca_pem: str, now: dt.datetime, dns_names: list[str] | tuple[str, ...] = (),
-                   remaining: float = ROTATE_WHEN_REMAINING) -> bool:
+                   remaining: float = ROTATE_WHEN_REMAINING, common_name: str | None = None) -> bool:
     """Whether a certificate must be (re)issued: it is missing or unreadable, not signed by the current CA,
-    not for these DNS names, or has less than `remaining` of its validity left (or none at all)."""
+    not for these DNS names (nor, when given, this subject CN), or has less than `remaining` of its validity
+    left (or none at all)."""
     if not cert_pem:
         return True
+    window = _validity(cert_pem, ca_pem, tuple(sorted(dns_names)), common_name)
+    if window is None:
+        return True
+    start, end = window
+    return not start <= now < end or end - now < (end - start) * remaining
+
+
+@functools.lru_cache(maxsize=4096)
+def _validity(
+    cert_pem: str, ca_pem: str, dns_names: tuple[str, ...], common_name: str | None
+) -> tuple[dt.datetime, dt.datetime] | None:
+    """The validity window of a certificate that is CA's and for these names; None if it is not. Cached: a
+    running round checks every one of its clients' certificates at each poll."""
     try:
         cert, ca = load_cert(cert_pem), load_cert(ca_pem)
     except ValueError:
-        return True
+        return None
     if not signed_by(cert, ca):
-        return True
+        return None
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
             x509.DNSName
         )
     except x509.ExtensionNotFound:
         sans = []
-    if sorted(sans) != sorted(dns_names):
-        return True
-    return expires_soon(cert, now, remaining)
+    if tuple(sorted(sans)) != dns_names:
+        return None
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if common_name is not None and names != [common_name]:
+        return None
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 def expires_soon(cert: x509.Certificate, now: dt.datetime, remaining: float = ROTATE_WHEN_REMAINING) -> bool:

@@ -102,14 +102,13 @@ def rbac_rules() -> str:
     document = {
         "operator": split_by_scope(rbac.RULES),
         "peering": split_by_scope(rbac.PEERING_RULES),
-        "certManager": split_by_scope(rbac.CERT_MANAGER_RULES),
+        "tls": {mode: split_by_scope(rules) for mode, rules in rbac.TLS_RULES.items()},
     }
     return _dump(
         document,
-        HEADER + "# From edgeloop.rbac: `operator` always; `peering` with replicas > 1; `certManager` with\n"
-        "# tls.mode=cert-manager. `cluster` rules go into a\n"
-        "# ClusterRole; `namespaced` rules into a ClusterRole when watching every namespace, else into a Role in\n"
-        "# each watched namespace.\n",
+        HEADER + "# From edgeloop.rbac: `operator` always; `peering` with replicas > 1; `tls.<tls.mode>` (Secrets,\n"
+        "# cert-manager Certificates). `cluster` rules go into a ClusterRole; `namespaced` rules into a\n"
+        "# ClusterRole when watching every namespace, else into a Role in each watched namespace.\n",
         flow=None,
     )
 

@@ -9,6 +9,7 @@ removes one. `python -m edgeloop.config [FILE]` prints the effective configurati
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import posixpath
 import sys
 from importlib import metadata
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from edgeloop.api.common import Toleration
+from edgeloop.api.common import ResourceRequirements, Toleration
 from edgeloop.api.inferencemodel import AcceleratorClassName
 
 CPU_EXECUTION_PROVIDER = "CPUExecutionProvider"
@@ -29,6 +30,10 @@ ImagePullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
 class ConfigError(ValueError):
     """The operator configuration is unusable; the message says which field and why."""
+
+
+class ImageNotAllowed(ConfigError):
+    """An image that the operator configuration's allowedImages does not allow."""
 
 
 class _Config(BaseModel):
@@ -70,6 +75,12 @@ class AcceleratorClass(_Config):
     image_pull_policy: ImagePullPolicy | None = Field(
         default=None, description="imagePullPolicy of this class's variants; unset: imagePullPolicy."
     )
+    provider_options: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="Options per execution provider, passed to ONNX Runtime as they are: {<provider>: {<key>: "
+        "<string value>}}, e.g. CUDAExecutionProvider: {cudnn_conv_algo_search: HEURISTIC}, "
+        "OpenVINOExecutionProvider: {device_type: NPU}. A provider named here must be in executionProviders.",
+    )
 
     @field_validator("execution_providers")
     @classmethod
@@ -77,6 +88,30 @@ class AcceleratorClass(_Config):
         if providers[-1] != CPU_EXECUTION_PROVIDER:
             raise ValueError(f"must end with {CPU_EXECUTION_PROVIDER}, so every node can serve the model")
         return providers
+
+    @field_validator("provider_options", mode="before")
+    @classmethod
+    def _string_options(cls, options: Any) -> Any:
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise ValueError("providerOptions is {<provider>: {<key>: <string value>}}")
+        if len(options) > 16 or any(len(v) > 64 for v in options.values()):
+            raise ValueError("providerOptions: at most 16 providers of 64 options each")
+        for provider, values in options.items():
+            for key, value in values.items():
+                if not isinstance(value, str) or len(value) > 1024:
+                    raise ValueError(
+                        f"{provider}.{key} is {value!r}: option values are strings of at most 1024 characters "
+                        "(quote numbers and booleans, as ONNX Runtime takes them)"
+                    )
+        return options
+
+    @model_validator(mode="after")
+    def _options_of_listed_providers(self) -> AcceleratorClass:
+        unknown = [p for p in self.provider_options if p not in self.execution_providers]
+        if unknown:
+            listed = self.execution_providers
+            raise ValueError(f"providerOptions names {unknown}, not in its executionProviders {listed}")
+        return self
 
     @property
     def is_catch_all(self) -> bool:
@@ -121,31 +156,38 @@ class TLSConfig(_Config):
 class OperatorConfig(_Config):
     runtime_image: str = Field(
         description="Default image of the edgeloop runtime (the cpu flavour): the classes without an image of "
-        "their own, FederatedRound Jobs."
+        "their own."
+    )
+    federated_image: str = Field(
+        description="Image of FederatedRound aggregator and client Jobs: the runtime-federated flavour (the "
+        "serving flavours have no `federated` command). A round's spec.runtime.image replaces it."
     )
     image_pull_policy: ImagePullPolicy = "IfNotPresent"
     model_cache_dir: str = Field(
         default="/var/lib/edgeloop/models",
-        description="Node-local, content-addressed model cache (a hostPath shared by every pod on a node).",
+        pattern=r"^/",
+        description="Node-local, content-addressed model cache: one directory per namespace under it "
+        "(<modelCacheDir>/<namespace>), which is all a pod of that namespace mounts (a subPath).",
     )
     model_cache_claim: str | None = Field(
         default=None,
         description="Mount the node cache through this PersistentVolumeClaim of the model's namespace instead of "
-        "a hostPath volume, so that the pods meet the Pod Security restricted level. The claim is bound to a "
-        "hostPath PersistentVolume of modelCacheDir (the Helm chart creates both).",
+        "a hostPath volume, so that the pods meet the Pod Security restricted level; the namespace's directory "
+        "is its subPath. The claim is bound to a hostPath PersistentVolume of modelCacheDir, and an admission "
+        "policy allows pods to mount the claim with that subPath only (the Helm chart creates all three).",
     )
     dataset_root: str = Field(
         default="/var/lib/edgeloop/data",
         pattern=r"^/",
-        description="Node directory under which FederatedRound datasets lie when datasetClaim is set.",
+        description="Node directory of the FederatedRound datasets: one directory per namespace under it "
+        "(<datasetRoot>/<namespace>/<dataset>), and a round reads only from its namespace's.",
     )
     dataset_claim: str | None = Field(
         default=None,
         description="Mount FederatedRound datasets through this PersistentVolumeClaim of the round's namespace "
-        "(read-only, with the dataset's path under datasetRoot as subPath) instead of a hostPath volume, so that "
-        "the client pods meet the Pod Security restricted level. The claim is bound to a hostPath "
-        "PersistentVolume of datasetRoot (the Helm chart creates both); a round whose dataset.hostPath is "
-        "outside datasetRoot then fails (DatasetOutsideRoot).",
+        "(read-only, with the dataset's path in the namespace's directory as subPath) instead of a hostPath "
+        "volume, so that the client pods meet the Pod Security restricted level. The claim is bound to a hostPath "
+        "PersistentVolume of <datasetRoot>/<namespace> (the Helm chart creates both).",
     )
     run_as_user: int = Field(
         default=65532,
@@ -153,6 +195,20 @@ class OperatorConfig(_Config):
         description="UID of the runtime containers; the node's model cache must be writable by it.",
     )
     accelerator_classes: dict[str, AcceleratorClass]
+    runtime_resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}
+        ),
+        description="Defaults for the runtime container of every InferenceModel variant, so that none runs "
+        "without a memory limit. A resource that the model's spec.runtime.resources names (in requests or "
+        "limits) is set by the spec alone.",
+    )
+    fetch_resources: ResourceRequirements = Field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}
+        ),
+        description="Resources of the init container that fetches and verifies the model (it streams it).",
+    )
     store_url: str = Field(
         default="http://edgeloop-store.edgeloop-system.svc:8000",
         pattern=r"^https?://[^/]+$",
@@ -163,6 +219,14 @@ class OperatorConfig(_Config):
         description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",
     )
     tls: TLSConfig = Field(default_factory=TLSConfig)
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="If set, the only images the operator runs, as glob patterns where * matches any characters "
+        "(e.g. ghcr.io/edgeloop/*, registry.example/edgeloop/runtime@sha256:*): every configured image must "
+        "match one, and a model or round whose spec.runtime.image matches none fails (ImageNotAllowed). "
+        "Empty: any image.",
+    )
     aggregator_status_url: str | None = Field(
         default=None,
         description="Where the operator reads a FederatedRound aggregator's status; {service}, {namespace} and "
@@ -170,7 +234,7 @@ class OperatorConfig(_Config):
         "inside the cluster; its scheme is https unless tls.mode is disabled.",
     )
 
-    @field_validator("dataset_root")
+    @field_validator("dataset_root", "model_cache_dir")
     @classmethod
     def _plain_root(cls, root: str) -> str:
         if ".." in root.split("/"):
@@ -192,6 +256,22 @@ class OperatorConfig(_Config):
         """aggregator_status_url, or its default for the TLS mode."""
         scheme = "https" if self.tls.enabled else "http"
         return self.aggregator_status_url or scheme + "://{service}.{namespace}.svc:{port}/v1/status"
+
+    @model_validator(mode="after")
+    def _configured_images_allowed(self) -> OperatorConfig:
+        configured = [self.runtime_image, self.federated_image, *(c.image for c in self.accelerator_classes.values())]
+        for image in filter(None, configured):
+            self.check_image(image)
+        return self
+
+    def image_allowed(self, image: str) -> bool:
+        return not self.allowed_images or any(fnmatch.fnmatchcase(image, p) for p in self.allowed_images)
+
+    def check_image(self, image: str) -> str:
+        """`image`, or ImageNotAllowed when allowedImages does not allow it."""
+        if not self.image_allowed(image):
+            raise ImageNotAllowed(f"image {image} is not in allowedImages ({', '.join(self.allowed_images)})")
+        return image
 
     def image_of(self, accelerator: AcceleratorClass) -> str:
         return accelerator.image or self.runtime_image
@@ -225,6 +305,7 @@ def _image(flavour: str = "") -> str:
 
 BUILT_IN: dict[str, Any] = {
     "runtimeImage": _image(),
+    "federatedImage": _image("federated"),
     "acceleratorClasses": {
         # Intel NPUs (Core Ultra): the Intel device plugin's resource, the OpenVINO execution provider.
         "npu": {
@@ -235,6 +316,7 @@ BUILT_IN: dict[str, Any] = {
             },
             "resource": "npu.intel.com/accel",
             "executionProviders": ["OpenVINOExecutionProvider", CPU_EXECUTION_PROVIDER],
+            "providerOptions": {"OpenVINOExecutionProvider": {"device_type": "NPU"}},
             "image": _image("openvino"),
         },
         # NVIDIA GPUs: labels from GPU Feature Discovery and NFD (vendor 10de); k3s runs GPU pods through
@@ -251,6 +333,9 @@ BUILT_IN: dict[str, Any] = {
             "runtimeClassName": "nvidia",
             "executionProviders": ["CUDAExecutionProvider", CPU_EXECUTION_PROVIDER],
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            # The default, EXHAUSTIVE, searches cuDNN's convolution algorithms anew for every input shape: with
+            # dynamic batching that cost 490-800 ms per new batch size (HEURISTIC: 105-155 ms).
+            "providerOptions": {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}},
             "image": _image("cuda"),
         },
         "cpu": {

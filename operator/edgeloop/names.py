@@ -53,3 +53,5 @@ TLS_VOLUME = "tls"
 TMP_VOLUME = "tmp"
 # A kubernetes.io/tls Secret's files (tls.crt, tls.key, ca.crt), in every pod that has one.
 TLS_DIR = "/etc/edgeloop/tls"
+# In the runtime container: the namespace's compiled models on the node (<modelCacheDir>/<namespace>/compiled).
+COMPILED_CACHE_DIR = "/var/lib/edgeloop/compiled"

@@ -142,11 +142,10 @@ def run(args: argparse.Namespace) -> int:
         # their warnings and errors are news. The operator logs what it changes itself.
         for chatty in ("kopf.objects", "aiohttp.access"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
-    import edgeloop.handlers.operator  # noqa: F401 (registers every handler)
-    from edgeloop.handlers import shared
+    from edgeloop.handlers import operator  # registers the handlers
 
     operator_settings = settings()
-    shared.configure(operator_settings)
+    operator.register(config, operator_settings)
     memo = kopf.Memo(
         config=config,
         kube=Kube.from_environment(),

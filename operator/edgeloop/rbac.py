@@ -39,10 +39,6 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
-    # TLS by default: the CA and certificate Secrets it labels edgeloop.io/tls (watched, so an unchanged
-    # certificate costs no call), read live before replacing one, and applied server-side. The operator
-    # reads no other Secret, but RBAC cannot restrict list/watch by label.
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "patch"]},
     # Kopf's cluster observation: served namespaces (namespaced mode) and CRDs appearing at run time.
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
@@ -59,21 +55,40 @@ PEERING_RULES: list[dict[str, Any]] = [
 ]
 
 
-# With TLS mode cert-manager: the operator applies a Certificate per workload instead of writing Secrets.
-CERT_MANAGER_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["cert-manager.io"], "resources": ["certificates"], "verbs": ["create", "patch"]},
-]
+# Secrets, by TLS mode. The operator reads and writes only the Secrets it labels edgeloop.io/tls (its watch
+# is label-selected, so an unchanged certificate costs no call; a Secret is read live only before replacing
+# it), but RBAC cannot restrict list, watch or get by label, and names (<model>-tls) are not known in
+# advance: within its scope (every namespace, or the watched ones) it may read every Secret. It never
+# deletes or updates one.
+_SECRETS_READ = ["get", "list", "watch"]
+TLS_RULES: dict[str, list[dict[str, Any]]] = {
+    # Its own CA per namespace and the certificates it signs: read, and applied server-side.
+    "operator": [{"apiGroups": [""], "resources": ["secrets"], "verbs": [*_SECRETS_READ, "create", "patch"]}],
+    # cert-manager writes the Secrets from the Certificates the operator applies; the operator only reads them
+    # (the revision that rolls pods, the client certificate of its status polls).
+    "cert-manager": [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": _SECRETS_READ},
+        {"apiGroups": ["cert-manager.io"], "resources": ["certificates"], "verbs": ["create", "patch"]},
+    ],
+    # No certificates: no Secret at all (the pods mount the store token; the operator never reads it).
+    "disabled": [],
+}
 
 
-def manifests(name: str, service_account: str, namespace: str) -> list[dict[str, Any]]:
-    """A ServiceAccount, a ClusterRole with RULES, and the binding between them."""
+def rules(tls_mode: str = "operator") -> list[dict[str, Any]]:
+    """What the operator calls in a TLS mode."""
+    return [*RULES, *TLS_RULES[tls_mode]]
+
+
+def manifests(name: str, service_account: str, namespace: str, tls_mode: str = "operator") -> list[dict[str, Any]]:
+    """A ServiceAccount, a ClusterRole with the rules of `tls_mode`, and the binding between them."""
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": service_account, "namespace": namespace}},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": {"name": name},
-            "rules": RULES,
+            "rules": rules(tls_mode),
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -90,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="edgeloop-operator")
     parser.add_argument("--service-account", default="edgeloop-operator")
     parser.add_argument("--namespace", default="edgeloop-system")
+    parser.add_argument("--tls-mode", choices=sorted(TLS_RULES), default="operator")
     args = parser.parse_args(argv)
-    print(yaml.safe_dump_all(manifests(args.name, args.service_account, args.namespace), sort_keys=False), end="")
+    documents = manifests(args.name, args.service_account, args.namespace, args.tls_mode)
+    print(yaml.safe_dump_all(documents, sort_keys=False), end="")
     return 0
 
 

@@ -29,12 +29,18 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def install_service_account(
-    kubectl: Kubectl, admin_kubeconfig: Path, directory: Path, *, namespace: str, name: str = "edgeloop-operator"
+    kubectl: Kubectl,
+    admin_kubeconfig: Path,
+    directory: Path,
+    *,
+    namespace: str,
+    name: str = "edgeloop-operator",
+    tls_mode: str = "operator",
 ) -> Path:
     """Creates the operator's ServiceAccount with the RBAC of edgeloop.rbac and returns a kubeconfig
     that authenticates as it (a short-lived token)."""
     kubectl("create", "namespace", namespace, check=False)
-    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac.manifests(name, name, namespace)))
+    kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac.manifests(name, name, namespace, tls_mode)))
     token = kubectl("create", "token", name, "-n", namespace, "--duration=2h").stdout.strip()
     admin = yaml.safe_load(admin_kubeconfig.read_text())
     cluster = admin["clusters"][0]

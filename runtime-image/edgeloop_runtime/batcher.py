@@ -10,7 +10,7 @@ with copies of its last row, and the padding is cut off the outputs.
 Batches run in worker threads, one per instance (the backends release the GIL), so that the event loop keeps
 decoding requests meanwhile. Handing a batch to a thread costs two thread wake-ups (tens of µs, far more on a
 busy node), so a batch runs on the event loop itself when the model's recent batches ran faster than the
-hand-off, or, for models of a few milliseconds, when nothing else is waiting.
+hand-off, or, for models of a few milliseconds, when nothing else is waiting or running.
 The queue is bounded: a full queue refuses at once instead of growing.
 """
 
@@ -120,7 +120,10 @@ class Batcher:
             batch = await self._gather(loop)
             self._concurrent = len(batch) > 1
             recent = self._recent_run_s if self._recent_run_s is not None else float("inf")
-            if recent < INLINE_BELOW_S or (recent < INLINE_IDLE_BELOW_S and not self.queue):
+            # A batch of a few ms runs inline only when nothing else waits or runs: with other instances busy,
+            # it would hold their responses and the decoding of new requests.
+            idle = not self.queue and not self._running
+            if recent < INLINE_BELOW_S or (recent < INLINE_IDLE_BELOW_S and idle):
                 self._finish(batch, *self._attempt(batch))
                 free.release()
                 await asyncio.sleep(0)  # let this batch's responses go out before the next batch runs

@@ -23,8 +23,10 @@ import contextlib
 import http.client
 import io
 import logging
+import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -67,9 +69,11 @@ _FLAGS = [
 ]
 
 
-def add_arguments(parser: argparse.ArgumentParser, defaults: Limits, body_flag: str = "--max-body-bytes") -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, defaults: Limits, body_flag: str = "--max-body-bytes", body_help: str = ""
+) -> None:
     """The limit flags, with this server's defaults; `body_flag` renames --max-body-bytes (the store's is
-    --max-bytes)."""
+    --max-bytes), `body_help` says what its default means."""
     group = parser.add_argument_group("limits (see docs/security.md)")
     for flag, name, kind, help_text in _FLAGS:
         if name == "body_budget" and defaults.body_budget == 0:
@@ -77,9 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: Limits, body_flag: 
         group.add_argument(
             body_flag if name == "max_body_bytes" else flag,
             dest=f"limit_{name}",
+            metavar="N" if kind is int else "S",
             type=_positive(kind),
             default=getattr(defaults, name),
-            help=help_text,
+            help=body_help if name == "max_body_bytes" and body_help else help_text,
         )
 
 
@@ -97,6 +102,21 @@ def _positive(kind):
         return value
 
     return parse
+
+
+def server_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """TLS for a server when it has a certificate; with a CA, clients must present a certificate it signed."""
+    if not cert:
+        if ca:
+            raise ValueError("a client CA needs a server certificate (--tls-cert, --tls-key)")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class Refused(Exception):
@@ -412,19 +432,52 @@ class BoundedHandler(BaseHTTPRequestHandler):
     def send_file(self, f, offset: int, count: int) -> None:
         """`count` bytes of file `f` from `offset` to the client: sendfile(2) on plain sockets (no copy through
         Python), large reads and writes under TLS; the reader must keep reading (stall cut-off)."""
-        self.wfile.flush()
-        self.connection.settimeout(self.limits.idle_timeout)
-        if not isinstance(self.connection, ssl.SSLSocket):
-            sent = self.connection.sendfile(f, offset, count)
-        else:
-            f.seek(offset)
-            sent, block = 0, bytearray(256 << 10)
-            view = memoryview(block)
-            while sent < count:
-                n = f.readinto(view[: min(len(block), count - sent)])
-                if not n:
-                    break
-                self.connection.sendall(view[:n])
-                sent += n
+        # Corked (nginx's tcp_nopush): headers and body go out in full segments, not a small one after each
+        # of sendfile's 64 KiB steps (just above loopback's MSS).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            self.wfile.flush()
+            if isinstance(self.connection, ssl.SSLSocket):
+                sent = self._copy_file(f, offset, count)
+            else:
+                sent = self._sendfile(f, offset, count)
+        finally:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         if sent != count:
             raise ConnectionError(f"sent {sent} of {count} bytes")
+
+    def _sendfile(self, f, offset: int, count: int) -> int:
+        """Blocking sendfile(2) calls, each as large as the kernel takes, with the GIL released throughout: a
+        thread per client does not wake up per socket buffer (and wait for the GIL) as a timeout-mode socket
+        would. The kernel's send timeout (SO_SNDTIMEO) cuts a reader that stops reading."""
+        sock = self.connection
+        stall = self.limits.idle_timeout
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(stall), int(stall % 1 * 1e6)))
+        sent = 0
+        try:
+            while sent < count:
+                try:
+                    n = os.sendfile(sock.fileno(), f.fileno(), offset + sent, min(count - sent, 1 << 30))
+                except BlockingIOError:  # nothing taken for SO_SNDTIMEO
+                    raise TimeoutError(f"the client read nothing for {stall:g} s") from None
+                if not n:
+                    break
+                sent += n
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 0))
+            sock.settimeout(stall)
+        return sent
+
+    def _copy_file(self, f, offset: int, count: int) -> int:
+        self.connection.settimeout(self.limits.idle_timeout)
+        f.seek(offset)
+        sent, block = 0, bytearray(256 << 10)
+        view = memoryview(block)
+        while sent < count:
+            n = f.readinto(view[: min(len(block), count - sent)])
+            if not n:
+                break
+            self.connection.sendall(view[:n])
+            sent += n
+        return sent

@@ -33,3 +33,19 @@ class Unavailable(ServingError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     outcome = "unavailable"
+
+
+class HeadTooLarge(ServingError):
+    """The request line, the header bytes or the header count is over its limit."""
+
+    http_status = 431
+    grpc_code = "RESOURCE_EXHAUSTED"
+    outcome = "too_large"
+
+
+class RequestTimeout(ServingError):
+    """The client did not send its request's head or body in time."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+    outcome = "timeout"

@@ -3,12 +3,18 @@
 A small hand-written server rather than a web framework: per-request overhead is what a small model's
 latency is made of. Requests on one connection are answered in order; the body is read whatever
 its Content-Type (tritonclient's sync client sends none) and never compressed in the response.
+
+Every client is bounded (edgeloop_runtime.limits): the head's line, bytes and fields (431), the body (413),
+the memory all requests hold together (503), the requests queued on a connection, the time to send a head
+or a body (408) and to stay idle, and the number of connections: at the cap, a new connection closes the
+one that has waited longest for a request, or is refused when every connection is busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl as ssl_module
 import time
 import zlib
 from collections import deque
@@ -18,7 +24,16 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
-from edgeloop_runtime.errors import BadRequest, NotFound, ServingError, TooLarge
+from edgeloop_runtime.errors import (
+    BadRequest,
+    HeadTooLarge,
+    NotFound,
+    RequestTimeout,
+    ServingError,
+    TooLarge,
+    Unavailable,
+)
+from edgeloop_runtime.limits import Limits
 from edgeloop_runtime.protocol import http_codec
 from edgeloop_runtime.serving import Serving
 
@@ -29,7 +44,9 @@ REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
@@ -41,9 +58,10 @@ class Request:
     method: bytes
     path: str
     headers: dict[bytes, bytes]
-    body: bytes
+    body: bytes | bytearray
     keep_alive: bool
     received: float  # perf_counter at the end of the body
+    cost: int = 0  # bytes of the memory budget it holds until answered
 
 
 @dataclass(slots=True)
@@ -60,7 +78,7 @@ def json_response(status: int, document: object) -> Response:
 
 
 def error_response(error: ServingError) -> Response:
-    return Response(error.http_status, [orjson.dumps({"error": str(error)})], close=isinstance(error, TooLarge))
+    return Response(error.http_status, [orjson.dumps({"error": str(error)})])
 
 
 def decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
@@ -81,12 +99,12 @@ def decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
 class App:
     """Routes requests; answers through a callback so that inference needs no task per request."""
 
-    def __init__(self, serving: Serving, max_body_bytes: int) -> None:
+    def __init__(self, serving: Serving) -> None:
         self.serving = serving
-        self.max_body_bytes = max_body_bytes
+        self.limits = serving.limits
 
-    def too_large(self) -> Response:
-        error = TooLarge(f"the request body exceeds {self.max_body_bytes} bytes (--max-body-bytes)")
+    def refuse(self, error: ServingError) -> Response:
+        """The answer to a request refused before it was read whole."""
         self.serving.metrics.request_done("http", error.outcome, 0.0)
         return error_response(error)
 
@@ -147,20 +165,28 @@ class App:
             serving.metrics.request_done("http", outcome, time.perf_counter() - request.received, queued_ns)
             respond(response)
 
+        def reserve(size: int) -> None:
+            serving.budget.reserve(size)
+            request.cost += size
+
         try:
             body = request.body
             encoding = request.headers.get(b"content-encoding")
             if encoding and encoding.lower() != b"identity":
-                body = decompress(body, encoding, self.max_body_bytes)
+                body = decompress(body, encoding, self.limits.max_body_bytes)
+                reserve(len(body))
             header_length = request.headers.get(b"inference-header-content-length")
             try:
                 length = int(header_length) if header_length is not None else None
             except ValueError:
                 raise BadRequest("Inference-Header-Content-Length is not an integer") from None
-            decoded = http_codec.decode_request(body, length)
+            decoded = http_codec.decode_request(body, length, serving.signature, reserve)
             future = serving.submit(decoded.inputs, list(decoded.outputs or ()))
         except ServingError as error:
             return finish(error_response(error), error.outcome)
+        except Exception:
+            log.exception("unhandled error decoding an inference request")
+            return finish(json_response(500, {"error": "internal server error"}), "error")
 
         def done(future: asyncio.Future) -> None:
             try:
@@ -179,66 +205,162 @@ class App:
         future.add_done_callback(done)
 
 
+# What a connection is receiving: nothing (between requests), a request's head, or its body.
+IDLE, HEAD, BODY = "idle", "head", "body"
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop reading the connection's bytes."""
+
+
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: parses with httptools, answers requests one at a time, in order."""
 
-    def __init__(self, app: App, connections: set[Connection]) -> None:
-        self.app = app
-        self.connections = connections
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.limits = server.limits
+        self.budget = server.app.serving.budget
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        # pipelined requests waiting for the one in flight, each with its answer when known already
-        self.pending: deque[tuple[Request, Response | None]] = deque()
+        # requests read while another is being answered, each with its answer when known already
+        self.pending: deque[tuple[Request | None, Response | None]] = deque()
+        self.current: Request | None = None  # the request being answered
         self.busy = False
+        self.pumping = False  # answering queued requests: an answer given at once does not recurse
         self.paused = False
+        self.stopped = False  # reads nothing more: closes once the requests read are answered
+        self.receiving = IDLE
+        self.since = time.monotonic()  # when `receiving` last changed, or the last answer when idle
+        self.head_bytes = 0  # bytes fed to the parser since the last request ended
         self._reset()
 
     def _reset(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
-        self.body: list[bytes] = []
+        self.header_count = 0
+        self.header_bytes = 0
+        self.body: bytearray | list[bytes] = []  # sized when the length is known, else chunks
         self.body_size = 0
-        self.too_large = False
+        self.reserved = 0  # budget held by the request being received
+        self.rejection: ServingError | None = None
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.connections.add(self)
+        if not self.server.admit(self):
+            error = Unavailable(f"too many connections (--max-connections {self.limits.max_connections}); retry later")
+            self._send(error_response(error), close=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.connections.discard(self)
+        self.server.forget(self)
         self.transport = None
+        self.stopped = True
+        self._release(self.reserved)
+        self.reserved = 0
+        for request, _ in self.pending:
+            if request is not None:
+                self._release(request.cost)
+        self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.stopped:
+            return
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, ServingError):
+                self._fail(cause)
+            elif not isinstance(cause, _StopParsing):
+                log.error("HTTP connection failed", exc_info=cause)
+                self._fail(ServingError("internal server error"))
         except httptools.HttpParserUpgrade:
-            self._send(json_response(400, {"error": "protocol upgrades are not supported"}), close=True)
+            self._fail(BadRequest("protocol upgrades are not supported"))
         except httptools.HttpParserError as error:
-            self._send(json_response(400, {"error": f"malformed HTTP request: {error}"}), close=True)
+            self._fail(BadRequest(f"malformed HTTP request: {error}"))
+
+    def _feed(self, data: bytes) -> None:
+        """Feeds the parser, a head's worth at most while a head is read: httptools keeps a header field whole
+        until it ends, so a head without end must be cut off before it is buffered."""
+        limit = self.limits.max_header_bytes
+        if self.receiving == BODY or self.head_bytes + len(data) <= limit:
+            self.head_bytes += len(data)
+            self.parser.feed_data(data)
+            return
+        view = memoryview(data)
+        while view and not self.stopped:
+            if self.receiving == BODY:
+                self.parser.feed_data(view)
+                return
+            room = limit - self.head_bytes
+            if room <= 0:
+                self._fail(HeadTooLarge(f"the request head exceeds {limit} bytes (--max-header-bytes)"))
+                return
+            chunk, view = view[:room], view[room:]
+            self.head_bytes += len(chunk)
+            self.parser.feed_data(chunk)
 
     # httptools callbacks
 
+    def on_message_begin(self) -> None:
+        if self.stopped:
+            raise _StopParsing
+        self.receiving = HEAD
+        self.since = time.monotonic()
+
     def on_url(self, url: bytes) -> None:
         self.url += url
+        if len(self.url) > self.limits.max_request_line_bytes:
+            raise HeadTooLarge(f"the request line exceeds {self.limits.max_request_line_bytes} bytes "
+                               "(--max-request-line-bytes)")  # fmt: skip
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_count > self.limits.max_headers:
+            raise HeadTooLarge(f"the request has more than {self.limits.max_headers} header fields (--max-headers)")
+        if self.header_bytes + len(self.url) > self.limits.max_header_bytes:
+            raise HeadTooLarge(f"the request head exceeds {self.limits.max_header_bytes} bytes (--max-header-bytes)")
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
+        self.receiving = BODY
+        self.since = time.monotonic()
+        self.server.waiting.pop(self, None)
         length = self.headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.app.max_body_bytes:
-            self.too_large = True  # the body is read and dropped, so that the client sees the 413
-        elif self.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+        size = int(length) if length is not None and length.isdigit() else 0
+        try:
+            if size > self.limits.max_body_bytes:
+                raise TooLarge(f"the request body exceeds {self.limits.max_body_bytes} bytes (--max-body-bytes)")
+            self._reserve(len(self.url) + self.header_bytes + size)
+            if size:
+                self.body = bytearray(size)  # filled in place: a large body is not held twice
+        except ServingError as error:
+            self.rejection = error  # its body is read and dropped, so that the client reads the answer
+        if self.headers.get(b"expect", b"").lower() == b"100-continue":
+            if self.rejection is not None:  # the client waits for a word before sending its body: refuse now
+                raise self.rejection
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before a large body
 
     def on_body(self, chunk: bytes) -> None:
+        if self.rejection is not None:
+            return
+        start = self.body_size
         self.body_size += len(chunk)
-        if self.body_size > self.app.max_body_bytes:
-            self.too_large = True
-        if not self.too_large:
-            self.body.append(chunk)
+        if isinstance(self.body, bytearray):  # the parser holds the body to its Content-Length
+            self.body[start : self.body_size] = chunk
+            return
+        try:  # chunked: the body is reserved as it comes
+            if self.body_size > self.limits.max_body_bytes:
+                raise TooLarge(f"the request body exceeds {self.limits.max_body_bytes} bytes (--max-body-bytes)")
+            self._reserve(len(chunk))
+        except ServingError as error:
+            self.rejection = error
+            self.body = []
+            return
+        self.body.append(chunk)
 
     def on_message_complete(self) -> None:
         path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"
@@ -246,41 +368,74 @@ class Connection(asyncio.Protocol):
             self.parser.get_method(),
             path,
             self.headers,
-            b"".join(self.body),
-            self.parser.should_keep_alive() and not self.too_large,
+            self.body if isinstance(self.body, bytearray) else b"".join(self.body),
+            self.parser.should_keep_alive(),
             time.perf_counter(),
+            self.reserved,
         )
-        rejection = self.app.too_large() if self.too_large else None
+        rejection = None
+        if self.rejection is not None:
+            self._release(self.reserved)
+            request.cost = 0
+            rejection = self.app.refuse(self.rejection)
+        self.reserved = 0
         self._reset()
+        self.receiving = IDLE
+        self.since = time.monotonic()
+        self.head_bytes = 0
         self.pending.append((request, rejection))
-        if self.busy:
-            self.transport.pause_reading()  # one request in flight and the next one parsed: enough
+        self._pump()
+        if len(self.pending) >= self.limits.max_pipelined:
+            # Enough queued: the rest of what the client sent is not read, and the connection closes once
+            # these are answered (a client retries unanswered pipelined requests then, RFC 9112 9.3.2).
+            self._stop_reading()
+            raise _StopParsing
+        if self.pending and not self.paused:
+            self.transport.pause_reading()  # one request in flight and the next one read: enough
             self.paused = True
-        else:
-            self._next()
 
     # answering
 
-    def _next(self) -> None:
-        if not self.pending or self.transport is None:
+    def _pump(self) -> None:
+        """Answers the queued requests in order, one after the other, until one is answered later."""
+        if self.pumping:
             return
-        request, rejection = self.pending.popleft()
-        self.busy = True
-        if rejection is not None:
-            self._respond(request, rejection)
-        else:
-            self.app.handle(request, lambda response: self._respond(request, response))
-
-    def _respond(self, request: Request, response: Response) -> None:
-        self.busy = False
-        close = response.close or not request.keep_alive or self.app.serving.draining
-        self._send(response, close)
-        if close or self.transport is None:
-            return
-        if self.paused:
+        self.pumping = True
+        try:
+            while not self.busy and self.pending and self.transport is not None:
+                request, answer = self.pending.popleft()
+                self.busy = True
+                self.current = request
+                if answer is not None:
+                    self._respond(answer)
+                else:
+                    self.app.handle(request, self._respond)
+        finally:
+            self.pumping = False
+        if not self.busy and not self.pending and self.paused and not self.stopped and self.transport is not None:
             self.paused = False
+            self.since = time.monotonic()  # the client could not send meanwhile: its time starts again
             self.transport.resume_reading()
-        self._next()
+
+    def _respond(self, response: Response) -> None:
+        request, self.current, self.busy = self.current, None, False
+        if request is not None:
+            self._release(request.cost)
+        close = (
+            response.close
+            or request is None
+            or not request.keep_alive
+            or self.app.serving.draining
+            or (self.stopped and not self.pending)
+        )
+        self._send(response, close)
+        if close:
+            self.stopped = True
+            return
+        if self.receiving == IDLE and not self.pending:
+            self.since = time.monotonic()
+            self.server.waiting[self] = None
+        self._pump()
 
     def _send(self, response: Response, close: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -298,3 +453,105 @@ class Connection(asyncio.Protocol):
         self.transport.writelines([b"".join(head), *response.parts])
         if close:
             self.transport.close()
+
+    # limits
+
+    def _fail(self, error: ServingError) -> None:
+        """Reads nothing more; answers the requests already read, then `error`, then closes."""
+        self._release(self.reserved)
+        self.reserved = 0
+        self._stop_reading()
+        self.pending.append((None, self.app.refuse(error)))
+        self._pump()
+
+    def _stop_reading(self) -> None:
+        self.stopped = True
+        self.receiving = IDLE
+        self.server.waiting.pop(self, None)
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def _reserve(self, size: int) -> None:
+        self.budget.reserve(size)
+        self.reserved += size
+
+    def _release(self, size: int) -> None:
+        if size:
+            self.budget.release(size)
+
+    def expire(self, now: float) -> None:
+        """Called every so often: ends a head or body that takes too long, and an idle connection."""
+        if self.transport is None or self.stopped or self.paused:
+            return
+        limits = self.limits
+        if self.receiving == HEAD and now - self.since > limits.header_timeout:
+            self._fail(RequestTimeout(f"the request head took over {limits.header_timeout:g} s (--header-timeout)"))
+        elif self.receiving == BODY and now - self.since > limits.body_timeout:
+            self._fail(RequestTimeout(f"the request body took over {limits.body_timeout:g} s (--body-timeout)"))
+        elif self.receiving == IDLE and not self.busy and not self.pending and now - self.since > limits.idle_timeout:
+            self.stopped = True
+            self.transport.close()
+
+
+class HttpServer:
+    """The listening socket and its connections, with the connection cap and the timeouts' sweep."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.limits: Limits = app.limits
+        self.connections: set[Connection] = set()
+        # connections waiting for a request (idle, or reading a head), the longest-waiting first
+        self.waiting: dict[Connection, None] = {}
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self),
+            host,
+            port,
+            ssl=ssl,
+            ssl_handshake_timeout=self.limits.header_timeout if ssl else None,
+            backlog=1024,
+        )
+        self._sweeper = loop.create_task(self._sweep())
+
+    def admit(self, connection: Connection) -> bool:
+        """Takes a new connection; at the cap, closes the one that has waited longest for a request to make
+        room, or refuses the new one when every connection is answering or receiving a body."""
+        if len(self.connections) >= self.limits.max_connections:
+            if not self.waiting:
+                return False
+            oldest = next(iter(self.waiting))
+            self.forget(oldest)
+            oldest.stopped = True
+            if oldest.transport is not None:
+                oldest.transport.close()
+        self.connections.add(connection)
+        self.waiting[connection] = None
+        return True
+
+    def forget(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        self.waiting.pop(connection, None)
+
+    async def _sweep(self) -> None:
+        limits = self.limits
+        interval = min(1.0, max(0.05, min(limits.header_timeout, limits.body_timeout, limits.idle_timeout) / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.expire(now)
+
+    def close(self) -> None:
+        """Stops listening and closes every connection."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
+import resource
 import signal
 import ssl
 import threading
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from edgeloop_runtime.backends import FORMATS
 from edgeloop_runtime.fetch import DEFAULT_CACHE, cache_path
+from edgeloop_runtime.limits import Limits
 
 log = logging.getLogger("edgeloop_runtime.serve")
 
@@ -92,17 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
     network.add_argument("--http-port", type=int, default=8000, help="default %(default)s")
     network.add_argument("--grpc-port", type=int, default=8001, help="0 disables gRPC (default %(default)s)")
-    network.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=64 << 20,
-        help="largest request body (HTTP: 413, gRPC: RESOURCE_EXHAUSTED) (default %(default)s)",
-    )
     network.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS and gRPC over TLS")
     network.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     network.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM (default %(default)s)"
     )
+    Limits.add_arguments(parser.add_argument_group("limits (docs/security.md)"))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -236,6 +234,23 @@ def _warm_up(loop: asyncio.AbstractEventLoop, model) -> asyncio.Future:
     return done
 
 
+SPARE_FILES = 64  # open files besides connections: the model, logs, the event loop's, the backend's
+
+
+def fit_to_open_files(limits: Limits, protocols: int) -> Limits:
+    """Raises the open-files limit to its hard limit, and lowers --max-connections to what that leaves for
+    each protocol, so that a flood of connections meets the cap rather than EMFILE (which refuses everyone)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    room = max(1, (soft - SPARE_FILES) // protocols)
+    if limits.max_connections <= room:
+        return limits
+    log.warning("--max-connections %d lowered to %d: %d open files allowed", limits.max_connections, room, soft)
+    return dataclasses.replace(limits, max_connections=room)
+
+
 def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.tls_cert:
         return None
@@ -249,24 +264,22 @@ GRPC_FLUSH_SECONDS = 2.0
 
 
 async def _serve(args: argparse.Namespace, model) -> int:
-    from edgeloop_runtime.http_server import App, Connection
+    from edgeloop_runtime.http_server import App, HttpServer
     from edgeloop_runtime.serving import Serving
 
     loop = asyncio.get_running_loop()
-    serving = Serving(model, max_queue=args.max_queue, window_us=args.batch_window_us)
+    limits = fit_to_open_files(Limits.from_args(args), protocols=2 if args.grpc_port else 1)
+    serving = Serving(model, max_queue=args.max_queue, window_us=args.batch_window_us, limits=limits)
     serving.batcher.start()  # requests are refused until the warm-up is done (Serving.ready)
-    app = App(serving, args.max_body_bytes)
-    connections: set[Connection] = set()
-    http = await loop.create_server(
-        lambda: Connection(app, connections), args.host, args.http_port, ssl=_tls(args), backlog=1024
-    )
+    http = HttpServer(App(serving))
+    await http.start(args.host, args.http_port, _tls(args))
     grpc_server = None
     if args.grpc_port:
         import grpc  # only with gRPC on
 
         from edgeloop_runtime.grpc_server import build_server
 
-        grpc_server = build_server(serving, args.max_body_bytes)
+        grpc_server = build_server(serving)
         address = f"{args.host}:{args.grpc_port}"
         if args.tls_cert:
             credentials = grpc.ssl_server_credentials([(args.tls_key.read_bytes(), args.tls_cert.read_bytes())])
@@ -302,9 +315,6 @@ async def _serve(args: argparse.Namespace, model) -> int:
         # still running sometimes reset their connections (seen under load) despite the grace period.
         await grpc_server.stop(max(deadline - time.monotonic(), GRPC_FLUSH_SECONDS))
     http.close()
-    for connection in list(connections):
-        if connection.transport is not None:
-            connection.transport.close()
     await serving.batcher.stop()
     log.info("stopped; %d request(s) left unfinished", serving.inflight)
     return 0

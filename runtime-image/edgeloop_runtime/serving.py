@@ -7,22 +7,35 @@ import asyncio
 from edgeloop_runtime import __version__
 from edgeloop_runtime.batcher import Batcher
 from edgeloop_runtime.errors import BadRequest, NotFound, Unavailable
+from edgeloop_runtime.limits import Limits, MemoryBudget
 from edgeloop_runtime.metrics import Metrics
 from edgeloop_runtime.model import Model
-from edgeloop_runtime.protocol.tensors import TRITON_CONFIG, Tensor
+from edgeloop_runtime.protocol.tensors import TRITON_CONFIG, Signature, Tensor
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 
 
 class Serving:
-    def __init__(self, model: Model, *, max_queue: int, window_us: int) -> None:
+    def __init__(self, model: Model, *, max_queue: int, window_us: int, limits: Limits | None = None) -> None:
         self.model = model
         self.window_us = window_us
+        self.limits = limits or Limits()
+        self.budget = MemoryBudget(self.limits.max_inflight_bytes)
+        self.signature = Signature(
+            model.name,
+            model.inputs,
+            model.max_batch_size,
+            max_elements=self.limits.max_tensor_elements,
+            max_json_bytes=self.limits.max_json_bytes,
+        )
         self.metrics = Metrics(model.name, model.version, model.sha256, model.providers)
         self.batcher = Batcher(model, self.metrics, max_queue=max_queue, window_us=window_us)
         self.metrics.gauge("edgeloop_queue_depth", "Requests waiting for a batch.", self.batcher.depth)
         self.metrics.gauge("edgeloop_inflight_requests", "Inference requests in the server.", lambda: self.inflight)
         self.metrics.gauge("edgeloop_ready", "1 while the server accepts inference requests.", lambda: self.ready)
+        self.metrics.gauge(
+            "edgeloop_inflight_bytes", "Memory held by requests (--max-inflight-bytes).", lambda: self.budget.used
+        )
         self.metrics.gauge(
             "edgeloop_warmup_seconds",
             "Time the warm-up of every allowed batch size took before the server turned ready.",

@@ -6,6 +6,9 @@
     PUT  /sha256/<hex>   needs `Authorization: Bearer <token>`; the body is streamed to a temporary file
                          while hashed, and renamed into place only if its sha256 is <hex> (201; 200 if
                          already stored); a mismatch is 400 and leaves nothing behind
+    GET  /refs/<name>    a small mutable value (the federated aggregator's checkpoint), ETag "<its sha256>";
+    PUT  /refs/<name>    both need the token; PUT needs If-Match: "<etag>" (replace exactly that value) or
+                         If-None-Match: * (create): 412 otherwise, so two writers cannot overwrite each other
     GET  /healthz
 
 Blobs live at <root>/sha256/<hex>, the same layout as the nodes' model cache, so a URI
@@ -24,6 +27,8 @@ import os
 import re
 import ssl
 import tempfile
+import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +40,8 @@ log = logging.getLogger("edgeloop_runtime.store")
 CHUNK = 1 << 20
 BLOB_PATH = re.compile(r"^/sha256/([0-9a-f]{64})$")
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+REF_PATH = re.compile(r"^/refs/([A-Za-z0-9][A-Za-z0-9._-]{0,252})$")
+MAX_REF_BYTES = 64 << 10
 DEFAULT_LIMITS = Limits(max_body_bytes=4 << 30, body_budget=0)
 
 
@@ -94,9 +101,16 @@ class StoreHandler(BoundedHandler):
     def do_HEAD(self):
         self.do_GET()
 
+    def _authorized(self) -> None:
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise Refused(401, "needs Authorization: Bearer <token>")
+
     def do_GET(self):
         if self.path == "/healthz":
             return self._plain(200, "ok")
+        if self.path.startswith("/refs/"):
+            return self._get_ref()
         sha, path = self._blob()
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below; blobs are never removed, so an open one stays whole
@@ -128,10 +142,10 @@ class StoreHandler(BoundedHandler):
                 self.send_file(f, first, last - first + 1)
 
     def do_PUT(self):
+        if self.path.startswith("/refs/"):
+            return self._put_ref()
         sha, path = self._blob()
-        given = self.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            raise Refused(401, "uploading needs Authorization: Bearer <token>")
+        self._authorized()
         length = self.expect_body()
         created = self._receive(length, sha, path)
         if created is None:
@@ -166,6 +180,53 @@ class StoreHandler(BoundedHandler):
         finally:
             Path(name).unlink(missing_ok=True)
 
+    # --- refs ------------------------------------------------------------------------------------------------
+
+    def _ref(self) -> Path:
+        match = REF_PATH.match(self.path)
+        if not match:
+            raise Refused(404, "refs live at /refs/<name: letters, digits, . _ -, up to 253>")
+        self._authorized()
+        return self.root / "refs" / match[1]
+
+    def _get_ref(self) -> None:
+        path = self._ref()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return self._plain(404, f"no ref {path.name}")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(data)
+
+    def _put_ref(self) -> None:
+        path = self._ref()
+        expected, create = self.headers.get("If-Match"), self.headers.get("If-None-Match") == "*"
+        if expected is None and not create:
+            raise Refused(428, 'a ref is written with If-Match: "<etag>" or If-None-Match: *')
+        data = self.rfile.read(self.expect_body(MAX_REF_BYTES))
+        with self.refs_lock:  # compare and swap
+            try:
+                current = f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"'
+            except FileNotFoundError:
+                current = None
+            if (create and current is not None) or (not create and current != expected):
+                return self._plain(412, f"ref {path.name} is {current or 'absent'}, not {expected or 'absent'}")
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".partial-{path.name}")
+            with open(tmp, "wb") as out:
+                _write(out, data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        etag = f'"{hashlib.sha256(data).hexdigest()}"'
+        self._plain(200 if current else 201, path.name, {"ETag": etag})
+
 
 def _etags(header: str | None) -> set[str]:
     return {tag.strip().removeprefix("W/") for tag in header.split(",")} if header else set()
@@ -190,7 +251,9 @@ def make_server(
     blobs.mkdir(parents=True, exist_ok=True)
     for stale in blobs.glob(".partial-*"):  # uploads cut off by a previous process (one store per volume)
         stale.unlink(missing_ok=True)
-    handler = type("Handler", (StoreHandler,), {"root": root, "token": token})
+    for stale in (root / "refs").glob(".partial-*"):
+        stale.unlink(missing_ok=True)
+    handler = type("Handler", (StoreHandler,), {"root": root, "token": token, "refs_lock": threading.Lock()})
     return BoundedHTTPServer((host, port), handler, limits, tls)
 
 
@@ -212,6 +275,39 @@ def upload(
     return uri
 
 
+class RefConflict(Exception):
+    """The ref is not the value this writer last saw: another writer moved it."""
+
+
+def get_ref(base_url: str, name: str, token: str, timeout: float = 30.0, context=None) -> tuple[bytes, str] | None:
+    """(value, etag) of a ref, or None when there is none."""
+    request = urllib.request.Request(
+        f"{base_url.rstrip('/')}/refs/{name}", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.read(MAX_REF_BYTES + 1), response.headers["ETag"]
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise
+
+
+def put_ref(
+    base_url: str, name: str, data: bytes, token: str, etag: str | None, timeout: float = 30.0, context=None
+) -> str:
+    """Replace the ref whose value has `etag` (None: create it); its new etag. RefConflict if it moved."""
+    headers = {"Authorization": f"Bearer {token}", **({"If-Match": etag} if etag else {"If-None-Match": "*"})}
+    request = urllib.request.Request(f"{base_url.rstrip('/')}/refs/{name}", data=data, method="PUT", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.headers["ETag"]
+    except urllib.error.HTTPError as error:
+        if error.code == 412:
+            raise RefConflict(error.read().decode(errors="replace").strip()) from error
+        raise
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root",
@@ -230,8 +326,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .federated.transport import server_context
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = args.token_file.read_text().strip() if args.token_file else os.environ.get("EDGELOOP_STORE_TOKEN", "")
     if not token:
@@ -242,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     limits = bounded_http.from_args(args, DEFAULT_LIMITS)
     server = make_server(
-        args.root, token, args.host, args.port, server_context(args.tls_cert, args.tls_key, None), limits
+        args.root, token, args.host, args.port, bounded_http.server_context(args.tls_cert, args.tls_key, None), limits
     )
     log.info("serving %s on %s:%d%s", args.root, *server.server_address[:2], " (TLS)" if args.tls_cert else "")
     server.serve_forever()

@@ -233,11 +233,14 @@ def real_namespace(real_devcluster: RealDevCluster, request) -> str:
 @pytest.fixture(scope="session")
 def prometheus(real_devcluster: RealDevCluster) -> prom.Prometheus:
     """A real Prometheus (Debian's) on the host, scraping real_devcluster's pods annotated
-    `prometheus.io/scrape: "true"` every 2 s; `.query(expr)`, `.reconfigure(scrape_configs, rule_files)`
-    (kept for the rest of the session), `.pod_job(...)`. `down` stops it."""
+    `prometheus.io/scrape: "true"` every 2 s (found by file_sd, which a thread of this session keeps current);
+    `.query(expr)`, `.reconfigure(scrape_configs, rule_files)` (kept for the rest of the session),
+    `.pod_job(...)`. `down` stops it."""
     if reason := prom.unavailable_reason():
         pytest.skip(reason)
-    return prom.start(real_devcluster.cluster)
+    prometheus, stop_discovery = prom.start(real_devcluster.cluster)
+    yield prometheus
+    stop_discovery.set()
 
 
 @pytest.fixture(scope="session")

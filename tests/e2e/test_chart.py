@@ -322,7 +322,7 @@ def test_pod_security_restricted_admits_every_inference_pod_and_no_hostpath(devc
     bare["spec"]["selector"] = {"matchLabels": {"control": "hostpath"}}
     bare["spec"]["template"]["metadata"]["labels"] = {"control": "hostpath"}
     bare["spec"]["template"]["spec"]["volumes"][0] = {
-        "name": "model-cache", "hostPath": {"path": "/var/lib/edgeloop/models", "type": "DirectoryOrCreate"}}
+        "name": "model-cache", "hostPath": {"path": "/var/lib/edgeloop/models", "type": "Directory"}}
     result = devcluster.kubectl("apply", "-f", "-", input=json.dumps(bare))
     assert 'would violate PodSecurity "restricted:latest"' in result.stderr and '"hostPath"' in result.stderr
 
@@ -380,15 +380,18 @@ def test_uninstall_leaves_no_orphans_and_keeps_crds_and_models(devcluster, relea
              "networkpolicies,poddisruptionbudgets,kopfpeerings.kopf.dev")
     selector = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/managed-by=Helm"
     left = devcluster.get_json(kinds, "-A", "-l", selector)["items"]
-    left += devcluster.get_json("clusterroles,clusterrolebindings,persistentvolumes,clusterkopfpeerings.kopf.dev",
+    left += devcluster.get_json("clusterroles,clusterrolebindings,persistentvolumes,clusterkopfpeerings.kopf.dev,"
+                                "validatingadmissionpolicies,validatingadmissionpolicybindings",
                                 "-l", selector)["items"]
     # Kept on purpose (helm.sh/resource-policy: keep): the model cache claim the still-running models mount,
-    # and the dataset claim of the FederatedRounds' client pods.
-    for component in ("model-cache", "datasets"):
+    # with the admission policy that guards it, and the dataset claim of the FederatedRounds' client pods.
+    for component, guards in (("model-cache", ["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]),
+                              ("datasets", [])):
         kept = sorted((o["kind"], o["metadata"].get("namespace", "")) for o in left
                       if o["metadata"]["labels"].get("app.kubernetes.io/component") == component)
         assert kept == sorted([("PersistentVolume", ""), ("PersistentVolume", ""),
-                               ("PersistentVolumeClaim", EXTRA_NS), ("PersistentVolumeClaim", WORK_NS)]), component
+                               ("PersistentVolumeClaim", EXTRA_NS), ("PersistentVolumeClaim", WORK_NS),
+                               *((kind, "") for kind in guards)]), component
     assert [f"{o['kind']}/{o['metadata']['name']}" for o in left if o["metadata"]["labels"].get(
         "app.kubernetes.io/component") not in ("model-cache", "datasets")] == []
     assert not devcluster.get_json("pods", "-n", RELEASE_NS)["items"] or wait_for(

@@ -20,7 +20,7 @@ MODELS = "devcluster-test"  # the tiny model's directory in the nodes' model cac
 
 
 def runtime_image() -> str:
-    return nodes.load_images().helper  # the "runtime" entry of the images index
+    return nodes.load_images().refs["runtime"]
 
 
 def ready(devcluster: RealDevCluster, kind: str, name: str, namespace: str | None = None) -> str:

@@ -238,7 +238,7 @@ def test_client_jobs_land_on_exactly_the_selected_nodes(devcluster, namespace, o
     assert sorted(jobs) == [f"{ROUND}-aggregator", f"{ROUND}-client-0", f"{ROUND}-client-1"]
     for name in (f"{ROUND}-client-0", f"{ROUND}-client-1"):
         volume = jobs[name]["spec"]["template"]["spec"]["volumes"][0]
-        assert volume["hostPath"] == {"path": "/var/lib/edgeloop/data/digits", "type": "Directory"}
+        assert volume["hostPath"] == {"path": f"/var/lib/edgeloop/data/{namespace}/digits", "type": "Directory"}
     service = devcluster.get_json("service", f"{ROUND}-aggregator", "-n", namespace)
     for obj in [service, *jobs.values()]:
         assert obj["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
@@ -528,12 +528,14 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
         "the round's four Jobs",
         lambda: (j := devcluster.get_json("jobs", "-n", namespace)["items"]) and len(j) == 4 and j,
     )
-    # TLS by default: a server certificate for the aggregator Service and one client certificate for the
-    # round's clients, both owned by the round, issued before its Jobs.
+    # TLS by default: a server certificate for the aggregator Service and client certificates, all owned by
+    # the round, issued before its Jobs.
     round_uid = devcluster.get_json("federatedround", ROUND, "-n", namespace)["metadata"]["uid"]
     server_tls = secret_files(devcluster, namespace, f"{ROUND}-aggregator-tls", tmp_path / "aggregator-tls")
-    client_tls = secret_files(devcluster, namespace, f"{ROUND}-client-tls", tmp_path / "client-tls")
-    for body in (server_tls, client_tls):
+    # One client certificate per client Job, its CN the client's node (the aggregator's id for it).
+    client_tls = [secret_files(devcluster, namespace, f"{ROUND}-client-{i}-tls", tmp_path / f"client-{i}-tls")
+                  for i in range(3)]
+    for body in (server_tls, *client_tls):
         assert body["type"] == "kubernetes.io/tls"
         assert [o["uid"] for o in body["metadata"]["ownerReferences"]] == [round_uid]
     env = resolving_svc_to_loopback(tmp_path / "resolve")
@@ -561,11 +563,12 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
             )
             processes.start("aggregator", [runtime, *args])
         else:
-            assert mounted["tls"] == f"{ROUND}-client-tls"
+            index = job["metadata"]["name"].rsplit("-", 1)[1]
+            assert mounted["tls"] == f"{ROUND}-client-{index}-tls"
             node = job["metadata"]["annotations"]["edgeloop.io/node"]
             service = args[args.index("--aggregator") + 1]
             assert service == f"https://{ROUND}-aggregator.{namespace}.svc:8080"
-            files = tmp_path / "client-tls"
+            files = tmp_path / f"client-{index}-tls"
             args = localized(
                 args,
                 {
@@ -614,9 +617,15 @@ INVALID = [
     ("min above max", {"participants": {"minClients": 5, "maxClients": 2}}, "minClients must not exceed maxClients"),
     ("noise without clipping", {"privacy": {"noiseMultiplier": 1.0}}, "noiseMultiplier needs clipNorm"),
     ("proximal mu with fedavg", {"training": {"strategy": "fedavg", "proximalMu": 0.1}}, "applies to strategy fedprox"),
-    ("relative dataset path", {"dataset": {"hostPath": "data/digits"}}, "spec.dataset.hostPath"),
-    ("dataset path escaping", {"dataset": {"hostPath": "/var/lib/../../etc"}}, "hostPath must not contain '..'"),
+    ("relative dataset path", {"dataset": {"name": None, "hostPath": "data/digits"}}, "spec.dataset.hostPath"),
+    ("dataset path escaping", {"dataset": {"name": None, "hostPath": "/var/lib/../../etc"}},
+     "hostPath must not contain '..'"),
+    ("dataset named and given", {"dataset": {"hostPath": "/var/lib/edgeloop/data/x"}},
+     "set exactly one of name and hostPath"),
+    ("dataset name escaping", {"dataset": {"name": "../other"}}, "spec.dataset.name"),
     ("no model", {"modelRef": None}, "set modelRef, model, or both"),
+    ("a tflite model", {"model": {"uri": "http://store/m.tflite", "sha256": "a" * 64, "version": "1",
+                                  "format": "tflite"}}, "federated training needs an onnx model"),
     ("zero rounds", {"training": {"rounds": 0}}, "spec.training.rounds"),
     ("unknown strategy", {"training": {"strategy": "fedsgd"}}, 'Unsupported value: "fedsgd"'),
 ]
@@ -629,7 +638,8 @@ def test_invalid_specs_are_rejected_at_admission(devcluster, cluster, case, spec
         if fields is None:
             del body["spec"][section]
         else:
-            body["spec"][section] = {**body["spec"].get(section, {}), **fields}
+            merged = {**body["spec"].get(section, {}), **fields}
+            body["spec"][section] = {key: value for key, value in merged.items() if value is not None}
     result = devcluster.kubectl(
         "apply", "--dry-run=server", "-n", "default", "-f", "-", input=yaml.safe_dump(body), check=False
     )

@@ -267,6 +267,10 @@ INVALID = [
     ("same ports", {"serving": {"httpPort": 9000, "grpcPort": 9000}}, "httpPort and grpcPort must differ"),
     ("negative batch size", {"runtime": {"maxBatchSize": -4}}, "spec.runtime.maxBatchSize"),
     ("zero maxUnavailable", {"rollout": {"maxUnavailable": 0}}, "maxUnavailable must be a count of at least 1"),
+    ("a node's file", {"model": {"uri": "file:///var/lib/edgeloop/models/other/sha256/" + "a" * 64}},
+     "spec.model.uri"),
+    ("unknown format", {"model": {"format": "pt"}}, 'Unsupported value: "pt"'),
+    ("too many instances", {"runtime": {"instances": 257}}, "spec.runtime.instances"),
     ("bad uri", {"model": {"uri": "ftp://x/model.onnx"}}, "spec.model.uri"),
 ]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -104,6 +105,12 @@ def test_pods_on_real_nodes_reach_services_by_name(story: Story):
 
 def test_the_chart_runs_the_operator_and_the_store_as_real_pods(story: Story):
     devcluster = story.devcluster
+    # The node contract, as a node's provisioning would make it: the model cache's group is the runtime's and
+    # it is group-writable with the setgid bit, so the kubelet creates each namespace's cache (a subPath)
+    # writable by the runtime.
+    for node in story.real:
+        os.chown(node.host_path / "models", 65532, 65532)
+        os.chmod(node.host_path / "models", 0o2775)
     devcluster.kubectl("create", "namespace", MODELS_NS)
     story.helm(
         "install", RELEASE, str(ROOT / "charts" / "edgeloop"), "--namespace", RELEASE_NS, "--create-namespace",
@@ -233,9 +240,9 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
     health = testing.argocd_health(testing.ARGOCD_HEALTH / "InferenceModel" / "health.lua", body)
     assert health["status"] == "Healthy" and "CPUFallback" in health["message"], health
     testing.capture_argocd_testdata("InferenceModel", "cpu-fallback", body)
-    # The fetcher verified the model into the node's own cache.
+    # The fetcher verified the model into the node's own cache, in the namespace's directory of it.
     for node in story.real:
-        assert (node.host_path / "models" / "sha256" / digest).read_bytes() == story.model_v1
+        assert (node.host_path / "models" / MODELS_NS / "sha256" / digest).read_bytes() == story.model_v1
 
     inputs = digits_inputs()
     metadata, outputs = infer(story, inputs)
@@ -246,10 +253,10 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
 def test_a_federated_round_on_real_nodes_trains_promotes_and_rolls_the_model(story: Story):
     from sklearn.datasets import load_digits
 
-    # Each node's own data, in its data path (the node contract's /var/lib/edgeloop/data/<dataset>).
+    # Each node's own data, in its data path (the node contract's /var/lib/edgeloop/data/<namespace>/<dataset>).
     x, y = load_digits(return_X_y=True)
     for node in story.real:
-        data = node.host_path / "data" / "digits"
+        data = node.host_path / "data" / MODELS_NS / "digits"
         data.mkdir(parents=True, exist_ok=True)
         part = slice(node.index, None, len(story.real))
         np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
@@ -286,7 +293,7 @@ def test_a_federated_round_on_real_nodes_trains_promotes_and_rolls_the_model(sto
     body = model_condition(story, trained, "Ready")
     assert body["spec"]["model"]["version"] == "2"
     for node in story.real:
-        model_v2 = (node.host_path / "models" / "sha256" / trained).read_bytes()
+        model_v2 = (node.host_path / "models" / MODELS_NS / "sha256" / trained).read_bytes()
         assert hashlib.sha256(model_v2).hexdigest() == trained
     inputs = digits_inputs()
     metadata, outputs = infer(story, inputs)

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import http.client
 import ipaddress
+import resource
 import socket
 import subprocess
 import sys
@@ -189,12 +190,21 @@ def raw_request(server: Server, method: str, path: str, body: bytes = b"", heade
     return response, response.read()
 
 
+def memory_mb(pid: int) -> tuple[float, float]:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), in MB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
 def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgeloop_runtime.cli", "serve", *args]
 
 
-def start_server(model: Path, *args: str, log_dir: Path, scheme: str = "http", context=None) -> Server:
-    """Starts `serve` on free loopback ports and waits until it answers ready."""
+def start_server(
+    model: Path, *args: str, log_dir: Path, scheme: str = "http", context=None, max_files: int | None = None
+) -> Server:
+    """Starts `serve` on free loopback ports and waits until it answers ready; `max_files` caps its open
+    files (RLIMIT_NOFILE), as a container runtime's default of 1024 would."""
     http_port, grpc_port = free_port(), free_port()
     log = log_dir / f"serve-{http_port}.log"
     command = serve_command(
@@ -209,7 +219,8 @@ def start_server(model: Path, *args: str, log_dir: Path, scheme: str = "http", c
         *args,
     )
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        cap = None if max_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=cap)
     server = Server(proc, http_port, grpc_port, log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -8,6 +8,8 @@ import hashlib
 import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from edgeloop_runtime.federated import secagg
 from edgeloop_runtime.federated.data import dirichlet_partition
 from edgeloop_runtime.federated.model import load, mlp
 from edgeloop_runtime.federated.transport import unpack
+from fed_processes import issue_certificates
 from sklearn.datasets import load_digits
 
 CLIENTS = 10
@@ -266,7 +269,7 @@ def test_secure_sum_equals_plain_sum_within_quantization_error(one_round, federa
     float32_error = np.abs(model_vector(plain.state / "final.onnx")).max() * 2**-23 * total * 2
     np.testing.assert_allclose(plain_sum, recomputed, atol=float32_error)
 
-    scale = secagg.quantization_scale(8.0, total)  # the default --quantization-bound
+    scale = secagg.quantization_scale(8.0, total, CLIENTS)  # the default --quantization-bound
     quantization_error = CLIENTS * 0.5 / scale
     assert np.abs(secure_sum - plain_sum).max() <= quantization_error + 2 * float32_error
     assert status["participants"] == {"selected": CLIENTS, "reported": CLIENTS, "dropped": 0}
@@ -279,8 +282,9 @@ def test_masked_upload_differs_from_the_update_and_looks_uniform(one_round):
     update = np.frombuffer(plain.proxy.uploads("/v1/update")["c0"][1], "<f4")  # c0's update (same seeds)
     assert len(payload) == 4 * len(update) + 64  # the masked vector, then public keys for the next round
     masked = np.frombuffer(payload[: 4 * len(update)], "<u4")
-    scale = secagg.quantization_scale(8.0, sum(h["examples"] for h, _ in secure.proxy.uploads("/v1/join").values()))
-    quantized = secagg.quantize(update * examples, scale)
+    joins = secure.proxy.uploads("/v1/join").values()
+    scale = secagg.quantization_scale(8.0, sum(h["examples"] for h, _ in joins), CLIENTS)
+    quantized = secagg.encode(update, examples, 8.0, scale)
 
     assert set(header) == {"metrics"}  # nothing but holdout metrics travels in the clear
     assert np.mean(masked == quantized) < 0.01
@@ -360,11 +364,17 @@ def _wait_http(url: str, timeout: float = 20) -> None:
 
 @pytest.mark.parametrize("killed", [1, 3])
 def test_round_completes_when_clients_die_after_key_sharing(federation, killed):
-    run = Run(federation, f"dropouts-{killed}", rounds=2, deadline=6)
+    metrics_port = free_port()
+    # Round 3 waits stage-timeout for the dead clients to join, within its deadline.
+    flags = ("--metrics-port", str(metrics_port))
+    run = Run(federation, f"dropouts-{killed}", *flags, rounds=3, deadline=8, stage_timeout=3)
     victims = [f"c{i}" for i in range(killed)]
     run.wait_until(lambda s: len(s.get("history", [])) >= 1)  # round 1 completes with everyone
     for c in victims:
         run.proxy.kill_after[(c, "/v1/shares")] = run.clients[c]
+    run.wait_until(lambda s: len(s.get("history", [])) >= 2)
+    before = sum(len(b) for _, p, b in list(run.proxy.posts) if p == "/v1/update")  # answered before the scrape
+    exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     code, status = run.finish()
     assert code == 0, run.log()
     assert status["phase"] == "Succeeded"
@@ -376,6 +386,37 @@ def test_round_completes_when_clients_die_after_key_sharing(federation, killed):
     shared = [c for c, p, _ in run.proxy.posts if p == "/v1/shares"]
     assert all(shared.count(c) == 2 for c in victims)  # they did share their keys in round 2
     assert status["metrics"]["accuracy"] > 0.5
+
+    # Issue 15: the aggregator's own metrics, scraped while round 3 ran.
+    samples = prometheus_samples(exposition)
+    assert samples["edgeloop_federated_rounds", ()] == 3
+    assert samples["edgeloop_federated_rounds_completed", ()] >= 2
+    assert samples["edgeloop_federated_round", ()] >= 2
+    assert samples["edgeloop_federated_dropped_clients_total", ()] == killed
+    assert samples["edgeloop_federated_phase", (("phase", "Running"),)] == 1
+    assert samples["edgeloop_federated_clients", (("state", "selected"),)] == CLIENTS
+    assert 0 <= samples["edgeloop_federated_accuracy", ()] <= 1
+    received = samples["edgeloop_federated_received_bytes_total", (("endpoint", "/v1/update"),)]
+    uploads = sum(len(b) for _, p, b in run.proxy.posts if p == "/v1/update")
+    assert before <= received < uploads * 1.2  # bodies, plus request lines and headers
+    assert samples["edgeloop_federated_requests_total", (("code", "200"), ("endpoint", "/v1/shares"))] >= 2 * CLIENTS
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def prometheus_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """{(name, sorted label pairs): value} of an exposition in the text format; every line must parse."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.startswith(("# HELP ", "# TYPE ")), line
+            continue
+        match = re.fullmatch(r'([a-z_]+)(?:\{(.*)\})? (\S+)', line)
+        assert match, line
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', match[2] or "")))
+        samples[match[1], labels] = float(match[3])
+    return samples
 
 
 def test_round_fails_explicitly_when_too_many_clients_die(federation):
@@ -409,59 +450,10 @@ def test_restarted_aggregator_resumes_from_its_checkpoint(federation):
     assert all(client.returncode == 0 for client in run.clients.values())
 
 
-def issue_certificates(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(name, key, issuer_name, issuer_key, ca=False, san=None, usage=None):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(issuer_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if usage:
-            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeloop test CA")])
-    files = {}
-    pem = serialization.Encoding.PEM
-    files["ca"] = directory / "ca.crt"
-    files["ca"].write_bytes(certificate("edgeloop test CA", ca_key, ca_name, ca_key, ca=True).public_bytes(pem))
-    for role, san, usage in [
-        ("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))], ExtendedKeyUsageOID.SERVER_AUTH),
-        ("client", None, ExtendedKeyUsageOID.CLIENT_AUTH),
-    ]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        files[role] = directory / f"{role}.crt"
-        files[role].write_bytes(certificate(role, key, ca_name, ca_key, san=san, usage=usage).public_bytes(pem))
-        files[f"{role}-key"] = directory / f"{role}.key"
-        files[f"{role}-key"].write_bytes(
-            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-    return files
-
-
 def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
     import ssl
 
-    tls = issue_certificates(tmp_path)
+    tls = issue_certificates(tmp_path, clients=["c0", "c1", "c2"])  # C5: one certificate per client, CN = its id
     port = free_port()
     aggregator = runtime(
         "federated", "aggregate", "--model", str(federation / "m.onnx"), "--clients", "3", "--min-clients", "3",
@@ -482,9 +474,9 @@ def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
             "--tls-ca",
             str(tls["ca"]),
             "--tls-cert",
-            str(tls["client"]),
+            str(tls[f"c{i}"]),
             "--tls-key",
-            str(tls["client-key"]),
+            str(tls[f"c{i}-key"]),
             log=tmp_path / f"c{i}.log",
         )
         for i in range(3)
@@ -509,3 +501,35 @@ def test_mutual_tls_between_clients_and_aggregator(federation, tmp_path):
                 process.kill()
     status = json.loads((tmp_path / "aggregator.log").read_text().strip().splitlines()[-1])
     assert status["phase"] == "Succeeded" and status["participants"]["reported"] == 3
+
+
+def test_an_aggregator_lost_with_its_node_resumes_from_the_store(federation, tmp_path):
+    """Issue 13 §2: the aggregator is killed mid-round and its state directory is gone (a new pod on another
+    node); the next one resumes after the last round the store holds, and the lost round is run again."""
+    token = "s3cret"
+    store_port = free_port()
+    store = runtime("store", "--root", str(tmp_path / "store"), "--host", "127.0.0.1", "--port", str(store_port),
+                    log=tmp_path / "store.log", env={"EDGELOOP_STORE_TOKEN": token})  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{store_port}/healthz")
+        flags = ["--store", f"http://127.0.0.1:{store_port}", "--checkpoint-ref", "ns.round.0f1e"]
+        run = Run(federation, "lost-node", *flags, rounds=4, aggregator_env={"EDGELOOP_STORE_TOKEN": token})
+        run.wait_until(lambda s: len(s.get("history", [])) >= 2 and s.get("stage") in ("share", "collect"))
+        run.aggregator.send_signal(signal.SIGKILL)
+        run.aggregator.wait()
+        saved = json.loads((tmp_path / "store" / "refs" / "ns.round.0f1e").read_text())
+        shutil.rmtree(run.state)  # the pod's emptyDir went with its node
+        run.aggregator = run.start_aggregator("aggregator-elsewhere.log")
+        code, status = run.finish()
+    finally:
+        store.kill()
+        store.wait()
+    log = run.log()
+    assert code == 0, log
+    assert f"resuming after round {saved['round']} from the store's ref ns.round.0f1e" in log
+    assert f"round {saved['round']} (train) open" not in log
+    assert [h["round"] for h in status["history"]] == [1, 2, 3, 4]
+    assert status["history"][: saved["round"]] == saved["history"]
+    assert all(client.returncode == 0 for client in run.clients.values())
+    refs = json.loads((tmp_path / "store" / "refs" / "ns.round.0f1e").read_text())
+    assert refs["phase"] == "Succeeded" and refs["result"] == status["result"]

@@ -43,6 +43,15 @@ def good_afterwards(store):
     assert not list((store.root / "sha256").glob(".partial-*"))
 
 
+def wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def put_raw_head(port: int, path: str, headers: list[str]) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall((f"PUT {path} HTTP/1.1\r\nHost: x\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n").encode())
@@ -50,7 +59,8 @@ def put_raw_head(port: int, path: str, headers: list[str]) -> socket.socket:
 
 
 def test_slowloris_holds_no_more_threads_than_the_cap_and_good_requests_get_through(store, good_afterwards):
-    baseline = threads_of(store.proc.pid)
+    baseline = 1  # the serving thread, once earlier cases' connection threads are gone
+    assert wait_for(lambda: threads_of(store.proc.pid) == baseline, 3)
     attackers = []
     for _ in range(200):
         sock = socket.create_connection(("127.0.0.1", store.port), timeout=5)
@@ -75,8 +85,7 @@ def test_slowloris_holds_no_more_threads_than_the_cap_and_good_requests_get_thro
     finally:
         for sock in attackers:
             sock.close()
-    time.sleep(0.2)
-    assert threads_of(store.proc.pid) <= baseline + 1
+    assert wait_for(lambda: threads_of(store.proc.pid) == baseline, 3)
 
 
 def test_trickled_headers_are_cut_at_the_header_deadline_not_per_byte(store, good_afterwards):
@@ -200,3 +209,29 @@ def test_concurrent_good_duplicate_lying_and_abandoned_uploads(store, good_after
     stored = {p.name for p in (store.root / "sha256").iterdir()}
     assert {sha(d) for d in [*good, same]} <= stored
     assert not [name for name in stored if name.startswith(".")]
+
+
+def test_a_reader_that_stops_reading_is_cut_after_the_idle_timeout(tmp_path):
+    store = start_store(tmp_path, "--idle-timeout", "1")
+    try:
+        data = os.urandom(40 << 20)  # more than the socket buffers of both ends hold
+        assert store.request("PUT", f"/sha256/{sha(data)}", data, AUTH, timeout=30)[0] == 201
+        baseline = 1  # the serving thread alone, once the upload's connection thread is gone
+        assert wait_for(lambda: threads_of(store.proc.pid) == baseline, 3)
+        readers = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", store.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /sha256/{sha(data)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(1024)  # the headers, then nothing more is read
+            readers.append(sock)
+        assert wait_for(lambda: threads_of(store.proc.pid) == baseline + 4, 3)  # blocked on their readers
+        start = time.monotonic()
+        assert wait_for(lambda: threads_of(store.proc.pid) == baseline, 5), "cut after the idle timeout"
+        assert time.monotonic() - start > 0.5
+        status, _, body = store.request("GET", f"/sha256/{sha(data)}", timeout=30)
+        assert (status, len(body)) == (200, len(data))
+        for sock in readers:
+            sock.close()
+    finally:
+        store.stop()

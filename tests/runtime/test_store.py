@@ -171,3 +171,47 @@ def test_tls_cert_without_key_is_refused(tmp_path):
         capture_output=True, env={**os.environ, "EDGELOOP_STORE_TOKEN": "t"}, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2 and b"--tls-cert and --tls-key go together" in result.stderr
+
+
+def test_refs_are_private_and_written_only_over_the_value_the_writer_saw(store):
+    from edgeloop_runtime.store import RefConflict, get_ref, put_ref
+
+    base, root, port = store
+    assert get_ref(base, "ns.round.uid-1", TOKEN) is None
+    first = put_ref(base, "ns.round.uid-1", b'{"round": 1}', TOKEN, None)
+    assert get_ref(base, "ns.round.uid-1", TOKEN) == (b'{"round": 1}', first)
+    second = put_ref(base, "ns.round.uid-1", b'{"round": 2}', TOKEN, first)
+    with pytest.raises(RefConflict):  # a writer that last saw round 1 (a stale pod) cannot go back
+        put_ref(base, "ns.round.uid-1", b'{"round": 1}', TOKEN, first)
+    with pytest.raises(RefConflict):  # nor create it again
+        put_ref(base, "ns.round.uid-1", b"{}", TOKEN, None)
+    assert get_ref(base, "ns.round.uid-1", TOKEN) == (b'{"round": 2}', second)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert _request(port, "GET", "/refs/ns.round.uid-1")[0] == 401
+    assert _request(port, "PUT", "/refs/x", b"{}", {"If-None-Match": "*"})[0] == 401
+    assert _request(port, "PUT", "/refs/x", b"{}", auth)[0] == 428
+    assert _request(port, "PUT", "/refs/x", b"x" * 70_000, {**auth, "If-None-Match": "*"})[0] == 413
+    for bad in ("/refs/../token", "/refs/.hidden", "/refs/a/b", "/refs/"):
+        assert _request(port, "GET", bad, headers=auth)[0] == 404
+    assert sorted(p.name for p in (root / "refs").iterdir()) == ["ns.round.uid-1"]
+
+
+def test_a_stale_aggregator_cannot_overwrite_the_checkpoint_of_the_one_that_replaced_it(store, tmp_path):
+    import numpy as np
+    from edgeloop_runtime.federated.checkpoint import Checkpoints, StoreRef, Superseded
+
+    base, _, _ = store
+    ref = StoreRef(base, "ns.round.stale", TOKEN)
+    old = Checkpoints(tmp_path / "old", ref)
+    assert old.load("m") is None
+    old.save({"model": "m", "round": 1, "phase": "Running"}, np.zeros(4, np.float32))
+    new = Checkpoints(tmp_path / "new", ref)  # the Job's next pod, elsewhere: nothing local
+    state, weights, where = new.load("m")
+    assert (state["round"], where) == (1, "the store's ref ns.round.stale")
+    new.save({**state, "round": 2}, weights + 1)
+    with pytest.raises(Superseded):  # the old pod, cut off but still running, finishes its round 2
+        old.save({"model": "m", "round": 2, "phase": "Running"}, np.ones(4, np.float32) * 9)
+    state, weights, _ = Checkpoints(tmp_path / "third", ref).load("m")
+    assert state["round"] == 2 and weights.tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="another model"):
+        Checkpoints(tmp_path / "fourth", ref).load("other")

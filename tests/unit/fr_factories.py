@@ -25,7 +25,9 @@ def example_spec() -> dict[str, Any]:
 
 
 def spec(**override: Any) -> FederatedRoundSpec:
-    base = {"modelRef": {"name": "digits"}, "dataset": {"hostPath": "/var/lib/edgeloop/data/digits"}}
+    base = {"modelRef": {"name": "digits"}, "dataset": {"name": "digits"}}
+    if "dataset" in override:  # a dataset is named or given by its path, not both
+        base.pop("dataset")
     return FederatedRoundSpec.model_validate(deep_merge(base, override))
 
 

@@ -199,19 +199,25 @@ def test_the_config_map_is_a_valid_operator_configuration(tmp_path):
     assert list(loaded.accelerator_classes) == ["gpu", "cpu"]
     assert loaded.accelerator_classes["gpu"].resource_count == 2
     assert loaded.runtime_image == "ghcr.io/edgeloop/runtime:0.1.0"
+    assert loaded.federated_image == "ghcr.io/edgeloop/runtime-federated:0.1.0"
     assert loaded.model_cache_claim == "edgeloop-model-cache"
     assert (loaded.dataset_claim, loaded.dataset_root) == ("edgeloop-datasets", "/var/lib/edgeloop/data")
 
 
 @needs_helm
-def test_the_chart_defaults_are_the_built_in_classes_with_their_flavours_images(tmp_path):
+def test_the_chart_defaults_are_the_built_in_ones_with_the_flavours_images(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(one(template(), "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
-    assert config.load(path).accelerator_classes == config.build().accelerator_classes
+    loaded, built_in = config.load(path), config.build()
+    assert loaded.accelerator_classes == built_in.accelerator_classes
+    assert (loaded.runtime_resources, loaded.fetch_resources) == (built_in.runtime_resources, built_in.fetch_resources)
     images = {name: cls.image for name, cls in config.build().accelerator_classes.items()}
     assert images == {
         "npu": "ghcr.io/edgeloop/runtime-openvino:0.1.0", "gpu": "ghcr.io/edgeloop/runtime-cuda:0.1.0", "cpu": ""
     }, "an empty image is runtimeImage's"
+    allowlist = one(template("config.allowedImages={ghcr.io/edgeloop/*}"), "ConfigMap", "edgeloop-config")
+    path.write_text(allowlist["data"]["config.yaml"])
+    assert config.load(path).allowed_images == ["ghcr.io/edgeloop/*"], "the chart's own images are allowed"
     mirrored = one(template("config.acceleratorClasses.gpu.image=registry.example/runtime-cuda:1"), "ConfigMap",
                    "edgeloop-config")["data"]["config.yaml"]
     assert yaml.safe_load(mirrored)["acceleratorClasses"]["gpu"]["image"] == "registry.example/runtime-cuda:1"
@@ -225,7 +231,8 @@ def test_cluster_wide_rbac_is_the_operators_rules():
     docs = template()
     [role] = by_kind(docs, "ClusterRole")
     assert not by_kind(docs, "Role")
-    expected = rule_set(rbac.RULES) | {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
+    expected = rule_set(rbac.rules("operator")) | {
+        ("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
     assert rule_set(role["rules"]) == expected
     assert not any("*" in item for rule in role["rules"] for key in rule for item in rule[key])
     [binding] = by_kind(docs, "ClusterRoleBinding")
@@ -236,7 +243,7 @@ def test_cluster_wide_rbac_is_the_operators_rules():
 def test_watching_namespaces_grants_namespaced_rules_only_there():
     docs = template("watchNamespaces={edge-a,edge-b}")
     [cluster_role] = by_kind(docs, "ClusterRole")
-    split = chartgen.split_by_scope(rbac.RULES)
+    split = chartgen.split_by_scope(rbac.rules("operator"))
     assert rule_set(cluster_role["rules"]) == rule_set(split["cluster"])
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["edge-a", "edge-b"]
@@ -249,19 +256,30 @@ def test_watching_namespaces_grants_namespaced_rules_only_there():
 
 
 @needs_helm
-@pytest.mark.parametrize("watch", [[], ["--set", "watchNamespaces={edge-a}"]], ids=["cluster-wide", "namespaced"])
-def test_cert_manager_mode_alone_grants_certificates_and_configures_the_issuer(tmp_path, watch):
-    cert_manager = rule_set(rbac.CERT_MANAGER_RULES)
-    for mode, granted in (("operator", False), ("disabled", False), ("cert-manager", True)):
-        docs = template(f"tls.mode={mode}", "tls.issuer.name=edge-ca", "tls.issuer.kind=ClusterIssuer", *watch[1:])
+@pytest.mark.parametrize("watch", [[], ["watchNamespaces={edge-a}"]], ids=["cluster-wide", "namespaced"])
+def test_secrets_are_granted_as_far_as_the_tls_mode_needs_and_cert_manager_mode_configures_the_issuer(tmp_path,
+                                                                                                       watch):
+    secrets = {verb for (group, resource, verb) in rule_set(rbac.rules("operator")) if resource == "secrets"}
+    assert secrets == {"get", "list", "watch", "create", "patch"}, "never update, delete or deletecollection"
+    for mode, secret_verbs, certificates in (
+        ("operator", {"get", "list", "watch", "create", "patch"}, False),
+        ("cert-manager", {"get", "list", "watch"}, True),  # cert-manager writes them
+        ("disabled", set(), False),  # no Secret at all
+    ):
+        docs = template(f"tls.mode={mode}", "tls.issuer.name=edge-ca", "tls.issuer.kind=ClusterIssuer", *watch)
         roles = by_kind(docs, "Role") or by_kind(docs, "ClusterRole")
-        assert all((cert_manager <= rule_set(role["rules"])) == granted for role in roles), mode
+        for role in roles:
+            granted = rule_set(role["rules"])
+            assert {verb for (_, resource, verb) in granted if resource == "secrets"} == secret_verbs, mode
+            assert any(resource == "certificates" for (_, resource, _) in granted) == certificates, mode
+        assert not any(r == "secrets" for role in by_kind(docs, "ClusterRole") if watch
+                       for (_, r, _) in rule_set(role["rules"])), "namespaced: no Secret outside the watched ones"
         path = tmp_path / f"{mode}.yaml"
         path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
         tls = config.load(path).tls
         assert tls.mode == mode
-        assert (tls.issuer is not None) == granted, "the issuer is passed on only where it is used"
-        if granted:
+        assert (tls.issuer is not None) == certificates, "the issuer is passed on only where it is used"
+        if certificates:
             assert (tls.issuer.name, tls.issuer.kind) == ("edge-ca", "ClusterIssuer")
 
 
@@ -357,9 +375,10 @@ def test_federated_rounds_find_the_store_and_its_token(tmp_path):
 
 
 @needs_helm
-def test_model_cache_claim_is_what_the_rendered_pods_mount(tmp_path):
-    docs = template("watchNamespaces={edge-a}")
-    claim = one(docs, "PersistentVolumeClaim", "edgeloop-model-cache")
+def test_model_cache_claim_is_what_the_rendered_pods_mount_with_the_namespaces_sub_path_alone(tmp_path):
+    docs = template("watchNamespaces={edge-a,edge-b}")
+    [claim] = [c for c in by_kind(docs, "PersistentVolumeClaim")
+               if (c["metadata"]["namespace"], c["metadata"]["name"]) == ("edge-a", "edgeloop-model-cache")]
     volume = one(docs, "PersistentVolume", "edgeloop-model-cache-edge-a")
     assert claim["metadata"]["namespace"] == "edge-a" and claim["spec"]["volumeName"] == "edgeloop-model-cache-edge-a"
     assert volume["spec"]["claimRef"] == {"namespace": "edge-a", "name": "edgeloop-model-cache"}
@@ -368,21 +387,33 @@ def test_model_cache_claim_is_what_the_rendered_pods_mount(tmp_path):
 
     path = tmp_path / "config.yaml"
     path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
-    volumes = {v["name"]: v for v in rendered_daemon_set(config.load(path))["spec"]["template"]["spec"]["volumes"]}
+    pod = rendered_daemon_set(config.load(path))["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["model-cache"] == {"name": "model-cache",
                                       "persistentVolumeClaim": {"claimName": "edgeloop-model-cache"}}
     assert not any("hostPath" in v for v in volumes.values())
 
+    # The claim reaches the whole cache of the node (the kubelet creates a namespace's directory, writable,
+    # only as a subPath of it): an admission policy lets a pod mount it with its own namespace's subPath only.
+    policy = one(docs, "ValidatingAdmissionPolicy", "edgeloop-node-cache")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding", "edgeloop-node-cache")
+    assert binding["spec"]["policyName"] == "edgeloop-node-cache" and binding["spec"]["validationActions"] == ["Deny"]
+    [selector] = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert selector == {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["edge-a", "edge-b"]}
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert {r for rule in rules for r in rule["resources"]} == {"pods", "pods/ephemeralcontainers"}
+    assert "'edgeloop-model-cache'" in policy["spec"]["variables"][0]["expression"]
+
 
 @needs_helm
-def test_dataset_claim_is_what_the_rendered_client_pods_mount(tmp_path):
+def test_dataset_claim_reaches_the_namespaces_data_directory_alone(tmp_path):
     docs = template("watchNamespaces={edge-a}", "config.datasetRoot=/srv/edge")
     claim = one(docs, "PersistentVolumeClaim", "edgeloop-datasets")
     volume = one(docs, "PersistentVolume", "edgeloop-datasets-edge-a")
     assert claim["metadata"]["namespace"] == "edge-a" and claim["spec"]["volumeName"] == "edgeloop-datasets-edge-a"
     assert claim["spec"]["accessModes"] == volume["spec"]["accessModes"] == ["ReadOnlyMany"]
     assert volume["spec"]["claimRef"] == {"namespace": "edge-a", "name": "edgeloop-datasets"}
-    assert volume["spec"]["hostPath"]["path"] == "/srv/edge"
+    assert volume["spec"]["hostPath"] == {"path": "/srv/edge/edge-a", "type": "Directory"}, "this namespace's data"
     assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain", "the nodes' data is never deleted"
     assert "nodeAffinity" not in volume["spec"], "each pod must get its own node's directory"
     for kept in (claim, volume):
@@ -393,12 +424,10 @@ def test_dataset_claim_is_what_the_rendered_client_pods_mount(tmp_path):
     path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
     loaded = config.load(path)
     assert loaded.dataset_root == "/srv/edge"
-    with pytest.raises(federatedround.DatasetOutsideRoot):
-        federated_pods(loaded)  # the example's dataset lies under the default root only
-    client = federated_pods(loaded.model_copy(update={"dataset_root": "/var/lib/edgeloop"}))["client"]["spec"]
+    client = federated_pods(loaded)["client"]["spec"]
     assert {v["name"]: v for v in client["volumes"]}["data"] == {
         "name": "data", "persistentVolumeClaim": {"claimName": "edgeloop-datasets", "readOnly": True}}
-    assert {m["name"]: m for m in client["containers"][0]["volumeMounts"]}["data"]["subPath"] == "data/digits"
+    assert {m["name"]: m for m in client["containers"][0]["volumeMounts"]}["data"]["subPath"] == "digits"
     assert not any("hostPath" in v for v in client["volumes"])
 
 
@@ -411,7 +440,7 @@ def test_without_the_dataset_volume_the_client_pods_mount_the_host_path(tmp_path
     loaded = config.load(path)
     assert loaded.dataset_claim is None
     volumes = {v["name"]: v for v in federated_pods(loaded)["client"]["spec"]["volumes"]}
-    assert volumes["data"]["hostPath"]["path"] == "/var/lib/edgeloop/data/digits"
+    assert volumes["data"]["hostPath"]["path"] == "/var/lib/edgeloop/data/edge-a/digits"
 
 
 # ---- the store

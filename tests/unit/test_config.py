@@ -31,6 +31,7 @@ def test_built_in_classes():
         "gpu": built_in.runtime_image.replace("runtime:", "runtime-cuda:"),
         "cpu": built_in.runtime_image,
     }, "each class runs the flavour that has its execution providers"
+    assert built_in.federated_image == built_in.runtime_image.replace("runtime:", "runtime-federated:")
 
 
 def test_a_file_overrides_fields_adds_and_removes_classes(tmp_path):
@@ -83,3 +84,13 @@ def test_prints_the_effective_configuration(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["acceleratorClasses"]["gpu"]["resource"] == "nvidia.com/gpu"
     assert config.build(printed) == config.build(), "the printed configuration loads back unchanged"
+
+
+def test_an_image_allowlist_must_allow_the_configured_images():
+    allowed = config.build({"allowedImages": ["ghcr.io/edgeloop/*"]})
+    assert allowed.image_allowed("ghcr.io/edgeloop/runtime:0.1.0")
+    assert not allowed.image_allowed("docker.io/evil/runtime:1")
+    assert config.build().image_allowed("anything:at-all"), "no allowlist: any image"
+    with pytest.raises(config.ConfigError, match=r"registry\.example/runtime-cuda:1 is not in allowedImages"):
+        config.build({"allowedImages": ["ghcr.io/edgeloop/*"],
+                      "acceleratorClasses": {"gpu": {"image": "registry.example/runtime-cuda:1"}}})

@@ -118,3 +118,14 @@ def test_default_fleet_offers_the_nvidia_runtime_class_as_k3s_does():
         {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "nvidia"}, "handler": "nvidia"}
     ]
     assert load_fleet().scaled_to(10).runtimeClasses == ["nvidia"]
+
+
+def test_up_takes_group_counts_and_refuses_unknown_groups(capsys):
+    from devcluster import cli
+
+    assert cli._group_count("edge-arm64=2") == ("edge-arm64", 2)
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--scale", "edge-arm64=two"])
+    assert "expected GROUP=N" in capsys.readouterr().err
+    assert cli.main(["--name", "unit-never-up", "up", "--scale", "edge-tpu=1"]) == 1
+    assert "the fleet has no group edge-tpu" in capsys.readouterr().err

@@ -61,15 +61,22 @@ def test_images_index_needs_the_archives_and_a_pause_image(tmp_path):
     archive = tmp_path / "runtime.tar"
     archive.write_bytes(b"")
     index = tmp_path / "images.json"
-    index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)}]}))
+    entries = [{"name": "operator", "ref": "o:1", "archive": str(archive)}]
+    index.write_text(json.dumps({"images": entries}))
     with pytest.raises(ClusterError, match="no 'pause' image"):
         load_images(index)
     pause = tmp_path / "pause.tar"
     pause.write_bytes(b"")
-    index.write_text(json.dumps({"images": [{"name": "runtime", "ref": "r:1", "archive": str(archive)},
-                                            {"name": "pause", "ref": "p:3", "archive": str(pause)}]}))
+    entries.append({"name": "pause", "ref": "p:3", "archive": str(pause)})
+    index.write_text(json.dumps({"images": entries}))
     images = load_images(index)
-    assert (images.sandbox, images.helper, images.archives) == ("p:3", "r:1", [archive, pause])
+    assert (images.sandbox, images.helper, images.archives) == ("p:3", "o:1", [archive, pause])
+    entries.append({"name": "helper", "ref": "h:1", "archive": str(pause)})
+    index.write_text(json.dumps({"images": entries}))
+    assert load_images(index).helper == "h:1", "the Debian base when the index lists it"
+    index.write_text(json.dumps({"images": entries[1:2]}))
+    with pytest.raises(ClusterError, match="no 'helper' or 'operator' image"):
+        load_images(index)
 
 
 def test_with_real_nodes_the_apiserver_serves_on_the_gateway_with_endpoints(tmp_path):
@@ -112,3 +119,28 @@ def test_a_partition_drops_only_the_traffic_between_the_node_and_the_apiserver()
         "-s 10.210.3.1 -p tcp --sport 36443 -j DROP",
         "-s 10.210.3.1 -p tcp --dport 10250 -j DROP",  # the apiserver's calls to the kubelet (logs, exec)
     ], "the host's and other nodes' traffic to the node's pods (and its DNS) keeps flowing"
+
+
+def test_pods_are_described_to_file_sd_as_kubernetes_sd_would():
+    from devcluster.prometheus import pod_targets
+
+    pod = {
+        "metadata": {"namespace": "models", "name": "digits-gpu-x", "uid": "u",
+                     "labels": {"app.kubernetes.io/name": "digits"}, "annotations": {"prometheus.io/scrape": "true"}},
+        "spec": {"nodeName": "edge-real-0",
+                 "containers": [{"name": "runtime", "ports": [{"name": "http", "containerPort": 8000},
+                                                              {"name": "grpc", "containerPort": 8001}]}]},
+        "status": {"podIP": "10.224.0.5", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    pending = {"metadata": {"namespace": "models", "name": "p"}, "spec": {"containers": [{"name": "c"}]},
+               "status": {"phase": "Pending"}}
+    no_ports = {**pod, "spec": {"nodeName": "edge-real-1", "containers": [{"name": "runtime"}]}}
+    groups = pod_targets([pod, pending, no_ports])
+    assert [group["targets"] for group in groups] == [["10.224.0.5:8000"], ["10.224.0.5:8001"], ["10.224.0.5"]]
+    labels = groups[0]["labels"]
+    assert labels["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] == "true"
+    assert labels["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "digits"
+    assert (labels["__meta_kubernetes_pod_node_name"], labels["__meta_kubernetes_pod_ready"]) == ("edge-real-0", "true")
+    assert (labels["__meta_kubernetes_pod_container_port_name"], groups[1]["labels"][
+        "__meta_kubernetes_pod_container_port_number"]) == ("http", "8001")
+    assert "__meta_kubernetes_pod_container_port_number" not in groups[2]["labels"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from edgeloop_runtime.federated.aggregator import weighted_mean
 from edgeloop_runtime.federated.data import dirichlet_partition, holdout_split, load_npz
 from edgeloop_runtime.federated.model import load, mlp
 from edgeloop_runtime.federated.training import TrainConfig, evaluate, local_train, privatize
+from edgeloop_runtime.federated.validation import summarize
 from sklearn.datasets import load_digits
 
 
@@ -79,10 +79,25 @@ def test_npz_format_and_errors(tmp_path):
         load_npz(tmp_path)
 
 
-def test_federated_evaluation_weights_clients_by_holdout_size():
+def test_federated_evaluation_is_the_median_over_clients_with_the_weighted_mean_beside_it():
     reports = [
         {"accuracy": 1.0, "loss": 0.0, "examples": 30},
         {"accuracy": 0.0, "loss": 1.0, "examples": 10},
-        {"accuracy": 0.5, "loss": 9.0, "examples": 0},
+        {"accuracy": 0.6, "loss": 0.5, "examples": 20},
+        {"accuracy": 0.5, "loss": 9.0, "examples": 0},  # no holdout data: no vote
     ]
-    assert weighted_mean(reports) == {"accuracy": 0.75, "loss": 0.25}
+    assert summarize(reports, min_evaluators=3) == {
+        "accuracy": 0.6,
+        "loss": 0.5,
+        "evaluators": 3,
+        "meanAccuracy": 0.7,
+        "meanLoss": pytest.approx(1 / 3),
+    }
+    assert summarize(reports, min_evaluators=4) is None  # too few to trust
+
+
+def test_one_liar_moves_the_median_no_further_than_its_honest_neighbours():
+    honest = [{"accuracy": a, "loss": 1.0, "examples": 50} for a in (0.40, 0.45, 0.50, 0.55)]
+    liar = {"accuracy": 1.0, "loss": 0.0, "examples": 1_000_000}
+    summary = summarize([*honest, liar], min_evaluators=3)
+    assert summary["accuracy"] == 0.50 and summary["meanAccuracy"] > 0.99

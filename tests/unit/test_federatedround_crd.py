@@ -64,7 +64,9 @@ def test_cross_field_rules_are_cel(spec):
     assert rules(props["participants"]) == ["self.minClients <= self.maxClients"]
     assert rules(props["privacy"]) == ["self.noiseMultiplier == 0.0 || has(self.clipNorm)"]
     assert rules(props["training"]) == ["self.strategy == 'fedprox' || self.proximalMu == 0.0"]
-    assert rules(spec) == ["has(self.modelRef) || has(self.model)", "self == oldSelf"]
+    assert rules(spec) == [
+        "has(self.modelRef) || has(self.model)", "!has(self.model) || self.model.format == 'onnx'", "self == oldSelf"]
+    assert rules(props["dataset"]) == ["has(self.name) != has(self.hostPath)"]
 
 
 def test_sections_default_whole_and_the_dataset_is_required(spec):

@@ -33,7 +33,7 @@ STATUS_URL = "https://r1-aggregator.edge.svc:8080/v1/status"  # TLS by default
 def federated_round(**spec_override):
     spec = {
         "modelRef": {"name": "digits"},
-        "dataset": {"hostPath": "/var/lib/edgeloop/data/digits"},
+        "dataset": {"name": "digits"},
         "participants": {"minClients": 2, "maxClients": 3},
         **spec_override,
     }
@@ -132,7 +132,10 @@ def test_start_creates_the_aggregator_first_then_its_service_and_one_client_per_
     assert applied == [
         ("Secret", "edgeloop-ca"),
         ("Secret", "r1-aggregator-tls"),
-        ("Secret", "r1-client-tls"),
+        ("Secret", "r1-status-tls"),
+        ("Secret", "r1-client-0-tls"),
+        ("Secret", "r1-client-1-tls"),
+        ("Secret", "r1-client-2-tls"),
         ("Job", "r1-aggregator"),
         ("Service", "r1-aggregator"),
         ("Job", "r1-client-0"),
@@ -374,9 +377,11 @@ def test_a_running_round_whose_aggregator_job_was_deleted_fails_and_is_not_start
     assert world.status["round"] == 2, "what was reported stays"
 
 
-def test_with_a_dataset_claim_a_dataset_outside_the_data_root_fails_the_round_without_creating_anything():
-    claimed = config.build({"datasetClaim": "edgeloop-datasets"})
-    world = World(body=federated_round(dataset={"hostPath": "/mnt/digits"}), operator_config=claimed)
+@pytest.mark.parametrize("claim", [None, "edgeloop-datasets"])
+def test_a_dataset_outside_the_namespaces_directory_fails_the_round_without_creating_anything(claim):
+    claimed = config.build({"datasetClaim": claim})
+    other = "/var/lib/edgeloop/data/other-tenant/digits"
+    world = World(body=federated_round(dataset={"hostPath": other}), operator_config=claimed)
     world.sync()
     assert not [c for c in world.kube.writes() if c[0] == "apply"]
     assert world.status["phase"] == "Failed"
@@ -386,7 +391,7 @@ def test_with_a_dataset_claim_a_dataset_outside_the_data_root_fails_the_round_wi
         "Promoted": ("False", "RoundFailed"),
     }
     message = {c["type"]: c["message"] for c in world.status["conditions"]}["Succeeded"]
-    assert "/mnt/digits is not under /var/lib/edgeloop/data" in message
+    assert f"{other} is not under /var/lib/edgeloop/data/edge/" in message
     world.kube.calls.clear()
     world.sync()
     assert world.kube.calls == [], "a failed round is done: no retries"
@@ -416,35 +421,47 @@ def secret(world: World, name: str) -> dict:
     return world.kube.objects[("Secret", "edge", name)]
 
 
-def test_the_certificates_are_issued_before_the_jobs_and_owned_by_the_round():
+def common_name(cert: x509.Certificate) -> str:
+    [name] = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return name.value
+
+
+def test_the_certificates_are_issued_before_the_jobs_one_per_client_named_for_its_node_and_owned_by_the_round():
+    """The aggregator takes a client's id from its certificate's CN (C5): one certificate per client Job."""
     world = World()
     world.sync()
     applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
-    assert applied.index(("Secret", "r1-client-tls")) < applied.index(("Job", "r1-aggregator"))
-    ca = decode(secret(world, "edgeloop-ca"), "tls.crt")
+    assert applied.index(("Secret", "r1-client-2-tls")) < applied.index(("Job", "r1-aggregator"))
+    ca = certs.load_cert(decode(secret(world, "edgeloop-ca"), "tls.crt"))
     server = certs.load_cert(decode(secret(world, "r1-aggregator-tls"), "tls.crt"))
-    client = certs.load_cert(decode(secret(world, "r1-client-tls"), "tls.crt"))
-    assert certs.signed_by(server, certs.load_cert(ca)) and certs.signed_by(client, certs.load_cert(ca))
+    clients = {i: certs.load_cert(decode(secret(world, f"r1-client-{i}-tls"), "tls.crt")) for i in range(3)}
+    status = certs.load_cert(decode(secret(world, "r1-status-tls"), "tls.crt"))
+    assert all(certs.signed_by(cert, ca) for cert in [server, status, *clients.values()])
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName
     )
     assert names == certs.service_dns_names("r1-aggregator", "edge")
+    assert {i: common_name(cert) for i, cert in clients.items()} == {0: "edge-a", 1: "edge-b", 2: "edge-c"}
+    assert common_name(status) == "edgeloop:operator", "no node can be named so (a ':' is not in a node name)"
     usages = {
-        name: c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        for name, c in (("server", server), ("client", client))
+        name: list(c.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        for name, c in (("server", server), ("status", status), *((i, c) for i, c in clients.items()))
     }
-    assert list(usages["server"]) == [ExtendedKeyUsageOID.SERVER_AUTH]
-    assert list(usages["client"]) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    for name in ("r1-aggregator-tls", "r1-client-tls"):
+    assert usages.pop("server") == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert all(usage == [ExtendedKeyUsageOID.CLIENT_AUTH] for usage in usages.values())
+    for name in ("r1-aggregator-tls", "r1-status-tls", "r1-client-0-tls"):
         [owner] = secret(world, name)["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"], owner["uid"]) == ("FederatedRound", "r1", "uid-r1"), "goes with it"
         assert secret(world, name)["metadata"]["labels"]["edgeloop.io/federatedround"] == "r1"
     aggregator = world.kube.objects[("Job", "edge", "r1-aggregator")]["spec"]["template"]["spec"]
-    client_job = world.kube.objects[("Job", "edge", "r1-client-0")]["spec"]["template"]["spec"]
     assert {v["name"]: v.get("secret", {}).get("secretName") for v in aggregator["volumes"]}["tls"] == (
         "r1-aggregator-tls"
     )
-    assert {v["name"]: v.get("secret", {}).get("secretName") for v in client_job["volumes"]}["tls"] == "r1-client-tls"
+    for i in range(3):
+        client_job = world.kube.objects[("Job", "edge", f"r1-client-{i}")]["spec"]["template"]["spec"]
+        assert {v["name"]: v.get("secret", {}).get("secretName") for v in client_job["volumes"]}["tls"] == (
+            f"r1-client-{i}-tls"
+        )
 
 
 def test_valid_certificates_cost_no_call_and_no_write():
@@ -455,19 +472,19 @@ def test_valid_certificates_cost_no_call_and_no_write():
 
 def test_a_certificate_due_for_rotation_is_renewed_by_the_sync_of_a_running_round():
     world = started_world()
-    before = decode(secret(world, "r1-client-tls"), "tls.crt")
-    del world.kube.objects[("Secret", "edge", "r1-client-tls")]  # gone, as a certificate past rotation would be
+    before = decode(secret(world, "r1-client-1-tls"), "tls.crt")
+    del world.kube.objects[("Secret", "edge", "r1-client-1-tls")]  # gone, as a certificate past rotation would be
     world.refresh()
     world.sync()
-    assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "Secret", "r1-client-tls")]
-    assert decode(secret(world, "r1-client-tls"), "tls.crt") != before
+    assert [c for c in world.kube.writes() if c[0] == "apply"] == [("apply", "Secret", "r1-client-1-tls")]
+    assert decode(secret(world, "r1-client-1-tls"), "tls.crt") != before
 
 
-def test_the_status_poll_presents_the_rounds_client_certificate_and_expects_the_services_name():
+def test_the_status_poll_presents_the_operators_own_client_certificate_and_expects_the_services_name():
     world = started_world()
     world.report = report()
     world.sync()
-    stored = secret(world, "r1-client-tls")
+    stored = secret(world, "r1-status-tls")
     assert world.polled_tls is not None
     assert (world.polled_tls.cert, world.polled_tls.key, world.polled_tls.ca) == (
         decode(stored, "tls.crt"),
@@ -488,17 +505,40 @@ def test_with_tls_disabled_there_are_no_certificates_and_the_poll_is_plain_http(
     assert args[args.index("--aggregator") + 1] == "http://r1-aggregator.edge.svc:8080"
 
 
-def test_in_cert_manager_mode_two_certificates_owned_by_the_round_come_before_the_jobs():
+def test_in_cert_manager_mode_the_rounds_certificates_owned_by_it_come_before_the_jobs():
     tls = {"mode": "cert-manager", "issuer": {"name": "ca", "kind": "ClusterIssuer"}}
     world = World(operator_config=config.build({"tls": tls}))
     world.sync()
     applied = [c[1:] for c in world.kube.writes() if c[0] == "apply"]
-    assert applied[:2] == [("Certificate", "r1-aggregator-tls"), ("Certificate", "r1-client-tls")]
+    assert applied[:5] == [("Certificate", name) for name in (
+        "r1-aggregator-tls", "r1-status-tls", "r1-client-0-tls", "r1-client-1-tls", "r1-client-2-tls")]
     assert not [a for a in applied if a[0] == "Secret"], "cert-manager writes the Secrets"
     server = world.kube.objects[("Certificate", "edge", "r1-aggregator-tls")]["spec"]
-    client = world.kube.objects[("Certificate", "edge", "r1-client-tls")]["spec"]
+    client = world.kube.objects[("Certificate", "edge", "r1-client-1-tls")]["spec"]
     assert server["dnsNames"] == certs.service_dns_names("r1-aggregator", "edge")
     assert "server auth" in server["usages"] and "client auth" in client["usages"] and "dnsNames" not in client
+    assert client["commonName"] == "edge-b", "the client's id, its node"
     world.kube.calls.clear()
     world.sync()
     assert not [c for c in world.kube.writes() if c[0] == "apply"], "applied once per process and content"
+
+
+def test_a_round_whose_image_is_outside_the_allowlist_fails_without_creating_anything():
+    allowlist = config.build({"allowedImages": ["ghcr.io/edgeloop/*"]})
+    world = World(body=federated_round(runtime={"image": "docker.io/evil/miner:1"}), operator_config=allowlist)
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+    assert world.status["phase"] == "Failed"
+    assert world.conditions()["Succeeded"] == ("False", "ImageNotAllowed")
+
+
+def test_a_round_of_a_model_served_as_tflite_fails_with_the_reason():
+    """LiteRT serves tflite models; training needs an onnx one (admission refuses a tflite spec.model)."""
+    world = World()
+    world.kube.objects[MODEL]["spec"]["model"]["format"] = "tflite"
+    world.sync()
+    assert not [c for c in world.kube.writes() if c[0] == "apply"]
+    assert world.status["phase"] == "Failed"
+    assert world.conditions()["Started"] == ("False", "UnsupportedModelFormat")
+    message = {c["type"]: c["message"] for c in world.status["conditions"]}["Succeeded"]
+    assert "InferenceModel digits serves a tflite model" in message

@@ -21,6 +21,7 @@ from im_factories import SHA_B, daemon_set_status, inference_model
 
 KEY = ("edge", "digits")
 MODEL = ("InferenceModel", *KEY)
+COALESCE = 0.02
 
 
 class World:
@@ -39,7 +40,7 @@ class World:
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
             daemon_sets=self.daemon_sets, services=self.services, nodes=self.nodes, namespaces=self.namespaces,
-            coalesce_seconds=0, diagnosis_interval=diagnosis_interval,
+            coalesce_seconds=COALESCE, diagnosis_interval=diagnosis_interval,
             post_event=lambda body, **event: self.events.append((event["type"], event["reason"])),
             clock=clock or (lambda: 0.0),
         )
@@ -85,12 +86,32 @@ class World:
         return updated
 
     def reconcile(self, body=None):
-        asyncio.run(self.controller.reconcile(body or self.kube.objects[MODEL]))
+        async def reconcile():
+            await self.controller.reconcile(body or self.kube.objects[MODEL])
+            await self.answers()
+
+        asyncio.run(reconcile())
         self.refresh()
 
     def resync(self):
-        asyncio.run(self.controller.runner.run(KEY))
+        async def resync():
+            await self.controller.runner.run(KEY)
+            await self.answers()
+
+        asyncio.run(resync())
         self.refresh()
+
+    async def answers(self):
+        """The runtimes asked by the sync answer, and the sync each answer requests runs (after the watches
+        caught up: it comes after the coalescing delay)."""
+        await self.controller.asked()
+        self.refresh()
+        runner, loop = self.controller.runner, asyncio.get_running_loop()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            soon = [task for when, task in runner._scheduled.values() if when <= loop.time() + COALESCE]
+            if not soon and not runner._running:
+                return
 
 
 def test_create_applies_every_object_once_and_reports_status():
@@ -118,8 +139,11 @@ def test_a_resync_of_an_unchanged_object_makes_no_call_at_all():
 def test_a_sync_before_the_watch_delivers_the_written_status_neither_writes_nor_repeats_events():
     world = World()
     world.reconcile()
-    asyncio.run(world.controller.runner.run(KEY))  # the DaemonSets are ready; the index has the old status
-    assert ("Normal", "Ready") in world.events
+    world.resync()
+    world.refresh(cpu=(1, 0))  # a runtime stops being ready
+    world.events.clear()
+    asyncio.run(world.controller.runner.run(KEY))  # written; the index still has the Ready status
+    assert ("Normal", "RollingOut") not in world.events and world.kube.writes()[-1][0] == "patch_status"
     world.kube.calls.clear()
     world.events.clear()
     asyncio.run(world.controller.runner.run(KEY))
@@ -331,7 +355,7 @@ def test_a_runtime_that_cannot_be_asked_is_asked_again_only_after_the_interval()
     status = world.kube.objects[MODEL]["status"]
     accelerated = next(c for c in status["conditions"] if c["type"] == "Accelerated")
     assert (accelerated["status"], accelerated["reason"]) == ("Unknown", "NotSampled")
-    assert "no route to the pod" in accelerated["message"]
+    assert accelerated["message"].startswith("not known yet for gpu")
     world.kube.calls.clear()
     now[0] = 59
     world.resync()
@@ -339,3 +363,13 @@ def test_a_runtime_that_cannot_be_asked_is_asked_again_only_after_the_interval()
     now[0] = 60
     world.resync()
     assert proxied(world) == [("proxy_get", "digits-gpu-ready", "/v2/models/digits")]
+
+
+def test_an_image_outside_the_allowlist_is_degraded_and_nothing_is_applied():
+    world = World(config.build({"allowedImages": ["ghcr.io/edgeloop/*"]}),
+                  body=inference_model(runtime={"image": "docker.io/evil/miner:1"}))
+    world.reconcile()
+    assert not [c for c in world.kube.calls if c[0] == "apply"]
+    degraded = next(c for c in world.kube.objects[MODEL]["status"]["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ImageNotAllowed")
+    assert "docker.io/evil/miner:1 is not in allowedImages" in degraded["message"]

@@ -116,10 +116,11 @@ def test_one_client_job_pinned_to_each_selected_node():
     assert tuple(pinned) == NODES
 
 
-def test_the_dataset_is_mounted_read_only_from_the_node():
+def test_a_named_dataset_is_the_directory_of_that_name_in_the_namespaces_data_on_the_node():
+    assert example_spec()["dataset"] == {"name": "digits"}
     for job in rendered_example().clients:
         volumes = {v["name"]: v for v in pod(job)["volumes"]}
-        assert volumes["data"]["hostPath"] == {"path": "/var/lib/edgeloop/data/digits", "type": "Directory"}
+        assert volumes["data"]["hostPath"] == {"path": "/var/lib/edgeloop/data/edge/digits", "type": "Directory"}
         mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
         assert mounts["data"] == {"name": "data", "mountPath": "/data", "readOnly": True}
 
@@ -128,7 +129,8 @@ def claimed(**overrides):
     return config.build({"datasetClaim": "edgeloop-datasets", **overrides})
 
 
-def test_with_a_dataset_claim_the_dataset_is_a_read_only_sub_path_of_the_claim_and_no_host_path():
+def test_with_a_dataset_claim_the_dataset_is_a_read_only_sub_path_of_the_namespaces_claim_and_no_host_path():
+    """The claim of each namespace is bound to the namespace's own data directory on the nodes."""
     for job in render(OWNER, FederatedRoundSpec.model_validate(example_spec()), claimed(), START).clients:
         volumes = {v["name"]: v for v in pod(job)["volumes"]}
         assert volumes["data"] == {
@@ -142,25 +144,37 @@ def test_with_a_dataset_claim_the_dataset_is_a_read_only_sub_path_of_the_claim_a
 
 
 @pytest.mark.parametrize(
-    ("root", "host_path", "sub_path"),
+    ("root", "dataset", "sub_path"),
     [
-        ("/var/lib/edgeloop/data", "/var/lib/edgeloop/data/a/b/", "a/b"),
-        ("/var/lib/edgeloop/data/", "//var/lib/edgeloop/data//a", "a"),
-        ("/srv/data", "/srv/data", ""),
+        ("/var/lib/edgeloop/data", {"hostPath": "/var/lib/edgeloop/data/edge/a/b/"}, "a/b"),
+        ("/var/lib/edgeloop/data/", {"hostPath": "//var/lib/edgeloop/data//edge//a"}, "a"),
+        ("/srv/data", {"hostPath": "/srv/data/edge"}, ""),
+        ("/srv/data", {"name": "digits.v2"}, "digits.v2"),
     ],
 )
-def test_the_sub_path_is_the_dataset_relative_to_the_root(root, host_path, sub_path):
-    assert dataset_sub_path(spec(dataset={"hostPath": host_path}), claimed(datasetRoot=root)) == sub_path
-    [client, *_] = render(OWNER, spec(dataset={"hostPath": host_path}), claimed(datasetRoot=root), START).clients
+def test_the_sub_path_is_the_dataset_relative_to_the_namespaces_directory(root, dataset, sub_path):
+    assert dataset_sub_path(spec(dataset=dataset), claimed(datasetRoot=root), "edge") == sub_path
+    [client, *_] = render(OWNER, spec(dataset=dataset), claimed(datasetRoot=root), START).clients
     mounts = {m["name"]: m for m in container(client)["volumeMounts"]}
     assert mounts["data"].get("subPath") == (sub_path or None)
 
 
-@pytest.mark.parametrize("host_path", ["/var/lib/edgeloop/database", "/var/lib/edgeloop", "/data/digits"])
-def test_a_dataset_outside_the_root_cannot_be_rendered_with_a_claim(host_path):
-    with pytest.raises(DatasetOutsideRoot, match="is not under /var/lib/edgeloop/data"):
-        render(OWNER, spec(dataset={"hostPath": host_path}), claimed(), START)
-    assert render(OWNER, spec(dataset={"hostPath": host_path}), config.build(), START).clients, "hostPath: any path"
+@pytest.mark.parametrize(
+    "host_path",
+    [
+        "/var/lib/edgeloop/data/digits",  # no namespace
+        "/var/lib/edgeloop/data/other/digits",  # another namespace's data
+        "/var/lib/edgeloop/data/edge-b/digits",  # a namespace whose name starts like this one's
+        "/var/lib/edgeloop/data",
+        "/var/lib/edgeloop/models/edge",
+        "/data/digits",
+    ],
+)
+def test_a_dataset_outside_the_namespaces_directory_is_never_rendered(host_path):
+    """A tenant cannot make the operator mount another namespace's data, with a claim or without one."""
+    for operator_config in (claimed(), config.build()):
+        with pytest.raises(DatasetOutsideRoot, match="is not under /var/lib/edgeloop/data/edge/"):
+            render(OWNER, spec(dataset={"hostPath": host_path}), operator_config, START)
 
 
 def test_a_data_root_with_dot_dot_is_a_config_error():
@@ -225,10 +239,10 @@ def test_the_aggregator_job_records_the_start_and_is_created_first():
     assert recorded == START
 
 
-def test_operator_configuration_sets_the_image_and_the_store():
+def test_operator_configuration_sets_the_federated_image_and_the_store():
     custom = config.build(
         {
-            "runtimeImage": "registry.example/rt:1",
+            "federatedImage": "registry.example/rt:1",
             "storeUrl": "https://store.example:8443",
             "storeTokenSecret": "tokens",
         }
@@ -273,8 +287,8 @@ def test_the_aggregator_serves_mtls_with_its_server_certificate():
     assert "tcpSocket" in probe and "httpGet" not in probe, "the kubelet has no client certificate"
 
 
-def test_each_client_presents_the_rounds_client_certificate():
-    for job in rendered_example().clients:
+def test_each_client_presents_a_client_certificate_of_its_own():
+    for index, job in enumerate(rendered_example().clients):
         args = parsed(job)
         assert args.aggregator.startswith("https://")
         assert (args.tls_ca, args.tls_cert, args.tls_key) == (
@@ -283,7 +297,7 @@ def test_each_client_presents_the_rounds_client_certificate():
             "/etc/edgeloop/tls/tls.key",
         )
         assert mounts(job)["tls"]["readOnly"] is True
-        assert volumes(job)["tls"]["secret"]["secretName"] == "digits-round-1-client-tls"
+        assert volumes(job)["tls"]["secret"]["secretName"] == f"digits-round-1-client-{index}-tls"
 
 
 @pytest.mark.parametrize("mode", ["operator", "cert-manager"])

@@ -115,9 +115,50 @@ def test_restricted_security_context_and_probes():
         runtime = pod["containers"][0]
         assert runtime["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert runtime["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-        mounts = {m["name"]: m for m in runtime["volumeMounts"]}
-        assert mounts["model-cache"].get("readOnly") is True, "only the verifying init container writes the cache"
+        mounts = {m["mountPath"]: m for m in runtime["volumeMounts"]}
+        assert mounts["/var/lib/edgeloop/models"].get("readOnly") is True, (
+            "only the verifying init container writes the models")
         assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
+
+
+def test_every_container_has_a_memory_limit_by_default_and_the_spec_decides_for_what_it_names():
+    """A runtime whose memory is not bounded can take a node down (issue 16 item 7)."""
+    def containers(manifests, name="digits-cpu"):
+        pod = manifests.daemon_sets[name]["spec"]["template"]["spec"]
+        return {c["name"]: c.get("resources", {}) for c in [*pod["initContainers"], *pod["containers"]]}
+
+    bare = containers(render(OWNER, spec(), config.build()))
+    assert bare["runtime"] == {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    assert bare["fetch"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+
+    big = containers(render(OWNER, spec(runtime={"resources": {"requests": {"memory": "4Gi"}}}), config.build()))
+    assert big["runtime"] == {"requests": {"cpu": "100m", "memory": "4Gi"}}, (
+        "memory named by the spec: its settings alone, no default limit below its request")
+    gpu = containers(render(OWNER, spec(), config.build()), "digits-gpu")
+    assert gpu["runtime"]["limits"] == {"memory": "1Gi", "nvidia.com/gpu": 1}
+    assert "nvidia.com/gpu" not in gpu["fetch"].get("limits", {}), "the accelerator is the runtime's alone"
+    custom = config.build({"runtimeResources": {"limits": {"memory": "2Gi"}}})
+    assert containers(render(OWNER, spec(), custom))["runtime"] == {"limits": {"memory": "2Gi"}}
+
+
+@pytest.mark.parametrize("claim", [None, "edgeloop-model-cache"])
+def test_a_pod_mounts_only_its_namespaces_cache_and_only_the_fetcher_may_write(claim):
+    """Tenants share nodes, not caches: a cache hit never serves another namespace's file (issue 16 item 10)."""
+    for namespace in ("tenant-a", "tenant-b"):
+        owner = owner_of("digits", namespace, "uid")
+        for ds in render(owner, spec(), config.build({"modelCacheClaim": claim})).daemon_sets.values():
+            pod = ds["spec"]["template"]["spec"]
+            mounts = {c["name"]: next(m for m in c["volumeMounts"] if m["mountPath"] == "/var/lib/edgeloop/models")
+                      for c in [*pod["initContainers"], *pod["containers"]]}
+            assert mounts == {
+                "fetch": {"name": "model-cache", "mountPath": "/var/lib/edgeloop/models", "subPath": namespace},
+                "runtime": {"name": "model-cache", "mountPath": "/var/lib/edgeloop/models", "subPath": namespace,
+                            "readOnly": True},
+            }
+            [volume] = [v for v in pod["volumes"] if v["name"] == "model-cache"]
+            source = ({"persistentVolumeClaim": {"claimName": claim}} if claim
+                      else {"hostPath": {"path": "/var/lib/edgeloop/models", "type": "Directory"}})
+            assert volume == {"name": "model-cache", **source}
 
 
 def test_service_is_node_local_when_asked():
@@ -224,3 +265,60 @@ def test_a_new_certificate_rolls_the_runtime_pods():
             RENDER_HASH
         ]
     assert first.service == second.service
+
+
+# ---- C1: what each class and the spec pass to the runtime
+
+
+def served(manifests, name):
+    """The runtime's command line of DaemonSet `name`, parsed and checked as edgeloop-runtime serve does."""
+    from edgeloop_runtime.cli import build_parser
+    from edgeloop_runtime.serve import check_arguments
+
+    [runtime] = manifests.daemon_sets[name]["spec"]["template"]["spec"]["containers"]
+    args = build_parser(only="serve").parse_args(runtime["args"])
+    assert check_arguments(args) is None, check_arguments(args)
+    return args
+
+
+def test_each_class_passes_its_provider_options_with_sensible_defaults():
+    manifests = render(OWNER, spec(), config.build())
+    assert served(manifests, "digits-gpu").provider_options == {
+        "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}
+    }, "exhaustive search of cuDNN algorithms for every new batch shape made batching slower than none"
+    assert served(manifests, "digits-npu").provider_options == {"OpenVINOExecutionProvider": {"device_type": "NPU"}}
+    assert served(manifests, "digits-cpu").provider_options == {}
+    custom = config.build({"acceleratorClasses": {"npu": {"providerOptions": {
+        "OpenVINOExecutionProvider": {"device_type": "CPU", "num_of_threads": "2"}}}}})
+    assert served(render(OWNER, spec(), custom), "digits-npu").provider_options == {
+        "OpenVINOExecutionProvider": {"device_type": "CPU", "num_of_threads": "2"}}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"TensorrtExecutionProvider": {"trt_fp16_enable": "True"}}, "not in its executionProviders"),
+    ({"CUDAExecutionProvider": {"device_id": 0}}, "are strings"),
+    ({"CUDAExecutionProvider": "HEURISTIC"}, "providerOptions"),
+])
+def test_provider_options_are_checked_when_the_configuration_loads(options, message):
+    with pytest.raises(ConfigError, match=message):
+        config.build({"acceleratorClasses": {"gpu": {"providerOptions": options}}})
+
+
+def test_the_compiled_cache_is_the_namespaces_own_writable_directory_on_the_node():
+    for name, ds in render(OWNER, spec(), config.build()).daemon_sets.items():
+        pod = ds["spec"]["template"]["spec"]
+        [runtime] = pod["containers"]
+        compiled = served(render(OWNER, spec(), config.build()), name).compiled_cache
+        [mount] = [m for m in runtime["volumeMounts"] if m["mountPath"] == str(compiled)]
+        assert mount == {"name": "model-cache", "mountPath": "/var/lib/edgeloop/compiled", "subPath": "edge.compiled"}
+        assert not mount.get("readOnly"), "OpenVINO and TensorRT write their compiled models there"
+        # Beside the models' directory, not in it: a namespace's own pods may write in that one, and a
+        # symlink they left there would lead a subPath mount into another namespace's directory.
+
+
+def test_the_format_and_the_instances_reach_the_runtime():
+    assert served(render(OWNER, spec(), config.build()), "digits-cpu").format == "onnx"
+    manifests = render(OWNER, spec(model={"format": "tflite"}, runtime={"instances": 3}), config.build())
+    args = served(manifests, "digits-cpu")
+    assert (args.format, args.model_instances) == ("tflite", 3)
+    assert served(render(OWNER, spec(), config.build()), "digits-cpu").model_instances == 0, "unset: automatic"

@@ -82,6 +82,7 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{- end }}
 {{- end }}
 {{- $_ := set $config "runtimeImage" (include "edgeloop.runtimeImage" .) }}
+{{- $_ := set $config "federatedImage" (default (printf "ghcr.io/edgeloop/runtime-federated:%s" .Chart.AppVersion) .Values.config.federatedImage) }}
 {{- $_ := set $config "tls" (omit .Values.tls "issuer") }}
 {{- if eq .Values.tls.mode "cert-manager" }}
 {{- $_ := set $config.tls "issuer" .Values.tls.issuer }}

@@ -68,12 +68,16 @@ class ModelSource(ApiModel):
     uri: str = Field(
         min_length=1,
         max_length=2048,
-        pattern=r"^(https?|file)://\S+$",
-        description="Where the runtime fetches the model from: an http://, https:// or file:// URI "
-        "(file:// paths are read on the node).",
+        pattern=r"^https?://\S+$",
+        description="Where the runtime fetches the model from: an http:// or https:// URI (the model store's, or "
+        "any origin: the sha256 decides). The fetcher reads no file of the node.",
     )
     sha256: Sha256Hex
-    format: Literal["onnx"] = Field(default="onnx", description="The model file's format.")
+    format: Literal["onnx", "tflite"] = Field(
+        default="onnx",
+        description="The model file's format: onnx (ONNX Runtime, with the accelerator's execution providers) or "
+        "tflite (LiteRT, on the CPU). FederatedRounds train onnx models only.",
+    )
     version: str = Field(
         min_length=1,
         max_length=63,

@@ -72,15 +72,33 @@ class Participants(ApiModel):
 
 
 class Dataset(ApiModel):
-    """The local training data; it is read on each node and never leaves it."""
+    """The local training data; it is read on each node and never leaves it. Each namespace has its own
+    directory of datasets on the nodes (<datasetRoot>/<namespace>, by default /var/lib/edgeloop/data/<namespace>),
+    and a round reads only from its namespace's."""
 
-    host_path: str = Field(
+    model_config = {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                cel("has(self.name) != has(self.hostPath)", "set exactly one of name and hostPath"),
+            ]
+        }
+    }
+
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="The dataset's directory in the namespace's data directory on each node: "
+        "/var/lib/edgeloop/data/<namespace>/<name> with the default datasetRoot.",
+    )
+    host_path: str | None = Field(
+        default=None,
         min_length=2,
         max_length=1024,
         pattern=r"^/",
-        description="Directory on each participating node holding one .npz file with arrays x (inputs) and "
-        "y (integer labels), e.g. /var/lib/edgeloop/data/digits. Mounted read-only into the client pod; "
-        "it must exist on every node that can be selected.",
+        description="The dataset's directory on each node, given by its path: it must lie in the namespace's data "
+        "directory (<datasetRoot>/<namespace>/...), or the round fails (DatasetOutsideRoot).",
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("!self.split('/').exists(p, p == '..')", "hostPath must not contain '..'"),
@@ -198,6 +216,10 @@ class FederatedRoundSpec(ApiModel):
             "x-kubernetes-validations": [
                 cel("has(self.modelRef) || has(self.model)", "set modelRef, model, or both"),
                 cel(
+                    "!has(self.model) || self.model.format == 'onnx'",
+                    "federated training needs an onnx model: a tflite model can be served, not trained",
+                ),
+                cel(
                     "self == oldSelf",
                     "spec is immutable: a FederatedRound is one run; create another one to train again",
                 ),
@@ -214,7 +236,11 @@ class FederatedRoundSpec(ApiModel):
         default=None, description="The starting model, when it is not the one modelRef's InferenceModel serves."
     )
     participants: Participants = section(Participants, "Which nodes train.")
-    dataset: Dataset = Field(description="Where each node's training data is.")
+    dataset: Dataset = Field(
+        description="Where each node's training data is: a directory holding one .npz file with arrays x "
+        "(inputs) and y (integer labels), mounted read-only into the client pod; it must exist on every node "
+        "that can be selected."
+    )
     training: Training = section(Training, "The federated optimisation.")
     secure_aggregation: SecureAggregation = section(SecureAggregation, "Secure aggregation of the updates.")
     privacy: Privacy = section(Privacy, "Clipping and noise on each client's update.")

@@ -79,7 +79,14 @@ class RuntimeSpec(ApiModel):
         description="How long the runtime waits for more requests to fill a batch; 0 disables batching "
         "delays.",
     )
-    threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads per model.")
+    threads: int = Field(default=1, ge=1, le=256, description="ONNX Runtime intra-op threads per model instance.")
+    instances: int | None = Field(
+        default=None,
+        ge=0,
+        le=256,
+        description="Model instances that run batches at once (Triton's instance_group count). Unset or 0: the "
+        "runtime decides (the container's CPU limit divided by threads; 2 on an accelerator).",
+    )
 
 
 class Serving(ApiModel):

@@ -58,12 +58,19 @@ class Certificates:
         self._applied: dict[Key, str] = {}
 
     async def ensure(
-        self, owner: Owner, name: str, labels: dict[str, str], usage: certs.Usage, dns_names: list[str]
+        self,
+        owner: Owner,
+        name: str,
+        labels: dict[str, str],
+        usage: certs.Usage,
+        dns_names: list[str],
+        common_name: str | None = None,
     ) -> str:
-        """Makes Secret `name` hold a valid certificate; returns its revision ("" until one exists)."""
+        """Makes Secret `name` hold a valid certificate, for `common_name` when given (a client's identity,
+        else the owner's name); returns its revision ("" until one exists)."""
         key = (owner.namespace, name)
         if self._tls.mode == "cert-manager":
-            manifest = certificate(owner, name, labels, _usage(usage), dns_names, self._tls)
+            manifest = certificate(owner, name, labels, _usage(usage), dns_names, self._tls, common_name)
             if self._applied.get(key) != (digest := render_hash(manifest)):
                 await asyncio.to_thread(self._kube.apply, manifest)
                 log.info("applied Certificate %s/%s", *key)
@@ -74,10 +81,11 @@ class Certificates:
         ca = await self._ca(owner.namespace)
         now = self._now()
         leaf = decode(self._indexed(key) or {}, "tls.crt")
-        if certs.needs_rotation(leaf, ca.cert, now, dns_names):
+        if certs.needs_rotation(leaf, ca.cert, now, dns_names, common_name=common_name):
             leaf = decode(await self._live(key) or {}, "tls.crt")
-        if certs.needs_rotation(leaf, ca.cert, now, dns_names):
-            pair = certs.issue(ca, name, usage, now, timedelta(days=self._tls.cert_validity_days), dns_names)
+        if certs.needs_rotation(leaf, ca.cert, now, dns_names, common_name=common_name):
+            validity = timedelta(days=self._tls.cert_validity_days)
+            pair = certs.issue(ca, common_name or name, usage, now, validity, dns_names)
             await asyncio.to_thread(self._kube.apply, tls_secret(owner, name, labels, _usage(usage), pair, ca.cert))
             log.info("issued the certificate in Secret %s/%s", *key)
             leaf = pair.cert

@@ -12,9 +12,10 @@ says Succeeded, the promotion gate decides, and a model that passes replaces the
 spec.model, which rolls the fleet. A round whose outcome and promotion are decided is never looked at again.
 
 TLS (unless tls.mode is disabled): before its Jobs, a round gets a server certificate for its aggregator
-Service and one client certificate that all its clients present (mTLS), from the Certificates of
-handlers/certificates.py, so every sync of a running round is also their rotation check. The operator
-polls the aggregator with that same client certificate, read from the watch of the TLS Secrets.
+Service and a client certificate per client Job (mTLS), whose subject CN, the client's node, is its id at
+the aggregator, from the Certificates of handlers/certificates.py, so every sync of a running round is also
+their rotation check. The operator reads the aggregator's status (edgeloop.aggregator) with a client
+certificate of its own, read from the watch of the TLS Secrets.
 
 Deletion needs no handler: everything carries an owner reference, and the garbage collector removes the
 Jobs (stopping their pods), the Service and the TLS Secrets with the FederatedRound.
@@ -35,7 +36,7 @@ from edgeloop.api import API_VERSION, GROUP, VERSION
 from edgeloop.api.common import ModelRef, ModelSource
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec, FederatedRoundStatus
 from edgeloop.certs import Usage, service_dns_names
-from edgeloop.config import OperatorConfig
+from edgeloop.config import ImageNotAllowed, OperatorConfig
 from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
@@ -46,16 +47,19 @@ from edgeloop.nodes import select, shortfall_message
 from edgeloop.render import Owner
 from edgeloop.render.federatedround import (
     AGGREGATOR_PORT,
+    STATUS_CLIENT,
     DatasetOutsideRoot,
     Start,
     aggregator_host,
     aggregator_name,
     aggregator_tls_secret,
     client_tls_secret,
-    dataset_sub_path,
+    dataset_path,
+    image,
     labels,
     owner_of,
     render,
+    status_tls_secret,
 )
 from edgeloop.status import federatedround as fr_status
 from edgeloop.status.federatedround import AggregatorReport, JobState, Promotion, Waiting, parse_report
@@ -170,16 +174,16 @@ class FederatedRounds:
             await self._status.publish(body, previous, status)
             return
 
-        if self._config.dataset_claim:
-            try:
-                dataset_sub_path(spec, self._config)
-            except DatasetOutsideRoot as error:
-                why = Waiting("DatasetOutsideRoot", str(error))
-                status = fr_status.cannot_run(
-                    generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=now()
-                )
-                await self._status.publish(body, previous, status)
-                return
+        try:
+            dataset_path(spec, self._config, metadata["namespace"])
+            image(spec, self._config)
+        except (DatasetOutsideRoot, ImageNotAllowed) as error:
+            why = Waiting(type(error).__name__, str(error))
+            status = fr_status.cannot_run(
+                generation=generation, rounds=spec.training.rounds, why=why, previous=previous, now=now()
+            )
+            await self._status.publish(body, previous, status)
+            return
 
         owner = owner_of(metadata["name"], metadata["namespace"], metadata["uid"])
         jobs = {job.name: job for job in self._jobs.get(key, []) if job.owner_uid == owner.uid}
@@ -192,14 +196,18 @@ class FederatedRounds:
             if isinstance(started, Waiting):
                 if started.reason == "NotEnoughNodes":
                     self._waiting_for_nodes.add(key)
-                status = fr_status.pending(
-                    generation=generation, rounds=spec.training.rounds, waiting=started, previous=previous, now=now()
+                decided = {"generation": generation, "rounds": spec.training.rounds, "previous": previous, "now": now()}
+                status = (
+                    fr_status.cannot_run(why=started, **decided)
+                    if started.final
+                    else fr_status.pending(waiting=started, **decided)
                 )
                 await self._status.publish(body, previous, status)
                 return
             aggregator = started
         else:
-            await self._ensure_tls(owner)  # every sync of a running round: the rotation check
+            start = Start.from_annotation(aggregator.annotations[START_ANNOTATION])
+            await self._ensure_tls(owner, start)  # every sync of a running round: the rotation check
             await self._create_missing(owner, spec, aggregator, jobs)
 
         start = Start.from_annotation(aggregator.annotations[START_ANNOTATION])
@@ -246,7 +254,7 @@ class FederatedRounds:
                 return Waiting(
                     "PreviousRoundNotGone", f"Job {job.name} of an earlier FederatedRound {owner.name} is being deleted"
                 )
-            await self._ensure_tls(owner)
+            await self._ensure_tls(owner, Start.from_annotation(job.annotations[START_ANNOTATION]))
             await self._create_missing(owner, spec, job, {job.name: job})
             return job
         if previous.phase != "Pending":
@@ -255,27 +263,30 @@ class FederatedRounds:
         model, serving_sha256 = resolved
         start = Start(tuple(selection.nodes), model, serving_sha256)
         manifests = render(owner, spec, self._config, start)
-        await self._ensure_tls(owner)  # before the Jobs that mount the certificates
+        await self._ensure_tls(owner, start)  # before the Jobs that mount the certificates
         created = [await asyncio.to_thread(self._kube.apply, manifest) for manifest in manifests.all()]
         log.info("%s/%s: started on %s", owner.namespace, owner.name, ", ".join(start.nodes))
         return JobState.from_object(created[0])
 
-    async def _ensure_tls(self, owner: Owner) -> None:
-        """The aggregator's server certificate and the clients' shared client certificate, issued or
-        renewed where needed (no API call while they are valid)."""
+    async def _ensure_tls(self, owner: Owner, start: Start) -> None:
+        """The aggregator's server certificate, the operator's client certificate for its status, and one
+        client certificate per client (CN: its node), issued or renewed where needed (no API call while they
+        are valid)."""
         if self._tls is None:
             return
         service = aggregator_name(owner.name)
         dns_names = service_dns_names(service, owner.namespace)
         secret_labels = labels(owner.name)
         await self._tls.ensure(owner, aggregator_tls_secret(owner.name), secret_labels, Usage.SERVER, dns_names)
-        await self._tls.ensure(owner, client_tls_secret(owner.name), secret_labels, Usage.CLIENT, [])
+        await self._tls.ensure(owner, status_tls_secret(owner.name), secret_labels, Usage.CLIENT, [], STATUS_CLIENT)
+        for index, node in enumerate(start.nodes):
+            await self._tls.ensure(owner, client_tls_secret(owner.name, index), secret_labels, Usage.CLIENT, [], node)
 
     def _client_tls(self, owner: Owner, url: str) -> ClientTLS | None:
-        """The round's client certificate for an https:// status URL (the aggregator requires one)."""
+        """The operator's client certificate for an https:// status URL (the aggregator requires one)."""
         if self._tls is None or not url.startswith("https://"):
             return None
-        stored = self._tls.stored(owner.namespace, client_tls_secret(owner.name))
+        stored = self._tls.stored(owner.namespace, status_tls_secret(owner.name))
         if stored is None:
             return None  # not issued yet (cert-manager); the poll fails and says why
         return ClientTLS(stored.ca, stored.cert, stored.key, aggregator_host(owner))
@@ -289,7 +300,15 @@ class FederatedRounds:
         if target is None:
             return Waiting("InferenceModelNotFound", f"InferenceModel {spec.model_ref.name} does not exist")
         serving = ModelSource.model_validate(target["spec"]["model"])
-        return spec.model or serving, serving.sha256
+        model = spec.model or serving
+        if model.format != "onnx":
+            return Waiting(
+                "UnsupportedModelFormat",
+                f"InferenceModel {spec.model_ref.name} serves a {model.format} model; federated training needs an "
+                "onnx model (give the round an onnx model to start from)",
+                final=True,
+            )
+        return model, serving.sha256
 
     async def _create_missing(
         self, owner: Owner, spec: FederatedRoundSpec, aggregator: JobState, jobs: dict[str, JobState]

@@ -11,8 +11,9 @@ Status changes arrive as DaemonSet watch events; a burst of them costs one sync 
 periodic resync re-runs every sync to refresh what has no event of its own (pod failure reasons).
 
 What each variant really runs on is asked of its runtime (`GET /v2/models/<name>` through the API server's
-pod proxy, on one ready pod): once per rollout state of the variant (its DaemonSet, generation, rendered
-content and node count), so O(variants) calls, not O(nodes).
+pod proxy, on one ready pod), in the background so that no sync waits for a runtime: once per rollout state
+of the variant (its DaemonSet, generation, rendered content and node count), so O(variants) calls, not
+O(nodes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 from edgeloop.api import GROUP, VERSION
 from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec, InferenceModelStatus
 from edgeloop.certs import Usage, service_dns_names
-from edgeloop.config import ConfigError, OperatorConfig
+from edgeloop.config import ConfigError, ImageNotAllowed, OperatorConfig
 from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
@@ -158,6 +159,8 @@ class InferenceModels:
         self._diagnoses: dict[Key, dict[str, Diagnosis]] = {}
         # Per InferenceModel, per DaemonSet: what its runtime said it runs on.
         self._samples: dict[Key, dict[str, Sampled]] = {}
+        # The asks in flight, by InferenceModel and DaemonSet: a sync never waits for a runtime's answer.
+        self._asking: dict[tuple[Key, str], asyncio.Task[None]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
         self._resync: asyncio.Task[None] | None = None
 
@@ -184,7 +187,14 @@ class InferenceModels:
     async def close(self) -> None:
         if self._resync is not None:
             self._resync.cancel()
+        for task in self._asking.values():
+            task.cancel()
+        await self.asked()
         await self.runner.close()
+
+    async def asked(self) -> None:
+        """Waits for the runtimes being asked what they run on (each answer requests a sync of its model)."""
+        await asyncio.gather(*self._asking.values(), return_exceptions=True)
 
     async def _resync_forever(self, interval: float) -> None:
         while True:
@@ -199,6 +209,9 @@ class InferenceModels:
             self._status.forget(key)
             for kept in (self._plans, self._diagnoses, self._samples):
                 kept.pop(key, None)
+            for (asked_key, _), task in list(self._asking.items()):
+                if asked_key == key:
+                    task.cancel()
             return
         await self._sync(body, fresh=False)
 
@@ -267,6 +280,8 @@ class InferenceModels:
             try:
                 manifests = render(owner, spec, self._config, tls_revision)
                 plan = Plan(spec, variants(owner.name, spec, self._config), manifests)
+            except ImageNotAllowed as error:
+                plan = Plan(spec, problem=SpecProblem("ImageNotAllowed", str(error)))
             except ConfigError as error:
                 plan = Plan(spec, problem=SpecProblem("UnknownAcceleratorClass", str(error)))
             cached = self._plans[key] = (version, plan)
@@ -383,27 +398,42 @@ class InferenceModels:
     async def _sample_providers(
         self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]
     ) -> dict[str, ProvidersSample]:
-        """Asks one ready pod's runtime per variant which execution providers it uses, when the variant's
-        pods are all of the current version and the answer for that state of its DaemonSet is not known yet.
-        Meanwhile (a rollout) the last answer stands."""
-        previous = self._samples.get(key, {})
-        current: dict[str, Sampled] = {}
+        """What each variant's runtime said it runs on. A variant whose pods are all of the current version,
+        and whose answer for that state of its DaemonSet is not known yet, has one ready pod asked in the
+        background (the answer requests a sync); meanwhile, as during a rollout, the last answer stands."""
+        known = self._samples.setdefault(key, {})
+        for stale in set(known) - {v.daemon_set for v in plan.variants}:
+            del known[stale]
         clock = self._clock()
         for variant in plan.variants:
-            ds, last = daemon_sets.get(variant.daemon_set), previous.get(variant.daemon_set)
-            if ds is not None:
-                state = (ds.uid, ds.generation, ds.render_hash, ds.desired)
-                askable = ds.settled and ds.ready > 0 and ds.updated >= ds.desired
-                known = last is not None and last.state == state and (not last.sample.error or clock < last.retry_at)
-                if askable and not known:
-                    sample = await asyncio.to_thread(self._ask_runtime, key, plan, variant)
-                    failures = (last.failures if last and last.sample.error else 0) + 1 if sample.error else 0
-                    backoff = min(self._diagnosis_interval * 2 ** max(failures - 1, 0), MAX_SAMPLE_RETRY_SECONDS)
-                    last = Sampled(state, sample, clock + backoff, failures)
-            if last is not None:
-                current[variant.daemon_set] = last
-        self._samples[key] = current
-        return {name: sampled.sample for name, sampled in current.items()}
+            ds, last = daemon_sets.get(variant.daemon_set), known.get(variant.daemon_set)
+            if ds is None or (key, variant.daemon_set) in self._asking:
+                continue
+            state = (ds.uid, ds.generation, ds.render_hash, ds.desired)
+            askable = ds.settled and ds.ready > 0 and ds.updated >= ds.desired
+            answered = last is not None and last.state == state and (not last.sample.error or clock < last.retry_at)
+            if askable and not answered:
+                task = asyncio.create_task(self._ask(key, plan, variant, state, last))
+                self._asking[(key, variant.daemon_set)] = task
+        return {name: sampled.sample for name, sampled in known.items()}
+
+    async def _ask(
+        self, key: Key, plan: Plan, variant: Variant, state: tuple[str, int, str, int], last: Sampled | None
+    ) -> None:
+        try:
+            sample = await asyncio.to_thread(self._ask_runtime, key, plan, variant)
+            failures = (last.failures if last and last.sample.error else 0) + 1 if sample.error else 0
+            backoff = min(self._diagnosis_interval * 2 ** max(failures - 1, 0), MAX_SAMPLE_RETRY_SECONDS)
+            if sample.error:
+                log.info(
+                    "%s/%s: could not ask the %s variant's runtime what it runs on (%d in a row; again in %.0f s): %s",
+                    *key, variant.name, failures, backoff, sample.error,
+                )
+            if key in self._samples:  # not forgotten meanwhile
+                self._samples[key][variant.daemon_set] = Sampled(state, sample, self._clock() + backoff, failures)
+                self.runner.request(key)
+        finally:
+            self._asking.pop((key, variant.daemon_set), None)
 
     def _ask_runtime(self, key: Key, plan: Plan, variant: Variant) -> ProvidersSample:
         """GET /v2/models/<name> of one ready pod of the variant, through the API server (C2)."""
@@ -458,6 +488,10 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event("apps", "v1", "daemonsets", labels=OWNED)
 @kopf.on.event("", "v1", "services", labels=OWNED)
-@kopf.on.event("", "v1", "secrets", labels=OWNED)  # a certificate replaced or removed by someone else
 async def owned_object_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     memo.inference_models.request((namespace, labels[INFERENCE_MODEL_LABEL]))
+
+
+def watch_tls_secrets() -> None:
+    """A model's certificate replaced or removed by someone else: sync the model (with TLS only)."""
+    kopf.on.event("", "v1", "secrets", labels=OWNED)(owned_object_changed)

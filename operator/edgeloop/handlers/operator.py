@@ -13,14 +13,24 @@ import kopf
 
 from edgeloop import metrics
 from edgeloop.aggregator import read_report
+from edgeloop.config import OperatorConfig
+from edgeloop.handlers import inferencemodel, shared
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.federatedround import FederatedRounds
 from edgeloop.handlers.inferencemodel import InferenceModels
 
 
+def register(config: OperatorConfig, settings: kopf.OperatorSettings) -> None:
+    """What is registered depending on the configuration: Secrets are watched with TLS only."""
+    shared.configure(settings)
+    if config.tls.enabled:
+        shared.watch_tls_secrets()
+        inferencemodel.watch_tls_secrets()
+
+
 @kopf.on.startup()
 async def start(memo: kopf.Memo, **indexes: Any) -> None:  # Kopf's other keyword arguments too
-    certificates = Certificates(memo.config.tls, memo.kube, indexes["tls_secrets"])
+    certificates = Certificates(memo.config.tls, memo.kube, indexes.get("tls_secrets", {}))
     memo.inference_models = InferenceModels(
         config=memo.config,
         kube=memo.kube,

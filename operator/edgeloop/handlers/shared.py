@@ -46,6 +46,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.label_selectors["", "secrets"] = f"{managed},{TLS_LABEL}"
 
 
+def watch_tls_secrets() -> None:
+    """Registers the index of TLS Secrets: with TLS only, since without it the operator reads no Secret (and
+    is granted none)."""
+    kopf.index("", "v1", "secrets", labels={TLS_LABEL: kopf.PRESENT})(tls_secrets)
+
+
 def kube_errors_are_temporary(handler: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     """A failed API call in a Kopf handler: Kopf retries the handler in 10 s."""
 
@@ -129,6 +135,5 @@ def nodes(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
     return {ALL_NODES: NodeInfo.from_object(body)}
 
 
-@kopf.index("", "v1", "secrets", labels={TLS_LABEL: kopf.PRESENT})
 def tls_secrets(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace, name): {"data": dict(body.get("data") or {})}}

@@ -68,7 +68,13 @@ def tls_secret(
 
 
 def certificate(
-    owner: Owner, name: str, labels: dict[str, str], usage: str, dns_names: list[str], tls: TLSConfig
+    owner: Owner,
+    name: str,
+    labels: dict[str, str],
+    usage: str,
+    dns_names: list[str],
+    tls: TLSConfig,
+    common_name: str | None = None,
 ) -> dict[str, Any]:
     """A cert-manager Certificate that writes the same Secret the operator would (cert-manager.io/v1)."""
     assert tls.issuer is not None  # TLSConfig validates it for cert-manager mode
@@ -77,7 +83,7 @@ def certificate(
         "secretName": name,
         # The labels the operator watches Secrets by, so pods roll when cert-manager renews.
         "secretTemplate": {"labels": {**labels, TLS_LABEL: usage}},
-        "commonName": owner.name,
+        "commonName": common_name or owner.name,
         "duration": f"{hours}h",
         "renewBefore": f"{hours // 3}h",
         "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},

@@ -86,9 +86,18 @@ def aggregator_tls_secret(round_name: str) -> str:
     return f"{round_name}-aggregator-tls"
 
 
-def client_tls_secret(round_name: str) -> str:
-    """The client certificate every client of the round presents (mTLS); the operator's status polls too."""
-    return f"{round_name}-client-tls"
+def client_tls_secret(round_name: str, index: int) -> str:
+    """The client certificate of one client Job (mTLS): its subject CN is the client's id, its node's name."""
+    return f"{round_name}-client-{index}-tls"
+
+
+def status_tls_secret(round_name: str) -> str:
+    """The client certificate the operator reads the aggregator's status with (mTLS)."""
+    return f"{round_name}-status-tls"
+
+
+# The operator's identity at the aggregator: no node can be named so (a node's name has no ':').
+STATUS_CLIENT = "edgeloop:operator"
 
 
 def aggregator_host(owner: Owner) -> str:
@@ -120,21 +129,39 @@ def active_deadline_seconds(spec: FederatedRoundSpec) -> int:
 
 
 class DatasetOutsideRoot(ValueError):
-    """The round's dataset is not under the data root that the dataset claim mounts."""
+    """The round's dataset is not in its namespace's data directory."""
 
 
-def dataset_sub_path(spec: FederatedRoundSpec, config: OperatorConfig) -> str:
-    """With config.dataset_claim: the dataset's path within the claim ("" for the root itself)."""
+def namespace_data_dir(config: OperatorConfig, namespace: str) -> str:
+    """The directory of a namespace's datasets on every node; its claim (datasetClaim) is bound to it."""
+    return posixpath.join(config.dataset_root, namespace)
+
+
+def dataset_path(spec: FederatedRoundSpec, config: OperatorConfig, namespace: str) -> str:
+    """The dataset's directory on the nodes. Raises DatasetOutsideRoot unless it lies in the namespace's
+    data directory: a round never reads another namespace's data."""
+    root = namespace_data_dir(config, namespace)
+    if spec.dataset.name is not None:
+        return posixpath.join(root, spec.dataset.name)
+    assert spec.dataset.host_path is not None  # admission requires one of them
     path = posixpath.normpath("/" + spec.dataset.host_path.lstrip("/"))
-    root = config.dataset_root
-    if path == root:
-        return ""
-    if not path.startswith(root.rstrip("/") + "/"):
+    if path != root and not path.startswith(root + "/"):
         raise DatasetOutsideRoot(
-            f"dataset.hostPath {spec.dataset.host_path} is not under {root}, the node directory that the "
-            f"operator's dataset claim {config.dataset_claim} mounts"
+            f"dataset.hostPath {spec.dataset.host_path} is not under {root}/, the directory of namespace "
+            f"{namespace}'s datasets on the nodes"
         )
-    return posixpath.relpath(path, root)
+    return path
+
+
+def dataset_sub_path(spec: FederatedRoundSpec, config: OperatorConfig, namespace: str) -> str:
+    """The dataset's path within its namespace's data directory ("" for that directory itself)."""
+    relative = posixpath.relpath(dataset_path(spec, config, namespace), namespace_data_dir(config, namespace))
+    return "" if relative == "." else relative
+
+
+def image(spec: FederatedRoundSpec, config: OperatorConfig) -> str:
+    """The round's own image, else the federated flavour; ImageNotAllowed outside allowedImages."""
+    return config.check_image(spec.runtime.image or config.federated_image)
 
 
 def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> dict[str, Any]:
@@ -143,7 +170,7 @@ def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> d
         "owner": owner.reference(),
         "spec": spec,
         "config": config,
-        "image": spec.runtime.image or config.runtime_image,
+        "image": image(spec, config),
         "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
         "active_deadline": active_deadline_seconds(spec),
     }
@@ -184,9 +211,10 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
         labels=labels(owner.name, CLIENT_ROLE),
         node=node,
         aggregator_url=aggregator_url(owner, config.tls.enabled),
-        tls_secret=client_tls_secret(owner.name) if config.tls.enabled else None,
+        tls_secret=client_tls_secret(owner.name, index) if config.tls.enabled else None,
         tolerations=[t.to_wire() for t in spec.participants.tolerations],
-        dataset_sub_path=dataset_sub_path(spec, config) if config.dataset_claim else None,
+        dataset_path=dataset_path(spec, config, owner.namespace),
+        dataset_sub_path=dataset_sub_path(spec, config, owner.namespace),
         **_common(owner, spec, config),
     )
 

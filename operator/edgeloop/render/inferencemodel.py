@@ -9,6 +9,7 @@ from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec
 from edgeloop.config import AcceleratorClass, OperatorConfig
 from edgeloop.names import (
     ACCELERATOR_LABEL,
+    COMPILED_CACHE_DIR,
     INFERENCE_COMPONENT,
     INFERENCE_MODEL_LABEL,
     MANAGED_BY,
@@ -73,9 +74,12 @@ def labels(model_name: str, accelerator: str | None = None) -> dict[str, str]:
     return {**common, ACCELERATOR_LABEL: accelerator} if accelerator else common
 
 
-def _resources(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> dict[str, Any]:
-    requests = dict(spec.runtime.resources.requests)
-    limits = dict(spec.runtime.resources.limits)
+def _resources(spec: InferenceModelSpec, config: OperatorConfig, accelerator: AcceleratorClass) -> dict[str, Any]:
+    """The spec's resources; for each resource it does not name, the configured defaults (a memory limit)."""
+    own, defaults = spec.runtime.resources, config.runtime_resources
+    named = set(own.requests) | set(own.limits)
+    requests = {**{k: v for k, v in defaults.requests.items() if k not in named}, **own.requests}
+    limits = {**{k: v for k, v in defaults.limits.items() if k not in named}, **own.limits}
     if accelerator.resource:
         # Extended resources are requested through limits; an explicit amount in the spec wins.
         limits.setdefault(accelerator.resource, requests.get(accelerator.resource, accelerator.resource_count))
@@ -91,8 +95,16 @@ def _tolerations(spec: InferenceModelSpec, accelerator: AcceleratorClass) -> lis
 
 
 def image(spec: InferenceModelSpec, config: OperatorConfig, accelerator: AcceleratorClass) -> str:
-    """The model's own image for every variant, else the class's flavour, else the default runtime image."""
-    return spec.runtime.image or config.image_of(accelerator)
+    """The model's own image for every variant, else the class's flavour, else the default runtime image.
+    Raises ImageNotAllowed for an image outside the configuration's allowedImages."""
+    return config.check_image(spec.runtime.image or config.image_of(accelerator))
+
+
+def compiled_cache_sub_path(namespace: str) -> str:
+    """The namespace's compiled models in the node cache: beside its models' directory, not in it, where its
+    own pods may write (a symlink there must not lead a mount elsewhere). No namespace can be named so: a
+    namespace's name has no dot."""
+    return f"{namespace}.compiled"
 
 
 def tls_secret_name(model_name: str) -> str:
@@ -117,7 +129,10 @@ def daemon_set(
             variant=variant,
             image=image(spec, config, variant.accelerator),
             image_pull_policy=config.image_pull_policy_of(variant.accelerator),
-            resources=_resources(spec, variant.accelerator),
+            resources=_resources(spec, config, variant.accelerator),
+            fetch_resources=config.fetch_resources.to_wire(),
+            compiled_cache=COMPILED_CACHE_DIR,
+            compiled_sub_path=compiled_cache_sub_path(owner.namespace),
             tolerations=_tolerations(spec, variant.accelerator),
             tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
             tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
@@ -141,7 +156,8 @@ def service(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig) -> d
 
 
 def render(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, tls_revision: str = "") -> Manifests:
-    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class.
+    """Everything an InferenceModel consists of. Raises ConfigError for an unknown accelerator class, its
+    subclass ImageNotAllowed for an image outside allowedImages.
 
     `tls_revision` identifies the certificate the runtime serves: its pods roll when it changes."""
     daemon_sets = {

@@ -113,10 +113,11 @@ def parse_report(text: str) -> AggregatorReport:
 
 @dataclass(frozen=True)
 class Waiting:
-    """Why a round has not started."""
+    """Why a round has not started; `final` when it never will (it fails)."""
 
     reason: str
     message: str
+    final: bool = False
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def _accelerated(
             continue  # no accelerator to use, or no node to use it on
         sample = samples.get(variant.daemon_set)
         if sample is None or sample.error:
-            unknown.append(f"{variant.accelerator} ({sample.error if sample else 'no ready pod asked yet'})")
+            unknown.append(variant.accelerator)
         elif not set(wanted) & set(sample.providers):
             of = f", 1 of its {ds.desired} nodes" if ds else ""
             fallbacks.append(
@@ -169,7 +169,12 @@ def _accelerated(
     if fallbacks:
         return ConditionUpdate(ACCELERATED, "False", "CPUFallback", "; ".join(fallbacks))
     if unknown:
-        return ConditionUpdate(ACCELERATED, "Unknown", "NotSampled", "not known yet for " + "; ".join(unknown))
+        # Why an ask failed goes to the operator's log: a status that changed with each failed ask would be
+        # written again and again.
+        return ConditionUpdate(
+            ACCELERATED, "Unknown", "NotSampled",
+            f"not known yet for {', '.join(unknown)}: a ready pod of the current version is asked what it runs on",
+        )
     if not in_use:
         return ConditionUpdate(
             ACCELERATED, "False", "NoAcceleratedNodes", "no node runs a class with an accelerator provider"

@@ -4,18 +4,20 @@ The CPU is the floor (LiteRT applies its XNNPACK delegate by default) and, for n
 named CPUExecutionProvider, as ONNX Runtime names it, so that an accelerator class's providers mean the same
 for both formats, and a tflite model on an accelerator class is refused, or served on CPU with
 --allow-cpu-fallback, like an ONNX model whose provider is missing.
-An Interpreter is not thread-safe: each instance is an interpreter of its own. An interpreter is resized when
-a batch's shapes differ from its last one (a few µs for a small model).
+An Interpreter is not thread-safe: each instance has interpreters of its own, one per batch shape it runs.
 """
 
 from __future__ import annotations
 
 import queue
+from collections import OrderedDict
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from edgeloop_runtime.backends import CPU, KIND_CPU, LoadOptions, ModelLoadError, TensorSpec, resolve_providers
+
+SHAPES_PER_INSTANCE = 16  # interpreters an instance keeps, one per set of input shapes
 
 # numpy dtype of a LiteRT tensor → OIP datatype (quantized tensors are served as their integers).
 FROM_LITERT: dict[np.dtype, str] = {
@@ -60,37 +62,63 @@ def resizes_on_batch(interpreter: Interpreter) -> bool:
     return all(len(d["shape"]) and d["shape"][0] == 2 for d in interpreter.get_output_details())
 
 
-class Instance:
-    """One interpreter and the input shapes it is allocated for."""
+class Prepared:
+    """An interpreter allocated for one set of input shapes."""
 
-    def __init__(self, data: bytes, threads: int) -> None:
-        self.interpreter = Interpreter(model_content=data, num_threads=threads if threads > 0 else None)
+    def __init__(self, interpreter: Interpreter) -> None:
+        self.interpreter = interpreter
+        self.inputs = {d["name"]: d["index"] for d in interpreter.get_input_details()}
+        self.outputs = [d["index"] for d in interpreter.get_output_details()]
+
+    def resize(self, feeds: dict[str, np.ndarray]) -> Prepared:
+        for name, array in feeds.items():
+            self.interpreter.resize_tensor_input(self.inputs[name], list(array.shape), strict=False)
         self.interpreter.allocate_tensors()
-        self.inputs = {d["name"]: d["index"] for d in self.interpreter.get_input_details()}
-        self.outputs = [d["index"] for d in self.interpreter.get_output_details()]
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        return self
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        interpreter = self.interpreter
-        shapes = {name: array.shape for name, array in feeds.items()}
-        if shapes != self.shapes:
-            for name, shape in shapes.items():
-                interpreter.resize_tensor_input(self.inputs[name], list(shape), strict=False)
-            interpreter.allocate_tensors()
-            self.shapes = shapes
         for name, array in feeds.items():
-            interpreter.set_tensor(self.inputs[name], array)
-        interpreter.invoke()
-        return [interpreter.get_tensor(index) for index in self.outputs]
+            self.interpreter.set_tensor(self.inputs[name], array)
+        self.interpreter.invoke()
+        return [self.interpreter.get_tensor(index) for index in self.outputs]
+
+
+class Instance:
+    """One instance: an interpreter per set of input shapes it has run (a batching model runs at a few allowed
+    batch sizes: resizing re-prepares XNNPACK at each change), at most SHAPES_PER_INSTANCE of them; beyond, the
+    least recently used one is resized."""
+
+    def __init__(self, data: bytes, threads: int) -> None:
+        self.data, self.threads = data, threads
+        self.prepared: OrderedDict[tuple, Prepared] = OrderedDict()
+
+    def interpreter(self) -> Interpreter:
+        interpreter = Interpreter(model_content=self.data, num_threads=self.threads if self.threads > 0 else None)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        key = tuple(array.shape for array in feeds.values())
+        prepared = self.prepared.get(key)
+        if prepared is not None:
+            self.prepared.move_to_end(key)
+        else:
+            if len(self.prepared) >= SHAPES_PER_INSTANCE:
+                prepared = self.prepared.popitem(last=False)[1].resize(feeds)
+            else:
+                prepared = Prepared(self.interpreter()).resize(feeds)
+            self.prepared[key] = prepared
+        return prepared.run(feeds)
 
 
 class LiteRTSession:
     def __init__(self, data: bytes, options: LoadOptions, providers: list[str]) -> None:
         self._data, self._threads = data, options.threads
         first = Instance(data, options.threads)
-        batch_dynamic = resizes_on_batch(Instance(data, options.threads).interpreter)
-        self.inputs = [tensor_spec(d, batch_dynamic) for d in first.interpreter.get_input_details()]
-        self.outputs = [tensor_spec(d, batch_dynamic) for d in first.interpreter.get_output_details()]
+        interpreter = first.interpreter()
+        batch_dynamic = resizes_on_batch(first.interpreter())
+        self.inputs = [tensor_spec(d, batch_dynamic) for d in interpreter.get_input_details()]
+        self.outputs = [tensor_spec(d, batch_dynamic) for d in interpreter.get_output_details()]
         self.providers = providers
         self.device_kind = KIND_CPU
         self._count = 1

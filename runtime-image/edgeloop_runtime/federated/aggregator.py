@@ -1,4 +1,5 @@
-"""The aggregator: an HTTP(S) service that runs the rounds, combines updates, checkpoints and publishes.
+"""The aggregator's logic: runs the rounds, combines updates, checkpoints and publishes (its HTTP side is
+aggregator_http.py).
 
 One coordinator thread walks each round through its stages; request threads record what clients send and
 block until the stage they wait on closes (long polling), so a round moves as fast as its slowest live
@@ -8,38 +9,43 @@ client and never waits on a dead one past its deadline.
     collect                                      (plain: update and example count in one request)
 
 After the last training round comes an evaluation round: clients score the final model on their holdout
-data, and the weighted means become the result's metrics. See FEDERATED.md for the API and the status.
+data, and the medians over the clients become the result's metrics. See FEDERATED.md for the API and the
+status.
+
+Nothing a client sends is taken on trust beyond what the protocol must: example counts lie in
+[1, max_examples], metrics are finite and in range, plain updates are finite and within the bounds, every
+message is accepted once per round and client (an identical retry is answered again, a different one is
+refused), a secure sum outside what clients within the bound can produce is discarded, and rebuilt secrets are
+checked against what their owners committed to. The metrics that decide promotion are medians over at least
+min_clients clients, so no single client's claim passes the gate. See docs/security.md.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import io
-import json
 import logging
 import math
-import os
 import secrets
-import socket
 import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from . import secagg
+from .checkpoint import Checkpoints, StoreRef, Superseded, atomic_write
 from .model import load
 from .training import TrainConfig
-from .transport import unpack
+from .validation import BadRequest, Conflict, check_count, check_metrics, check_plain_update, summarize, unb64
 
 log = logging.getLogger("edgeloop.federated.aggregator")
 
 LONG_POLL_SECONDS = 25.0
+UNMASK_GRACE_SECONDS = 2.0  # once the sum is recoverable, how long to wait for more reveals (to check them)
 
 
 @dataclass(frozen=True)
@@ -53,15 +59,23 @@ class Settings:
     secure: bool = True
     threshold: float = 0.66  # fraction of key-sharing clients that must survive; also of neighbours
     neighbours: int = 0  # SecAgg+ graph degree; 0 picks secagg.default_degree
-    bound: float = 8.0  # secure aggregation clips each update value to ±bound before quantizing
+    bound: float = 8.0  # each update value is clipped to ±bound (secure: before quantizing; plain: checked)
     deadline: float = 900.0  # seconds from a round's start to the end of its collect stage
     stage_timeout: float = 60.0  # how long join (past quorum), share, unmask and evaluate wait
+    max_examples: int = 1_000_000  # largest example (and holdout) count a client may claim
     store: str | None = None
     store_token: str | None = None
+    store_context: object = None  # ssl.SSLContext trusting the store's CA, for https stores
+    ca: object = None  # x509.Certificate: with it, clients' public keys must be signed by their certificates
+    checkpoint_ref: StoreRef | None = None  # also checkpoint to the store, to survive the pod and its node
 
 
 class JobFailed(RuntimeError):
     """The job cannot succeed: reported as phase Failed with this message as the reason."""
+
+
+class Discarded(Exception):
+    """A round's sum cannot be right (a client sent what no honest client can): the weights stay as they were."""
 
 
 @dataclass
@@ -70,6 +84,9 @@ class Member:
     index: int  # 1-based: also the member's Shamir x-coordinate
     examples: int
     keys: bytes = b""  # c public key ‖ s public key (secure aggregation)
+    signature: bytes = b""  # of keys_message(round id, client, keys), by the client's certificate key
+    cert: bytes = b""  # the client's certificate (DER), as its TLS handshake presented it
+    commitment: bytes = b""  # to its self-mask seed, sent with its shares
 
 
 @dataclass
@@ -98,22 +115,15 @@ class Round:
         return next(m for m in self.members.values() if m.index == index)
 
 
-def weighted_mean(reports: list[dict]) -> dict[str, float]:
-    """Federated evaluation: clients' holdout metrics weighted by their holdout sizes."""
-    reports = [r for r in reports if r.get("examples", 0) > 0]
-    total = sum(r["examples"] for r in reports)
-    if not total:
-        return {}
-    return {k: sum(r[k] * r["examples"] for r in reports) / total for k in ("accuracy", "loss")}
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 class Aggregator:
     def __init__(self, settings: Settings, initial_model: bytes):
         self.settings = settings
         self.cond = threading.Condition()
-        self.weights_dir = settings.state_dir / "weights"
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = settings.state_dir / "checkpoint.json"
+        self.checkpoints = Checkpoints(settings.state_dir, settings.checkpoint_ref)
         # The graph never changes: clients download the model once, then only the weights of each round.
         self.model_bytes = initial_model
         self.model_sha = hashlib.sha256(initial_model).hexdigest()
@@ -126,19 +136,26 @@ class Aggregator:
             "metrics": None,
             "result": None,
             "reason": "",
+            "participants": [],  # every client whose update went into a sum: who may evaluate
         }
-        if self.checkpoint_path.exists():
-            self.state = json.loads(self.checkpoint_path.read_text())
-            if self.state["model"] != self.model_sha:
-                raise ValueError(f"{settings.state_dir} holds a checkpoint of another model ({self.state['model']})")
-            self.weights = np.load(self.weights_dir / f"{self.state['weights']}.npy")
-            log.info("resuming after round %d from %s", self.state["round"], self.checkpoint_path)
+        found = self.checkpoints.load(self.model_sha)
+        if found is not None:
+            state, self.weights, where = found
+            self.state = {**self.state, **state}
+            log.info("resuming after round %d from %s", self.state["round"], where)
         else:
             self.weights = self.model.vector()
         self.weights_bytes = self.weights.astype("<f4").tobytes()
         self.round: Round | None = None
-        self.advertised: dict[str, tuple[int, bytes]] = {}  # next round's (examples, keys), by client
+        self.next_round_id = secrets.token_hex(16)  # known in advance: clients sign next round's keys for it
+        self.advertised: dict[str, Member] = {}  # next round's keys (and count), by client
         self.on_change = lambda status: None
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest message an honest client sends: an update (4 bytes per parameter, next keys and a JSON
+        header) or shares (one ciphertext per neighbour)."""
+        return 4 * self.model.size + 64 + 64 * secagg.CIPHERTEXT_BYTES * self.settings.clients + (64 << 10)
 
     # --- state shared with request threads (call with self.cond held) ---------------------------------------
 
@@ -183,11 +200,14 @@ class Aggregator:
         return {
             **info,
             "id": r.id,
+            "nextId": self.next_round_id,
             "round": r.number,
             "rounds": cfg.rounds,
             "task": r.task,
             "stage": r.stage,
             "secure": cfg.secure,
+            "authenticated": cfg.ca is not None,
+            "bound": cfg.bound,
             "model": self.model_sha,
             "weights": hashlib.sha256(self.weights_bytes).hexdigest(),
             "trainable": cfg.trainable,
@@ -204,8 +224,13 @@ class Aggregator:
             "t": r.t,
             "scale": r.scale,
             "bound": self.settings.bound,
-            "neighbours": {v: _b64(r.member(v).keys) for v in sorted(r.graph[me.index])},
+            "neighbours": {v: self._public(r.member(v)) for v in sorted(r.graph[me.index])},
         }
+
+    @staticmethod
+    def _public(m: Member) -> dict:
+        """What a neighbour needs to check and use m's keys."""
+        return {"client": m.client, "keys": _b64(m.keys), "signature": _b64(m.signature), "cert": _b64(m.cert)}
 
     # --- the coordinator ----------------------------------------------------------------------------------
 
@@ -218,13 +243,17 @@ class Aggregator:
                 self._evaluate()
                 self._publish()
                 self.state["phase"] = "Succeeded"
-        except JobFailed as failure:
+        except (JobFailed, Superseded) as failure:
             log.error("failed: %s", failure)
             self.state["phase"], self.state["reason"] = "Failed", str(failure)
+            stale = isinstance(failure, Superseded)
+        else:
+            stale = False
         with self.cond:
             self.round = None
             self.cond.notify_all()
-        self._checkpoint()
+        if not stale:  # a stale aggregator leaves the newer one's checkpoint be
+            self._checkpoint()
         status = self.status()
         self.on_change(status)
         return status
@@ -235,10 +264,12 @@ class Aggregator:
 
     def _open(self, number: int, task: str, stage: str) -> Round:
         with self.cond:
-            self.round = r = Round(number, task, stage=stage)
+            self.round = r = Round(number, task, id=self.next_round_id, stage=stage)
+            self.next_round_id = secrets.token_hex(16)
             if task == "train" and self.settings.secure:
-                for client, (examples, keys) in self.advertised.items():
-                    r.members[client] = Member(client, len(r.members) + 1, examples, keys)
+                for member in self.advertised.values():
+                    member.index = len(r.members) + 1
+                    r.members[member.client] = member
                 self.advertised = {}
                 if len(r.members) == self.settings.clients:  # all keys came with the last updates: no join
                     self._close_join(r)
@@ -250,9 +281,12 @@ class Aggregator:
 
     def _train_round(self, number: int) -> None:
         r = self._open(number, "train", "join" if self.settings.secure else "collect")
-        update = self._secure_round(r) if self.settings.secure else self._plain_round(r)
+        try:
+            update, discarded = self._secure_round(r) if self.settings.secure else self._plain_round(r), None
+        except Discarded as why:
+            update, discarded = None, str(why)
         with self.cond:
-            self._apply(r, update)
+            self._apply(r, update, discarded)
 
     def _plain_round(self, r: Round) -> np.ndarray:
         """Clients train as soon as the round opens and send update and example count in one request."""
@@ -289,7 +323,10 @@ class Aggregator:
             r.survivors = set(r.updates)
             self._require(r.number, "uploaded updates", len(r.survivors), len(shared))
             self._set_stage("unmask")
-        self._wait(lambda: self._recoverable(r, shared), time.monotonic() + cfg.stage_timeout)
+        end = time.monotonic() + cfg.stage_timeout
+        self._wait(lambda: self._recoverable(r, shared), end)
+        # More reveals than the threshold let wrong shares be found and corrected: wait a little for them.
+        self._wait(lambda: set(r.reveals) >= r.survivors, min(end, time.monotonic() + UNMASK_GRACE_SECONDS))
         with self.cond:
             return self._secure_mean(r, shared)
 
@@ -300,7 +337,7 @@ class Aggregator:
         degree = cfg.neighbours or secagg.default_degree(len(joined))
         r.graph = secagg.neighbour_graph(joined, degree, r.context)
         r.t = secagg.share_threshold(min(len(v) for v in r.graph.values()), cfg.threshold)
-        r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()))
+        r.scale = secagg.quantization_scale(cfg.bound, sum(m.examples for m in r.members.values()), len(joined))
 
     def _recoverable(self, r: Round, shared: set[int]) -> bool:
         """Whether t shares have come in for every secret the sum needs (not every survivor must answer)."""
@@ -330,29 +367,59 @@ class Aggregator:
                 b_shares[owner][holder] = share
             for owner, share in s.items():
                 s_shares[owner][holder] = share
-        try:
-            self_seeds = {u: secagg.shamir_combine(b_shares[u], r.t) for u in r.survivors}
-            dropped_keys = {d: secagg.shamir_combine(s_shares[d], r.t) for d in dropped}
-        except secagg.SecAggError as error:
-            raise JobFailed(
-                f"round {r.number}: cannot remove the masks: {error} "
-                f"({len(r.reveals)} of {len(r.survivors)} survivors revealed shares)"
-            ) from error
+        self_seeds, dropped_keys = {}, {}
+        for owner, shares, seeds in [(u, b_shares[u], self_seeds) for u in r.survivors] + [
+            (d, s_shares[d], dropped_keys) for d in dropped
+        ]:
+            kind = "self mask" if seeds is self_seeds else "mask key"
+            try:
+                check = functools.partial(self._matches, r, owner, kind)
+                seeds[owner], wrong = secagg.recover(shares, r.t, check)
+            except secagg.SecAggError as error:
+                raise JobFailed(
+                    f"round {r.number}: cannot rebuild the {kind} of {r.member(owner).client}: {error} "
+                    f"({len(r.reveals)} of {len(r.survivors)} survivors revealed shares)"
+                ) from error
+            if wrong:
+                log.warning(
+                    "round %d: wrong shares of %s's %s from %s (corrected)",
+                    r.number, r.member(owner).client, kind, ", ".join(r.member(x).client for x in wrong),
+                )  # fmt: skip
         masked = np.zeros(self.model.size, dtype=np.uint32)
         for u in r.survivors:
             masked += r.updates[u][0]
         public = {m.index: m.keys[32:] for m in r.members.values()}
         total = secagg.unmask_sum(masked, self_seeds, dropped_keys, public, r.graph, r.survivors, r.context)
-        return secagg.dequantize(total, r.scale) / sum(r.member(u).examples for u in r.survivors)
+        weight = sum(r.member(u).examples for u in r.survivors)
+        mean = secagg.dequantize(total, r.scale) / weight
+        slack = (len(r.survivors) / 2 + 1) / (r.scale * weight)
+        if np.abs(mean).max(initial=0.0) > self.settings.bound + slack:
+            raise Discarded("the unmasked sum lies beyond what clients within the bound can send: a client lied")
+        return mean
 
-    def _apply(self, r: Round, update: np.ndarray) -> None:
-        """New global model, history entry and checkpoint: the round is durable once this returns."""
-        self.weights = self.weights + update.astype(np.float32)
-        self.weights_bytes = self.weights.astype("<f4").tobytes()
-        metrics = weighted_mean([m for _, m in r.updates.values()])  # of the model the round started from
+    def _matches(self, r: Round, owner: int, kind: str, seed: int) -> bool:
+        """Whether a rebuilt seed is the one its owner committed to (self mask) or advertised (mask key)."""
+        member = r.member(owner)
+        if kind == "self mask":
+            return secagg.self_mask_commitment(seed, r.context) == member.commitment
+        return secagg.public_bytes(secagg.mask_private_key(seed)) == member.keys[32:]
+
+    def _apply(self, r: Round, update: np.ndarray | None, discarded: str | None = None) -> None:
+        """New global model, history entry and checkpoint: the round is durable once this returns. A round
+        whose sum was discarded keeps the weights it started from, and its history entry says why."""
+        entry = {}
+        if discarded:
+            log.warning("round %d: discarded: %s", r.number, discarded)
+            entry["discarded"] = discarded
+        else:
+            self.weights = self.weights + update.astype(np.float32)
+            self.weights_bytes = self.weights.astype("<f4").tobytes()
+        metrics = summarize([m for _, m in r.updates.values()], self.settings.min_clients)  # of the round's start
         if self.state["baseline"] is None:
-            self.state["baseline"] = metrics or None
-        uploads = [r.uploaded[m.client] for m in r.members.values() if m.index in r.survivors]
+            self.state["baseline"] = metrics
+        survivors = [m for m in r.members.values() if m.index in r.survivors]
+        uploads = [r.uploaded[m.client] for m in survivors]
+        self.state["participants"] = sorted(set(self.state["participants"]) | {m.client for m in survivors})
         self.state["history"].append(
             {
                 "round": r.number,
@@ -364,6 +431,7 @@ class Aggregator:
                 "metricsBefore": metrics,
                 "seconds": round(time.monotonic() - r.opened, 4),
                 "uploadBytesPerClient": round(sum(uploads) / len(uploads)),
+                **entry,
             }
         )
         self.state["round"] = r.number
@@ -372,7 +440,7 @@ class Aggregator:
             "round %d done: %d clients, holdout accuracy before %.4f",
             r.number,
             len(r.survivors),
-            metrics.get("accuracy", float("nan")),
+            (metrics or {}).get("accuracy", float("nan")),
         )
 
     def _evaluate(self) -> None:
@@ -381,19 +449,22 @@ class Aggregator:
         expected = self.state["history"][-1]["participants"]["reported"]  # the clients alive at the end
         self._wait(lambda: len(r.evaluations) >= expected, r.opened + cfg.stage_timeout)
         with self.cond:
-            if not r.evaluations:
-                raise JobFailed("no client evaluated the final model")
-            self.state["metrics"] = weighted_mean(list(r.evaluations.values()))
+            metrics = summarize(list(r.evaluations.values()), cfg.min_clients)
+            if metrics is None:
+                raise JobFailed(
+                    f"only {len(r.evaluations)} client(s) evaluated the final model, minClients is {cfg.min_clients}"
+                )
+            self.state["metrics"] = metrics
 
     def _publish(self) -> None:
         data = self.model.export(self.weights)
         final = self.settings.state_dir / "final.onnx"
-        _atomic_write(final, data)
+        atomic_write(final, data)
         if self.settings.store:
             from ..store import upload
 
             try:
-                uri = upload(self.settings.store, data, self.settings.store_token)
+                uri = upload(self.settings.store, data, self.settings.store_token, context=self.settings.store_context)
             except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
                 raise JobFailed(f"publishing to {self.settings.store} failed: {error}") from error
         else:
@@ -402,19 +473,8 @@ class Aggregator:
         log.info("published %s", uri)
 
     def _checkpoint(self) -> None:
-        """Weights first, then the checkpoint that names them, each by atomic rename: a crash leaves the old
-        checkpoint or the new one, never one that points at weights that are not there."""
-        sha = hashlib.sha256(self.weights_bytes).hexdigest()
-        path = self.weights_dir / f"{sha}.npy"
-        if not path.exists():
-            buffer = io.BytesIO()
-            np.save(buffer, self.weights)
-            _atomic_write(path, buffer.getvalue())
-        self.state["model"], self.state["weights"] = self.model_sha, sha
-        _atomic_write(self.checkpoint_path, json.dumps(self.state, indent=1).encode())
-        for old in self.weights_dir.glob("*.npy"):
-            if old != path:
-                old.unlink()
+        self.state["model"] = self.model_sha
+        self.checkpoints.save(self.state, self.weights)
 
     # --- what request threads do ----------------------------------------------------------------------------
 
@@ -426,13 +486,23 @@ class Aggregator:
             )
             return self.round_info(client)
 
-    def handle(self, client: str, round_id: str, action: str, header: dict, payload: bytes) -> dict:
+    def handle(self, client: str, cert: bytes, round_id: str, action: str, header: dict, payload: bytes) -> dict:
         """Record one client message and, for the blocking steps, wait until the stage closes."""
         with self.cond:
             r = self.round
             if r is None or r.id != round_id:
                 raise Conflict("no such round (it ended, or the aggregator restarted)")
-            return getattr(self, f"_on_{action}")(r, client, header, payload)
+            return getattr(self, f"_on_{action}")(r, client, cert, header, payload)
+
+    @staticmethod
+    def _once(r: Round, client: str, action: str, before, now) -> bool:
+        """Each message is taken once per round and client: True if this one is new, False if it repeats the
+        one taken (a retry: answered again); a different one is refused (a replay or an attempt to change it)."""
+        if before is None:
+            return True
+        if before == now:
+            return False
+        raise Conflict(f"{client} already sent a different {action} in round {r.number}: refused")
 
     def _expect(self, r: Round, stage: str) -> None:
         if r.stage != stage:
@@ -443,44 +513,78 @@ class Aggregator:
         if r is not self.round:
             raise Conflict("the round ended before this stage closed")
 
-    def _on_join(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
+    def _signed_keys(self, round_id: str, client: str, cert: bytes, keys: bytes, signature) -> bytes:
+        """The signature of `keys`, checked against the client's certificate when keys must be signed."""
+        if self.settings.ca is None:
+            return b""
+        if not signature:
+            raise BadRequest("keys must be signed with the client certificate's key: this aggregator requires them")
+        signature = unb64(signature, "signature")
+        try:
+            secagg.verify_keys(cert, self.settings.ca, client, secagg.keys_message(round_id, client, keys), signature)
+        except secagg.UntrustedKeys as error:
+            raise BadRequest(str(error)) from error
+        return signature
+
+    def _on_join(self, r: Round, client: str, cert: bytes, header: dict, payload: bytes) -> dict:
         self._expect(r, "join")
         if len(payload) != 2 * secagg.KEY_BYTES:
             raise BadRequest("join needs two 32-byte public keys")
-        me = self._add_member(r, client, header, payload)
+        if client in r.members and r.members[client].keys != payload:
+            raise Conflict(f"{client} already joined round {r.number} with other keys")
+        signature = self._signed_keys(r.id, client, cert, payload, header.get("signature"))
+        me = self._add_member(r, client, header.get("examples"), payload, signature, cert)
         self._await_stage_after(r, "join")
         return self._roster(r, me)
 
-    def _on_shares(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
+    def _on_shares(self, r: Round, client: str, cert: bytes, header: dict, payload: bytes) -> dict:
         self._expect(r, "share")
         me = self._member(r, client)
-        to = [int(v) for v in header["to"]]
+        to = header.get("to")
+        if not isinstance(to, list) or any(type(v) is not int for v in to) or len(set(to)) != len(to):
+            raise BadRequest("to must list the receivers' indexes")
         if set(to) != r.graph[me.index] or len(payload) != len(to) * secagg.CIPHERTEXT_BYTES:
             raise BadRequest("shares must go to exactly this client's neighbours, one ciphertext each")
+        commitment = unb64(header.get("commitment"), "commitment", size=32)
         n = secagg.CIPHERTEXT_BYTES
-        r.shares[me.index] = {v: payload[i * n : (i + 1) * n] for i, v in enumerate(to)}
-        self.cond.notify_all()
+        shares = {v: payload[i * n : (i + 1) * n] for i, v in enumerate(to)}
+        before = (me.commitment, r.shares[me.index]) if me.index in r.shares else None
+        if self._once(r, client, "shares", before, (commitment, shares)):
+            me.commitment, r.shares[me.index] = commitment, shares
+            self.cond.notify_all()
         self._await_stage_after(r, "share")
         return {"inbox": {u: _b64(c[me.index]) for u, c in r.shares.items() if me.index in c}}
 
-    def _on_update(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
+    def _on_update(self, r: Round, client: str, cert: bytes, header: dict, payload: bytes) -> dict:
+        cfg = self.settings
         self._expect(r, "collect")
-        if not self.settings.secure:
-            self._add_member(r, client, header)
-        me = self._member(r, client)
-        if self.settings.secure and me.index not in r.shares:
-            raise Conflict("this client did not share its keys in this round")
-        dtype = np.dtype("<u4") if self.settings.secure else np.dtype("<f4")
+        metrics = check_metrics(header.get("metrics"), cfg.max_examples)
+        dtype = np.dtype("<u4") if cfg.secure else np.dtype("<f4")
         size = self.model.size * dtype.itemsize
         # With secure aggregation, the public keys for the next round may follow the vector.
-        if len(payload) not in (size, size + 2 * secagg.KEY_BYTES if self.settings.secure else size):
+        if len(payload) not in ((size, size + 2 * secagg.KEY_BYTES) if cfg.secure else (size,)):
             raise BadRequest(f"update must be {self.model.size} {dtype} values")
-        metrics = {k: float(header["metrics"][k]) for k in ("accuracy", "loss", "examples")}
-        r.updates[me.index] = (np.frombuffer(payload[:size], dtype=dtype), metrics)
+        vector = np.frombuffer(payload[:size], dtype=dtype)
+        if cfg.secure:
+            me = self._member(r, client)
+            if me.index not in r.shares:
+                raise Conflict("this client did not share its keys in this round")
+        else:
+            check_plain_update(vector, cfg.bound, cfg.train)
+            me = self._add_member(r, client, header.get("examples"))
+        advertised = None
         if len(payload) > size:
-            self.advertised[client] = (me.examples, payload[size:])
-        self.cond.notify_all()
-        if not self.settings.secure:
+            keys = payload[size:]
+            signature = self._signed_keys(self.next_round_id, client, cert, keys, header.get("nextSignature"))
+            advertised = Member(client, 0, me.examples, keys, signature, cert)
+        before = r.updates.get(me.index)
+        before = before and (before[0].tobytes(), before[1], me.examples)
+        if self._once(r, client, "update", before, (payload[:size], metrics, header.get("examples", me.examples))):
+            r.updates[me.index] = (vector, metrics)
+            if advertised:
+                self.advertised[client] = advertised
+            self.cond.notify_all()
+        if not cfg.secure:
             return {}
         self._await_stage_after(r, "collect")
         if me.index not in r.survivors:
@@ -488,34 +592,45 @@ class Aggregator:
         mine = r.graph[me.index] & set(r.shares)
         return {"survivors": sorted(mine & r.survivors), "dropped": sorted(mine - r.survivors)}
 
-    def _on_unmask(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
+    def _on_unmask(self, r: Round, client: str, cert: bytes, header: dict, payload: bytes) -> dict:
         self._expect(r, "unmask")
         me = self._member(r, client)
-        b, s = [int(v) for v in header["b"]], [int(v) for v in header["s"]]
-        if set(b) & set(s) or not set(b) <= r.survivors or set(s) & r.survivors:
-            raise BadRequest("reveal b shares of survivors and s shares of dropped clients only")
+        if me.index not in r.survivors:
+            raise Conflict("only clients whose update is in the sum reveal shares")
+        b, s = header.get("b"), header.get("s")
+        if not all(isinstance(v, list) and all(type(i) is int for i in v) for v in (b, s)):
+            raise BadRequest("b and s must list indexes")
+        mine = r.graph[me.index] & set(r.shares)
+        if set(b) & set(s) or not set(b) <= mine & r.survivors or not set(s) <= mine - r.survivors:
+            raise BadRequest("reveal b shares of surviving neighbours and s shares of dropped neighbours only")
         n = secagg.SHARE_BYTES
+        if len(payload) != n * (len(b) + len(s)) or len(set(b)) != len(b) or len(set(s)) != len(s):
+            raise BadRequest("one 16-byte share per index listed")
         values = [int.from_bytes(payload[i * n : (i + 1) * n], "big") for i in range(len(b) + len(s))]
-        r.reveals[me.index] = (dict(zip(b, values[: len(b)], strict=True)), dict(zip(s, values[len(b) :], strict=True)))
-        self.cond.notify_all()
+        reveal = (dict(zip(b, values[: len(b)], strict=True)), dict(zip(s, values[len(b) :], strict=True)))
+        if self._once(r, client, "unmask", r.reveals.get(me.index), reveal):
+            r.reveals[me.index] = reveal
+            self.cond.notify_all()
         return {}
 
-    def _on_evaluate(self, r: Round, client: str, header: dict, payload: bytes) -> dict:
+    def _on_evaluate(self, r: Round, client: str, cert: bytes, header: dict, payload: bytes) -> dict:
         self._expect(r, "collect")
         if r.task != "evaluate":
             raise Conflict("this round trains")
-        r.evaluations[client] = {k: float(header["metrics"][k]) for k in ("accuracy", "loss", "examples")}
-        self.cond.notify_all()
+        if client not in self.state["participants"]:
+            raise Conflict(f"{client} took part in no round: it does not evaluate")
+        metrics = check_metrics(header.get("metrics"), self.settings.max_examples)
+        if self._once(r, client, "evaluate", r.evaluations.get(client), metrics):
+            r.evaluations[client] = metrics
+            self.cond.notify_all()
         return {}
 
-    def _add_member(self, r: Round, client: str, header: dict, keys: bytes = b"") -> Member:
+    def _add_member(self, r: Round, client: str, examples, keys=b"", signature=b"", cert=b"") -> Member:
         if client not in r.members:
-            examples = int(header["examples"])
-            if examples <= 0:
-                raise BadRequest("examples must be > 0")
+            examples = check_count(examples, "examples", 1, self.settings.max_examples)
             if len(r.members) >= self.settings.clients:
                 raise Conflict(f"round {r.number} is full ({self.settings.clients} clients)")
-            r.members[client] = Member(client, len(r.members) + 1, examples, keys)
+            r.members[client] = Member(client, len(r.members) + 1, examples, keys, signature, cert)
             self.cond.notify_all()
         return r.members[client]
 
@@ -523,121 +638,3 @@ class Aggregator:
         if client not in r.members:
             raise Conflict("this client did not join this round")
         return r.members[client]
-
-
-class Conflict(Exception):
-    status = 409
-
-
-class BadRequest(Exception):
-    status = 400
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-ACTIONS = {
-    "/v1/join": "join",
-    "/v1/shares": "shares",
-    "/v1/update": "update",
-    "/v1/unmask": "unmask",
-    "/v1/evaluate": "evaluate",
-}
-
-
-def make_handler(agg: Aggregator):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "edgeloop-aggregator"
-
-        def setup(self):
-            super().setup()
-            # Small request/response pairs: without this, Nagle + delayed ACKs add ~40 ms to many replies.
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, fmt, *args):  # per-request lines would drown the round log
-            log.debug(fmt, *args)
-
-        def _reply(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, code: int, obj) -> None:
-            self._reply(code, json.dumps(obj).encode())
-
-        def _count(self, body_length: int) -> str:
-            """Attribute what this request carried (request line, headers, body) to its client."""
-            client = self.headers.get("X-Edgeloop-Client", "")
-            size = len(self.raw_requestline) + sum(len(k) + len(v) + 4 for k, v in self.headers.items()) + 2
-            with agg.cond:
-                if client and agg.round is not None:
-                    agg.round.uploaded[client] += size + body_length
-            return client
-
-        def do_GET(self):
-            url = urlsplit(self.path)
-            self._count(0)
-            if url.path == "/v1/round":
-                previous = parse_qs(url.query).get("after", [""])[0]
-                self._json(200, agg.wait_for_round(previous, self.headers.get("X-Edgeloop-Client", "")))
-            elif url.path in ("/v1/model", "/v1/weights"):
-                with agg.cond:
-                    body = agg.model_bytes if url.path == "/v1/model" else agg.weights_bytes
-                    sha = hashlib.sha256(body).hexdigest()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("ETag", f'"{sha}"')
-                self.end_headers()
-                self.wfile.write(body)
-            elif url.path == "/v1/status":
-                with agg.cond:
-                    self._json(200, agg.status())
-            elif url.path == "/healthz":
-                self._json(200, {"ok": True})
-            else:
-                self._json(404, {"error": "not found"})
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length", 0))
-            body = self.rfile.read(length)
-            client = self._count(length)
-            action = ACTIONS.get(urlsplit(self.path).path)
-            if action is None:
-                return self._json(404, {"error": "not found"})
-            if not client:
-                return self._json(400, {"error": "X-Edgeloop-Client header missing"})
-            try:
-                header, payload = unpack(body)
-                result = agg.handle(client, self.headers.get("X-Edgeloop-Round", ""), action, header, payload)
-            except (Conflict, BadRequest) as error:
-                return self._json(error.status, {"error": str(error)})
-            except (ValueError, KeyError, TypeError) as error:
-                return self._json(400, {"error": f"malformed {action}: {error}"})
-            self._json(200, result)
-
-    return Handler
-
-
-def serve(agg: Aggregator, host: str, port: int, tls=None) -> ThreadingHTTPServer:
-    """Start the HTTP(S) server in a daemon thread; the caller runs `agg.run()`."""
-    server = ThreadingHTTPServer((host, port), make_handler(agg))
-    server.daemon_threads = True
-    if tls is not None:
-        # The handshake happens in the request thread, so one slow client cannot stall accept().
-        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
-    threading.Thread(target=server.serve_forever, name="aggregator-http", daemon=True).start()
-    return server

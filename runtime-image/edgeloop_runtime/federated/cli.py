@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from .. import bounded_http
+from .aggregator_http import DEFAULT_LIMITS
 from .training import TrainConfig
 from .transport import Client, client_context, server_context
 
@@ -96,7 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization-bound",
         type=_positive_float,
         default=8.0,
-        help="secure aggregation clips update values to ±this before fixed-point encoding",
+        help="every update value is clipped to ±this (secure aggregation: before fixed-point encoding; "
+        "plain: updates beyond it are refused) (default 8)",
+    )
+    agg.add_argument(
+        "--max-examples",
+        type=int,
+        default=1_000_000,
+        help="largest example (and holdout) count a client may claim; it weighs the client's update (default 1e6)",
     )
     agg.add_argument(
         "--deadline",
@@ -113,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agg.add_argument("--host", default="0.0.0.0")
     agg.add_argument("--port", type=int, default=8080)
     agg.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve /metrics (Prometheus) and /healthz in plain HTTP on this port, for scrapers without a "
+        "client certificate (default: only on --port)",
+    )
+    agg.add_argument(
         "--state-dir",
         type=Path,
         default=Path("/var/lib/edgeloop/federated"),
@@ -126,6 +141,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agg.add_argument(
         "--store-token-file", type=Path, help="file with the store's bearer token (default: $EDGELOOP_STORE_TOKEN)"
     )
+    agg.add_argument(
+        "--checkpoint-ref",
+        help="also checkpoint every round to the store as refs/NAME (needs --store), so that the Job's next pod, "
+        "on any node, resumes from it; unique to the round, e.g. <namespace>.<name>.<uid>",
+    )
+    agg.add_argument(
+        "--store-ca-cert",
+        type=Path,
+        help="also trust this CA (PEM) for https:// stores and models, e.g. the in-cluster store's CA",
+    )
     agg.add_argument("--status-file", type=Path, help="rewrite the status JSON here at every change")
     agg.add_argument(
         "--linger",
@@ -134,6 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds to keep answering after the end, so clients learn the outcome (default 30)",
     )
     _add_tls(agg, server=True)
+    bounded_http.add_arguments(
+        agg, DEFAULT_LIMITS, body_help="bytes of a request body, 413 above; default 0: the largest message "
+        "an honest client sends for this model (4 bytes per parameter, plus keys, shares and a header)"
+    )  # fmt: skip
     agg.set_defaults(federated_run=run_aggregate)
 
     train = sub.add_parser(
@@ -177,15 +206,24 @@ def run(args: argparse.Namespace) -> int:
 def run_aggregate(args: argparse.Namespace) -> int:
     import time
 
-    from .aggregator import Aggregator, Settings, serve
+    from ..fetch import tls_context
+    from .aggregator import Aggregator, Settings
+    from .aggregator_http import serve
+    from .checkpoint import StoreRef
 
     if args.min_clients > args.clients or args.min_clients < 1:
         raise SystemExit("--min-clients must be between 1 and --clients")
+    if args.max_examples < 1:
+        raise SystemExit("--max-examples must be at least 1")
+    if args.checkpoint_ref and not args.store:
+        raise SystemExit("--checkpoint-ref needs --store")
     if args.strategy == "fedavg" and args.proximal_mu:
         raise SystemExit("--proximal-mu needs --strategy fedprox")
     token = (
         args.store_token_file.read_text().strip() if args.store_token_file else os.environ.get("EDGELOOP_STORE_TOKEN")
     )
+    store_context = tls_context(args.store_ca_cert) if args.store and args.store.startswith("https") else None
+    ref = StoreRef(args.store, args.checkpoint_ref, token or "", store_context) if args.checkpoint_ref else None
     settings = Settings(
         rounds=args.rounds,
         clients=args.clients,
@@ -206,30 +244,51 @@ def run_aggregate(args: argparse.Namespace) -> int:
         bound=args.quantization_bound,
         deadline=args.deadline,
         stage_timeout=args.stage_timeout,
+        max_examples=args.max_examples,
         store=args.store,
         store_token=token,
+        store_context=store_context,
+        ca=_load_ca(args.tls_ca),
+        checkpoint_ref=ref,
     )
-    agg = Aggregator(settings, _initial_model(args.model, args.model_sha256, args.state_dir))
+    model = _initial_model(args.model, args.model_sha256, args.state_dir, args.store_ca_cert)
+    agg = Aggregator(settings, model)
     if args.status_file:
         agg.on_change = lambda status: _write_json(args.status_file, status)
-    server = serve(agg, args.host, args.port, server_context(args.tls_cert, args.tls_key, args.tls_ca))
+    tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+    server = serve(agg, args.host, args.port, tls, bounded_http.from_args(args, DEFAULT_LIMITS), args.metrics_port)
     status = agg.run()
     time.sleep(args.linger)
-    server.shutdown()
+    for running in (server, server.metrics_server):
+        if running is not None:
+            running.shutdown()
     print(json.dumps(status), flush=True)  # the last line of the log: the operator's status source
     return 0 if status["phase"] == "Succeeded" else 1
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .client import FederatedClient, LocalData
+    from .client import FederatedClient, LocalData, load_identity
 
     context = client_context(args.tls_ca, args.tls_cert, args.tls_key) if args.aggregator.startswith("https") else None
     data = LocalData.load(args.data, args.holdout)
-    client = FederatedClient(Client(args.aggregator, context), args.client_id, data, args.seed, args.connect_timeout)
+    identity = load_identity(args.tls_cert, args.tls_key, args.tls_ca)
+    client = FederatedClient(
+        Client(args.aggregator, context), args.client_id, data, args.seed, args.connect_timeout, identity
+    )
     return client.run()
 
 
-def _initial_model(uri: str, sha256: str | None, state_dir: Path) -> bytes:
+def _load_ca(path: str | None):
+    """The CA whose client certificates sign secure-aggregation keys (the mTLS CA), or None."""
+    if not path:
+        return None
+    from cryptography import x509
+
+    with open(path, "rb") as f:
+        return x509.load_pem_x509_certificate(f.read())
+
+
+def _initial_model(uri: str, sha256: str | None, state_dir: Path, ca_cert: Path | None = None) -> bytes:
     """The starting model, verified against its digest when one is given (required for URIs)."""
     if sha256:
         from ..fetch import fetch
@@ -237,7 +296,7 @@ def _initial_model(uri: str, sha256: str | None, state_dir: Path) -> bytes:
         uri = uri if "://" in uri else Path(uri).resolve().as_uri()
         # A local file named on the command line (the aggregator's own pod) may be read; only that file.
         local = Path(unquote(urlsplit(uri).path)).parent if uri.startswith("file:") else None
-        return fetch(uri, sha256, state_dir / "cache", file_root=local).read_bytes()
+        return fetch(uri, sha256, state_dir / "cache", file_root=local, ca_cert=ca_cert).read_bytes()
     if "://" in uri:
         raise SystemExit("--model-sha256 is required when --model is a URI")
     return Path(uri).read_bytes()

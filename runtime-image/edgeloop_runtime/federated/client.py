@@ -1,6 +1,10 @@
 """The client: trains on one node's data and sends only its (masked) update, its example count and its
 holdout metrics. It follows the aggregator from round to round until the federation ends, and survives an
-aggregator restart by rejoining whatever round is open next."""
+aggregator restart by rejoining whatever round is open next.
+
+With a client certificate (mTLS), the client signs its secure-aggregation public keys with the certificate's
+key and shares its secrets only with neighbours whose keys carry a valid signature by a certificate that the
+CA issued for their names, so an aggregator cannot slip keys of its own between clients."""
 
 from __future__ import annotations
 
@@ -40,12 +44,39 @@ class LocalData:
         return cls(x[train], y[train], x[hold], y[hold])
 
 
+@dataclass(frozen=True)
+class Identity:
+    """The client's certificate key (it signs the client's public keys) and the CA its neighbours' come from."""
+
+    key: object
+    ca: object
+
+
+def load_identity(cert: str | None, key: str | None, ca: str | None) -> Identity | None:
+    """The identity of a client with a certificate and a CA, else None (keys then travel unsigned)."""
+    if not (cert and key and ca):
+        return None
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    with open(key, "rb") as k, open(ca, "rb") as c:
+        return Identity(load_pem_private_key(k.read(), password=None), x509.load_pem_x509_certificate(c.read()))
+
+
 class FederatedClient:
     def __init__(
-        self, conn: Client, client_id: str, data: LocalData, seed: int | None = None, connect_timeout: float = 600.0
+        self,
+        conn: Client,
+        client_id: str,
+        data: LocalData,
+        seed: int | None = None,
+        connect_timeout: float = 600.0,
+        identity: Identity | None = None,
     ):
         self.conn, self.id, self.data = conn, client_id, data
         self.seed, self.connect_timeout = seed, connect_timeout
+        self.identity = identity
+        self.rounds_seen: set[str] = set()  # a round id comes once: a repeat is a replay
         self.model: Model | None = None
         self.model_sha = ""
         self.features: tuple[np.ndarray, np.ndarray] | None = None
@@ -87,6 +118,9 @@ class FederatedClient:
     # --- one round ----------------------------------------------------------------------------------------
 
     def _round(self, info: dict) -> None:
+        if info["id"] in self.rounds_seen:
+            raise RoundGone(f"round id {info['id']} was used before: refusing a replayed round")
+        self.rounds_seen.add(info["id"])
         self.conn.timeout = info["waitSeconds"]
         self._fetch_model(info["model"], info["trainable"])
         start = self._fetch_weights()
@@ -96,6 +130,8 @@ class FederatedClient:
         rng = np.random.default_rng(None if self.seed is None else [self.seed, info["round"]])
 
         def evaluate_start() -> dict:
+            if not len(feats_hold):
+                return {"accuracy": 0.0, "loss": 0.0, "examples": 0}
             return {**evaluate(self.model, start, feats_hold, self.data.y_holdout), "examples": len(feats_hold)}
 
         def evaluate_and_train() -> tuple[dict, np.ndarray]:
@@ -115,7 +151,8 @@ class FederatedClient:
                 metrics = self._secure_round(info, examples, pool.submit(evaluate_and_train).result)
         else:
             metrics, update = evaluate_and_train()
-            self._post(info, "update", {"examples": examples, "metrics": metrics}, update.astype("<f4").tobytes())
+            update = np.clip(update, -info["bound"], info["bound"]).astype("<f4")  # what the aggregator accepts
+            self._post(info, "update", {"examples": examples, "metrics": metrics}, update.tobytes())
         log.info(
             "round %d: sent update (%d examples, holdout accuracy %.4f before training)",
             info["round"],
@@ -134,9 +171,9 @@ class FederatedClient:
         if roster is None or base64.b64decode(roster["keys"]) != keys:
             if info["stage"] != "join":
                 raise RoundGone("the round started without this client's current keys")
-            roster = self._post(info, "join", {"examples": examples}, keys)
+            roster = self._post(info, "join", {"examples": examples, **self._signed(info["id"], keys)}, keys)
         me, t, scale, bound = roster["index"], roster["t"], roster["scale"], roster["bound"]
-        peers = {int(v): base64.b64decode(k) for v, k in roster["neighbours"].items()}
+        peers = self._trusted_peers(info["id"], roster["neighbours"])
 
         b_shares = secagg.shamir_split(b_seed, t, peers)
         s_shares = secagg.shamir_split(s_seed, t, peers)
@@ -144,7 +181,8 @@ class FederatedClient:
         ciphertexts = b"".join(
             secagg.encrypt_shares(c_key, peers[v][:32], context, me, v, b_shares[v], s_shares[v]) for v in order
         )
-        inbox = self._post(info, "shares", {"to": order}, ciphertexts)["inbox"]
+        commitment = base64.b64encode(secagg.self_mask_commitment(b_seed, context)).decode()
+        inbox = self._post(info, "shares", {"to": order, "commitment": commitment}, ciphertexts)["inbox"]
         try:
             held = {
                 int(u): secagg.decrypt_shares(c_key, peers[int(u)][:32], context, int(u), me, base64.b64decode(c))
@@ -154,15 +192,15 @@ class FederatedClient:
             raise RoundGone("a share failed authentication: altered or misrouted by the aggregator") from error
 
         metrics, update = work()
-        update = np.clip(update, -bound, bound) * examples
         pairwise = {u: secagg.pairwise_seed(s_key, peers[u][32:], context) for u in held}
-        masked = secagg.mask(secagg.quantize(update, scale), me, b_seed, pairwise)
+        masked = secagg.mask(secagg.encode(update, examples, bound, scale), me, b_seed, pairwise)
         # Fresh keys for the next round ride along, so that round can start without a join step.
         self.next_keys = _new_keys()
         next_public = secagg.public_bytes(self.next_keys[0]) + secagg.public_bytes(
             secagg.mask_private_key(self.next_keys[1])
         )
-        decision = self._post(info, "update", {"metrics": metrics}, masked.astype("<u4").tobytes() + next_public)
+        header = {"metrics": metrics, **self._signed(info["nextId"], next_public, "nextSignature")}
+        decision = self._post(info, "update", header, masked.astype("<u4").tobytes() + next_public)
 
         survivors, dropped = set(decision["survivors"]), set(decision["dropped"])
         if survivors & dropped or not (survivors | dropped) <= set(held):
@@ -175,6 +213,36 @@ class FederatedClient:
         payload += b"".join(held[u][1].to_bytes(secagg.SHARE_BYTES, "big") for u in s)
         self._post(info, "unmask", {"b": b, "s": s}, payload)
         return metrics
+
+    # --- authenticated keys -----------------------------------------------------------------------------
+
+    def _signed(self, round_id: str, keys: bytes, name: str = "signature") -> dict:
+        if self.identity is None:
+            return {}
+        signature = secagg.sign(self.identity.key, secagg.keys_message(round_id, self.id, keys))
+        return {name: base64.b64encode(signature).decode()}
+
+    def _trusted_peers(self, round_id: str, neighbours: dict) -> dict[int, bytes]:
+        """Neighbours' public keys by index, each checked (with a certificate) against its signature, the CA
+        and the neighbour's name: a substituted key ends the round for this client before it shares."""
+        peers, names = {}, set()
+        for v, entry in neighbours.items():
+            keys = base64.b64decode(entry["keys"])
+            if len(keys) != 2 * secagg.KEY_BYTES:
+                raise RoundGone(f"neighbour {v} has no valid public keys")
+            if self.identity is not None:
+                name = entry["client"]
+                if name == self.id or name in names:
+                    raise RoundGone(f"neighbour {name!r} is listed twice, or is this client")
+                names.add(name)
+                try:
+                    cert, signature = base64.b64decode(entry["cert"]), base64.b64decode(entry["signature"])
+                    message = secagg.keys_message(round_id, name, keys)
+                    secagg.verify_keys(cert, self.identity.ca, name, message, signature)
+                except (secagg.UntrustedKeys, ValueError) as error:
+                    raise RoundGone(f"refusing to share secrets: {error}") from error
+            peers[int(v)] = keys
+        return peers
 
     # --- plumbing ------------------------------------------------------------------------------------------
 

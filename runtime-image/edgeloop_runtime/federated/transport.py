@@ -14,6 +14,8 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
+from ..bounded_http import server_context  # noqa: F401 - the aggregator's, like the store's
+
 
 class RoundGone(Exception):
     """The aggregator moved on (or restarted): the round this client was in no longer exists."""
@@ -24,26 +26,19 @@ def pack(header: dict, payload: bytes = b"") -> bytes:
     return len(head).to_bytes(4, "big") + head + payload
 
 
+MAX_HEADER_BYTES = 64 << 10
+
+
 def unpack(body: bytes) -> tuple[dict, bytes]:
     if len(body) < 4:
         raise ValueError("body too short")
     n = int.from_bytes(body[:4], "big")
-    return json.loads(body[4 : 4 + n]), body[4 + n :]
-
-
-def server_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
-    """TLS for a server when it has a certificate; with a CA, clients must present a certificate it signed."""
-    if not cert:
-        if ca:
-            raise ValueError("a client CA needs a server certificate (--tls-cert, --tls-key)")
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    if ca:
-        context.load_verify_locations(ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    if n > min(len(body) - 4, MAX_HEADER_BYTES):
+        raise ValueError(f"a JSON header of {n} bytes does not fit")
+    header = json.loads(body[4 : 4 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the header must be a JSON object")
+    return header, body[4 + n :]
 
 
 def client_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
@@ -82,6 +77,16 @@ class Client:
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
+        """One exchange. A kept-alive connection that the server closed meanwhile (its idle timeout) fails
+        before the server reads anything: that request is sent once more, on a new connection."""
+        if self._conn is not None:
+            try:
+                return self._exchange(method, path, body, headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+        return self._exchange(method, path, body, headers)
+
+    def _exchange(self, method, path, body, headers) -> tuple[int, bytes]:
         try:
             conn = self._connection()
             conn.request(method, self.prefix + path, body=body, headers=headers or {})

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from edgeloop_runtime.errors import BadRequest
 from edgeloop_runtime.model import TensorSpec
 from edgeloop_runtime.protocol import grpc_predict_v2_pb2 as pb
-from edgeloop_runtime.protocol.tensors import Tensor, check_header, from_buffer, from_list, to_buffer
+from edgeloop_runtime.protocol.tensors import Signature, Tensor, decoded_cost, from_buffer, from_list, to_buffer
 
 # Which InferTensorContents field carries each datatype when a client sends typed contents.
 CONTENTS_FIELD = {
@@ -26,20 +28,28 @@ CONTENTS_FIELD = {
 }
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
+def decode_inputs(request: pb.ModelInferRequest, signature: Signature, reserve: Callable[[int], None]) -> list[Tensor]:
+    """The request's tensors; every header is checked and the decoding's memory reserved before any decoding."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
-    tensors = []
-    for index, item in enumerate(request.inputs):
-        name, datatype, shape = check_header(item.name, item.datatype, list(item.shape))
-        if raw:
-            tensors.append(from_buffer(name, datatype, shape, raw[index]))
-        elif datatype in CONTENTS_FIELD:
-            tensors.append(from_list(name, datatype, shape, list(getattr(item.contents, CONTENTS_FIELD[datatype]))))
-        else:
+    headers = []
+    cost = 0
+    for item in request.inputs:
+        name, datatype, shape = signature.check(item.name, item.datatype, list(item.shape))
+        if any(name == other[0] for other in headers):
+            raise BadRequest(f"input '{name}' is given twice")
+        if not raw and datatype not in CONTENTS_FIELD:
             raise BadRequest(f"input '{name}' of datatype {datatype} must be sent in raw_input_contents")
-    return tensors
+        headers.append((name, datatype, shape))
+        cost += decoded_cost(datatype, shape, copied=not raw)
+    reserve(cost)
+    if raw:
+        return [from_buffer(name, datatype, shape, raw[index]) for index, (name, datatype, shape) in enumerate(headers)]
+    return [
+        from_list(name, datatype, shape, list(getattr(item.contents, CONTENTS_FIELD[datatype])))
+        for item, (name, datatype, shape) in zip(request.inputs, headers, strict=True)
+    ]
 
 
 def encode_response(

@@ -6,14 +6,23 @@ the tensors' raw bytes, in the order of the tensors whose parameters carry `bina
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from edgeloop_runtime.errors import BadRequest
+from edgeloop_runtime.errors import BadRequest, TooLarge
 from edgeloop_runtime.model import TensorSpec
-from edgeloop_runtime.protocol.tensors import Tensor, check_header, from_buffer, from_list, to_buffer, to_list
+from edgeloop_runtime.protocol.tensors import (
+    Signature,
+    Tensor,
+    decoded_cost,
+    from_buffer,
+    from_list,
+    to_buffer,
+    to_list,
+)
 
 
 @dataclass(frozen=True)
@@ -31,11 +40,20 @@ def _parameters(obj: dict, where: str) -> dict:
     return parameters
 
 
-def decode_request(body: bytes, header_length: int | None) -> InferRequest:
+def decode_request(
+    body: bytes, header_length: int | None, signature: Signature, reserve: Callable[[int], None]
+) -> InferRequest:
+    """Decodes a request: every input's header is checked against the signature, and the memory its decoding
+    takes is reserved, before any tensor data is decoded."""
     if header_length is not None and not 0 <= header_length <= len(body):
         raise BadRequest(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
     view = memoryview(body)
     header_end = len(body) if header_length is None else header_length
+    if header_end > signature.max_json_bytes:
+        raise TooLarge(
+            f"the request's JSON is {header_end} bytes, more than {signature.max_json_bytes} (--max-json-bytes); "
+            "send tensors with the binary tensor data extension"
+        )
     try:
         header = orjson.loads(view[:header_end])
     except orjson.JSONDecodeError as error:
@@ -44,30 +62,40 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         raise BadRequest("the request must be a JSON object with an 'inputs' list")
 
     offset = header_end
-    inputs = []
+    planned: list[tuple[str, str, tuple[int, ...], memoryview | None, object]] = []
+    cost = 0
     for item in header["inputs"]:
         if not isinstance(item, dict):
             raise BadRequest("each entry of 'inputs' must be an object")
-        name, datatype, shape = check_header(item.get("name"), item.get("datatype"), item.get("shape"))
+        name, datatype, shape = signature.check(item.get("name"), item.get("datatype"), item.get("shape"))
+        if any(name == other[0] for other in planned):
+            raise BadRequest(f"input '{name}' is given twice")
         size = _parameters(item, f"input '{name}'").get("binary_data_size")
         if size is None:
             if "data" not in item:
                 raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-            inputs.append(from_list(name, datatype, shape, item["data"]))
+            planned.append((name, datatype, shape, None, item["data"]))
+            cost += decoded_cost(datatype, shape, copied=True)
             continue
         if header_length is None:
             raise BadRequest(f"input '{name}' has binary data but the request has no Inference-Header-Content-Length")
-        if not isinstance(size, int) or size < 0:
+        if type(size) is not int or size < 0:
             raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
         if offset + size > len(body):
             raise BadRequest(
                 f"binary payload is truncated: input '{name}' needs {size} bytes at offset {offset}, "
                 f"the body has {len(body)}"
             )
-        inputs.append(from_buffer(name, datatype, shape, view[offset : offset + size]))
+        planned.append((name, datatype, shape, view[offset : offset + size], None))
+        cost += decoded_cost(datatype, shape, copied=False)
         offset += size
     if offset != len(body):
         raise BadRequest(f"{len(body) - offset} bytes after the last binary input belong to no input")
+    reserve(cost)
+    inputs = [
+        from_list(name, datatype, shape, data) if buffer is None else from_buffer(name, datatype, shape, buffer)
+        for name, datatype, shape, buffer, data in planned
+    ]
 
     parameters = _parameters(header, "the request")
     binary_default = bool(parameters.get("binary_data_output", False))

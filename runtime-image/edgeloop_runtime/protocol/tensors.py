@@ -6,11 +6,12 @@ Decoders raise BadRequest naming the tensor, since their input is whatever a cli
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgeloop_runtime.errors import BadRequest
+from edgeloop_runtime.errors import BadRequest, TooLarge
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,62 @@ def deserialize_bytes(buffer: bytes | memoryview, count: int) -> np.ndarray:
     return array
 
 
-def check_header(name: object, datatype: object, shape: object) -> tuple[str, str, tuple[int, ...]]:
-    if not isinstance(name, str) or not name:
-        raise BadRequest("every input needs a 'name' string")
-    if datatype not in NUMPY:
-        raise BadRequest(f"input '{name}' has unknown datatype {datatype!r}; known: {sorted(NUMPY)}")
-    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadRequest(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r}")
-    return name, datatype, tuple(shape)
+# What a BYTES element costs in memory once decoded (Python objects: bytes, str, array slots), beyond its data.
+BYTES_ELEMENT_COST = 128
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a request's inputs are checked against before any of their data is decoded: the model's inputs
+    (anything with a name, an OIP datatype and a shape in which -1 is any size), its batch limit, and limits."""
+
+    model: str
+    inputs: Mapping[str, object]
+    max_batch_size: int  # 0: no batch dimension
+    max_elements: int  # per tensor, and per dimension
+    max_json_bytes: int
+
+    def check(self, name: object, datatype: object, shape: object) -> tuple[str, str, tuple[int, ...]]:
+        """The input's header, checked; BadRequest names what is wrong, TooLarge when it holds too many elements."""
+        if not isinstance(name, str) or not name:
+            raise BadRequest("every input needs a 'name' string")
+        spec = self.inputs.get(name)
+        if spec is None:
+            raise BadRequest(f"unexpected input '{name}': model '{self.model}' has inputs {list(self.inputs)}")
+        if datatype not in NUMPY:
+            raise BadRequest(f"input '{name}' has unknown datatype {datatype!r}; known: {sorted(NUMPY)}")
+        if datatype != spec.datatype:
+            raise BadRequest(f"input '{name}' has datatype {datatype}, the model expects {spec.datatype}")
+        if not isinstance(shape, list | tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise BadRequest(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r}")
+        shape = tuple(shape)
+        if any(d > self.max_elements for d in shape):
+            raise BadRequest(
+                f"input '{name}' has shape {list(shape)}: no dimension may exceed {self.max_elements} "
+                "(--max-tensor-elements)"
+            )
+        if len(shape) != len(spec.shape) or any(
+            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
+        ):
+            raise BadRequest(
+                f"input '{name}' has shape {list(shape)}, the model expects {list(spec.shape)} (-1: any size)"
+            )
+        if self.max_batch_size and not 1 <= shape[0] <= self.max_batch_size:
+            raise BadRequest(f"batch size {shape[0]} is outside 1..{self.max_batch_size} (--max-batch-size)")
+        count = math.prod(shape)
+        if count > self.max_elements:
+            raise TooLarge(
+                f"input '{name}' has {count} elements, more than {self.max_elements} (--max-tensor-elements)"
+            )
+        return name, datatype, shape
+
+
+def decoded_cost(datatype: str, shape: tuple[int, ...], copied: bool) -> int:
+    """Memory a tensor's decoding allocates beyond the request's body: nothing for raw numeric data (a view),
+    the array for data decoded from a list, and the Python objects of BYTES elements."""
+    if datatype == "BYTES":
+        return math.prod(shape) * BYTES_ELEMENT_COST
+    return math.prod(shape) * NUMPY[datatype].itemsize if copied else 0
 
 
 def from_buffer(name: str, datatype: str, shape: tuple[int, ...], buffer: bytes | memoryview) -> Tensor:
