@@ -57,6 +57,15 @@ RUNTIME_METRICS = (
     "edgeloop_model_info",
 )
 
+# What the dashboard reads from a FederatedRound's aggregator while it runs (runtime-image/FEDERATED.md, "Metrics").
+AGGREGATOR_METRICS = (
+    "edgeloop_federated_rounds",
+    "edgeloop_federated_rounds_completed",
+    "edgeloop_federated_clients",
+    "edgeloop_federated_accuracy",
+    "edgeloop_federated_received_bytes",
+)
+
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 RECONCILES = Counter(

@@ -130,8 +130,44 @@ def used_metrics(expr: str) -> set[str]:
     return {n if n in metrics.RUNTIME_METRICS else re.sub(r"_(bucket|total)$", "", n) for n in names}
 
 
-def pending_for(expr: str) -> set[str]:
-    return used_metrics(expr) & PENDING_METRICS
+def dashboard_targets(aggregators: bool) -> list[tuple[str, str, set[str]]]:
+    """(panel title, expression, labels its legend shows) of the dashboard's queries: those of the running
+    aggregators' row, or all the others."""
+    board = json.loads((CHART / "files" / "dashboard.json").read_text())
+    return [(panel["title"], target["expr"], legend_labels(target["legendFormat"]))
+            for panel in board["panels"] for target in panel.get("targets", [])
+            if bool(used_metrics(target["expr"]) & set(metrics.AGGREGATOR_METRICS)) == aggregators]
+
+
+class Evaluator:
+    """Evaluates expressions through Prometheus's HTTP API with the dashboard's variables filled in, checking
+    that the series carry the labels shown, with the values this cluster has; notes those that wait for the
+    runtime's C7 names instead."""
+
+    def __init__(self, prometheus, expected_values: dict[str, set[str]]):
+        self.prometheus, self.expected_values, self.pending = prometheus, expected_values, []
+
+    def __call__(self, what: str, expr: str, labels: set[str], must_return: bool = True) -> list[dict]:
+        for variable, value in SUBSTITUTIONS.items():
+            expr = expr.replace(variable, value)
+        if missing := used_metrics(expr) & PENDING_METRICS:
+            self.pending.append(f"{what} ({', '.join(sorted(missing))})")
+            return []
+        result = self.prometheus.query(expr)  # a PromQL error raises, with Prometheus's message
+        if must_return:
+            assert result, f"{what}: no series for {expr}"
+        for series in result:
+            labelled = series["metric"]
+            for label in labels - PENDING_LABELS:
+                assert labelled.get(label), f"{what}: a series without {label}: {labelled} ({expr})"
+                if label in self.expected_values:
+                    assert labelled[label] in self.expected_values[label], f"{what}: {labelled} ({expr})"
+        return result
+
+    def skip_pending(self) -> None:
+        if self.pending:
+            waiting = "; ".join(self.pending)
+            pytest.skip(f"the runtime does not export these yet (CONTRACTS.md C7, serve room): {waiting}")
 
 
 def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(story, prometheus, promtool, tmp_path):
@@ -159,36 +195,15 @@ def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(story, p
 
     status = devcluster.get_json("inferencemodel", MODEL, "-n", NS)["status"]
     [fr] = [r for r in devcluster.get_json("federatedrounds", "-n", NS)["items"] if r["status"].get("promoted")]
-    expected_values = {
+    check = Evaluator(prometheus, {
         "node": set(nodes), "namespace": {NS}, "model": {MODEL}, "inferencemodel": {MODEL},
         "version": {status["model"]["version"]}, "sha256": {status["model"]["sha256"]},
         "federatedround": {fr["metadata"]["name"]},
-    }
-    pending = []
-
-    def check(what: str, expr: str, labels: set[str], must_return: bool = True) -> list[dict]:
-        for variable, value in SUBSTITUTIONS.items():
-            expr = expr.replace(variable, value)
-        if missing := pending_for(expr):
-            pending.append(f"{what} ({', '.join(sorted(missing))})")
-            return []
-        result = prometheus.query(expr)  # a PromQL error raises, with Prometheus's message
-        if must_return:
-            assert result, f"{what}: no series for {expr}"
-        for series in result:
-            labelled = series["metric"]
-            for label in labels - PENDING_LABELS:
-                assert labelled.get(label), f"{what}: a series without {label}: {labelled} ({expr})"
-                if label in expected_values:
-                    assert labelled[label] in expected_values[label], f"{what}: {labelled} ({expr})"
-        return result
-
-    board = json.loads((CHART / "files" / "dashboard.json").read_text())
-    for panel in board["panels"]:
-        for target in panel.get("targets", []):
-            result = check(f"panel {panel['title']!r}", target["expr"], legend_labels(target["legendFormat"]))
-            if "node" in legend_labels(target["legendFormat"]) and result:
-                assert sorted({s["metric"]["node"] for s in result}) == nodes, f"every node in {panel['title']!r}"
+    })
+    for title, expr, labels in dashboard_targets(aggregators=False):
+        result = check(f"panel {title!r}", expr, labels)
+        if "node" in labels and result:
+            assert sorted({s["metric"]["node"] for s in result}) == nodes, f"every node in {title!r}"
     accuracy = check("trained accuracy", 'edgeloop_federatedround_accuracy{namespace="models"}', {"federatedround"})
     assert float(accuracy[0]["value"][1]) == pytest.approx(fr["status"]["metrics"]["accuracy"])
 
@@ -212,8 +227,39 @@ def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(story, p
             assert not firing, f"{name} fires: {firing}"
         for used in used_metrics(alert["expr"]) - PENDING_METRICS:  # each input of the alert has series
             assert prometheus.query(f'count({{__name__=~"{used}(_bucket|_total)?"}})'), f"{name}: no {used} series"
-    if pending:
-        pytest.skip("the runtime does not export these yet (CONTRACTS.md C7, serve room): " + "; ".join(pending))
+    check.skip_pending()
+
+
+def test_a_running_rounds_progress_reaches_prometheus(story, prometheus):
+    """A second round (two training rounds, not promoted): its aggregator's plain metrics port is scraped by
+    its annotations while it runs, and the dashboard's row for running rounds answers; the operator's round
+    metrics follow it to Succeeded."""
+    devcluster, name = story.devcluster, "digits-observed"
+    round_ = yaml.safe_load((ROOT / "examples" / "federatedround-digits.yaml").read_text())
+    round_["metadata"] = {"name": name, "namespace": NS}
+    spec = round_["spec"]
+    spec["participants"] = {"nodeSelector": {"edgeloop.io/node-group": "edge-real"},
+                            "minClients": len(story.real), "maxClients": len(story.real)}
+    spec["training"]["rounds"] = 2
+    spec["promote"] = {"enabled": False}
+    spec["runtime"]["resources"]["requests"] = {"cpu": "100m", "memory": "128Mi"}
+    devcluster.kubectl("apply", "-f", "-", input=json.dumps(round_))
+    check = Evaluator(prometheus, {"namespace": {NS}})
+    targets = dashboard_targets(aggregators=True)
+
+    def answered():
+        results = {title: prometheus.query(expr.replace("$namespace", NS).replace("$__rate_interval", "1m"))
+                   for title, expr, _ in targets}
+        return all(results.values()) and results
+
+    wait_for(f"every panel of running rounds to answer while {name} runs", answered, timeout=300,
+             debug=lambda: story.debug(NS))
+    for title, expr, labels in targets:
+        result = check(f"panel {title!r}", expr, labels)
+        assert all(s["metric"]["pod"].startswith(f"{name}-aggregator-") for s in result), result
+    wait_for(f"{name} to succeed, in the operator's metrics", lambda: prometheus.query(
+        f'edgeloop_federatedround_phase{{namespace="{NS}", federatedround="{name}", phase="Succeeded"}} == 1'),
+        timeout=300, debug=lambda: story.debug(NS))
 
 
 def viewer_kubeconfig(story: real_story.Story, tmp_path: Path, name: str, pods_proxy: bool) -> Path:

@@ -151,16 +151,20 @@ NAME = re.compile(r"\b((?:edgeloop|nv)_[a-z0-9_]+)")
 
 def family(name: str) -> str:
     """A metric family's name from a sample's (nv_inference_count is a family of its own)."""
-    known = OPERATOR_METRICS | set(metrics.RUNTIME_METRICS)
+    known = OPERATOR_METRICS | set(metrics.RUNTIME_METRICS) | set(metrics.AGGREGATOR_METRICS)
     return name if name in known else re.sub(r"_(total|bucket|count|sum)$", "", name)
+
+
+def test_the_aggregators_metrics_the_dashboard_reads_are_the_ones_it_exports():
+    source = (CHART.parents[1] / "runtime-image" / "edgeloop_runtime" / "federated" / "metrics.py").read_text()
+    assert [name for name in metrics.AGGREGATOR_METRICS if f'"{name}' not in source] == []
 
 
 def test_every_dashboard_query_reads_metrics_that_exist():
     exprs = [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
     used = {family(n) for expr in exprs for n in NAME.findall(expr)}
-    assert used <= OPERATOR_METRICS | set(metrics.RUNTIME_METRICS), (
-        used - OPERATOR_METRICS - set(metrics.RUNTIME_METRICS)
-    )
+    known = OPERATOR_METRICS | set(metrics.RUNTIME_METRICS) | set(metrics.AGGREGATOR_METRICS)
+    assert used <= known, used - known
     assert used >= set(metrics.RUNTIME_METRICS) - {"nv_inference_request_failure"} | {
         "edgeloop_inferencemodel_nodes",
         "edgeloop_federatedround_accuracy",
@@ -202,6 +206,28 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
         assert "$" not in expr.replace('"$1"', ""), expr
         rules.append({"record": f"edgeloop:dashboard_{number}", "expr": expr})
     (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(["promtool", "check", "rules", str(tmp_path / "dashboard.yaml")], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(tmp_path / "dashboard.yaml")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_helm
+def test_the_aggregator_pod_monitor_reads_its_plain_metrics_port():
+    from test_chart import federated_pods
+
+    monitor = one(with_api(), "PodMonitor", "edgeloop-aggregator")["spec"]
+    pods = federated_pods(config.build())
+    aggregator = pods["aggregator"]
+    assert monitor["selector"]["matchLabels"].items() <= aggregator["metadata"]["labels"].items()
+    assert not monitor["selector"]["matchLabels"].items() <= pods["client"]["metadata"]["labels"].items()
+    [endpoint] = monitor["podMetricsEndpoints"]
+    [port] = [p for p in aggregator["spec"]["containers"][0]["ports"] if p["name"] == endpoint["port"]]
+    assert "scheme" not in endpoint, "plain HTTP: Prometheus has no client certificate for the mTLS port"
+    annotations = aggregator["metadata"]["annotations"]
+    assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == (
+        "true",
+        str(port["containerPort"]),
+    )
+    args = aggregator["spec"]["containers"][0]["args"]
+    assert args[args.index("--metrics-port") + 1] == str(port["containerPort"])
