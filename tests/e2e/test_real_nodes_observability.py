@@ -11,6 +11,7 @@ skip, never asserted as absent."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -260,6 +261,9 @@ def test_a_running_rounds_progress_reaches_prometheus(story, prometheus):
     wait_for(f"{name} to succeed, in the operator's metrics", lambda: prometheus.query(
         f'edgeloop_federatedround_phase{{namespace="{NS}", federatedround="{name}", phase="Succeeded"}} == 1'),
         timeout=300, debug=lambda: story.debug(NS))
+    if output := os.environ.get("EDGELOOP_PLOT_DASHBOARD"):  # docs/observability.md's picture of this run
+        subprocess.run([sys.executable, str(ROOT / "hack" / "plot_dashboard.py"), "--prometheus", prometheus.url,
+                        "--output", output, "--set", f"namespace={NS}", "--set", f"model={MODEL}"], check=True)
 
 
 def viewer_kubeconfig(story: real_story.Story, tmp_path: Path, name: str, pods_proxy: bool) -> Path:
