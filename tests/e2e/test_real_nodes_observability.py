@@ -330,6 +330,7 @@ def test_kubectl_edgeloop_shows_each_real_node_as_a_reader_sees_it(story, tmp_pa
     assert table[0].split() == ["NODE", "MODEL", "VARIANT", "VERSION", "DIGEST", "PROVIDERS", "STATUS", "RESTARTS",
                                 "REQ/S", "P99"]
     assert len(table) == 1 + len(story.real) and all(spec_model["sha256"][:12] in line for line in table[1:])
+    print("\n".join(["$ kubectl edgeloop nodes", *table]))  # what docs/observability.md shows (pytest -s)
 
     # Without pods/proxy the rows stay; what only the runtimes know is left out, and the user is told why.
     blind = viewer_kubeconfig(story, tmp_path, "fleet-blind", pods_proxy=False)
@@ -340,6 +341,7 @@ def test_kubectl_edgeloop_shows_each_real_node_as_a_reader_sees_it(story, tmp_pa
     [round_] = [r for r in devcluster.get_json("federatedrounds", "-n", NS)["items"] if r["status"].get("promoted")]
     shown = f"{round_['status']['metrics']['accuracy']:#.3g}"
     rounds = kubectl_edgeloop(story, reader, "rounds").stdout.splitlines()
+    print("\n".join(["$ kubectl edgeloop rounds", *rounds]))
     row = next(line.split() for line in rounds if line.startswith(round_["metadata"]["name"]))
     assert row[1:5] == [MODEL, "Succeeded", round_["status"]["progress"], f"{len(story.real)}/{len(story.real)}"]
     assert row[6] == shown == round_["status"]["accuracy"]
