@@ -119,7 +119,7 @@ RUNTIME_USER = "assert os.getuid() == 65532 == os.stat('/var/lib/edgeloop/models
 SMOKE = {
     "runtime": (
         ("edgeloop-runtime", "--help"),
-        ("python", "-c", f"import os, onnxruntime, numpy, grpc, uvloop, ai_edge_litert.interpreter; {RUNTIME_USER}"),
+        ("python", "-c", f"import os, onnxruntime, numpy, hpack, uvloop, ai_edge_litert.interpreter; {RUNTIME_USER}"),
         (*MODEL_CHECK, "--format", "onnx"),
         (*MODEL_CHECK, "--format", "tflite"),
     ),

@@ -118,8 +118,8 @@ def wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout: float = 12
 
 
 @contextmanager
-def server(contender: str, model: Path, name: str, workdir: Path):
-    """Starts one contender serving `model` as `name`; yields its HTTP port."""
+def server(contender: str, model: Path, name: str, workdir: Path, extra: tuple = ()):
+    """Starts one contender serving `model` as `name` (with `extra` arguments); yields its HTTP and gRPC ports."""
     http_port, grpc_port = free_port(), free_port()
     env = dict(os.environ)
     if contender == "edgeloop":
@@ -127,10 +127,10 @@ def server(contender: str, model: Path, name: str, workdir: Path):
             sys.executable, "-m", "edgeloop_runtime.cli", "serve", "--model-path", str(model), "--model-name", name,
             "--format", "tflite" if model.suffix == ".tflite" else "onnx",
             "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--threads", str(THREADS), "--model-instances", str(BUDGET // THREADS), "--log-level", "WARNING",
+            "--threads", str(THREADS), "--model-instances", str(BUDGET // THREADS), "--log-level", "WARNING", *extra,
         ]  # fmt: skip
     elif contender == "kserve":
-        command = [venv_python("kserve"), HERE / "kserve_server.py", model, name, http_port, grpc_port, THREADS]
+        command = [venv_python("kserve"), HERE / "kserve_server.py", model, name, http_port, grpc_port, THREADS, *extra]
     elif contender == "mlserver":
         root = workdir / f"mlserver-{name}"
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def server(contender: str, model: Path, name: str, workdir: Path):
         proc = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(http_port, proc, log)
-        yield http_port
+        yield http_port, grpc_port
     finally:
         proc.terminate()
         try:
@@ -276,7 +276,7 @@ def run(models: dict[str, Path], contenders: list[str], seconds: float, workdir:
         servers = [c for c in contenders if c not in RAW and (c == "edgeloop" or path.suffix == ".onnx")]
         for contender in servers:
             print(f"{name}: {contender} ...", flush=True)
-            with server(contender, path, name, workdir) as port, paired_server(name, models, workdir) as paired:
+            with server(contender, path, name, workdir) as (port, _), paired_server(name, models, workdir) as paired:
                 body, headers = request_body(contender, name, input_name, x)
                 request = loadgen.build_request("127.0.0.1", port, f"/v2/models/{name}/infer", body, headers)
                 for c in CONCURRENCY:
@@ -312,7 +312,7 @@ def paired_server(name: str, models: dict[str, Path], workdir: Path):
         return
     path = models.get(twin) or build_models(VENVS / "models")[twin]
     input_name, x = sample(path)
-    with server("edgeloop", path, twin, workdir) as port:
+    with server("edgeloop", path, twin, workdir) as (port, _):
         body, headers = request_body("edgeloop", twin, input_name, x)
         yield port, loadgen.build_request("127.0.0.1", port, f"/v2/models/{twin}/infer", body, headers)
 

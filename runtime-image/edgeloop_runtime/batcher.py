@@ -101,7 +101,8 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     def submit(self, feeds: dict[str, np.ndarray], size: int) -> asyncio.Future:
-        """A future for (outputs, nanoseconds queued); raises Unavailable when the queue is full."""
+        """A future for (outputs, (ns queued, the batch's input, infer and output ns)); raises Unavailable when the
+        queue is full."""
         if len(self.queue) >= self.max_queue:
             raise Unavailable(f"the request queue is full ({self.max_queue} waiting); retry later")
         future = asyncio.get_running_loop().create_future()
@@ -189,7 +190,7 @@ class Batcher:
         self.metrics.batch_done(sum(item.size for item in batch), *timings)
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():  # a gRPC call whose client went away is cancelled
-                item.future.set_result((result, started - item.enqueued_ns))
+                item.future.set_result((result, (started - item.enqueued_ns, *timings)))
 
     def _infer(self, batch: list[Pending]) -> tuple[list[dict[str, np.ndarray]], tuple[int, int, int]]:
         """Runs in an instance's thread, or inline for a fast model."""

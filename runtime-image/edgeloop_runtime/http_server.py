@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl as ssl_module
 import time
 import zlib
 from collections import deque
@@ -33,9 +32,10 @@ from edgeloop_runtime.errors import (
     TooLarge,
     Unavailable,
 )
-from edgeloop_runtime.limits import Limits
+from edgeloop_runtime.listener import Listener
 from edgeloop_runtime.protocol import http_codec
 from edgeloop_runtime.serving import Serving
+from edgeloop_runtime.shared_memory import Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Request:
     headers: dict[bytes, bytes]
     body: bytes | bytearray
     keep_alive: bool
-    received: float  # perf_counter at the end of the body
+    received: int  # perf_counter_ns at the end of the body
     cost: int = 0  # bytes of the memory budget it holds until answered
 
 
@@ -96,6 +96,10 @@ def decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
     return data
 
 
+def http_listener(app: App) -> Listener:
+    return Listener(app.limits, lambda listener: Connection(app, listener))
+
+
 class App:
     """Routes requests; answers through a callback so that inference needs no task per request."""
 
@@ -105,7 +109,7 @@ class App:
 
     def refuse(self, error: ServingError) -> Response:
         """The answer to a request refused before it was read whole."""
-        self.serving.metrics.request_done("http", error.outcome, 0.0)
+        self.serving.metrics.refused("http", error.outcome)
         return error_response(error)
 
     def handle(self, request: Request, respond) -> None:
@@ -134,6 +138,8 @@ class App:
             return respond(json_response(200 if serving.ready else 503, {"ready": serving.ready}))
         if rest == ["models", "stats"] and get:
             return respond(json_response(200, serving.model_stats()))
+        if rest and rest[0] in ("systemsharedmemory", "cudasharedmemory"):
+            return respond(self._shared_memory(request, rest))
         if len(rest) < 2 or rest[0] != "models":
             raise NotFound(f"no route for {request.path}")
         name, version, action = unquote(rest[1]), None, rest[2:]
@@ -156,32 +162,61 @@ class App:
             return respond(json_response(200, serving.model_stats()))
         raise NotFound(f"no route for {request.path}")
 
+    def _shared_memory(self, request: Request, rest: list[str]) -> Response:
+        """`{system,cuda}sharedmemory[/region/<name>]/{status,register,unregister}`; CUDA regions are never held."""
+        kind, action = rest[0], rest[-1]
+        if len(rest) == 4 and rest[1] == "region":
+            name = unquote(rest[2])
+        elif len(rest) == 2:
+            name = ""
+        else:
+            raise NotFound(f"no route for {request.path}")
+        if (request.method == b"GET") != (action == "status") or action not in ("status", "register", "unregister"):
+            return json_response(405, {"error": f"{request.path}: status takes GET, register and unregister POST"})
+        memory = self.serving.shared_memory
+        if kind == "cudasharedmemory":
+            if action == "register":
+                raise Unsupported("CUDA shared memory is not supported; use system shared memory")
+            if action == "status" and name:
+                raise NotFound(f"unable to find cuda shared memory region '{name}'")
+            return json_response(200, [])
+        if action == "status":
+            return json_response(200, memory.status(name))
+        if action == "unregister":
+            memory.unregister(name)
+            return json_response(200, {})
+        if not name:
+            raise BadRequest("register a system shared memory region at /v2/systemsharedmemory/region/<name>/register")
+        document = http_codec.parse_json(memoryview(request.body)) if request.body else {}
+        if not isinstance(document, dict):
+            raise BadRequest("the register request must be a JSON object with 'key', 'offset' and 'byte_size'")
+        key, offset, size = document.get("key"), document.get("offset", 0), document.get("byte_size")
+        if not isinstance(key, str) or type(offset) is not int or type(size) is not int:
+            raise BadRequest("the register request needs a 'key' string and 'byte_size' (and 'offset') integers")
+        memory.register(name, key, offset, size)
+        return json_response(200, {})
+
     def _infer(self, request: Request, respond) -> None:
         serving = self.serving
-        serving.inflight += 1
+        call = serving.call("http", request.received)
 
-        def finish(response: Response, outcome: str, queued_ns: int = 0) -> None:
-            serving.inflight -= 1
-            serving.metrics.request_done("http", outcome, time.perf_counter() - request.received, queued_ns)
+        def finish(response: Response, outcome: str) -> None:
+            call.finish(outcome)
             respond(response)
-
-        def reserve(size: int) -> None:
-            serving.budget.reserve(size)
-            request.cost += size
 
         try:
             body = request.body
             encoding = request.headers.get(b"content-encoding")
             if encoding and encoding.lower() != b"identity":
                 body = decompress(body, encoding, self.limits.max_body_bytes)
-                reserve(len(body))
+                call.reserve(len(body))
             header_length = request.headers.get(b"inference-header-content-length")
             try:
                 length = int(header_length) if header_length is not None else None
             except ValueError:
                 raise BadRequest("Inference-Header-Content-Length is not an integer") from None
-            decoded = http_codec.decode_request(body, length, serving.signature, reserve)
-            future = serving.submit(decoded.inputs, list(decoded.outputs or ()))
+            decoded = http_codec.decode_request(body, length, serving.signature, call.reserve, serving.shared_memory)
+            future = call.submit(decoded.inputs, list(decoded.outputs or ()))
         except ServingError as error:
             return finish(error_response(error), error.outcome)
         except Exception:
@@ -190,17 +225,22 @@ class App:
 
         def done(future: asyncio.Future) -> None:
             try:
-                results, queued_ns = future.result()
+                results = call.ran(future)
                 parts, length = http_codec.encode_response(
-                    serving.model.name, serving.model.version, decoded, serving.model.outputs, results
+                    serving.model.name,
+                    serving.model.version,
+                    decoded,
+                    serving.model.outputs,
+                    results,
+                    serving.shared_memory,
                 )
             except ServingError as error:
                 return finish(error_response(error), error.outcome)
-            except Exception as error:
+            except Exception:
                 log.exception("inference failed")
-                return finish(json_response(500, {"error": f"inference failed: {error}"}), "error")
+                return finish(json_response(500, {"error": "inference failed"}), "error")
             content_type = b"application/octet-stream" if length is not None else JSON
-            finish(Response(200, parts, content_type, length), "success", queued_ns)
+            finish(Response(200, parts, content_type, length), "success")
 
         future.add_done_callback(done)
 
@@ -216,11 +256,11 @@ class _StopParsing(Exception):
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: parses with httptools, answers requests one at a time, in order."""
 
-    def __init__(self, server: HttpServer) -> None:
-        self.server = server
-        self.app = server.app
-        self.limits = server.limits
-        self.budget = server.app.serving.budget
+    def __init__(self, app: App, listener: Listener) -> None:
+        self.server = listener
+        self.app = app
+        self.limits = listener.limits
+        self.budget = app.serving.budget
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         # requests read while another is being answered, each with its answer when known already
@@ -370,7 +410,7 @@ class Connection(asyncio.Protocol):
             self.headers,
             self.body if isinstance(self.body, bytearray) else b"".join(self.body),
             self.parser.should_keep_alive(),
-            time.perf_counter(),
+            time.perf_counter_ns(),
             self.reserved,
         )
         rejection = None
@@ -490,68 +530,10 @@ class Connection(asyncio.Protocol):
         elif self.receiving == BODY and now - self.since > limits.body_timeout:
             self._fail(RequestTimeout(f"the request body took over {limits.body_timeout:g} s (--body-timeout)"))
         elif self.receiving == IDLE and not self.busy and not self.pending and now - self.since > limits.idle_timeout:
-            self.stopped = True
+            self.evict()
+
+    def evict(self) -> None:
+        """Closes the connection, which waits for a request (the listener needs its place, or it idled)."""
+        self.stopped = True
+        if self.transport is not None:
             self.transport.close()
-
-
-class HttpServer:
-    """The listening socket and its connections, with the connection cap and the timeouts' sweep."""
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.limits: Limits = app.limits
-        self.connections: set[Connection] = set()
-        # connections waiting for a request (idle, or reading a head), the longest-waiting first
-        self.waiting: dict[Connection, None] = {}
-        self._server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task | None = None
-
-    async def start(self, host: str, port: int, ssl: ssl_module.SSLContext | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self),
-            host,
-            port,
-            ssl=ssl,
-            ssl_handshake_timeout=self.limits.header_timeout if ssl else None,
-            backlog=1024,
-        )
-        self._sweeper = loop.create_task(self._sweep())
-
-    def admit(self, connection: Connection) -> bool:
-        """Takes a new connection; at the cap, closes the one that has waited longest for a request to make
-        room, or refuses the new one when every connection is answering or receiving a body."""
-        if len(self.connections) >= self.limits.max_connections:
-            if not self.waiting:
-                return False
-            oldest = next(iter(self.waiting))
-            self.forget(oldest)
-            oldest.stopped = True
-            if oldest.transport is not None:
-                oldest.transport.close()
-        self.connections.add(connection)
-        self.waiting[connection] = None
-        return True
-
-    def forget(self, connection: Connection) -> None:
-        self.connections.discard(connection)
-        self.waiting.pop(connection, None)
-
-    async def _sweep(self) -> None:
-        limits = self.limits
-        interval = min(1.0, max(0.05, min(limits.header_timeout, limits.body_timeout, limits.idle_timeout) / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for connection in list(self.connections):
-                connection.expire(now)
-
-    def close(self) -> None:
-        """Stops listening and closes every connection."""
-        if self._server is not None:
-            self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for connection in list(self.connections):
-            if connection.transport is not None:
-                connection.transport.close()

@@ -51,6 +51,7 @@ class Limits:
     max_grpc_calls: int = field(
         default=256, metadata=_flag("concurrent gRPC calls in the server; beyond, RESOURCE_EXHAUSTED")
     )
+    max_shm_regions: int = field(default=64, metadata=_flag("registered system shared memory regions"))
     header_timeout: float = field(
         default=10.0, metadata=_flag("seconds to receive an HTTP request's head (and a TLS or HTTP/2 handshake)")
     )

@@ -88,8 +88,17 @@ class Duration:
 
 
 @dataclass
+class BatchStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
 class TritonStats:
-    """The counters behind Triton's statistics extension (`…/stats`, ModelStatistics)."""
+    """The counters behind Triton's statistics extension (`…/stats`, ModelStatistics), counted as Triton does:
+    durations per request (each request of a batch is charged the batch's compute, plus its own decoding in
+    compute_input and its own encoding in compute_output), counts of samples and of batches."""
 
     last_inference_ms: int = 0
     inference_count: int = 0  # requests' batch sizes added up
@@ -100,16 +109,27 @@ class TritonStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
-    batches: dict[int, Duration] = field(default_factory=dict)  # batch size → compute_infer
+    batches: dict[int, BatchStats] = field(default_factory=dict)  # by batch size, per execution
 
     def record_batch(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.inference_count += size
         self.execution_count += 1
-        self.compute_input.add(input_ns)
-        self.compute_infer.add(infer_ns)
-        self.compute_output.add(output_ns)
-        self.batches.setdefault(size, Duration()).add(infer_ns)
+        batch = self.batches.get(size)
+        if batch is None:
+            batch = self.batches[size] = BatchStats()
+        batch.compute_input.add(input_ns)
+        batch.compute_infer.add(infer_ns)
+        batch.compute_output.add(output_ns)
+
+    def record_request(self, success: bool, total_ns: int, call, encode_ns: int) -> None:
+        (self.success if success else self.fail).add(total_ns)
+        if call.batch_ns is not None:
+            input_ns, infer_ns, output_ns = call.batch_ns
+            self.queue.add(call.queue_ns)
+            self.compute_input.add(call.decode_ns + input_ns)
+            self.compute_infer.add(infer_ns)
+            self.compute_output.add(output_ns + encode_ns)
 
 
 class Metrics:
@@ -142,13 +162,15 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         self.gauges.append(Gauge(name, help_text, read, {"model": self.model}))
 
-    def request_done(self, protocol: str, outcome: str, seconds: float, queue_ns: int = 0) -> None:
+    def request_done(self, call, outcome: str, total_ns: int, encode_ns: int) -> None:
+        """An inference request (a serving.Call) answered, `total_ns` after it was received."""
+        self.requests.inc(self.model, call.protocol, outcome)
+        self.latency.observe(total_ns / 1e9, self.model, call.protocol)
+        self.triton.record_request(outcome == "success", total_ns, call, encode_ns)
+
+    def refused(self, protocol: str, outcome: str) -> None:
+        """A request refused before it was read whole (too large, too slow, malformed, no room)."""
         self.requests.inc(self.model, protocol, outcome)
-        self.latency.observe(seconds, self.model, protocol)
-        duration = self.triton.success if outcome == "success" else self.triton.fail
-        duration.add(int(seconds * 1e9))
-        if queue_ns:
-            self.triton.queue.add(queue_ns)
 
     def batch_done(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.batch_size.observe(size, self.model)

@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
     network.add_argument("--http-port", type=int, default=8000, help="default %(default)s")
     network.add_argument("--grpc-port", type=int, default=8001, help="0 disables gRPC (default %(default)s)")
+    network.add_argument(
+        "--shared-memory-dir",
+        type=Path,
+        help="where clients' POSIX shm objects are (/dev/shm, shared with them): turns on Triton's system shared "
+        "memory extension for regions in this directory; off by default (docs/shared-memory.md)",
+    )
     network.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS and gRPC over TLS")
     network.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     network.add_argument(
@@ -251,42 +257,37 @@ def fit_to_open_files(limits: Limits, protocols: int) -> Limits:
     return dataclasses.replace(limits, max_connections=room)
 
 
-def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+def _tls(args: argparse.Namespace, protocol: str) -> ssl.SSLContext | None:
+    """The TLS context of one port, offering its protocol by ALPN (http/1.1, or h2 for gRPC)."""
     if not args.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(args.tls_cert, args.tls_key)
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols([protocol])
     return context
 
 
-GRPC_FLUSH_SECONDS = 2.0
-
-
 async def _serve(args: argparse.Namespace, model) -> int:
-    from edgeloop_runtime.http_server import App, HttpServer
+    from edgeloop_runtime.http_server import App, http_listener
     from edgeloop_runtime.serving import Serving
 
     loop = asyncio.get_running_loop()
     limits = fit_to_open_files(Limits.from_args(args), protocols=2 if args.grpc_port else 1)
-    serving = Serving(model, max_queue=args.max_queue, window_us=args.batch_window_us, limits=limits)
+    serving = Serving(
+        model,
+        max_queue=args.max_queue,
+        window_us=args.batch_window_us,
+        limits=limits,
+        shared_memory_dir=args.shared_memory_dir,
+    )
     serving.batcher.start()  # requests are refused until the warm-up is done (Serving.ready)
-    http = HttpServer(App(serving))
-    await http.start(args.host, args.http_port, _tls(args))
-    grpc_server = None
+    listeners = [http_listener(App(serving))]
+    await listeners[0].start(args.host, args.http_port, _tls(args, "http/1.1"))
     if args.grpc_port:
-        import grpc  # only with gRPC on
+        from edgeloop_runtime.grpc_server import grpc_listener  # only with gRPC on
 
-        from edgeloop_runtime.grpc_server import build_server
-
-        grpc_server = build_server(serving)
-        address = f"{args.host}:{args.grpc_port}"
-        if args.tls_cert:
-            credentials = grpc.ssl_server_credentials([(args.tls_key.read_bytes(), args.tls_cert.read_bytes())])
-            grpc_server.add_secure_port(address, credentials)
-        else:
-            grpc_server.add_insecure_port(address)
-        await grpc_server.start()
+        listeners.append(grpc_listener(serving))
+        await listeners[1].start(args.host, args.grpc_port, _tls(args, "h2"))
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -303,18 +304,17 @@ async def _serve(args: argparse.Namespace, model) -> int:
                  warm_up.result())  # fmt: skip
     await stopping
 
-    # Draining: HTTP keeps answering, with readiness false and 503 for new inference, so that probes
-    # and clients see why; new gRPC calls get UNAVAILABLE. Requests already in the server finish.
+    # Draining: both protocols keep answering, with readiness false and 503 / UNAVAILABLE for new inference,
+    # so that probes and clients see why. Requests already in the server finish; then the connections close
+    # (gRPC's with a GOAWAY) once what was written to them is sent.
     log.info("draining: %d request(s) in flight", serving.inflight)
     serving.draining = True
     deadline = time.monotonic() + args.drain_timeout
     while serving.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    if grpc_server:
-        # Stopped only now, with a grace to send the last responses: stopping gRPC while its calls were
-        # still running sometimes reset their connections (seen under load) despite the grace period.
-        await grpc_server.stop(max(deadline - time.monotonic(), GRPC_FLUSH_SECONDS))
-    http.close()
+    for listener in listeners:
+        listener.close()
+    serving.shared_memory.close()
     await serving.batcher.stop()
     log.info("stopped; %d request(s) left unfinished", serving.inflight)
     return 0

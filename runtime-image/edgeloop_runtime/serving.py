@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 from edgeloop_runtime import __version__
 from edgeloop_runtime.batcher import Batcher
 from edgeloop_runtime.errors import BadRequest, NotFound, Unavailable
 from edgeloop_runtime.limits import Limits, MemoryBudget
-from edgeloop_runtime.metrics import Metrics
+from edgeloop_runtime.metrics import Duration, Metrics
 from edgeloop_runtime.model import Model
 from edgeloop_runtime.protocol.tensors import TRITON_CONFIG, Signature, Tensor
+from edgeloop_runtime.shared_memory import SharedMemory
 
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 
 
 class Serving:
-    def __init__(self, model: Model, *, max_queue: int, window_us: int, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_queue: int,
+        window_us: int,
+        limits: Limits | None = None,
+        shared_memory_dir: Path | None = None,
+    ) -> None:
         self.model = model
         self.window_us = window_us
         self.limits = limits or Limits()
+        self.shared_memory = SharedMemory(shared_memory_dir, self.limits.max_shm_regions)
         self.budget = MemoryBudget(self.limits.max_inflight_bytes)
         self.signature = Signature(
             model.name,
@@ -57,8 +69,12 @@ class Serving:
             )
         return self.model
 
+    def call(self, protocol: str, received_ns: int | None = None) -> Call:
+        return Call(self, protocol, received_ns)
+
     def submit(self, inputs: list[Tensor], outputs: list[str] | None) -> asyncio.Future:
-        """Checks the request against the model and queues it; the future yields (outputs, queued ns)."""
+        """Checks the request against the model and queues it; the future yields (outputs, (ns queued, and the
+        batch's input, infer and output ns))."""
         if not self.ready:
             raise Unavailable("the server is shutting down" if self.draining else "the model is warming up")
         feeds, size = self.model.check(inputs)
@@ -68,7 +84,8 @@ class Serving:
         return self.batcher.submit(feeds, size)
 
     def server_metadata(self) -> dict:
-        return {"name": "edgeloop", "version": __version__, "extensions": EXTENSIONS}
+        extensions = [*EXTENSIONS, "system_shared_memory"] if self.shared_memory.enabled else EXTENSIONS
+        return {"name": "edgeloop", "version": __version__, "extensions": extensions}
 
     def model_metadata(self) -> dict:
         model = self.model
@@ -78,7 +95,8 @@ class Serving:
             "platform": model.backend.platform,
             "inputs": [spec.as_dict() for spec in model.inputs.values()],
             "outputs": [spec.as_dict() for spec in model.outputs.values()],
-            "parameters": {"execution_providers": model.providers, "sha256": model.sha256},
+            # scalars only, as the Open Inference Protocol allows (CONTRACTS C2: providers comma-joined)
+            "parameters": {"execution_providers": ",".join(model.providers), "sha256": model.sha256},
         }
 
     def model_config(self) -> dict:
@@ -134,10 +152,62 @@ class Serving:
                         "compute_input": duration(stats.compute_input),
                         "compute_infer": duration(stats.compute_infer),
                         "compute_output": duration(stats.compute_output),
+                        "cache_hit": duration(Duration()),
+                        "cache_miss": duration(Duration()),
                     },
                     "batch_stats": [
-                        {"batch_size": size, "compute_infer": duration(d)} for size, d in sorted(stats.batches.items())
+                        {
+                            "batch_size": size,
+                            "compute_input": duration(batch.compute_input),
+                            "compute_infer": duration(batch.compute_infer),
+                            "compute_output": duration(batch.compute_output),
+                        }
+                        for size, batch in sorted(stats.batches.items())
                     ],
                 }
             ]
         }
+
+
+class Call:
+    """One inference request in the server, from its last byte received to its answer encoded: the memory it
+    holds, and the time it spent decoding, queued, in its batch and encoding (Triton counts them per request)."""
+
+    __slots__ = ("batch_ns", "decode_ns", "encode_from", "held", "protocol", "queue_ns", "received", "serving")
+
+    def __init__(self, serving: Serving, protocol: str, received_ns: int | None = None) -> None:
+        self.serving = serving
+        self.protocol = protocol
+        self.received = received_ns or time.perf_counter_ns()
+        self.held = 0
+        self.decode_ns = 0
+        self.queue_ns = 0
+        self.batch_ns: tuple[int, int, int] | None = None  # the batch's input, infer and output ns, once it ran
+        self.encode_from = 0
+        serving.inflight += 1
+
+    def reserve(self, size: int) -> None:
+        """Holds `size` more bytes of the memory budget until the call finishes (raises when they do not fit)."""
+        self.serving.budget.reserve(size)
+        self.held += size
+
+    def submit(self, inputs: list[Tensor], outputs: list[str] | None) -> asyncio.Future:
+        self.decode_ns = time.perf_counter_ns() - self.received
+        return self.serving.submit(inputs, outputs)
+
+    def ran(self, future: asyncio.Future) -> dict:
+        """The outputs of a submitted request (raises its error); what follows is encoding."""
+        results, (self.queue_ns, *batch_ns) = future.result()
+        self.batch_ns = tuple(batch_ns)
+        self.encode_from = time.perf_counter_ns()
+        return results
+
+    def finish(self, outcome: str) -> None:
+        """The answer is encoded (or the call failed): records it, and gives back what the call held."""
+        now = time.perf_counter_ns()
+        serving = self.serving
+        serving.inflight -= 1
+        serving.budget.release(self.held)
+        self.held = 0
+        encode_ns = now - self.encode_from if self.batch_ns else 0
+        serving.metrics.request_done(self, outcome, now - self.received, encode_ns)

@@ -41,7 +41,7 @@ def test_model_metadata_reports_signature_providers_and_digest(client, mlp_serve
     assert metadata["platform"] == "onnxruntime_onnx"
     assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
     assert [o["name"] for o in metadata["outputs"]] == ["logits", "label"]
-    assert metadata["parameters"] == {"execution_providers": ["CPUExecutionProvider"], "sha256": sha256_of(mlp_path)}
+    assert metadata["parameters"] == {"execution_providers": "CPUExecutionProvider", "sha256": sha256_of(mlp_path)}
     assert client.get_model_metadata("model", "1") == metadata
 
 

@@ -65,7 +65,7 @@ def test_cpu_fallback_when_allowed_is_reported_in_metadata_config_metrics_and_lo
         mlp_path, "--execution-providers", f"{UNAVAILABLE_PROVIDER},CPUExecutionProvider", "--allow-cpu-fallback"
     )
     with httpclient.InferenceServerClient(server.http_url) as client:
-        assert client.get_model_metadata("model")["parameters"]["execution_providers"] == ["CPUExecutionProvider"]
+        assert client.get_model_metadata("model")["parameters"]["execution_providers"] == "CPUExecutionProvider"
         config = client.get_model_config("model")
         assert config["parameters"]["execution_providers"]["string_value"] == "CPUExecutionProvider"
     _, metrics = raw_request(server, "GET", "/metrics")

@@ -74,7 +74,7 @@ class Runtimes(FakeKube):
             return json.dumps({"name": "digits", "parameters": {"execution_providers": "CPUExecutionProvider"}})
         assert path == "/metrics"
         for _ in range(self.per_read):
-            runtime.request_done("http", "success", self.seconds)
+            runtime.latency.observe(self.seconds, "digits", "http")
         return runtime.render().decode()
 
 
@@ -158,8 +158,8 @@ def test_quantile_interpolates_as_histogram_quantile():
 
 def test_histogram_adds_up_the_protocols():
     runtime = Metrics("digits", "3", SHA_A, ["CPUExecutionProvider"])
-    runtime.request_done("http", "success", 0.002)
-    runtime.request_done("grpc", "success", 0.002)
+    runtime.latency.observe(0.002, "digits", "http")
+    runtime.latency.observe(0.002, "digits", "grpc")
     assert histogram(runtime.render().decode()).total == 2
 
 

@@ -1,11 +1,15 @@
-"""Open Inference Protocol v2 inference bodies over HTTP: JSON, and the binary tensor data extension.
+"""Open Inference Protocol v2 inference bodies over HTTP: JSON, the binary tensor data extension, and tensors
+in system shared memory.
 
-With the extension, the body is a JSON header of `Inference-Header-Content-Length` bytes followed by
-the tensors' raw bytes, in the order of the tensors whose parameters carry `binary_data_size`.
+With the binary extension, the body is a JSON header of `Inference-Header-Content-Length` bytes followed by
+the tensors' raw bytes, in the order of the tensors whose parameters carry `binary_data_size`. A tensor in
+shared memory is named by its `shared_memory_region`, `shared_memory_offset` and `shared_memory_byte_size`
+parameters. JSON may carry NaN, Infinity and -Infinity, as Triton reads and writes them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,13 +27,24 @@ from edgeloop_runtime.protocol.tensors import (
     to_buffer,
     to_list,
 )
+from edgeloop_runtime.shared_memory import SharedMemory, Slice
+
+NON_FINITE = (b"NaN", b"Infinity")
+
+
+@dataclass(frozen=True)
+class Output:
+    """How a requested output is answered: in the JSON, as binary data, or in shared memory."""
+
+    binary: bool
+    shared_memory: Slice | None = None
 
 
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
     inputs: list[Tensor]
-    outputs: dict[str, bool] | None  # requested output → binary; None: every output
+    outputs: dict[str, Output] | None  # None: every output, binary as `binary_default` says
     binary_default: bool  # the request-level `binary_data_output` parameter
 
 
@@ -40,8 +55,26 @@ def _parameters(obj: dict, where: str) -> dict:
     return parameters
 
 
+def parse_json(data: memoryview) -> object:
+    """orjson, and the standard library's parser only for a document with NaN or Infinity, which orjson refuses."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        text = bytes(data)
+        if not any(token in text for token in NON_FINITE):
+            raise BadRequest(f"malformed JSON in the request: {error}") from error
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):  # bad JSON, digits beyond int's limit, nesting beyond recursion's
+            raise BadRequest(f"malformed JSON in the request: {error}") from error
+
+
 def decode_request(
-    body: bytes, header_length: int | None, signature: Signature, reserve: Callable[[int], None]
+    body: bytes | bytearray,
+    header_length: int | None,
+    signature: Signature,
+    reserve: Callable[[int], None],
+    shared_memory: SharedMemory | None = None,
 ) -> InferRequest:
     """Decodes a request: every input's header is checked against the signature, and the memory its decoding
     takes is reserved, before any tensor data is decoded."""
@@ -54,15 +87,12 @@ def decode_request(
             f"the request's JSON is {header_end} bytes, more than {signature.max_json_bytes} (--max-json-bytes); "
             "send tensors with the binary tensor data extension"
         )
-    try:
-        header = orjson.loads(view[:header_end])
-    except orjson.JSONDecodeError as error:
-        raise BadRequest(f"malformed JSON in the request: {error}") from error
+    header = parse_json(view[:header_end])
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise BadRequest("the request must be a JSON object with an 'inputs' list")
 
     offset = header_end
-    planned: list[tuple[str, str, tuple[int, ...], memoryview | None, object]] = []
+    planned: list[tuple[str, str, tuple[int, ...], object]] = []  # data: a JSON list, raw bytes or a Slice
     cost = 0
     for item in header["inputs"]:
         if not isinstance(item, dict):
@@ -70,32 +100,38 @@ def decode_request(
         name, datatype, shape = signature.check(item.get("name"), item.get("datatype"), item.get("shape"))
         if any(name == other[0] for other in planned):
             raise BadRequest(f"input '{name}' is given twice")
-        size = _parameters(item, f"input '{name}'").get("binary_data_size")
-        if size is None:
-            if "data" not in item:
-                raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-            planned.append((name, datatype, shape, None, item["data"]))
-            cost += decoded_cost(datatype, shape, copied=True)
-            continue
-        if header_length is None:
-            raise BadRequest(f"input '{name}' has binary data but the request has no Inference-Header-Content-Length")
-        if type(size) is not int or size < 0:
-            raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
-        if offset + size > len(body):
+        parameters = _parameters(item, f"input '{name}'")
+        where = Slice.from_parameters(parameters, f"input '{name}'")
+        size = parameters.get("binary_data_size")
+        if (where is not None) + (size is not None) + ("data" in item) != 1:
             raise BadRequest(
-                f"binary payload is truncated: input '{name}' needs {size} bytes at offset {offset}, "
-                f"the body has {len(body)}"
+                f"input '{name}' needs exactly one of 'data', a binary_data_size or shared_memory_* parameters"
             )
-        planned.append((name, datatype, shape, view[offset : offset + size], None))
-        cost += decoded_cost(datatype, shape, copied=False)
-        offset += size
+        if where is not None:
+            planned.append((name, datatype, shape, where))
+            cost += where.byte_size + decoded_cost(datatype, shape, copied=False)
+        elif size is None:
+            planned.append((name, datatype, shape, item["data"]))
+            cost += decoded_cost(datatype, shape, copied=True)
+        else:
+            if header_length is None:
+                raise BadRequest(
+                    f"input '{name}' has binary data but the request has no Inference-Header-Content-Length"
+                )
+            if type(size) is not int or size < 0:
+                raise BadRequest(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(body):
+                raise BadRequest(
+                    f"binary payload is truncated: input '{name}' needs {size} bytes at offset {offset}, "
+                    f"the body has {len(body)}"
+                )
+            planned.append((name, datatype, shape, view[offset : offset + size]))
+            cost += decoded_cost(datatype, shape, copied=False)
+            offset += size
     if offset != len(body):
         raise BadRequest(f"{len(body) - offset} bytes after the last binary input belong to no input")
     reserve(cost)
-    inputs = [
-        from_list(name, datatype, shape, data) if buffer is None else from_buffer(name, datatype, shape, buffer)
-        for name, datatype, shape, buffer, data in planned
-    ]
+    inputs = [_decode(name, datatype, shape, data, shared_memory) for name, datatype, shape, data in planned]
 
     parameters = _parameters(header, "the request")
     binary_default = bool(parameters.get("binary_data_output", False))
@@ -110,9 +146,23 @@ def decode_request(
             output_parameters = _parameters(item, f"output '{item['name']}'")
             if output_parameters.get("classification"):
                 raise BadRequest("the classification extension is not supported")
-            outputs[item["name"]] = bool(output_parameters.get("binary_data", binary_default))
+            where = Slice.from_parameters(output_parameters, f"output '{item['name']}'")
+            if where is not None and shared_memory is None:
+                raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
+            outputs[item["name"]] = Output(bool(output_parameters.get("binary_data", binary_default)), where)
     request_id = header.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, inputs, outputs, binary_default)
+    return InferRequest(str(request_id) if request_id else None, inputs, outputs, binary_default)
+
+
+def _decode(name: str, datatype: str, shape: tuple[int, ...], data: object, shared_memory: SharedMemory | None):
+    if isinstance(data, Slice):
+        if shared_memory is None:
+            raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
+        what = f"input '{name}'"
+        data = shared_memory.find(data.region).read(data.offset, data.byte_size, what)
+    if isinstance(data, memoryview | np.ndarray):
+        return from_buffer(name, datatype, shape, data)
+    return from_list(name, datatype, shape, data)
 
 
 def encode_response(
@@ -121,16 +171,24 @@ def encode_response(
     request: InferRequest,
     specs: dict[str, TensorSpec],
     results: dict[str, np.ndarray],
+    shared_memory: SharedMemory | None = None,
 ) -> tuple[list[bytes], int | None]:
-    """The body's parts and, when any output is binary, the JSON header's length."""
-    wanted = request.outputs if request.outputs is not None else dict.fromkeys(results, request.binary_default)
+    """The body's parts and, when any output is binary, the JSON header's length. Outputs asked for in shared
+    memory are written there, and their entries carry no data (as in Triton)."""
+    wanted = request.outputs
+    if wanted is None:
+        wanted = dict.fromkeys(results, Output(request.binary_default))
     entries = []
     binaries = []
-    for name, binary in wanted.items():
+    for name, output in wanted.items():
         array = results[name]
         datatype = specs[name].datatype
         entry = {"name": name, "datatype": datatype, "shape": array.shape}
-        if binary:
+        if output.shared_memory is not None:
+            where = output.shared_memory
+            region = shared_memory.find(where.region)
+            region.write(where.offset, memoryview(to_buffer(datatype, array)), where.byte_size, f"output '{name}'")
+        elif output.binary:
             raw = to_buffer(datatype, array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             binaries.append(raw)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,edgeloop_runtime/protocol/model_config.proto\x12\tinference\"P\n\nModelInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\tdata_type\x18\x02 \x01(\x0e\x32\x13.inference.DataType\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x03\"Q\n\x0bModelOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\tdata_type\x18\x02 \x01(\x0e\x32\x13.inference.DataType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03\"Z\n\x14ModelDynamicBatching\x12\x1c\n\x14preferred_batch_size\x18\x01 \x03(\x05\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x04\"\xa6\x01\n\x12ModelInstanceGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x30\n\x04kind\x18\x04 \x01(\x0e\x32\".inference.ModelInstanceGroup.Kind\"A\n\x04Kind\x12\r\n\tKIND_AUTO\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x0c\n\x08KIND_CPU\x10\x02\x12\x0e\n\nKIND_MODEL\x10\x03\"&\n\x0eModelParameter\x12\x14\n\x0cstring_value\x18\x01 \x01(\t\"\xa0\x03\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12$\n\x05input\x18\x05 \x03(\x0b\x32\x15.inference.ModelInput\x12&\n\x06output\x18\x06 \x03(\x0b\x32\x16.inference.ModelOutput\x12\x35\n\x0einstance_group\x18\x07 \x03(\x0b\x32\x1d.inference.ModelInstanceGroup\x12\x39\n\x10\x64ynamic_batching\x18\x0b \x01(\x0b\x32\x1f.inference.ModelDynamicBatching\x12:\n\nparameters\x18\x0e \x03(\x0b\x32&.inference.ModelConfig.ParametersEntry\x1aL\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.inference.ModelParameter:\x02\x38\x01*\xfa\x01\n\x08\x44\x61taType\x12\x10\n\x0cTYPE_INVALID\x10\x00\x12\r\n\tTYPE_BOOL\x10\x01\x12\x0e\n\nTYPE_UINT8\x10\x02\x12\x0f\n\x0bTYPE_UINT16\x10\x03\x12\x0f\n\x0bTYPE_UINT32\x10\x04\x12\x0f\n\x0bTYPE_UINT64\x10\x05\x12\r\n\tTYPE_INT8\x10\x06\x12\x0e\n\nTYPE_INT16\x10\x07\x12\x0e\n\nTYPE_INT32\x10\x08\x12\x0e\n\nTYPE_INT64\x10\t\x12\r\n\tTYPE_FP16\x10\n\x12\r\n\tTYPE_FP32\x10\x0b\x12\r\n\tTYPE_FP64\x10\x0c\x12\x0f\n\x0bTYPE_STRING\x10\r\x12\r\n\tTYPE_BF16\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,edgeloop_runtime/protocol/model_config.proto\x12\x12\x65\x64geloop.inference\"Y\n\nModelInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\tdata_type\x18\x02 \x01(\x0e\x32\x1c.edgeloop.inference.DataType\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x03\"Z\n\x0bModelOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\tdata_type\x18\x02 \x01(\x0e\x32\x1c.edgeloop.inference.DataType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03\"Z\n\x14ModelDynamicBatching\x12\x1c\n\x14preferred_batch_size\x18\x01 \x03(\x05\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x04\"\xaf\x01\n\x12ModelInstanceGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x39\n\x04kind\x18\x04 \x01(\x0e\x32+.edgeloop.inference.ModelInstanceGroup.Kind\"A\n\x04Kind\x12\r\n\tKIND_AUTO\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x0c\n\x08KIND_CPU\x10\x02\x12\x0e\n\nKIND_MODEL\x10\x03\"&\n\x0eModelParameter\x12\x14\n\x0cstring_value\x18\x01 \x01(\t\"\xd6\x03\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12-\n\x05input\x18\x05 \x03(\x0b\x32\x1e.edgeloop.inference.ModelInput\x12/\n\x06output\x18\x06 \x03(\x0b\x32\x1f.edgeloop.inference.ModelOutput\x12>\n\x0einstance_group\x18\x07 \x03(\x0b\x32&.edgeloop.inference.ModelInstanceGroup\x12\x42\n\x10\x64ynamic_batching\x18\x0b \x01(\x0b\x32(.edgeloop.inference.ModelDynamicBatching\x12\x43\n\nparameters\x18\x0e \x03(\x0b\x32/.edgeloop.inference.ModelConfig.ParametersEntry\x1aU\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".edgeloop.inference.ModelParameter:\x02\x38\x01*\xfa\x01\n\x08\x44\x61taType\x12\x10\n\x0cTYPE_INVALID\x10\x00\x12\r\n\tTYPE_BOOL\x10\x01\x12\x0e\n\nTYPE_UINT8\x10\x02\x12\x0f\n\x0bTYPE_UINT16\x10\x03\x12\x0f\n\x0bTYPE_UINT32\x10\x04\x12\x0f\n\x0bTYPE_UINT64\x10\x05\x12\r\n\tTYPE_INT8\x10\x06\x12\x0e\n\nTYPE_INT16\x10\x07\x12\x0e\n\nTYPE_INT32\x10\x08\x12\x0e\n\nTYPE_INT64\x10\t\x12\r\n\tTYPE_FP16\x10\n\x12\r\n\tTYPE_FP32\x10\x0b\x12\r\n\tTYPE_FP64\x10\x0c\x12\x0f\n\x0bTYPE_STRING\x10\r\x12\r\n\tTYPE_BF16\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELCONFIG_PARAMETERSENTRY']._loaded_options = None
   _globals['_MODELCONFIG_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=945
-  _globals['_DATATYPE']._serialized_end=1195
-  _globals['_MODELINPUT']._serialized_start=59
-  _globals['_MODELINPUT']._serialized_end=139
-  _globals['_MODELOUTPUT']._serialized_start=141
-  _globals['_MODELOUTPUT']._serialized_end=222
-  _globals['_MODELDYNAMICBATCHING']._serialized_start=224
-  _globals['_MODELDYNAMICBATCHING']._serialized_end=314
-  _globals['_MODELINSTANCEGROUP']._serialized_start=317
-  _globals['_MODELINSTANCEGROUP']._serialized_end=483
-  _globals['_MODELINSTANCEGROUP_KIND']._serialized_start=418
-  _globals['_MODELINSTANCEGROUP_KIND']._serialized_end=483
-  _globals['_MODELPARAMETER']._serialized_start=485
-  _globals['_MODELPARAMETER']._serialized_end=523
-  _globals['_MODELCONFIG']._serialized_start=526
-  _globals['_MODELCONFIG']._serialized_end=942
-  _globals['_MODELCONFIG_PARAMETERSENTRY']._serialized_start=866
-  _globals['_MODELCONFIG_PARAMETERSENTRY']._serialized_end=942
+  _globals['_DATATYPE']._serialized_start=1035
+  _globals['_DATATYPE']._serialized_end=1285
+  _globals['_MODELINPUT']._serialized_start=68
+  _globals['_MODELINPUT']._serialized_end=157
+  _globals['_MODELOUTPUT']._serialized_start=159
+  _globals['_MODELOUTPUT']._serialized_end=249
+  _globals['_MODELDYNAMICBATCHING']._serialized_start=251
+  _globals['_MODELDYNAMICBATCHING']._serialized_end=341
+  _globals['_MODELINSTANCEGROUP']._serialized_start=344
+  _globals['_MODELINSTANCEGROUP']._serialized_end=519
+  _globals['_MODELINSTANCEGROUP_KIND']._serialized_start=454
+  _globals['_MODELINSTANCEGROUP_KIND']._serialized_end=519
+  _globals['_MODELPARAMETER']._serialized_start=521
+  _globals['_MODELPARAMETER']._serialized_end=559
+  _globals['_MODELCONFIG']._serialized_start=562
+  _globals['_MODELCONFIG']._serialized_end=1032
+  _globals['_MODELCONFIG_PARAMETERSENTRY']._serialized_start=947
+  _globals['_MODELCONFIG_PARAMETERSENTRY']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

@@ -5,11 +5,13 @@ Decoders raise BadRequest naming the tensor, since their input is whatever a cli
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from edgeloop_runtime.errors import BadRequest, TooLarge
 
@@ -176,7 +178,11 @@ def to_buffer(datatype: str, array: np.ndarray) -> bytes:
 
 
 def to_list(datatype: str, array: np.ndarray) -> object:
-    """Flat row-major JSON data: a contiguous numpy array (orjson writes it natively) or a list of str."""
+    """Flat row-major JSON data: a contiguous numpy array (orjson writes it natively), a list of str, or, for
+    floats that are not all finite, JSON written as Triton writes it (NaN, Infinity, -Infinity; orjson would
+    write null)."""
     if datatype == "BYTES":
         return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return orjson.Fragment(json.dumps(array.ravel().tolist()))
     return np.ascontiguousarray(array).ravel()
