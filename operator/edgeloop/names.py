@@ -49,6 +49,7 @@ CLIENT_CONTAINER = "client"
 
 HTTP_PORT = "http"
 GRPC_PORT = "grpc"
+METRICS_PORT = "metrics"  # an aggregator's plain-HTTP /metrics
 
 # ---- volumes and where containers mount them
 
