@@ -82,8 +82,10 @@ def served(real_release: RealRelease):
 
 
 def accelerated_column(release: RealRelease, name: str) -> str:
+    """The ACCELERATED column of `kubectl get im` (the header MODEL VERSION is two words, its values one)."""
     table = release.devcluster.kubectl("get", "im", name, "-n", release.workload_namespace).stdout.splitlines()
-    return dict(zip(table[0].split(), table[1].split(), strict=False))["ACCELERATED"]
+    assert table[0].split() == ["NAME", "READY", "NODES", "MODEL", "VERSION", "ACCELERATED", "AGE"], table
+    return table[1].split()[4]
 
 
 def test_the_npu_class_runs_openvino_on_the_npu_node_and_the_status_says_so(real_release: RealRelease, served):
