@@ -117,6 +117,7 @@ BAD_VALUES = [
     ("provider name", "config.acceleratorClasses.gpu.executionProviders={CUDA}", "does not match pattern"),
     ("provider list not ending on CPU", "config.acceleratorClasses.gpu.executionProviders={CUDAExecutionProvider}",
      "must end with CPUExecutionProvider"),
+    ("architecture", "config.acceleratorClasses.gpu.architectures={ARM64}", "/config/acceleratorClasses/gpu"),
     ("log format", "operator.logFormat=xml", "/operator/logFormat"),
     ("resource quantity", "operator.resources.limits.memory=lots", "/operator/resources/limits/memory"),
     ("image digest", "operator.image.digest=latest", "/operator/image/digest"),
