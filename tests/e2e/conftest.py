@@ -293,6 +293,15 @@ class RealRelease:
     def debug(self, namespace: str) -> str:
         return self.devcluster.kubectl("get", "pods,events", "-n", namespace, "-o", "wide", check=False).stdout
 
+    def delete_models(self, *names: str) -> None:
+        """Delete these InferenceModels of the workload namespace and wait until their pods are gone: each real
+        node has one GPU or NPU (as the fleet advertises them), which the next module's models need."""
+        namespace = self.workload_namespace
+        self.devcluster.kubectl("delete", "inferencemodel", *names, "-n", namespace, "--ignore-not-found")
+        selector = f"edgeloop.io/inferencemodel in ({','.join(names)})"
+        wait_for("the models' pods to be gone", lambda: not self.devcluster.get_json(
+            "pods", "-n", namespace, "-l", selector)["items"], debug=lambda: self.debug(namespace))
+
 
 @pytest.fixture(scope="session")
 def real_release(real_devcluster: RealDevCluster) -> RealRelease:
