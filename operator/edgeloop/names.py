@@ -20,6 +20,9 @@ ROLE_LABEL = "edgeloop.io/role"
 AGGREGATOR_ROLE, CLIENT_ROLE = "aggregator", "client"
 # On every Secret of TLS by default ("ca", "server" or "client"): the operator watches only these.
 TLS_LABEL = "edgeloop.io/tls"
+# On every InferenceModel pod: the hash of the pod template it was made from. Pods whose hash is not their
+# DaemonSet's current one run an older version; the operator replaces them in waves (OnDelete DaemonSets).
+TEMPLATE_LABEL = "edgeloop.io/template"
 
 # ---- annotations
 
@@ -32,6 +35,8 @@ START_ANNOTATION = "edgeloop.io/start"
 # On a round's client Job: the node it trains on.
 NODE_ANNOTATION = "edgeloop.io/node"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+# On every InferenceModel pod: the model version it serves (what status reports for offline nodes).
+MODEL_VERSION_ANNOTATION = "edgeloop.io/model-version"
 
 # ---- containers
 
@@ -44,6 +49,7 @@ CLIENT_CONTAINER = "client"
 
 HTTP_PORT = "http"
 GRPC_PORT = "grpc"
+METRICS_PORT = "metrics"  # an aggregator's plain-HTTP /metrics
 
 # ---- volumes and where containers mount them
 

@@ -117,6 +117,7 @@ BAD_VALUES = [
     ("provider name", "config.acceleratorClasses.gpu.executionProviders={CUDA}", "does not match pattern"),
     ("provider list not ending on CPU", "config.acceleratorClasses.gpu.executionProviders={CUDAExecutionProvider}",
      "must end with CPUExecutionProvider"),
+    ("architecture", "config.acceleratorClasses.gpu.architectures={ARM64}", "/config/acceleratorClasses/gpu"),
     ("log format", "operator.logFormat=xml", "/operator/logFormat"),
     ("resource quantity", "operator.resources.limits.memory=lots", "/operator/resources/limits/memory"),
     ("image digest", "operator.image.digest=latest", "/operator/image/digest"),
@@ -338,7 +339,10 @@ def test_store_network_policy_admits_runtime_pods_and_aggregators_only():
     assert [selects(peer, pods["aggregator"]["metadata"]["labels"]) for peer in rule["from"]] == [False, True]
     assert not any(selects(peer, pods["client"]["metadata"]["labels"]) for peer in rule["from"])
     operator_policy = one(docs, "NetworkPolicy", "edgeloop-operator")
-    assert operator_policy["spec"]["policyTypes"] == ["Ingress"] and "ingress" not in operator_policy["spec"]
+    assert operator_policy["spec"]["policyTypes"] == ["Ingress"]
+    assert operator_policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}], "metrics only"
+    without_metrics = one(template("monitoring.metricsPort=0"), "NetworkPolicy", "edgeloop-operator")
+    assert "ingress" not in without_metrics["spec"]
 
 
 @needs_helm
@@ -348,14 +352,15 @@ def test_aggregator_network_policy_admits_its_clients_and_the_operator():
     pods = federated_pods(config.build())
     assert selects(policy["spec"], pods["aggregator"]["metadata"]["labels"])
     assert not selects(policy["spec"], pods["client"]["metadata"]["labels"])
-    [rule] = policy["spec"]["ingress"]
+    rule, scrape = policy["spec"]["ingress"]
     clients, operator = rule["from"]
     assert selects(clients, pods["client"]["metadata"]["labels"]) and "namespaceSelector" not in clients
     operator_pod = one(docs, "Deployment", "edgeloop-operator")["spec"]["template"]["metadata"]["labels"]
     assert selects(operator, operator_pod)
     assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "edgeloop-system"}
     aggregator_ports = {p["name"] for p in pods["aggregator"]["spec"]["containers"][0]["ports"]}
-    assert {p["port"] for p in rule["ports"]} == aggregator_ports
+    assert {p["port"] for p in rule["ports"]} | {p["port"] for p in scrape["ports"]} == aggregator_ports
+    assert scrape == {"ports": [{"port": "metrics", "protocol": "TCP"}]}, "Prometheus reads the metrics port only"
 
 
 @needs_helm

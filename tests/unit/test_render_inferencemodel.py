@@ -118,7 +118,8 @@ def test_restricted_security_context_and_probes():
         mounts = {m["mountPath"]: m for m in runtime["volumeMounts"]}
         assert mounts["/var/lib/edgeloop/models"].get("readOnly") is True, (
             "only the verifying init container writes the models")
-        assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
+        # The operator replaces pods itself, in waves, on reachable nodes (status/rollout.py).
+        assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
 
 
 def test_every_container_has_a_memory_limit_by_default_and_the_spec_decides_for_what_it_names():

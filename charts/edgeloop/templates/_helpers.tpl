@@ -140,3 +140,35 @@ fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* "true" when a Prometheus Operator object is rendered: (list <enabled value> <kind> $): enabled true, or auto
+while the cluster serves monitoring.coreos.com/v1/<kind>. */}}
+{{- define "edgeloop.prometheusOperator" -}}
+{{- $enabled := toString (index . 0) }}
+{{- $root := index . 2 }}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") ($root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" (index . 1)))) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The runtime pods' metrics endpoint, for PodMonitors and ServiceMonitors. */}}
+{{- define "edgeloop.runtimeEndpoint" -}}
+port: http
+path: /metrics
+interval: {{ .interval }}
+{{- if ne .root.Values.tls.mode "disabled" }}
+scheme: https
+tlsConfig:
+  {{- toYaml .root.Values.monitoring.podMonitor.runtimeTLSConfig | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Namespaces whose runtime pods are scraped: the workload namespaces, or every one. */}}
+{{- define "edgeloop.monitoredNamespaces" -}}
+{{- $namespaces := include "edgeloop.workloadNamespaces" . | fromJsonArray }}
+{{- if $namespaces -}}
+matchNames: {{ toJson $namespaces }}
+{{- else -}}
+any: true
+{{- end }}
+{{- end }}
