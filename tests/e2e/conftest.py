@@ -134,7 +134,9 @@ def pytest_collection_modifyitems(items):
 
 
 def _fresh_namespace(target: DevCluster, request):
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 10000}"
+    # The test's name, cut short, and a digest of all of it: the cases of a parametrized test differ at the end.
+    digest = hashlib.sha256(request.node.name.encode()).hexdigest()[:6]
+    name = f"t-{request.node.name.lower().replace('_', '-')[:34].strip('-')}-{digest}-{os.getpid() % 10000}"
     target.kubectl("create", "namespace", name)
     yield name
     target.kubectl("delete", "namespace", name, "--wait=false", check=False)
@@ -321,9 +323,11 @@ def real_release(real_devcluster: RealDevCluster) -> RealRelease:
         "install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
         "--namespace", release.namespace, "--create-namespace",
         "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{release.workload_namespace}}}",
-        # The store keeps its blobs in a directory of the first node.
+        # The store keeps its blobs in a directory of the first node, and the operator runs beside it: the other
+        # node is the one the offline tests cut off (a cut node's pods drop out of their Services' endpoints).
         "--set", "store.persistence.mode=hostPath",
         "--set", f"store.persistence.hostPath.node={real_devcluster.nodes[0].name}",
+        "--set", f"operator.nodeSelector.kubernetes\\.io/hostname={real_devcluster.nodes[0].name}",
         # The cuda flavour is not built here (`make images` leaves it to its own target: 1.5 GB of wheels), and
         # these nodes have no GPU anyway: the gpu class runs the cpu image, which has no CUDA provider.
         "--set", f"config.acceleratorClasses.gpu.image={config.build().runtime_image}",
