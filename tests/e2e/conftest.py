@@ -318,9 +318,11 @@ def real_release(real_devcluster: RealDevCluster) -> RealRelease:
     for node in real_devcluster.nodes:
         os.chown(node.host_path / "models", 65532, 65532)
         os.chmod(node.host_path / "models", 0o2775)
-    real_devcluster.kubectl("create", "namespace", release.workload_namespace)
+    # Applied, not created: a cluster that a killed session left running is taken over by `devcluster up`.
+    real_devcluster.kubectl("apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": release.workload_namespace}}))
     release.helm(
-        "install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
+        "upgrade", "--install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
         "--namespace", release.namespace, "--create-namespace",
         "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{release.workload_namespace}}}",
         # The store keeps its blobs in a directory of the first node, and the operator runs beside it: the other
