@@ -104,10 +104,12 @@ helm upgrade --install edgeloop charts/edgeloop --namespace "$NS" --create-names
   --wait --timeout 300s >/dev/null
 kubectl get pods,pvc -n "$NS" -o wide
 
-# The host reaches Services through the first real node's kube-proxy, as a node would.
-STORE="http://$(kubectl get service edgeloop-store -n "$NS" -o jsonpath='{.spec.clusterIP}'):8000"
+# The host reaches Services through the first real node's kube-proxy, as a node would; the store serves HTTPS
+# with a certificate of the chart's CA for its Service's name.
+STORE="$(kubectl get service edgeloop-store -n "$NS" -o jsonpath='{.spec.clusterIP}'):8000"
 TOKEN=$(kubectl get secret edgeloop-store-token -n "$NS" -o jsonpath='{.data.token}' | base64 -d)
-SHA=$("$BIN/python" hack/demo_data.py model "$STORE" "$TOKEN")
+kubectl get secret edgeloop-store-tls -n "$NS" -o jsonpath='{.data.ca\.crt}' | base64 -d >"$RUN_DIR/store-ca.crt"
+SHA=$("$BIN/python" hack/demo_data.py model "$STORE" "$TOKEN" "$RUN_DIR/store-ca.crt" "edgeloop-store.$NS.svc")
 # The FederatedRound's dataset `digits` is <datasetRoot>/<its namespace>/digits on each node.
 "$BIN/python" hack/demo_data.py datasets "${NODE_DIRS[@]/%//data/default/digits}"
 echo "demo: model version 1 (sha256 ${SHA:0:12}…) is in the store; each real node holds its share of the digits data"
@@ -116,7 +118,7 @@ echo "demo: model version 1 (sha256 ${SHA:0:12}…) is in the store; each real n
 import json, sys, yaml
 model = yaml.safe_load(open("examples/inferencemodel-digits.yaml"))
 sha = sys.argv[1]
-model["spec"]["model"] = {"uri": f"http://edgeloop-store.edgeloop-system.svc:8000/sha256/{sha}", "sha256": sha, "version": "1"}
+model["spec"]["model"] = {"uri": f"https://edgeloop-store.edgeloop-system.svc:8000/sha256/{sha}", "sha256": sha, "version": "1"}
 print(json.dumps(model))
 PY
 

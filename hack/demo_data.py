@@ -1,7 +1,9 @@
 """The demo's data: a starting model in the store, each real node's share of the digits data set, and a few
 images to ask the served model about. Run by hack/demo.sh with the venv's Python.
 
-    demo_data.py model STORE_URL TOKEN         upload an untrained MLP; print its sha256
+    demo_data.py model ADDRESS TOKEN CA NAME   upload an untrained MLP over HTTPS to the store at ADDRESS
+                                               (host:port), its certificate verified with CA for NAME; print
+                                               its sha256
     demo_data.py datasets DIR...               one digits .npz per node data directory
     demo_data.py sample FILE                   8 digits as a .npy input; print their labels
     demo_data.py predictions RESULT_JSON       labels vs what the model answered
@@ -10,9 +12,10 @@ images to ask the served model about. Run by hack/demo.sh with the venv's Python
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
+import ssl
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +24,31 @@ from sklearn.datasets import load_digits
 SAMPLE = slice(0, 8)
 
 
-def model(store: str, token: str) -> None:
+class _HTTPSFor(http.client.HTTPSConnection):
+    """HTTPS to an address (the store's ClusterIP), verifying the certificate for the Service's name."""
+
+    def __init__(self, address: str, server_name: str, context: ssl.SSLContext) -> None:
+        super().__init__(address, timeout=30, context=context)
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.server_name)
+
+
+def model(address: str, token: str, ca: str, server_name: str) -> None:
     from edgeloop_runtime.federated.model import mlp
 
     data = mlp([64, 32, 10], seed=0)
     digest = hashlib.sha256(data).hexdigest()
-    request = urllib.request.Request(f"{store}/sha256/{digest}", data=data, method="PUT",
-                                     headers={"Authorization": f"Bearer {token}"})
-    urllib.request.urlopen(request, timeout=30).close()
+    connection = _HTTPSFor(address, server_name, ssl.create_default_context(cafile=ca))
+    try:
+        connection.request("PUT", f"/sha256/{digest}", body=data, headers={"Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        if response.status not in (200, 201):
+            sys.exit(f"the store answered {response.status}: {response.read()[:200]!r}")
+    finally:
+        connection.close()
     print(digest)
 
 

@@ -134,7 +134,9 @@ def pytest_collection_modifyitems(items):
 
 
 def _fresh_namespace(target: DevCluster, request):
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{os.getpid() % 10000}"
+    # The test's name, cut short, and a digest of all of it: the cases of a parametrized test differ at the end.
+    digest = hashlib.sha256(request.node.name.encode()).hexdigest()[:6]
+    name = f"t-{request.node.name.lower().replace('_', '-')[:34].strip('-')}-{digest}-{os.getpid() % 10000}"
     target.kubectl("create", "namespace", name)
     yield name
     target.kubectl("delete", "namespace", name, "--wait=false", check=False)
@@ -293,6 +295,15 @@ class RealRelease:
     def debug(self, namespace: str) -> str:
         return self.devcluster.kubectl("get", "pods,events", "-n", namespace, "-o", "wide", check=False).stdout
 
+    def delete_models(self, *names: str) -> None:
+        """Delete these InferenceModels of the workload namespace and wait until their pods are gone: each real
+        node has one GPU or NPU (as the fleet advertises them), which the next module's models need."""
+        namespace = self.workload_namespace
+        self.devcluster.kubectl("delete", "inferencemodel", *names, "-n", namespace, "--ignore-not-found")
+        selector = f"edgeloop.io/inferencemodel in ({','.join(names)})"
+        wait_for("the models' pods to be gone", lambda: not self.devcluster.get_json(
+            "pods", "-n", namespace, "-l", selector)["items"], debug=lambda: self.debug(namespace))
+
 
 @pytest.fixture(scope="session")
 def real_release(real_devcluster: RealDevCluster) -> RealRelease:
@@ -307,14 +318,18 @@ def real_release(real_devcluster: RealDevCluster) -> RealRelease:
     for node in real_devcluster.nodes:
         os.chown(node.host_path / "models", 65532, 65532)
         os.chmod(node.host_path / "models", 0o2775)
-    real_devcluster.kubectl("create", "namespace", release.workload_namespace)
+    # Applied, not created: a cluster that a killed session left running is taken over by `devcluster up`.
+    real_devcluster.kubectl("apply", "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": release.workload_namespace}}))
     release.helm(
-        "install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
+        "upgrade", "--install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
         "--namespace", release.namespace, "--create-namespace",
         "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{release.workload_namespace}}}",
-        # The store keeps its blobs in a directory of the first node.
+        # The store keeps its blobs in a directory of the first node, and the operator runs beside it: the other
+        # node is the one the offline tests cut off (a cut node's pods drop out of their Services' endpoints).
         "--set", "store.persistence.mode=hostPath",
         "--set", f"store.persistence.hostPath.node={real_devcluster.nodes[0].name}",
+        "--set", f"operator.nodeSelector.kubernetes\\.io/hostname={real_devcluster.nodes[0].name}",
         # The cuda flavour is not built here (`make images` leaves it to its own target: 1.5 GB of wheels), and
         # these nodes have no GPU anyway: the gpu class runs the cpu image, which has no CUDA provider.
         "--set", f"config.acceleratorClasses.gpu.image={config.build().runtime_image}",

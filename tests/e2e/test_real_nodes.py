@@ -51,13 +51,10 @@ class Story:
 
 
 @pytest.fixture(scope="module")
-def story(real_release: RealRelease):
-    story = Story(real_release, list(real_release.devcluster.nodes))
-    yield story
-    # Each node has one GPU or NPU (as the fleet advertises them), which other modules' models need.
-    story.devcluster.kubectl("delete", "inferencemodels", "--all", "-n", story.namespace, "--wait=true")
-    wait_for("the models' pods to be gone", lambda: not story.devcluster.get_json(
-        "pods", "-n", story.namespace, "-l", "edgeloop.io/inferencemodel")["items"], debug=story.debug)
+def story(real_release: RealRelease) -> Story:
+    """The story's model, digits, stays served after it: test_real_nodes_observability.py watches it, then
+    deletes it."""
+    return Story(real_release, list(real_release.devcluster.nodes))
 
 
 def run_pod(story: Story, namespace: str, name: str, script: str, node: str) -> str:
@@ -202,7 +199,7 @@ def test_an_inferencemodel_serves_on_real_nodes_through_its_service(story: Story
 
     # The status tells the truth about the fallback: what the runtime itself reports it runs on, the
     # Accelerated condition, a Warning event and the column of `kubectl get im`; the model stays Ready. The npu
-    # variant, beside it, runs on OpenVINO (test_real_nodes_accelerators.py proves it further).
+    # variant, beside it, runs on OpenVINO (test_real_accelerators.py proves it further).
     def sampled():
         b = story.devcluster.get_json("inferencemodel", "digits", "-n", namespace)
         fallback = any(c["type"] == "Accelerated" and c["reason"] == "CPUFallback" for c in b["status"]["conditions"])

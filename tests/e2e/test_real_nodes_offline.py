@@ -284,7 +284,7 @@ def test_a_round_resumes_after_losing_its_aggregator_and_drops_a_lost_client_rec
     round_["spec"] = {
         "model": {"uri": story.release.model_uri(digest), "sha256": digest,
                   "version": "1"},
-        "participants": {"nodeSelector": {"edgeloop.io/node-group": "edge-real"}, "minClients": 1, "maxClients": 2},
+        "participants": {"nodeSelector": {"kubernetes.io/os": "linux"}, "minClients": 1, "maxClients": 2},  # both
         "dataset": {"name": "digits"},
         # Slow enough local training (about 6 s a round) to lose a client between sharing its keys and uploading.
         "training": {"rounds": 3, "localEpochs": 40, "batchSize": 1, "learningRate": 0.05},

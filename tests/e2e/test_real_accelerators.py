@@ -9,7 +9,9 @@ real_release) on the session's real fleet (a GPU-labelled node without a GPU, an
 - a FederatedRound of that tflite model is refused, with the reason.
 
 The GPU-labelled node's proof (Degraded without fallback, the CPU fallback in status, events and `kubectl get im`)
-is test_real_nodes.py's. Both models roll out at once (one wait for both)."""
+is test_real_nodes.py's. Both models roll out at once (one wait for both), and are deleted afterwards: this module
+runs before test_real_nodes.py (file order), whose model holds each node's GPU or NPU until
+test_real_nodes_observability.py is done with it."""
 
 from __future__ import annotations
 
@@ -54,13 +56,13 @@ def inference_model(release: RealRelease, name: str, digest: str, accelerators: 
 @pytest.fixture(scope="module")
 def served(real_release: RealRelease):
     """The digits MLP as ONNX on the npu class (the cpu class elsewhere) and, with the same weights, as tflite on
-    the cpu class, applied at once; deleted afterwards (each node's one NPU is for the next module's models)."""
+    the cpu class, applied at once; deleted afterwards (each node's one NPU is for the next modules' models)."""
     import onnx
     from edgeloop_runtime.backends.tflite_mlp import mlp as tflite_mlp
     from edgeloop_runtime.federated.model import mlp
     from onnx import numpy_helper
 
-    devcluster, namespace = real_release.devcluster, real_release.workload_namespace
+    devcluster = real_release.devcluster
     groups = {n["metadata"]["name"]: n["metadata"]["labels"][GROUP_LABEL]
               for n in devcluster.get_json("nodes")["items"]}
     onnx_model = mlp([64, 32, 10], seed=2)
@@ -75,10 +77,7 @@ def served(real_release: RealRelease):
         body = inference_model(real_release, name, served.digests[name], accelerators, fmt)
         devcluster.kubectl("apply", "-f", "-", input=json.dumps(body))
     yield served
-    devcluster.kubectl("delete", "inferencemodel", *served.digests, "-n", namespace, "--wait=true")
-    selector = f"edgeloop.io/inferencemodel in ({','.join(served.digests)})"
-    wait_for("the models' pods to be gone", lambda: not devcluster.get_json(
-        "pods", "-n", namespace, "-l", selector)["items"], debug=lambda: real_release.debug(namespace))
+    real_release.delete_models(*served.digests)
 
 
 def accelerated_column(release: RealRelease, name: str) -> str:
