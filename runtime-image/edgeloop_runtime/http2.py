@@ -104,6 +104,11 @@ class Http2Connection(Backpressure, asyncio.Protocol):
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self.continuation: tuple[int, int, bytearray] | None = None  # stream, flags, header block so far
+        # the DATA frame being received: its stream (None: dropped), data and padding still to come, END_STREAM
+        self.data_stream: Stream | None = None
+        self.data_left = 0
+        self.pad_left = 0
+        self.data_ends = False
         self.decoder = hpack.Decoder(max_header_list_size=max_header_bytes)
         self.decoded: dict[bytes, dict[bytes, bytes]] = {}  # blocks of indexed fields only, while the table holds
 
@@ -143,20 +148,9 @@ class Http2Connection(Backpressure, asyncio.Protocol):
                     raise ConnectionError_(PROTOCOL_ERROR, "not the HTTP/2 connection preface")
                 del buffer[: len(PREFACE)]
                 self.preface = True
-            position, end = 0, len(buffer)
-            while end - position >= 9:
-                length = int.from_bytes(buffer[position : position + 3], "big")
-                if length > MAX_FRAME:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
-                if end - position - 9 < length:
-                    break
-                kind, flags = buffer[position + 3], buffer[position + 4]
-                stream_id = int.from_bytes(buffer[position + 5 : position + 9], "big") & MAX_WINDOW
-                payload = bytes(buffer[position + 9 : position + 9 + length])
-                position += 9 + length
-                self._frame(kind, flags, stream_id, payload)
-                if self.transport is None:
-                    return
+            position = self._frames(buffer)
+            if self.transport is None:
+                return
             del buffer[:position]
         except ConnectionError_ as error:
             self.close(error.code)
@@ -169,6 +163,49 @@ class Http2Connection(Backpressure, asyncio.Protocol):
             self.flush_later()
         else:
             self.flush()
+
+    def _frames(self, buffer: bytearray) -> int:
+        """Handles the frames in `buffer`; returns where the bytes it could not use yet begin. A DATA frame's data
+        goes to its stream as it arrives, so that no more than a frame header, or a frame of another kind (at most
+        2 x --max-header-bytes), waits here: a connection holds no frame's worth of memory outside the budget."""
+        position, end = 0, len(buffer)
+        while self.transport is not None:
+            if self.data_left or self.pad_left:  # inside a DATA frame
+                if position == end:
+                    break
+                take = min(end - position, self.data_left)
+                chunk = bytes(buffer[position : position + take])
+                skip = min(end - position - take, self.pad_left)
+                position += take + skip
+                self.data_left -= take
+                self.pad_left -= skip
+                self._deliver(chunk)
+                continue
+            if end - position < 9:
+                break
+            length = int.from_bytes(buffer[position : position + 3], "big")
+            kind, flags = buffer[position + 3], buffer[position + 4]
+            stream_id = int.from_bytes(buffer[position + 5 : position + 9], "big") & MAX_WINDOW
+            if kind == DATA:
+                if length > MAX_FRAME:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+                padded = flags & PADDED
+                if padded and end - position < 10:
+                    break  # its padding's length comes first
+                pad = buffer[position + 9] if padded else 0
+                if padded and pad >= length:
+                    raise ConnectionError_(PROTOCOL_ERROR, "padding beyond the frame")
+                position += 10 if padded else 9
+                self._data(flags, stream_id, length, length - pad - (1 if padded else 0), pad)
+                continue
+            if length > min(MAX_FRAME, 2 * self.max_header_bytes):
+                raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes (kind {kind})")
+            if end - position - 9 < length:
+                break
+            payload = bytes(buffer[position + 9 : position + 9 + length])
+            position += 9 + length
+            self._frame(kind, flags, stream_id, payload)
+        return position
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -188,9 +225,7 @@ class Http2Connection(Backpressure, asyncio.Protocol):
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.continuation is not None and kind != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
-        if kind == DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
+        if kind == HEADERS:
             self._headers(flags, stream_id, payload)
         elif kind == CONTINUATION:
             if self.continuation is None or self.continuation[0] != stream_id:
@@ -283,29 +318,43 @@ class Http2Connection(Backpressure, asyncio.Protocol):
             self.decoded[block] = headers
         return headers
 
-    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _data(self, flags: int, stream_id: int, length: int, data_length: int, pad: int) -> None:
+        """A DATA frame of `length` bytes begins (its `data_length` bytes of data come next, then `pad` of padding):
+        the windows are charged for all of it now, and its stream, if it takes it, gets the data as it comes."""
+        if self.continuation is not None:
+            raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
         if stream_id == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
-        self.receive_window -= len(payload)
+        self.receive_window -= length
         if self.receive_window < 0:
             raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
-        self.credit(0, len(payload))  # the memory budget bounds what is held, not the window
-        data = self._unpad(flags, payload)
-        stream = self.streams.get(stream_id)
+        self.credit(0, length)  # the memory budget bounds what is held, not the window
+        self.data_left, self.pad_left, self.data_ends = data_length, pad, bool(flags & END_STREAM)
+        stream = self.data_stream = self.streams.get(stream_id)
         if stream is None:
             if stream_id > self.last_stream_id:
                 raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream this side has closed or reset
-        if stream.remote_ended:
+        elif stream.remote_ended:
+            self.data_stream = None
             self.reset(stream, STREAM_CLOSED)
+        else:
+            stream.receive_window -= length
+            if stream.receive_window < 0:  # what it was not given: its memory would be held without bound
+                self.data_stream = None
+                self.reset(stream, FLOW_CONTROL_ERROR)
+        if not self.data_left and not self.pad_left:
+            self._deliver(b"")
+
+    def _deliver(self, chunk: bytes) -> None:
+        """Gives the DATA frame's stream what arrived of it (and its end, with the frame's last bytes)."""
+        stream = self.data_stream
+        if stream is None:
             return
-        stream.receive_window -= len(payload)
-        if stream.receive_window < 0:  # what it was not given: its memory would be held without bound
-            self.reset(stream, FLOW_CONTROL_ERROR)
-            return
-        ended = bool(flags & END_STREAM)
+        ended = self.data_ends and not self.data_left and not self.pad_left
+        if not (chunk or ended) or self.streams.get(stream.id) is not stream:
+            return  # nothing to say yet; or the stream ended meanwhile (reset, failed)
         stream.remote_ended = ended
-        self.stream_data(stream, data, ended)
+        self.stream_data(stream, chunk, ended)
 
     def _ended(self, stream: Stream) -> None:
         stream.remote_ended = True
