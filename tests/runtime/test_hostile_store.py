@@ -120,7 +120,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout(store, good_afterwar
         (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 431),
         (b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(30)) + b"\r\n", 431),
         (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (200 << 20) + b"\r\n\r\n", 431),
-        (b"BREW /healthz HTTP/1.1\r\n\r\n", 405),
+        (b"BREW /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 405),
         (b"GET /healthz HTTP/9.9\r\n\r\n", 505),
     ],
     ids=["request-line", "header-bytes", "header-count", "200MiB-header", "method", "version"],
