@@ -456,17 +456,29 @@ def h2_connect(server) -> socket.socket:
     return sock
 
 
-def h2_call_headers(stream_id: int, end_headers: bool = True) -> bytes:
+def h2_call_headers(stream_id: int, end_headers: bool = True, method: bytes = b"ModelInfer") -> bytes:
     from edgeloop_runtime.http2 import END_HEADERS, HEADERS, frame, literal
 
     block = b"".join(
         literal(name, value)
         for name, value in (
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/" + method),
             (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
         )
     )  # fmt: skip
     return frame(HEADERS, END_HEADERS if end_headers else 0, stream_id, block)
+
+
+def grpc_message(request) -> bytes:
+    message = request.SerializeToString()
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def infer_message() -> bytes:
+    request = pb.ModelInferRequest(model_name="model")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
+    return grpc_message(request)
 
 
 def h2_frames(sock: socket.socket, until: float):
@@ -551,4 +563,161 @@ def test_grpc_header_block_without_end_closes_the_connection(server):
     assert goaway and int.from_bytes(goaway[0][4:8], "big") == 0xB  # ENHANCE_YOUR_CALM
     assert sent < 2000 * 16393, "the server stopped reading"
     assert memory_mb(server.proc.pid)[1] - before < 16
+    assert_grpc_serves_a_good_request(server)
+
+
+# Clients that read slower than they are answered, or not at all
+
+
+def flood(socks: list[socket.socket], data: bytes, seconds: float) -> int:
+    """Sends `data` over and over on each socket for `seconds` without reading anything; returns the bytes the
+    server took. Partial sends are resumed where they stopped, so frames stay whole."""
+    rest = {sock: memoryview(data) for sock in socks}
+    for sock in socks:
+        sock.setblocking(False)
+    sent, end = 0, time.monotonic() + seconds
+    while rest and time.monotonic() < end:
+        for sock in list(rest):
+            try:
+                n = sock.send(rest[sock])
+            except BlockingIOError:
+                continue
+            except OSError:
+                del rest[sock]
+                continue
+            sent += n
+            rest[sock] = rest[sock][n:] or memoryview(data)
+        time.sleep(0.001)
+    for sock in socks:
+        sock.setblocking(True)
+    return sent
+
+
+def reset_or_closed(sock: socket.socket, within: float) -> bool:
+    """Whether the server dropped the connection (reading what it had sent first)."""
+    try:
+        return closed_by_server(sock, within)
+    except OSError:
+        return True
+
+
+def test_a_client_that_never_reads_its_answers_is_read_no_more(server):
+    """Pipelined GET /metrics (25 bytes in, kilobytes out) on 4 connections that never read: the answers once
+    piled up in the server (84 MB to 2.9 GB in 8 s, good requests timed out). Now the server stops reading a
+    client whose answers wait, counts them against the budget, and cuts it after --idle-timeout (2 s)."""
+    before = memory_mb(server.proc.pid)[1]
+    with ExitStack() as stack:
+        socks = [
+            stack.enter_context(closing(socket.create_connection(("127.0.0.1", server.http_port), timeout=5)))
+            for _ in range(4)
+        ]
+        flood(socks, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 64, seconds=3)
+        assert memory_mb(server.proc.pid)[1] - before < 32
+        assert_serves_a_good_request(server, settle=False)
+        time.sleep(3.5)  # --idle-timeout without taking a byte
+        assert all(reset_or_closed(sock, within=2) for sock in socks)
+    assert_serves_a_good_request(server)
+
+
+def test_grpc_control_frames_from_a_client_that_never_reads(server):
+    """A PING flood (each answered with an acknowledgement) from 2 connections that never read: the
+    acknowledgements once piled up at 12 MB/s. Now the server stops reading them, and cuts them after
+    --idle-timeout."""
+    from edgeloop_runtime.http2 import PING, frame
+
+    before = memory_mb(server.proc.pid)[1]
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(h2_connect(server))) for _ in range(2)]
+        flood(socks, frame(PING, 0, 0, b"12345678") * 1000, seconds=3)
+        assert memory_mb(server.proc.pid)[1] - before < 16
+        assert_grpc_serves_a_good_request(server)
+        time.sleep(3.5)
+        assert all(reset_or_closed(sock, within=2) for sock in socks)
+    assert_grpc_serves_a_good_request(server)
+
+
+def metadata_call(stream_id: int) -> bytes:
+    from edgeloop_runtime.http2 import DATA, END_STREAM, frame
+
+    message = grpc_message(pb.ModelMetadataRequest(name="model"))
+    return h2_call_headers(stream_id, method=b"ModelMetadata") + frame(DATA, END_STREAM, stream_id, message)
+
+
+@pytest.mark.parametrize("how", ["headers-only", "shut-window"])
+def test_calls_held_by_a_few_connections_make_room_for_others(server, how):
+    """5 connections x 64 calls that never send their request (bare HEADERS), or whose answers wait for a window
+    the client never opens (INITIAL_WINDOW_SIZE 0): they once held every one of the 256 gRPC calls for ever
+    (RESOURCE_EXHAUSTED for everyone, still after 70 s). A new call now ends the oldest of them on the connection
+    holding the most."""
+    from edgeloop_runtime.http2 import PREFACE, SETTINGS, frame
+
+    settings, calls = b"", h2_call_headers
+    if how == "shut-window":
+        settings, calls = (4).to_bytes(2, "big") + (0).to_bytes(4, "big"), metadata_call  # INITIAL_WINDOW_SIZE 0
+    with ExitStack() as stack:
+        for _ in range(5):
+            sock = stack.enter_context(closing(socket.create_connection(("127.0.0.1", server.grpc_port))))
+            sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings) + b"".join(calls(2 * i + 1) for i in range(64)))
+        time.sleep(0.5)
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5).live
+        assert_grpc_serves_a_good_request(server)
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_rapid_reset_keeps_each_reset_calls_place(server):
+    """HEADERS, a whole ModelInfer and RST_STREAM, as fast as one connection sends them (CVE-2023-44487): the
+    reset calls' inferences once went on without counting, so one connection kept the queue full (128 in
+    flight, good calls took 2.4 to 4 s). A reset call now keeps its place until its inference ends: at most
+    --max-grpc-streams (64) in flight for that connection."""
+    from edgeloop_runtime.http2 import DATA, END_STREAM, RST_STREAM, frame
+
+    message, cancel = infer_message(), (8).to_bytes(4, "big")
+    burst = b"".join(
+        h2_call_headers(i) + frame(DATA, END_STREAM, i, message) + frame(RST_STREAM, 0, i, cancel)
+        for i in range(1, 4001, 2)
+    )
+    in_flight, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            in_flight.append(metric(server, "edgeloop_inflight_requests"))
+
+    sampler = threading.Thread(target=sample)
+    with closing(h2_connect(server)) as sock:
+        sampler.start()
+        try:
+            sock.sendall(burst)
+            assert_grpc_serves_a_good_request(server)
+        finally:
+            stop.set()
+            sampler.join()
+    assert max(in_flight) <= 64 + 2, max(in_flight)  # the connection's 64, the good call, the sample itself
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_a_stream_that_sends_beyond_its_window_is_reset(server):
+    """ModelStreamInfer messages sent for 2 s without regard for the stream's window: they once were all taken in
+    (the window was given back as they arrived, not as they were taken), so one stream could fill the memory
+    budget. DATA beyond the window now resets the stream (FLOW_CONTROL_ERROR)."""
+    from edgeloop_runtime.http2 import DATA, RST_STREAM, frame
+
+    peak, stop = [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], metric(server, "edgeloop_inflight_bytes"))
+
+    sampler = threading.Thread(target=sample)
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(h2_call_headers(1, method=b"ModelStreamInfer"))
+        sampler.start()
+        try:
+            flood([sock], frame(DATA, 0, 1, infer_message() * 200), seconds=2)
+        finally:
+            stop.set()
+            sampler.join()
+        resets = [p for kind, _, stream, p in h2_frames(sock, time.monotonic() + 2) if kind == RST_STREAM]
+    assert resets and int.from_bytes(resets[0], "big") == 0x3  # FLOW_CONTROL_ERROR
+    assert peak[0] < 4 * MiB, peak[0]  # the stream's window and the message being taken
     assert_grpc_serves_a_good_request(server)
