@@ -721,3 +721,138 @@ def test_a_stream_that_sends_beyond_its_window_is_reset(server):
     assert resets and int.from_bytes(resets[0], "big") == 0x3  # FLOW_CONTROL_ERROR
     assert peak[0] < 4 * MiB, peak[0]  # the stream's window and the message being taken
     assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_streaming_thousands_of_requests_are_all_answered(server):
+    """tritonclient's stream with 3000 requests sent at once: the stream's requests once went to the queue as
+    they arrived, and 1491 of 5000 were refused (queue full). A stream now has at most --max-pipelined requests
+    in the server; the rest wait in its window."""
+    answers: list = []
+    done = threading.Event()
+
+    def callback(result, error):
+        answers.append(error)
+        if len(answers) == 3000:
+            done.set()
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.full((1, 64), 0.5, np.float32))
+        client.start_stream(callback=callback)
+        for i in range(3000):
+            client.async_stream_infer("model", [tensor], request_id=str(i))
+        assert done.wait(20), len(answers)
+        client.stop_stream()
+    assert [error for error in answers if error] == []
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_tls_handshakes_count_towards_the_connection_cap(mlp_path, server_factory, tls_files):
+    """1500 connections to the TLS ports that never start their handshake, with 1024 open files: they once did
+    not count until their handshake was done, and took every file (a good client got SSLEOFError for 10 s).
+    They now count from accept: the oldest makes room for a newcomer."""
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(tls_files.cert))
+    tls = ("--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key))
+    server = server_factory(mlp_path, *tls, scheme="https", context=context, max_files=1024)
+    with ExitStack() as stack:
+        for port in (server.http_port, server.grpc_port):
+            for _ in range(750):
+                stack.enter_context(closing(socket.create_connection(("127.0.0.1", port), timeout=5)))
+        connection = http.client.HTTPSConnection("127.0.0.1", server.http_port, timeout=5, context=context)
+        connection.request("POST", INFER, body=GOOD_BODY)
+        assert connection.getresponse().status == 200
+        with grpcclient.InferenceServerClient(
+            f"localhost:{server.grpc_port}", ssl=True, root_certificates=str(tls_files.cert)
+        ) as client:
+            assert client.is_server_live()
+
+
+def test_an_upgrade_request_is_answered_once(server):
+    """An h2c upgrade request was answered twice: its 200, then a 400 (an extra answer a proxy would hand to the
+    next request). Upgrade is ignored now: one answer, and the connection closes."""
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    with closing(socket.create_connection(("127.0.0.1", server.http_port), timeout=5)) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+    assert_serves_a_good_request(server)
+
+
+# HTTP/2 frames that cost the server more than they cost the client
+
+
+def goaway_code(sock: socket.socket, within: float = 2) -> int | None:
+    from edgeloop_runtime.http2 import GOAWAY
+
+    for kind, _, _, payload in h2_frames(sock, time.monotonic() + within):
+        if kind == GOAWAY:
+            return int.from_bytes(payload[4:8], "big")
+    return None
+
+
+@pytest.mark.parametrize(
+    ("block", "code"),
+    [
+        (b"\x20" * 30000, 0x9),  # 30000 dynamic table size updates: COMPRESSION_ERROR
+        (b"\x3f\xe1\x1f" * 10000, 0x9),  # the same, each to 4096
+        (b"\x82\x20", 0x9),  # a size update after a field
+        (b"\x00\x7f" + b"\xff" * 100 + b"\x01", 0x9),  # an integer of 100 bytes
+    ],
+    ids=["size-updates", "size-updates-4096", "update-after-field", "huge-integer"],
+)
+def test_costly_header_blocks_end_the_connection(server, block, code):
+    """A header block of 30000 table size updates took the HPACK decoder 30 ms of CPU (a 256 KiB one, 0.24 s),
+    and the connection went on; such blocks are now refused before decoding (RFC 7541 4.2, 5.1)."""
+    from edgeloop_runtime.http2 import END_HEADERS, HEADERS, frame
+
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, block))
+        assert goaway_code(sock) == code
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_unfinished_frames_hold_no_memory_outside_the_budget(server):
+    """100 connections each holding 256 KiB less one byte of a PING frame, and 100 of a DATA frame: each
+    connection once buffered its whole frame outside the memory budget (1000 of them: 256 MB). A frame that is
+    not DATA is now refused beyond 2 x --max-header-bytes at its header, and DATA goes to its call (and the
+    budget) as it arrives."""
+    from edgeloop_runtime.http2 import DATA, MAX_FRAME, PING
+
+    def unfinished(kind: int, stream: int) -> bytes:
+        return MAX_FRAME.to_bytes(3, "big") + bytes((kind, 0)) + stream.to_bytes(4, "big") + b"\0" * (MAX_FRAME - 1)
+
+    before = memory_mb(server.proc.pid)[0]
+    with ExitStack() as stack:
+        for kind in (PING, DATA):
+            for _ in range(100):
+                sock = stack.enter_context(closing(h2_connect(server)))
+                send_ignoring_reset(sock, (h2_call_headers(1) if kind == DATA else b"") + unfinished(kind, 1))
+        time.sleep(0.5)
+        held = memory_mb(server.proc.pid)[0] - before
+        budget = metric(server, "edgeloop_inflight_bytes") / MiB
+        assert_grpc_serves_a_good_request(server)
+    assert held < budget + 16, f"{held:.0f} MB held, {budget:.0f} MB of it in the budget"
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_a_second_end_of_a_call_is_stream_closed_and_a_unary_call_takes_one_message(server):
+    """Trailers after the request's end once ran the unary call again (and freed its place while its inference
+    ran); messages beyond a unary call's one were all buffered until its end."""
+    from edgeloop_runtime.http2 import DATA, END_STREAM, HEADERS, RST_STREAM, frame
+
+    with closing(h2_connect(server)) as sock:
+        trailers = h2_call_headers(1).replace(bytes((HEADERS, 0x4)), bytes((HEADERS, 0x5)), 1)  # END_STREAM
+        sock.sendall(h2_call_headers(1) + frame(DATA, END_STREAM, 1, infer_message()) + trailers)
+        resets = [p for kind, _, stream, p in h2_frames(sock, time.monotonic() + 1) if kind == RST_STREAM]
+        assert resets and int.from_bytes(resets[0], "big") == 0x5  # STREAM_CLOSED
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(h2_call_headers(1) + frame(DATA, 0, 1, infer_message() * 2))  # no END_STREAM
+        code, message = grpc_status(sock, 1)
+    assert code == 3 and "exactly one message" in message  # INVALID_ARGUMENT, before the call's end
+    assert_grpc_serves_a_good_request(server)
