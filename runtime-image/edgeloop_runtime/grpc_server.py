@@ -242,7 +242,7 @@ class GrpcConnection(http2.Http2Connection):
         if len(heaviest.streams) < len(self.streams) + 2:
             return False
         for victim in heaviest.streams.values():
-            if victim.blocked_since is not None or not (victim.working or victim.remote_ended or victim.answers):
+            if not victim.working and (victim.blocked_since is not None or not (victim.remote_ended or victim.answers)):
                 heaviest.fail(victim, Unavailable("the server's gRPC calls were all taken; this one waited longest"))
                 heaviest.flush()
                 return True
@@ -303,7 +303,7 @@ class GrpcConnection(http2.Http2Connection):
 
     def _messages(self, call: Call) -> None:
         """Takes the complete messages out of a stream's buffer (a unary call's one waits for the call's end); a
-        stream's wait in its buffer while it has --max-pipelined answers pending."""
+        stream's messages wait there while it has --max-pipelined answers pending."""
         buffer = call.buffer
         while len(buffer) >= 5:
             size = int.from_bytes(buffer[1:5], "big")
