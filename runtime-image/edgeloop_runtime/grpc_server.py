@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from urllib.parse import quote
@@ -30,7 +29,7 @@ from google.protobuf import json_format
 from edgeloop_runtime import http2
 from edgeloop_runtime.errors import BadRequest, RequestTimeout, ServingError, TooLarge, Unavailable
 from edgeloop_runtime.listener import Listener
-from edgeloop_runtime.protocol import grpc_codec
+from edgeloop_runtime.protocol import compression, grpc_codec
 from edgeloop_runtime.protocol import grpc_predict_v2_pb2 as pb
 from edgeloop_runtime.serving import Serving
 from edgeloop_runtime.shared_memory import Unsupported
@@ -338,19 +337,12 @@ class GrpcConnection(http2.Http2Connection):
         a Call) until it finishes."""
         if not compressed:
             return message
-        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
-        if wbits is None:
+        if encoding not in compression.WBITS:
             raise Unimplemented(f"grpc-encoding {encoding.decode(errors='replace')} is not supported")
-        inflater = zlib.decompressobj(wbits)
-        try:
-            data = inflater.decompress(message, self.limits.max_body_bytes + 1)
-        except zlib.error as error:
-            raise BadRequest(f"cannot decompress the message: {error}") from None
-        if len(data) > self.limits.max_body_bytes:
-            raise TooLarge(f"the decompressed message exceeds {self.limits.max_body_bytes} bytes (--max-body-bytes)")
-        self.serving.budget.reserve(len(data))
-        holder.held += len(data)
-        return data
+        limit = self.limits.max_body_bytes
+        return compression.inflate(
+            message, encoding, self.serving.budget, holder, limit=limit, flag="--max-body-bytes", what="the message"
+        )
 
     def _unary(self, call: Call) -> None:
         buffer = call.buffer

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -34,7 +33,7 @@ from edgeloop_runtime.errors import (
     Unavailable,
 )
 from edgeloop_runtime.listener import Backpressure, Listener
-from edgeloop_runtime.protocol import http_codec
+from edgeloop_runtime.protocol import compression, http_codec
 from edgeloop_runtime.serving import Serving
 from edgeloop_runtime.shared_memory import Unsupported
 
@@ -80,21 +79,6 @@ def json_response(status: int, document: object) -> Response:
 
 def error_response(error: ServingError) -> Response:
     return Response(error.http_status, [orjson.dumps({"error": str(error)})])
-
-
-def decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
-    """Request bodies may be gzip or deflate (tritonclient's request_compression_algorithm)."""
-    wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding.lower())
-    if wbits is None:
-        raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)  # bounded: a small bomb must not fill memory
-    except zlib.error as error:
-        raise BadRequest(f"cannot decompress the {encoding.decode()} body: {error}") from error
-    if len(data) > limit:
-        raise TooLarge(f"the decompressed body exceeds {limit} bytes (--max-body-bytes)")
-    return data
 
 
 def http_listener(app: App) -> Listener:
@@ -197,6 +181,19 @@ class App:
         memory.register(name, key, offset, size)
         return json_response(200, {})
 
+    def _inflate(self, body: bytes, encoding: bytes, call, json_only: bool) -> bytes:
+        """A gzip or deflate body (tritonclient's request_compression_algorithm), inflated in the memory budget; a
+        body of JSON alone is never inflated beyond --max-json-bytes (more would be refused anyway)."""
+        name = encoding.lower()
+        if name not in compression.WBITS:
+            raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
+        limit, flag = self.limits.max_body_bytes, "--max-body-bytes"
+        if json_only and self.limits.max_json_bytes < limit:
+            limit, flag = self.limits.max_json_bytes, "--max-json-bytes"
+        return compression.inflate(
+            body, name, self.serving.budget, call, limit=limit, flag=flag, what=f"the {name.decode()} body"
+        )
+
     def _infer(self, request: Request, respond) -> None:
         serving = self.serving
         call = serving.call("http", request.received)
@@ -207,15 +204,14 @@ class App:
 
         try:
             body = request.body
-            encoding = request.headers.get(b"content-encoding")
-            if encoding and encoding.lower() != b"identity":
-                body = decompress(body, encoding, self.limits.max_body_bytes)
-                call.reserve(len(body))
             header_length = request.headers.get(b"inference-header-content-length")
             try:
                 length = int(header_length) if header_length is not None else None
             except ValueError:
                 raise BadRequest("Inference-Header-Content-Length is not an integer") from None
+            encoding = request.headers.get(b"content-encoding")
+            if encoding and encoding.lower() != b"identity":
+                body = self._inflate(body, encoding, call, json_only=length is None)
             decoded = http_codec.decode_request(body, length, serving.signature, call.reserve, serving.shared_memory)
             future = call.submit(decoded.inputs, list(decoded.outputs or ()))
         except ServingError as error:

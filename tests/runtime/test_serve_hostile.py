@@ -246,6 +246,22 @@ def test_a_lying_chunked_body_is_cut_at_the_body_limit(server):
     assert_serves_a_good_request(server)
 
 
+def test_a_gzip_bomb_is_inflated_no_further_than_it_could_be_used(server):
+    """32 KiB of gzip inflating to 32 MiB of JSON: zlib once inflated it whole, outside the memory budget, and
+    twice that while joining its output (+64 MB per request, one at a time on the event loop). A JSON body is
+    now inflated no further than --max-json-bytes (16 MiB), in steps the budget counts."""
+    import gzip
+
+    bomb = gzip.compress(b" " * (32 * MiB), 9)
+    before = memory_mb(server.proc.pid)[1]
+    with closing(socket.create_connection(("127.0.0.1", server.http_port), timeout=5)) as sock:
+        sock.sendall(post(INFER, bomb, "Content-Encoding: gzip\r\n"))
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 413 and "(--max-json-bytes)" in json.loads(body)["error"], body
+    assert memory_mb(server.proc.pid)[1] - before < 32
+    assert_serves_a_good_request(server)
+
+
 # HTTP: slow clients and floods
 
 
