@@ -215,6 +215,9 @@ def test_the_runtime_parses_the_rendered_command_lines():
         assert (served.max_batch_size, served.batch_window_us, served.threads) == (16, 500, 1)
         assert served.execution_providers.split(",")[-1] == "CPUExecutionProvider"
         assert served.allow_cpu_fallback is False
+        # Its metrics say which variant and node they come from.
+        assert served.accelerator == ds["metadata"]["labels"]["edgeloop.io/accelerator"]
+        assert runtime["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
         ports = {p["name"]: p["containerPort"] for p in runtime["ports"]}
         assert ports == {"http": served.http_port, "grpc": served.grpc_port}
 
