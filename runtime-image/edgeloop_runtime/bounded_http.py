@@ -14,6 +14,12 @@ What a client can make the server spend, and the limit on it (one `Limits` per s
 - memory: the request line (`max_request_line`, 414), the header block (`max_header_bytes` and
   `max_headers`, 431) and the body (`max_body_bytes`, 413; Content-Length required, 411; chunked refused).
   Servers that keep bodies in memory share `body_budget` bytes among all requests at once (503 beyond it).
+
+Framing is strict, so that a proxy in front and this server never disagree on where a request ends (request
+smuggling): a Transfer-Encoding, conflicting Content-Lengths, a header line folded onto the next or holding
+control characters, or an HTTP/1.1 request without exactly one Host are refused (400, 411) and the connection
+closed; a body that a handler does not read (a GET with a Content-Length) closes the connection after the
+answer instead of being read as the next request.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import http.client
 import io
 import logging
 import os
+import re
 import socket
 import ssl
 import struct
@@ -33,6 +40,10 @@ from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger("edgeloop_runtime.http")
+
+# A header line (RFC 9110 5.1, 5.5): a token, a colon, then no control character but HTAB. A line that begins
+# with whitespace (obs-fold), whitespace before the colon, or a NUL are refused.
+HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n\Z")
 
 
 @dataclass(frozen=True)
@@ -338,11 +349,14 @@ class BoundedHandler(BaseHTTPRequestHandler):
             return
         self.conn.busy()
         try:
+            self._check_framing()
             method = getattr(self, "do_" + self.command, None)
             if method is None:
                 return self._refuse(Refused(405 if self.command.isalpha() else 400, f"method {self.command}"))
             method()
             self.wfile.flush()
+            if self._declared and not self._body_taken:
+                self.close_connection = True  # its body was not read: it must not be taken for the next request
         except Refused as refused:
             self._refuse(refused)
         finally:
@@ -362,20 +376,30 @@ class BoundedHandler(BaseHTTPRequestHandler):
                 return b"".join(lines)
             if len(lines) > self.limits.max_headers:
                 raise Refused(431, f"more than {self.limits.max_headers} header lines")
+            if not HEADER_LINE.match(line):
+                raise Refused(400, f"malformed header line {line[:64]!r}")
 
     # --- bodies ------------------------------------------------------------------------------------------
 
-    def body_length(self, max_bytes: int | None = None) -> int:
-        """The declared Content-Length, validated: 411 without one (or chunked), 400 malformed, 413 too large."""
-        limit = self.limits.max_body_bytes if max_bytes is None else min(max_bytes, self.limits.max_body_bytes)
-        if self.headers.get("Transfer-Encoding"):
+    def _check_framing(self) -> None:
+        """Where the request ends, unambiguously (see the module's docstring); sets `_declared`."""
+        self._declared, self._body_taken = 0, False
+        if self.headers.get("Transfer-Encoding") is not None:
             raise Refused(411, "Content-Length required (Transfer-Encoding is not accepted)")
         declared = self.headers.get_all("Content-Length") or []
-        if not declared:
-            raise Refused(411, "Content-Length required")
-        if len(set(declared)) != 1 or not declared[0].isdigit() or not declared[0].isascii():
+        if declared and (len(set(declared)) != 1 or not declared[0].isdigit() or not declared[0].isascii()):
             raise Refused(400, f"malformed Content-Length {declared!r}")
-        length = int(declared[0])
+        if self.request_version == "HTTP/1.1" and len(self.headers.get_all("Host") or []) != 1:
+            raise Refused(400, "an HTTP/1.1 request needs exactly one Host header")
+        self._declared = int(declared[0]) if declared else 0
+
+    def body_length(self, max_bytes: int | None = None) -> int:
+        """The declared Content-Length, validated: 411 without one, 413 too large."""
+        limit = self.limits.max_body_bytes if max_bytes is None else min(max_bytes, self.limits.max_body_bytes)
+        if not self.headers.get_all("Content-Length"):
+            raise Refused(411, "Content-Length required")
+        self._body_taken = True
+        length = self._declared
         if length > limit:
             raise Refused(413, f"body of {length} bytes is larger than {limit}")
         return length

@@ -6,7 +6,10 @@ poller, the event loop, eventfd wake-ups), which put a floor of about 330 µs un
 2-core machine, more than the whole HTTP/1.1 path with inference (~290 µs under the same load); here a call
 is parsed, answered and written in one event-loop turn, like an HTTP request. The limits are the same as
 HTTP's (edgeloop_runtime.limits): connection cap, handshake and idle time, concurrent streams and calls,
-message size and time, and the memory budget, which counts a message's bytes as they arrive.
+message size and time, and the memory budget, which counts a message's bytes as they arrive. A call holds its
+place from its HEADERS until its work is done: its request must arrive within --body-timeout (a stream may
+wait --idle-timeout between messages), its answer must be taken within --idle-timeout, and a call the client
+resets keeps its place until its inference ends (HTTP/2 rapid reset gains nothing).
 
 Every error a call ends in becomes its gRPC status in one place (`GrpcConnection.fail`): a ServingError with
 its own code and message, anything else INTERNAL (logged, its text kept from the client).
@@ -17,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from urllib.parse import quote
@@ -25,9 +27,9 @@ from urllib.parse import quote
 from google.protobuf import json_format
 
 from edgeloop_runtime import http2
-from edgeloop_runtime.errors import BadRequest, RequestTimeout, ServingError, TooLarge
+from edgeloop_runtime.errors import BadRequest, RequestTimeout, ServingError, TooLarge, Unavailable
 from edgeloop_runtime.listener import Listener
-from edgeloop_runtime.protocol import grpc_codec
+from edgeloop_runtime.protocol import compression, grpc_codec
 from edgeloop_runtime.protocol import grpc_predict_v2_pb2 as pb
 from edgeloop_runtime.serving import Serving
 from edgeloop_runtime.shared_memory import Unsupported
@@ -165,7 +167,9 @@ class Service:
 class Call(http2.Stream):
     """One gRPC call: its request bytes as they arrive; for ModelStreamInfer, its answers in the requests' order."""
 
-    __slots__ = ("answers", "buffer", "encoding", "held", "method", "replied", "since", "unacknowledged")
+    __slots__ = (
+        "answers", "buffer", "encoding", "held", "method", "orphaned", "replied", "since", "unacknowledged", "working",
+    )  # fmt: skip
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         super().__init__(stream_id, send_window)
@@ -173,10 +177,12 @@ class Call(http2.Stream):
         self.encoding = b"identity"
         self.buffer = bytearray()
         self.held = 0  # memory budget held by the bytes in `buffer`
-        self.since = time.monotonic()  # when the message being received began
+        self.since = time.monotonic()  # unary: when the call began; ModelStreamInfer: its message being received
         self.replied = False  # the response's headers are sent
         self.answers: deque[asyncio.Future] = deque()
         self.unacknowledged = 0  # ModelStreamInfer: bytes not yet given back to the client's window
+        self.working = 0  # its inferences in flight
+        self.orphaned = False  # the stream is gone (reset) but its inferences are not
 
 
 class GrpcConnection(http2.Http2Connection):
@@ -184,7 +190,7 @@ class GrpcConnection(http2.Http2Connection):
 
     def __init__(self, service: Service, listener: Listener) -> None:
         limits = listener.limits
-        super().__init__(limits.max_grpc_streams, limits.max_header_bytes)
+        super().__init__(limits.max_grpc_streams, limits.max_header_bytes, service.serving.budget)
         self.service = service
         self.serving = service.serving
         self.listener = listener
@@ -194,11 +200,13 @@ class GrpcConnection(http2.Http2Connection):
     # asyncio.Protocol
 
     def connection_made(self, transport) -> None:
+        self.transport = transport  # until TLS is set up, to close it
         if not self.listener.admit(self):
-            self.transport = transport
             transport.close()
-            return
-        super().connection_made(transport)
+        elif self.listener.tls:
+            self.listener.secure(self, transport, super().connection_made)
+        else:
+            super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.forget(self)
@@ -218,15 +226,30 @@ class GrpcConnection(http2.Http2Connection):
                 raise BadRequest("gRPC calls are POSTs of content-type application/grpc")
             if call.method != STREAM_INFER and call.method not in self.service.unary:
                 raise Unimplemented(f"unknown method {call.method.decode(errors='replace')}")
-            if self.service.calls > self.limits.max_grpc_calls:
+            if self.service.calls > self.limits.max_grpc_calls and not self._make_room():
                 raise TooLarge(f"more than {self.limits.max_grpc_calls} gRPC calls at once (--max-grpc-calls)")
         except ServingError as error:
             self.serving.metrics.refused("grpc", error.outcome)
             self.fail(call, error)
 
+    def _make_room(self) -> bool:
+        """At --max-grpc-calls, a new call ends the oldest call waiting for its client (for its request, or for window
+        to send its answer) on the connection that holds the most calls, if that one holds at least two more than
+        this one: a client cannot take every call of the server with the streams of a few connections (it would
+        need --max-grpc-calls connections)."""
+        heaviest = max(self.listener.connections, key=lambda connection: len(connection.streams))
+        if len(heaviest.streams) < len(self.streams) + 2:
+            return False
+        for victim in heaviest.streams.values():
+            if not victim.working and (victim.blocked_since is not None or not (victim.remote_ended or victim.answers)):
+                heaviest.fail(victim, Unavailable("the server's gRPC calls were all taken; this one waited longest"))
+                heaviest.flush()
+                return True
+        return False
+
     def stream_data(self, call: Call, data: bytes, ended: bool) -> None:
         if data:
-            if not call.buffer:
+            if not call.buffer and call.method == STREAM_INFER:
                 call.since = time.monotonic()
             call.buffer += data
             try:
@@ -236,8 +259,8 @@ class GrpcConnection(http2.Http2Connection):
             except ServingError as error:
                 self.fail(call, error)
                 return
-            if call.method == STREAM_INFER and len(call.answers) >= self.limits.max_pipelined:
-                call.unacknowledged += len(data)  # enough answers pending: the client waits
+            if call.method == STREAM_INFER and self._backlogged(call):
+                call.unacknowledged += len(data)  # it sends faster than it is answered: it waits
             elif not ended:
                 self.credit(call.id, len(data))
         if ended and self.streams.get(call.id) is call:
@@ -248,25 +271,48 @@ class GrpcConnection(http2.Http2Connection):
 
     def drop(self, call: Call) -> None:
         if self.streams.get(call.id) is call:
-            self.service.calls -= 1
             self.serving.budget.release(call.held)
             call.held = 0
             for answer in call.answers:
                 answer.cancel()
+            if call.working:  # reset while its inference goes on: its place is taken until that ends
+                call.orphaned = True
+                self.orphans += 1
+            else:
+                self.service.calls -= 1
         super().drop(call)
         if not self.streams:
             self.since = time.monotonic()
             if self.transport is not None:
                 self.listener.waiting[self] = None
 
+    def _backlogged(self, call: Call) -> bool:
+        """Whether a stream's buffer holds more than its next message or a window's worth: its window is given
+        back as its messages are taken, not as they arrive, or a client would fill the budget with one stream."""
+        buffer = call.buffer
+        head = 5 + int.from_bytes(buffer[1:5], "big") if len(buffer) >= 5 else 0
+        return len(buffer) > max(head, http2.STREAM_WINDOW)
+
+    def _work_done(self, call: Call) -> None:
+        call.working -= 1
+        if call.orphaned and not call.working:
+            call.orphaned = False
+            self.orphans -= 1
+            self.service.calls -= 1
+
     def _messages(self, call: Call) -> None:
-        """Takes the complete messages out of a stream's buffer (a unary call's one waits for the call's end)."""
+        """Takes the complete messages out of a stream's buffer (a unary call's one waits for the call's end); a
+        stream's messages wait there while it has --max-pipelined answers pending."""
         buffer = call.buffer
         while len(buffer) >= 5:
             size = int.from_bytes(buffer[1:5], "big")
             if size > self.limits.max_body_bytes:
                 raise TooLarge(f"a message of {size} bytes exceeds {self.limits.max_body_bytes} (--max-body-bytes)")
-            if len(buffer) < 5 + size or call.method != STREAM_INFER:
+            if call.method != STREAM_INFER:
+                if len(buffer) > 5 + size:
+                    raise BadRequest("a unary call takes exactly one message")
+                return
+            if len(buffer) < 5 + size or len(call.answers) >= self.limits.max_pipelined:
                 return
             inference = self._inference(call, 5 + size)
             try:
@@ -291,19 +337,12 @@ class GrpcConnection(http2.Http2Connection):
         a Call) until it finishes."""
         if not compressed:
             return message
-        wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding)
-        if wbits is None:
+        if encoding not in compression.WBITS:
             raise Unimplemented(f"grpc-encoding {encoding.decode(errors='replace')} is not supported")
-        inflater = zlib.decompressobj(wbits)
-        try:
-            data = inflater.decompress(message, self.limits.max_body_bytes + 1)
-        except zlib.error as error:
-            raise BadRequest(f"cannot decompress the message: {error}") from None
-        if len(data) > self.limits.max_body_bytes:
-            raise TooLarge(f"the decompressed message exceeds {self.limits.max_body_bytes} bytes (--max-body-bytes)")
-        self.serving.budget.reserve(len(data))
-        holder.held += len(data)
-        return data
+        limit = self.limits.max_body_bytes
+        return compression.inflate(
+            message, encoding, self.serving.budget, holder, limit=limit, flag="--max-body-bytes", what="the message"
+        )
 
     def _unary(self, call: Call) -> None:
         buffer = call.buffer
@@ -330,11 +369,13 @@ class GrpcConnection(http2.Http2Connection):
             self.fail(call, error)
             return
         if isinstance(answer, asyncio.Future):
+            call.working = 1
             answer.add_done_callback(lambda future: self._unary_done(call, future))
         else:
             self.reply(call, answer)
 
     def _unary_done(self, call: Call, future: asyncio.Future) -> None:
+        self._work_done(call)
         if self.streams.get(call.id) is not call:
             return  # reset by the client, or the connection is gone
         error = future.exception()
@@ -354,8 +395,15 @@ class GrpcConnection(http2.Http2Connection):
             inference.finish("bad_request")
             answer.set_result(pb.ModelStreamInferResponse(error_message="the message is not a valid ModelInferRequest"))
         else:
+            call.working += 1
             inferred = self.service.ModelInfer(request, inference)
-            inferred.add_done_callback(lambda future: answer.done() or answer.set_result(streamed(future, request)))
+
+            def inferred_done(future: asyncio.Future) -> None:
+                self._work_done(call)
+                if not answer.done():
+                    answer.set_result(streamed(future, request))
+
+            inferred.add_done_callback(inferred_done)
         answer.add_done_callback(lambda _: self._answer_in_order(call))
         call.answers.append(answer)
 
@@ -364,9 +412,16 @@ class GrpcConnection(http2.Http2Connection):
             return
         while call.answers and call.answers[0].done():
             self._send(call, framed(call.answers.popleft().result().SerializeToString()))
-        if call.unacknowledged and len(call.answers) < self.limits.max_pipelined:
-            self.credit(call.id, call.unacknowledged)
-            call.unacknowledged = 0
+        if len(call.answers) < self.limits.max_pipelined:
+            try:
+                self._messages(call)  # those held back while answers were pending
+            except ServingError as error:
+                self.fail(call, error)
+                self.flush_soon()
+                return
+            if call.unacknowledged and not self._backlogged(call):
+                self.credit(call.id, call.unacknowledged)
+                call.unacknowledged = 0
         if call.remote_ended and not call.answers:  # the client is done and every answer is out
             self._open_reply(call)
             self.finish(call, OK_TRAILERS)
@@ -404,19 +459,32 @@ class GrpcConnection(http2.Http2Connection):
     # limits
 
     def expire(self, now: float) -> None:
-        """Ends a handshake, a message or an idle connection that takes too long."""
+        """Ends a handshake, a request, an answer or an idle connection or stream that takes too long."""
         limits = self.limits
         if self.transport is None:
             return
-        if not self.handshaken and now - self.since > limits.header_timeout:
+        if self.send_stalled(now, limits.idle_timeout):
+            self.transport.abort()  # it has read nothing for that long: what waits for it is dropped
+        elif not self.handshaken and now - self.since > limits.header_timeout:
             self.transport.close()
         elif not self.streams and now - self.since > limits.idle_timeout:
             self.evict()
         else:
             for call in list(self.streams.values()):
-                if call.buffer and now - call.since > limits.body_timeout:
-                    self.fail(call, RequestTimeout(f"the message took over {limits.body_timeout:g} s (--body-timeout)"))
+                self._expire_call(call, now)
             self.flush()
+
+    def _expire_call(self, call: Call, now: float) -> None:
+        limits = self.limits
+        if call.blocked_since is not None and now - call.blocked_since > limits.idle_timeout:
+            self.reset(call, http2.CANCEL)  # its answer waited that long for the client to open its window
+        elif call.remote_ended or call.answers:
+            return  # its request is in, or it waits for its answers: the server's turn
+        elif call.method != STREAM_INFER or call.buffer:
+            if now - call.since > limits.body_timeout:
+                self.fail(call, RequestTimeout(f"the request took over {limits.body_timeout:g} s (--body-timeout)"))
+        elif now - call.since > limits.idle_timeout:
+            self.fail(call, RequestTimeout(f"no request on the stream for {limits.idle_timeout:g} s (--idle-timeout)"))
 
     def evict(self) -> None:
         self.close()

@@ -8,20 +8,27 @@ long as the table does not change. Responses use fixed header blocks that never 
 
 A subclass gives streams their meaning (`stream_class`, `stream_opened`, `stream_data`, `drop`) and answers
 with `send` and `finish`; this class keeps the protocol's rules and its bounds: frame size, header block
-size, concurrent streams (REFUSED_STREAM beyond), and the windows both ways.
+size, concurrent streams (REFUSED_STREAM beyond; a stream the client resets while its work goes on still
+counts, as an orphan, until that work ends), the windows both ways (a client that sends beyond the window it
+was given has its stream reset), and a client that reads slower than it is answered is read no more until
+it catches up (listener.Backpressure).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 import hpack
 
+from edgeloop_runtime.limits import MemoryBudget
+from edgeloop_runtime.listener import Backpressure
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x5, 0x6
 REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x7, 0x8, 0x9, 0xB
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
@@ -64,21 +71,25 @@ def literal(name: bytes | int, value: bytes) -> bytes:
 class Stream:
     """One HTTP/2 stream: what is left to send while the client's window is shut, and whether each side ended."""
 
-    __slots__ = ("id", "outbox", "remote_ended", "send_window")
+    __slots__ = ("blocked_since", "id", "outbox", "receive_window", "remote_ended", "send_window")
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
         self.send_window = send_window
+        self.receive_window = STREAM_WINDOW  # what the client may still send
         self.outbox: deque[tuple[bytes, bool]] = deque()  # (payload, is the trailers' header block)
+        self.blocked_since: float | None = None  # when the outbox began to wait for the client's window
         self.remote_ended = False
 
 
-class Http2Connection(asyncio.Protocol):
-    def __init__(self, max_streams: int, max_header_bytes: int) -> None:
+class Http2Connection(Backpressure, asyncio.Protocol):
+    def __init__(self, max_streams: int, max_header_bytes: int, budget: MemoryBudget) -> None:
         self.max_streams = max_streams
         self.max_header_bytes = max_header_bytes
+        self.budget = budget
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
+        self.orphans = 0  # streams the client reset while their work goes on: they count against max_streams
         self.buffer = bytearray()
         self.output: list[bytes] = []
         self.preface = False
@@ -93,6 +104,11 @@ class Http2Connection(asyncio.Protocol):
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self.continuation: tuple[int, int, bytearray] | None = None  # stream, flags, header block so far
+        # the DATA frame being received: its stream (None: dropped), data and padding still to come, END_STREAM
+        self.data_stream: Stream | None = None
+        self.data_left = 0
+        self.pad_left = 0
+        self.data_ends = False
         self.decoder = hpack.Decoder(max_header_list_size=max_header_bytes)
         self.decoded: dict[bytes, dict[bytes, bytes]] = {}  # blocks of indexed fields only, while the table holds
 
@@ -132,20 +148,9 @@ class Http2Connection(asyncio.Protocol):
                     raise ConnectionError_(PROTOCOL_ERROR, "not the HTTP/2 connection preface")
                 del buffer[: len(PREFACE)]
                 self.preface = True
-            position, end = 0, len(buffer)
-            while end - position >= 9:
-                length = int.from_bytes(buffer[position : position + 3], "big")
-                if length > MAX_FRAME:
-                    raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
-                if end - position - 9 < length:
-                    break
-                kind, flags = buffer[position + 3], buffer[position + 4]
-                stream_id = int.from_bytes(buffer[position + 5 : position + 9], "big") & MAX_WINDOW
-                payload = bytes(buffer[position + 9 : position + 9 + length])
-                position += 9 + length
-                self._frame(kind, flags, stream_id, payload)
-                if self.transport is None:
-                    return
+            position = self._frames(buffer)
+            if self.transport is None:
+                return
             del buffer[:position]
         except ConnectionError_ as error:
             self.close(error.code)
@@ -159,19 +164,68 @@ class Http2Connection(asyncio.Protocol):
         else:
             self.flush()
 
+    def _frames(self, buffer: bytearray) -> int:
+        """Handles the frames in `buffer`; returns where the bytes it could not use yet begin. A DATA frame's data
+        goes to its stream as it arrives, so that no more than a frame header, or a frame of another kind (at most
+        2 x --max-header-bytes), waits here: a connection holds no frame's worth of memory outside the budget."""
+        position, end = 0, len(buffer)
+        while self.transport is not None:
+            if self.data_left or self.pad_left:  # inside a DATA frame
+                if position == end:
+                    break
+                take = min(end - position, self.data_left)
+                chunk = bytes(buffer[position : position + take])
+                skip = min(end - position - take, self.pad_left)
+                position += take + skip
+                self.data_left -= take
+                self.pad_left -= skip
+                self._deliver(chunk)
+                continue
+            if end - position < 9:
+                break
+            length = int.from_bytes(buffer[position : position + 3], "big")
+            kind, flags = buffer[position + 3], buffer[position + 4]
+            stream_id = int.from_bytes(buffer[position + 5 : position + 9], "big") & MAX_WINDOW
+            if kind == DATA:
+                if length > MAX_FRAME:
+                    raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+                padded = flags & PADDED
+                if padded and end - position < 10:
+                    break  # its padding's length comes first
+                pad = buffer[position + 9] if padded else 0
+                if padded and pad >= length:
+                    raise ConnectionError_(PROTOCOL_ERROR, "padding beyond the frame")
+                position += 10 if padded else 9
+                self._data(flags, stream_id, length, length - pad - (1 if padded else 0), pad)
+                continue
+            if length > min(MAX_FRAME, 2 * self.max_header_bytes):
+                raise ConnectionError_(FRAME_SIZE_ERROR, f"a frame of {length} bytes (kind {kind})")
+            if end - position - 9 < length:
+                break
+            payload = bytes(buffer[position + 9 : position + 9 + length])
+            position += 9 + length
+            self._frame(kind, flags, stream_id, payload)
+        return position
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.release_unsent()
         for stream in list(self.streams.values()):
             self.drop(stream)
+
+    def reading_blocked(self) -> None:
+        self.transport.pause_reading()
+
+    def reading_unblocked(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     # receiving
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self.continuation is not None and kind != CONTINUATION:
             raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
-        if kind == DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
+        if kind == HEADERS:
             self._headers(flags, stream_id, payload)
         elif kind == CONTINUATION:
             if self.continuation is None or self.continuation[0] != stream_id:
@@ -220,6 +274,8 @@ class Http2Connection(asyncio.Protocol):
         block = self._unpad(flags, payload)
         if flags & PRIORITY_FLAG:
             block = block[5:]
+        if len(block) > 2 * self.max_header_bytes:
+            raise ConnectionError_(ENHANCE_YOUR_CALM, "a header block beyond --max-header-bytes")
         if flags & END_HEADERS:
             self._header_block(stream_id, flags, block)
         else:
@@ -231,12 +287,15 @@ class Http2Connection(asyncio.Protocol):
         if stream is not None:  # trailers: only the end of the stream counts
             if not flags & END_STREAM:
                 raise ConnectionError_(PROTOCOL_ERROR, "trailers without END_STREAM")
-            self._ended(stream)
+            if stream.remote_ended:
+                self.reset(stream, STREAM_CLOSED)
+            else:
+                self._ended(stream)
             return
         if stream_id <= self.last_stream_id:
             return  # a stream this side has reset: its frames in flight are dropped
         self.last_stream_id = stream_id
-        if len(self.streams) >= self.max_streams:
+        if len(self.streams) + self.orphans >= self.max_streams:
             self.output.append(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
             return
         stream = self.streams[stream_id] = self.stream_class(stream_id, self.peer_initial_window)
@@ -249,8 +308,8 @@ class Http2Connection(asyncio.Protocol):
         if headers is not None:
             return headers
         try:
+            changes_table = _changes_table(block)  # first: it refuses what would make decoding costly
             headers = dict(self.decoder.decode(block, raw=True))
-            changes_table = _changes_table(block)
         except (hpack.HPACKError, IndexError) as error:
             raise ConnectionError_(COMPRESSION_ERROR, f"header block: {error}") from None
         if changes_table or len(self.decoded) >= 64:
@@ -259,25 +318,43 @@ class Http2Connection(asyncio.Protocol):
             self.decoded[block] = headers
         return headers
 
-    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _data(self, flags: int, stream_id: int, length: int, data_length: int, pad: int) -> None:
+        """A DATA frame of `length` bytes begins (its `data_length` bytes of data come next, then `pad` of padding):
+        the windows are charged for all of it now, and its stream, if it takes it, gets the data as it comes."""
+        if self.continuation is not None:
+            raise ConnectionError_(PROTOCOL_ERROR, "a header block was interrupted")
         if stream_id == 0:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
-        self.receive_window -= len(payload)
+        self.receive_window -= length
         if self.receive_window < 0:
             raise ConnectionError_(FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
-        self.credit(0, len(payload))  # the memory budget bounds what is held, not the window
-        data = self._unpad(flags, payload)
-        stream = self.streams.get(stream_id)
+        self.credit(0, length)  # the memory budget bounds what is held, not the window
+        self.data_left, self.pad_left, self.data_ends = data_length, pad, bool(flags & END_STREAM)
+        stream = self.data_stream = self.streams.get(stream_id)
         if stream is None:
             if stream_id > self.last_stream_id:
                 raise ConnectionError_(PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream this side has closed or reset
-        if stream.remote_ended:
-            self.reset(stream, 0x5)  # STREAM_CLOSED
+        elif stream.remote_ended:
+            self.data_stream = None
+            self.reset(stream, STREAM_CLOSED)
+        else:
+            stream.receive_window -= length
+            if stream.receive_window < 0:  # what it was not given: its memory would be held without bound
+                self.data_stream = None
+                self.reset(stream, FLOW_CONTROL_ERROR)
+        if not self.data_left and not self.pad_left:
+            self._deliver(b"")
+
+    def _deliver(self, chunk: bytes) -> None:
+        """Gives the DATA frame's stream what arrived of it (and its end, with the frame's last bytes)."""
+        stream = self.data_stream
+        if stream is None:
             return
-        ended = bool(flags & END_STREAM)
+        ended = self.data_ends and not self.data_left and not self.pad_left
+        if not (chunk or ended) or self.streams.get(stream.id) is not stream:
+            return  # nothing to say yet; or the stream ended meanwhile (reset, failed)
         stream.remote_ended = ended
-        self.stream_data(stream, data, ended)
+        self.stream_data(stream, chunk, ended)
 
     def _ended(self, stream: Stream) -> None:
         stream.remote_ended = True
@@ -288,21 +365,26 @@ class Http2Connection(asyncio.Protocol):
             raise ConnectionError_(PROTOCOL_ERROR, "a bad SETTINGS frame")
         if flags & ACK:
             return
-        for offset in range(0, len(payload), 6):
-            key = int.from_bytes(payload[offset : offset + 2], "big")
-            value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
-            if key == 0x4:  # INITIAL_WINDOW_SIZE: every stream's window moves by the difference
-                if value > MAX_WINDOW:
-                    raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE beyond 2^31-1")
-                for stream in self.streams.values():
-                    stream.send_window += value - self.peer_initial_window
-                self.peer_initial_window = value
-            elif key == 0x5:
-                if not 16384 <= value <= 16777215:
-                    raise ConnectionError_(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
-                self.peer_max_frame = value
-            elif key == 0x2 and value > 1:
-                raise ConnectionError_(PROTOCOL_ERROR, "ENABLE_PUSH out of range")
+        # Each setting takes its last value in the frame, applied once: a frame of 40000 window sizes must not
+        # walk every stream 40000 times.
+        settings = {
+            int.from_bytes(payload[offset : offset + 2], "big"): int.from_bytes(payload[offset + 2 : offset + 6], "big")
+            for offset in range(0, len(payload), 6)
+        }
+        if settings.get(0x2, 0) > 1:
+            raise ConnectionError_(PROTOCOL_ERROR, "ENABLE_PUSH out of range")
+        if not 16384 <= settings.get(0x5, 16384) <= 16777215:
+            raise ConnectionError_(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
+        self.peer_max_frame = settings.get(0x5, self.peer_max_frame)
+        window = settings.get(0x4)  # INITIAL_WINDOW_SIZE: every stream's window moves by the difference
+        if window is not None:
+            if window > MAX_WINDOW:
+                raise ConnectionError_(FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE beyond 2^31-1")
+            for stream in self.streams.values():
+                stream.send_window += window - self.peer_initial_window
+                if stream.send_window > MAX_WINDOW:
+                    raise ConnectionError_(FLOW_CONTROL_ERROR, "a stream's window beyond 2^31-1")
+            self.peer_initial_window = window
         self.output.append(frame(SETTINGS, ACK, 0))
         self.handshaken = True
         for stream in list(self.streams.values()):
@@ -358,7 +440,10 @@ class Http2Connection(asyncio.Protocol):
                 return
             window = min(self.send_window, stream.send_window, self.peer_max_frame)
             if window <= 0 and data:
+                if stream.blocked_since is None:
+                    stream.blocked_since = time.monotonic()
                 return
+            stream.blocked_since = None
             chunk = data[:window]
             output.append(frame(DATA, 0, stream.id, chunk))
             self.send_window -= len(chunk)
@@ -399,6 +484,8 @@ class Http2Connection(asyncio.Protocol):
                 self.credits[stream_id] = 0
                 if stream_id == 0:
                     self.receive_window += size
+                elif stream_id in self.streams:
+                    self.streams[stream_id].receive_window += size
 
     def flush(self) -> None:
         self.flushing = False
@@ -408,6 +495,8 @@ class Http2Connection(asyncio.Protocol):
         self._window_updates()
         if self.output and self.transport is not None:
             self.transport.write(b"".join(self.output))
+            if self.write_paused:  # answers of calls in flight still go out: what waits is held in the budget
+                self.hold_unsent()
         self.output.clear()
 
     def close(self, code: int = NO_ERROR) -> None:
@@ -422,48 +511,56 @@ class Http2Connection(asyncio.Protocol):
 def _changes_table(block: bytes) -> bool:
     """Whether a (well-formed) header block changes the decoder's dynamic table: it adds a field (a literal with
     incremental indexing, RFC 7541 6.2.1) or resizes the table (6.3). Indexed fields and literals without
-    indexing leave it alone, so the same bytes decode the same way while it holds."""
-    position = 0
+    indexing leave it alone, so the same bytes decode the same way while it holds. Raises COMPRESSION_ERROR for
+    more than two table size updates, or one after a field (RFC 7541 4.2): a block of thousands of them cost
+    the decoder a second of CPU per megabyte."""
+    position, changes, updates, fields = 0, False, 0, False
     while position < len(block):
         first = block[position]
-        if first & 0xC0 == 0x40 or first & 0xE0 == 0x20:
-            return True
+        if first & 0xE0 == 0x20:  # dynamic table size update (6.3)
+            updates += 1
+            if fields or updates > 2:
+                raise ConnectionError_(COMPRESSION_ERROR, "a dynamic table size update beyond the block's start")
+            changes = True
+            position = _skip_integer(block, position, 5)
+            continue
+        fields = True
         if first & 0x80:  # indexed (6.1)
             position = _skip_integer(block, position, 7)
             continue
-        name_index = first & 0x0F  # without indexing or never indexed (6.2.2, 6.2.3)
-        position = _skip_integer(block, position, 4)
+        if first & 0xC0 == 0x40:  # with incremental indexing (6.2.1)
+            changes, prefix_bits = True, 6
+        else:  # without indexing or never indexed (6.2.2, 6.2.3)
+            prefix_bits = 4
+        name_index = first & ((1 << prefix_bits) - 1)
+        position = _skip_integer(block, position, prefix_bits)
         if name_index == 0:
             position = _skip_string(block, position)
         position = _skip_string(block, position)
-    return False
+    return changes
 
 
 def _skip_integer(block: bytes, position: int, prefix_bits: int) -> int:
+    return _integer(block, position, prefix_bits)[1]
+
+
+def _integer(block: bytes, position: int, prefix_bits: int) -> tuple[int, int]:
+    """An HPACK integer (RFC 7541 5.1) and the position after it; more than 4 continuation bytes (2^28 and
+    beyond) is an error, not a big number to compute."""
     limit = (1 << prefix_bits) - 1
-    if block[position] & limit != limit:
-        return position + 1
-    position += 1
-    while block[position] & 0x80:
-        position += 1
-    return position + 1
-
-
-def _string_length(block: bytes, position: int) -> tuple[int, int]:
-    limit = 0x7F
     value = block[position] & limit
+    position += 1
     if value != limit:
-        return value, position + 1
-    shift, position = 0, position + 1
-    while True:
+        return value, position
+    for shift in range(0, 28, 7):
         byte = block[position]
-        value += (byte & 0x7F) << shift
-        shift += 7
         position += 1
+        value += (byte & 0x7F) << shift
         if not byte & 0x80:
             return value, position
+    raise ConnectionError_(COMPRESSION_ERROR, "an HPACK integer beyond 2^28")
 
 
 def _skip_string(block: bytes, position: int) -> int:
-    length, position = _string_length(block, position)
+    length, position = _integer(block, position, 7)
     return position + length

@@ -7,7 +7,8 @@ its Content-Type (tritonclient's sync client sends none) and never compressed in
 Every client is bounded (edgeloop_runtime.limits): the head's line, bytes and fields (431), the body (413),
 the memory all requests hold together (503), the requests queued on a connection, the time to send a head
 or a body (408) and to stay idle, and the number of connections: at the cap, a new connection closes the
-one that has waited longest for a request, or is refused when every connection is busy.
+one that has waited longest for a request, or is refused when every connection is busy. A client that reads
+its answers slower than it sends requests is read no more until it has taken them (listener.Backpressure).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -32,8 +32,8 @@ from edgeloop_runtime.errors import (
     TooLarge,
     Unavailable,
 )
-from edgeloop_runtime.listener import Listener
-from edgeloop_runtime.protocol import http_codec
+from edgeloop_runtime.listener import Backpressure, Listener
+from edgeloop_runtime.protocol import compression, http_codec
 from edgeloop_runtime.serving import Serving
 from edgeloop_runtime.shared_memory import Unsupported
 
@@ -79,21 +79,6 @@ def json_response(status: int, document: object) -> Response:
 
 def error_response(error: ServingError) -> Response:
     return Response(error.http_status, [orjson.dumps({"error": str(error)})])
-
-
-def decompress(body: bytes, encoding: bytes, limit: int) -> bytes:
-    """Request bodies may be gzip or deflate (tritonclient's request_compression_algorithm)."""
-    wbits = {b"gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}.get(encoding.lower())
-    if wbits is None:
-        raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)  # bounded: a small bomb must not fill memory
-    except zlib.error as error:
-        raise BadRequest(f"cannot decompress the {encoding.decode()} body: {error}") from error
-    if len(data) > limit:
-        raise TooLarge(f"the decompressed body exceeds {limit} bytes (--max-body-bytes)")
-    return data
 
 
 def http_listener(app: App) -> Listener:
@@ -196,6 +181,19 @@ class App:
         memory.register(name, key, offset, size)
         return json_response(200, {})
 
+    def _inflate(self, body: bytes, encoding: bytes, call, json_only: bool) -> bytes:
+        """A gzip or deflate body (tritonclient's request_compression_algorithm), inflated in the memory budget; a
+        body of JSON alone is never inflated beyond --max-json-bytes (more would be refused anyway)."""
+        name = encoding.lower()
+        if name not in compression.WBITS:
+            raise BadRequest(f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}")
+        limit, flag = self.limits.max_body_bytes, "--max-body-bytes"
+        if json_only and self.limits.max_json_bytes < limit:
+            limit, flag = self.limits.max_json_bytes, "--max-json-bytes"
+        return compression.inflate(
+            body, name, self.serving.budget, call, limit=limit, flag=flag, what=f"the {name.decode()} body"
+        )
+
     def _infer(self, request: Request, respond) -> None:
         serving = self.serving
         call = serving.call("http", request.received)
@@ -206,15 +204,14 @@ class App:
 
         try:
             body = request.body
-            encoding = request.headers.get(b"content-encoding")
-            if encoding and encoding.lower() != b"identity":
-                body = decompress(body, encoding, self.limits.max_body_bytes)
-                call.reserve(len(body))
             header_length = request.headers.get(b"inference-header-content-length")
             try:
                 length = int(header_length) if header_length is not None else None
             except ValueError:
                 raise BadRequest("Inference-Header-Content-Length is not an integer") from None
+            encoding = request.headers.get(b"content-encoding")
+            if encoding and encoding.lower() != b"identity":
+                body = self._inflate(body, encoding, call, json_only=length is None)
             decoded = http_codec.decode_request(body, length, serving.signature, call.reserve, serving.shared_memory)
             future = call.submit(decoded.inputs, list(decoded.outputs or ()))
         except ServingError as error:
@@ -253,7 +250,7 @@ class _StopParsing(Exception):
     """Raised from a parser callback to stop reading the connection's bytes."""
 
 
-class Connection(asyncio.Protocol):
+class Connection(Backpressure, asyncio.Protocol):
     """One HTTP/1.1 connection: parses with httptools, answers requests one at a time, in order."""
 
     def __init__(self, app: App, listener: Listener) -> None:
@@ -290,13 +287,22 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         if not self.server.admit(self):
+            if self.server.tls:  # no word can be sent before a handshake
+                transport.close()
+                return
             error = Unavailable(f"too many connections (--max-connections {self.limits.max_connections}); retry later")
             self._send(error_response(error), close=True)
+        elif self.server.tls:
+            self.server.secure(self, transport, self._secured)
+
+    def _secured(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.forget(self)
         self.transport = None
         self.stopped = True
+        self.release_unsent()
         self._release(self.reserved)
         self.reserved = 0
         for request, _ in self.pending:
@@ -317,7 +323,7 @@ class Connection(asyncio.Protocol):
                 log.error("HTTP connection failed", exc_info=cause)
                 self._fail(ServingError("internal server error"))
         except httptools.HttpParserUpgrade:
-            self._fail(BadRequest("protocol upgrades are not supported"))
+            pass  # after a request that asked for one: on_message_complete made it the connection's last
         except httptools.HttpParserError as error:
             self._fail(BadRequest(f"malformed HTTP request: {error}"))
 
@@ -411,6 +417,10 @@ class Connection(asyncio.Protocol):
             time.perf_counter_ns(),
             self.reserved,
         )
+        if self.parser.should_upgrade():
+            # Upgrade (h2c) and CONNECT are not supported, and ignored (RFC 9110 7.8): the request is answered as
+            # any other, as the connection's last, since the parser reads nothing after it.
+            self._stop_reading()
         rejection = None
         if self.rejection is not None:
             self._release(self.reserved)
@@ -440,7 +450,7 @@ class Connection(asyncio.Protocol):
             return
         self.pumping = True
         try:
-            while not self.busy and self.pending and self.transport is not None:
+            while not self.busy and self.pending and self.transport is not None and not self.write_paused:
                 request, answer = self.pending.popleft()
                 self.busy = True
                 self.current = request
@@ -450,7 +460,9 @@ class Connection(asyncio.Protocol):
                     self.app.handle(request, self._respond)
         finally:
             self.pumping = False
-        if not self.busy and not self.pending and self.paused and not self.stopped and self.transport is not None:
+        if self.write_paused or self.stopped or self.transport is None:
+            return
+        if not self.busy and not self.pending and self.paused:
             self.paused = False
             self.since = time.monotonic()  # the client could not send meanwhile: its time starts again
             self.transport.resume_reading()
@@ -518,8 +530,22 @@ class Connection(asyncio.Protocol):
         if size:
             self.budget.release(size)
 
+    # the client reads slower than it is answered (listener.Backpressure)
+
+    def reading_blocked(self) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def reading_unblocked(self) -> None:
+        self._pump()  # answers what was read meanwhile, then reads again
+
     def expire(self, now: float) -> None:
-        """Called every so often: ends a head or body that takes too long, and an idle connection."""
+        """Called every so often: ends a head or body that takes too long, an idle connection, and a client that
+        takes none of its answers."""
+        if self.send_stalled(now, self.limits.idle_timeout):
+            self.transport.abort()
+            return
         if self.transport is None or self.stopped or self.paused:
             return
         limits = self.limits

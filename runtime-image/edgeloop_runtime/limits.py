@@ -55,8 +55,13 @@ class Limits:
     header_timeout: float = field(
         default=10.0, metadata=_flag("seconds to receive an HTTP request's head (and a TLS or HTTP/2 handshake)")
     )
-    body_timeout: float = field(default=60.0, metadata=_flag("seconds to receive an HTTP request's body"))
-    idle_timeout: float = field(default=60.0, metadata=_flag("seconds an idle keep-alive connection stays open"))
+    body_timeout: float = field(default=60.0, metadata=_flag("seconds to receive an HTTP body or a gRPC request"))
+    idle_timeout: float = field(
+        default=60.0,
+        metadata=_flag(
+            "seconds an idle connection (or gRPC stream) stays open, and a client may take nothing of its answers"
+        ),
+    )
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -104,6 +109,10 @@ class MemoryBudget:
                 f"the server holds {self.used} bytes of requests; this one needs {size} more than "
                 f"--max-inflight-bytes ({self.total}) allows now; retry later"
             )
+        self.used += size
+
+    def hold(self, size: int) -> None:
+        """Counts `size` bytes that are held already and cannot be refused (answers waiting for a slow reader)."""
         self.used += size
 
     def release(self, size: int) -> None:

@@ -39,7 +39,7 @@ log = logging.getLogger("edgeloop_runtime.store")
 
 CHUNK = 1 << 20
 BLOB_PATH = re.compile(r"^/sha256/([0-9a-f]{64})$")
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 REF_PATH = re.compile(r"^/refs/([A-Za-z0-9][A-Za-z0-9._-]{0,252})$")
 MAX_REF_BYTES = 64 << 10
 DEFAULT_LIMITS = Limits(max_body_bytes=4 << 30, body_budget=0)
@@ -56,15 +56,20 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if match is None or match[1] == match[2] == "":
         return None
     if match[1] == "":  # the last N bytes
-        n = int(match[2])
+        n = _position(match[2])
         if n == 0:
             raise Refused(416, "empty suffix range")
         return max(0, size - n), size - 1
-    first = int(match[1])
-    last = min(int(match[2]), size - 1) if match[2] else size - 1
+    first = _position(match[1])
+    last = min(_position(match[2]), size - 1) if match[2] else size - 1
     if first > last or first >= size:
-        raise Refused(416, f"range {header} is outside the blob's {size} bytes")
+        raise Refused(416, f"range {header[:64]} is outside the blob's {size} bytes")
     return first, last
+
+
+def _position(digits: str) -> int:
+    """A byte position of a Range header; one beyond any blob when it has more digits than int() takes."""
+    return int(digits) if len(digits) <= 18 else 1 << 62
 
 
 class StoreHandler(BoundedHandler):

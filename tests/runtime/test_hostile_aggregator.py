@@ -407,3 +407,17 @@ def test_bodies_are_never_buffered_beyond_the_model_bound(aggregator_process, le
     assert rss_kib(proc.pid) - before < 30_000, "the aggregator held on to what it was sent"
     healthy = _send(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert healthy.startswith(b"HTTP/1.1 200")
+
+
+def test_a_body_the_aggregator_does_not_read_is_not_taken_for_the_next_request(aggregator_process):
+    """Request smuggling: GET /healthz with a Content-Length body holding a second request was answered twice
+    (the body was read as the next request). One answer now, then the connection closes."""
+    _, port = aggregator_process
+    smuggled = b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Edgeloop-Client: c0\r\n\r\n"
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head + smuggled)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"\r\n\r\n") == 1, answer

@@ -246,6 +246,22 @@ def test_a_lying_chunked_body_is_cut_at_the_body_limit(server):
     assert_serves_a_good_request(server)
 
 
+def test_a_gzip_bomb_is_inflated_no_further_than_it_could_be_used(server):
+    """32 KiB of gzip inflating to 32 MiB of JSON: zlib once inflated it whole, outside the memory budget, and
+    twice that while joining its output (+64 MB per request, one at a time on the event loop). A JSON body is
+    now inflated no further than --max-json-bytes (16 MiB), in steps the budget counts."""
+    import gzip
+
+    bomb = gzip.compress(b" " * (32 * MiB), 9)
+    before = memory_mb(server.proc.pid)[1]
+    with closing(socket.create_connection(("127.0.0.1", server.http_port), timeout=5)) as sock:
+        sock.sendall(post(INFER, bomb, "Content-Encoding: gzip\r\n"))
+        status, _, body = read_response(sock.makefile("rb"))
+    assert status == 413 and "(--max-json-bytes)" in json.loads(body)["error"], body
+    assert memory_mb(server.proc.pid)[1] - before < 32
+    assert_serves_a_good_request(server)
+
+
 # HTTP: slow clients and floods
 
 
@@ -456,17 +472,29 @@ def h2_connect(server) -> socket.socket:
     return sock
 
 
-def h2_call_headers(stream_id: int, end_headers: bool = True) -> bytes:
+def h2_call_headers(stream_id: int, end_headers: bool = True, method: bytes = b"ModelInfer") -> bytes:
     from edgeloop_runtime.http2 import END_HEADERS, HEADERS, frame, literal
 
     block = b"".join(
         literal(name, value)
         for name, value in (
-            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/" + method),
             (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
         )
     )  # fmt: skip
     return frame(HEADERS, END_HEADERS if end_headers else 0, stream_id, block)
+
+
+def grpc_message(request) -> bytes:
+    message = request.SerializeToString()
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def infer_message() -> bytes:
+    request = pb.ModelInferRequest(model_name="model")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
+    return grpc_message(request)
 
 
 def h2_frames(sock: socket.socket, until: float):
@@ -551,4 +579,296 @@ def test_grpc_header_block_without_end_closes_the_connection(server):
     assert goaway and int.from_bytes(goaway[0][4:8], "big") == 0xB  # ENHANCE_YOUR_CALM
     assert sent < 2000 * 16393, "the server stopped reading"
     assert memory_mb(server.proc.pid)[1] - before < 16
+    assert_grpc_serves_a_good_request(server)
+
+
+# Clients that read slower than they are answered, or not at all
+
+
+def flood(socks: list[socket.socket], data: bytes, seconds: float) -> int:
+    """Sends `data` over and over on each socket for `seconds` without reading anything; returns the bytes the
+    server took. Partial sends are resumed where they stopped, so frames stay whole."""
+    rest = {sock: memoryview(data) for sock in socks}
+    for sock in socks:
+        sock.setblocking(False)
+    sent, end = 0, time.monotonic() + seconds
+    while rest and time.monotonic() < end:
+        for sock in list(rest):
+            try:
+                n = sock.send(rest[sock])
+            except BlockingIOError:
+                continue
+            except OSError:
+                del rest[sock]
+                continue
+            sent += n
+            rest[sock] = rest[sock][n:] or memoryview(data)
+        time.sleep(0.001)
+    for sock in socks:
+        sock.setblocking(True)
+    return sent
+
+
+def reset_or_closed(sock: socket.socket, within: float) -> bool:
+    """Whether the server dropped the connection (reading what it had sent first)."""
+    try:
+        return closed_by_server(sock, within)
+    except OSError:
+        return True
+
+
+def test_a_client_that_never_reads_its_answers_is_read_no_more(server):
+    """Pipelined GET /metrics (25 bytes in, kilobytes out) on 4 connections that never read: the answers once
+    piled up in the server (84 MB to 2.9 GB in 8 s, good requests timed out). Now the server stops reading a
+    client whose answers wait, counts them against the budget, and cuts it after --idle-timeout (2 s)."""
+    before = memory_mb(server.proc.pid)[1]
+    with ExitStack() as stack:
+        socks = [
+            stack.enter_context(closing(socket.create_connection(("127.0.0.1", server.http_port), timeout=5)))
+            for _ in range(4)
+        ]
+        flood(socks, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 64, seconds=3)
+        assert memory_mb(server.proc.pid)[1] - before < 32
+        assert_serves_a_good_request(server, settle=False)
+        time.sleep(3.5)  # --idle-timeout without taking a byte
+        assert all(reset_or_closed(sock, within=2) for sock in socks)
+    assert_serves_a_good_request(server)
+
+
+def test_grpc_control_frames_from_a_client_that_never_reads(server):
+    """A PING flood (each answered with an acknowledgement) from 2 connections that never read: the
+    acknowledgements once piled up at 12 MB/s. Now the server stops reading them, and cuts them after
+    --idle-timeout."""
+    from edgeloop_runtime.http2 import PING, frame
+
+    before = memory_mb(server.proc.pid)[1]
+    with ExitStack() as stack:
+        socks = [stack.enter_context(closing(h2_connect(server))) for _ in range(2)]
+        flood(socks, frame(PING, 0, 0, b"12345678") * 1000, seconds=3)
+        assert memory_mb(server.proc.pid)[1] - before < 16
+        assert_grpc_serves_a_good_request(server)
+        time.sleep(3.5)
+        assert all(reset_or_closed(sock, within=2) for sock in socks)
+    assert_grpc_serves_a_good_request(server)
+
+
+def metadata_call(stream_id: int) -> bytes:
+    from edgeloop_runtime.http2 import DATA, END_STREAM, frame
+
+    message = grpc_message(pb.ModelMetadataRequest(name="model"))
+    return h2_call_headers(stream_id, method=b"ModelMetadata") + frame(DATA, END_STREAM, stream_id, message)
+
+
+@pytest.mark.parametrize("how", ["headers-only", "shut-window"])
+def test_calls_held_by_a_few_connections_make_room_for_others(server, how):
+    """5 connections x 64 calls that never send their request (bare HEADERS), or whose answers wait for a window
+    the client never opens (INITIAL_WINDOW_SIZE 0): they once held every one of the 256 gRPC calls for ever
+    (RESOURCE_EXHAUSTED for everyone, still after 70 s). A new call now ends the oldest of them on the connection
+    holding the most."""
+    from edgeloop_runtime.http2 import PREFACE, SETTINGS, frame
+
+    settings, calls = b"", h2_call_headers
+    if how == "shut-window":
+        settings, calls = (4).to_bytes(2, "big") + (0).to_bytes(4, "big"), metadata_call  # INITIAL_WINDOW_SIZE 0
+    with ExitStack() as stack:
+        for _ in range(5):
+            sock = stack.enter_context(closing(socket.create_connection(("127.0.0.1", server.grpc_port))))
+            sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings) + b"".join(calls(2 * i + 1) for i in range(64)))
+        time.sleep(0.5)
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5).live
+        assert_grpc_serves_a_good_request(server)
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_rapid_reset_keeps_each_reset_calls_place(server):
+    """HEADERS, a whole ModelInfer and RST_STREAM, as fast as one connection sends them (CVE-2023-44487): the
+    reset calls' inferences once went on without counting, so one connection kept the queue full (128 in
+    flight, good calls took 2.4 to 4 s). A reset call now keeps its place until its inference ends: at most
+    --max-grpc-streams (64) in flight for that connection."""
+    from edgeloop_runtime.http2 import DATA, END_STREAM, RST_STREAM, frame
+
+    message, cancel = infer_message(), (8).to_bytes(4, "big")
+    burst = b"".join(
+        h2_call_headers(i) + frame(DATA, END_STREAM, i, message) + frame(RST_STREAM, 0, i, cancel)
+        for i in range(1, 4001, 2)
+    )
+    in_flight, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            in_flight.append(metric(server, "edgeloop_inflight_requests"))
+
+    sampler = threading.Thread(target=sample)
+    with closing(h2_connect(server)) as sock:
+        sampler.start()
+        try:
+            sock.sendall(burst)
+            assert_grpc_serves_a_good_request(server)
+        finally:
+            stop.set()
+            sampler.join()
+    assert max(in_flight) <= 64 + 2, max(in_flight)  # the connection's 64, the good call, the sample itself
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_a_stream_that_sends_beyond_its_window_is_reset(server):
+    """ModelStreamInfer messages sent for 2 s without regard for the stream's window: they once were all taken in
+    (the window was given back as they arrived, not as they were taken), so one stream could fill the memory
+    budget. DATA beyond the window now resets the stream (FLOW_CONTROL_ERROR)."""
+    from edgeloop_runtime.http2 import DATA, RST_STREAM, frame
+
+    peak, stop = [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], metric(server, "edgeloop_inflight_bytes"))
+
+    sampler = threading.Thread(target=sample)
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(h2_call_headers(1, method=b"ModelStreamInfer"))
+        sampler.start()
+        try:
+            flood([sock], frame(DATA, 0, 1, infer_message() * 200), seconds=2)
+        finally:
+            stop.set()
+            sampler.join()
+        resets = [p for kind, _, stream, p in h2_frames(sock, time.monotonic() + 2) if kind == RST_STREAM]
+    assert resets and int.from_bytes(resets[0], "big") == 0x3  # FLOW_CONTROL_ERROR
+    assert peak[0] < 4 * MiB, peak[0]  # the stream's window and the message being taken
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_streaming_thousands_of_requests_are_all_answered(server):
+    """tritonclient's stream with 3000 requests sent at once: the stream's requests once went to the queue as
+    they arrived, and 1491 of 5000 were refused (queue full). A stream now has at most --max-pipelined requests
+    in the server; the rest wait in its window."""
+    answers: list = []
+    done = threading.Event()
+
+    def callback(result, error):
+        answers.append(error)
+        if len(answers) == 3000:
+            done.set()
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.full((1, 64), 0.5, np.float32))
+        client.start_stream(callback=callback)
+        for i in range(3000):
+            client.async_stream_infer("model", [tensor], request_id=str(i))
+        assert done.wait(20), len(answers)
+        client.stop_stream()
+    assert [error for error in answers if error] == []
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_tls_handshakes_count_towards_the_connection_cap(mlp_path, server_factory, tls_files):
+    """1500 connections to the TLS ports that never start their handshake, with 1024 open files: they once did
+    not count until their handshake was done, and took every file (a good client got SSLEOFError for 10 s).
+    They now count from accept: the oldest makes room for a newcomer."""
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(tls_files.cert))
+    tls = ("--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key))
+    server = server_factory(mlp_path, *tls, scheme="https", context=context, max_files=1024)
+    with ExitStack() as stack:
+        for port in (server.http_port, server.grpc_port):
+            for _ in range(750):
+                stack.enter_context(closing(socket.create_connection(("127.0.0.1", port), timeout=5)))
+        connection = http.client.HTTPSConnection("127.0.0.1", server.http_port, timeout=5, context=context)
+        connection.request("POST", INFER, body=GOOD_BODY)
+        assert connection.getresponse().status == 200
+        with grpcclient.InferenceServerClient(
+            f"localhost:{server.grpc_port}", ssl=True, root_certificates=str(tls_files.cert)
+        ) as client:
+            assert client.is_server_live()
+
+
+def test_an_upgrade_request_is_answered_once(server):
+    """An h2c upgrade request was answered twice: its 200, then a 400 (an extra answer a proxy would hand to the
+    next request). Upgrade is ignored now: one answer, and the connection closes."""
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    with closing(socket.create_connection(("127.0.0.1", server.http_port), timeout=5)) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+    assert_serves_a_good_request(server)
+
+
+# HTTP/2 frames that cost the server more than they cost the client
+
+
+def goaway_code(sock: socket.socket, within: float = 2) -> int | None:
+    from edgeloop_runtime.http2 import GOAWAY
+
+    for kind, _, _, payload in h2_frames(sock, time.monotonic() + within):
+        if kind == GOAWAY:
+            return int.from_bytes(payload[4:8], "big")
+    return None
+
+
+@pytest.mark.parametrize(
+    ("block", "code"),
+    [
+        (b"\x20" * 30000, 0x9),  # 30000 dynamic table size updates: COMPRESSION_ERROR
+        (b"\x3f\xe1\x1f" * 10000, 0x9),  # the same, each to 4096
+        (b"\x82\x20", 0x9),  # a size update after a field
+        (b"\x00\x7f" + b"\xff" * 100 + b"\x01", 0x9),  # an integer of 100 bytes
+    ],
+    ids=["size-updates", "size-updates-4096", "update-after-field", "huge-integer"],
+)
+def test_costly_header_blocks_end_the_connection(server, block, code):
+    """A header block of 30000 table size updates took the HPACK decoder 30 ms of CPU (a 256 KiB one, 0.24 s),
+    and the connection went on; such blocks are now refused before decoding (RFC 7541 4.2, 5.1)."""
+    from edgeloop_runtime.http2 import END_HEADERS, HEADERS, frame
+
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(frame(HEADERS, END_HEADERS, 1, block))
+        assert goaway_code(sock) == code
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_unfinished_frames_hold_no_memory_outside_the_budget(server):
+    """100 connections each holding 256 KiB less one byte of a PING frame, and 100 of a DATA frame: each
+    connection once buffered its whole frame outside the memory budget (1000 of them: 256 MB). A frame that is
+    not DATA is now refused beyond 2 x --max-header-bytes at its header, and DATA goes to its call (and the
+    budget) as it arrives."""
+    from edgeloop_runtime.http2 import DATA, MAX_FRAME, PING
+
+    def unfinished(kind: int, stream: int) -> bytes:
+        return MAX_FRAME.to_bytes(3, "big") + bytes((kind, 0)) + stream.to_bytes(4, "big") + b"\0" * (MAX_FRAME - 1)
+
+    before = memory_mb(server.proc.pid)[0]
+    with ExitStack() as stack:
+        for kind in (PING, DATA):
+            for _ in range(100):
+                sock = stack.enter_context(closing(h2_connect(server)))
+                send_ignoring_reset(sock, (h2_call_headers(1) if kind == DATA else b"") + unfinished(kind, 1))
+        time.sleep(0.5)
+        held = memory_mb(server.proc.pid)[0] - before
+        budget = metric(server, "edgeloop_inflight_bytes") / MiB
+        assert_grpc_serves_a_good_request(server)
+    assert held < budget + 16, f"{held:.0f} MB held, {budget:.0f} MB of it in the budget"
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_a_second_end_of_a_call_is_stream_closed_and_a_unary_call_takes_one_message(server):
+    """Trailers after the request's end once ran the unary call again (and freed its place while its inference
+    ran); messages beyond a unary call's one were all buffered until its end."""
+    from edgeloop_runtime.http2 import DATA, END_STREAM, HEADERS, RST_STREAM, frame
+
+    with closing(h2_connect(server)) as sock:
+        trailers = h2_call_headers(1).replace(bytes((HEADERS, 0x4)), bytes((HEADERS, 0x5)), 1)  # END_STREAM
+        sock.sendall(h2_call_headers(1) + frame(DATA, END_STREAM, 1, infer_message()) + trailers)
+        resets = [p for kind, _, stream, p in h2_frames(sock, time.monotonic() + 1) if kind == RST_STREAM]
+        assert resets and int.from_bytes(resets[0], "big") == 0x5  # STREAM_CLOSED
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(h2_call_headers(1) + frame(DATA, 0, 1, infer_message() * 2))  # no END_STREAM
+        code, message = grpc_status(sock, 1)
+    assert code == 3 and "exactly one message" in message  # INVALID_ARGUMENT, before the call's end
     assert_grpc_serves_a_good_request(server)

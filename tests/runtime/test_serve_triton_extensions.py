@@ -14,7 +14,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
-from conftest import mlp_reference, raw_request, save, start_server
+from conftest import memory_mb, mlp_reference, raw_request, save, start_server
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
@@ -135,6 +135,25 @@ def test_a_tensor_beyond_its_region_and_a_region_shrunk_later_are_errors(server,
         with pytest.raises(InferenceServerException, match="holds fewer bytes than registered"):
             client.infer("model", [tensor])
     assert server.proc.poll() is None
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_numeric_input_larger_than_its_shape_is_refused_before_it_is_read(
+    mlp_path, server_factory, regions, protocol
+):
+    """An input of shape [1, 64] (256 bytes) naming 200 MiB of a 1 GiB object: the server once read the 200 MiB
+    (0.65 s of its event loop, 200 MB of memory) before comparing them with the shape."""
+    server = server_factory(mlp_path, "--shared-memory-dir", "/dev/shm")  # its own: its peak memory is this case's
+    module, client = client_for(server, protocol)
+    name, _ = regions(1 << 30)  # sparse: no memory until written
+    before = memory_mb(server.proc.pid)[1]
+    with client:
+        client.register_system_shared_memory(name, f"/{name}", 1 << 30)
+        tensor = module.InferInput("input", [1, 64], "FP32")
+        tensor.set_shared_memory(name, 200 << 20)
+        with pytest.raises(InferenceServerException, match="has 209715200 bytes of data, shape \\[1, 64\\] of FP32"):
+            client.infer("model", [tensor])
+    assert memory_mb(server.proc.pid)[1] - before < 16
 
 
 def test_regions_are_capped(server, regions):

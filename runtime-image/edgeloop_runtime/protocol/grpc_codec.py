@@ -9,7 +9,15 @@ import numpy as np
 from edgeloop_runtime.errors import BadRequest
 from edgeloop_runtime.model import TensorSpec
 from edgeloop_runtime.protocol import grpc_predict_v2_pb2 as pb
-from edgeloop_runtime.protocol.tensors import Signature, Tensor, decoded_cost, from_buffer, from_list, to_buffer
+from edgeloop_runtime.protocol.tensors import (
+    Signature,
+    Tensor,
+    check_data_size,
+    decoded_cost,
+    from_buffer,
+    from_list,
+    to_buffer,
+)
 from edgeloop_runtime.shared_memory import SharedMemory, Slice
 
 # Which InferTensorContents field carries each datatype when a client sends typed contents.
@@ -57,6 +65,7 @@ def decode_inputs(
         if where is not None:
             if shared_memory is None:
                 raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
+            check_data_size(name, datatype, shape, where.byte_size)
             planned.append((name, datatype, shape, where))
             cost += where.byte_size + decoded_cost(datatype, shape, copied=False)
         elif raw:

@@ -21,6 +21,7 @@ from edgeloop_runtime.model import TensorSpec
 from edgeloop_runtime.protocol.tensors import (
     Signature,
     Tensor,
+    check_data_size,
     decoded_cost,
     from_buffer,
     from_list,
@@ -111,6 +112,7 @@ def decode_request(
                 f"input '{name}' needs exactly one of 'data', a binary_data_size or shared_memory_* parameters"
             )
         if where is not None:
+            check_data_size(name, datatype, shape, where.byte_size)
             planned.append((_from_region(shared_memory), name, datatype, shape, where))
             cost += where.byte_size + decoded_cost(datatype, shape, copied=False)
         elif size is None:

@@ -149,13 +149,16 @@ def from_buffer(name: str, datatype: str, shape: tuple[int, ...], buffer: bytes 
         except ValueError as error:
             raise BadRequest(f"input '{name}': {error}") from error
         return Tensor(name, datatype, shape, array.reshape(shape))
-    dtype = NUMPY[datatype]
-    if len(buffer) != count * dtype.itemsize:
-        raise BadRequest(
-            f"input '{name}' has {len(buffer)} bytes of data, shape {list(shape)} of {datatype} needs "
-            f"{count * dtype.itemsize}"
-        )
-    return Tensor(name, datatype, shape, np.frombuffer(buffer, dtype=dtype).reshape(shape))
+    check_data_size(name, datatype, shape, len(buffer))
+    return Tensor(name, datatype, shape, np.frombuffer(buffer, dtype=NUMPY[datatype]).reshape(shape))
+
+
+def check_data_size(name: str, datatype: str, shape: tuple[int, ...], size: int) -> None:
+    """A numeric tensor's data is exactly its shape's bytes; checked before reading it from shared memory too (a
+    shape of 256 bytes once had 200 MiB read first, for 0.65 s of the event loop)."""
+    needed = math.prod(shape) * NUMPY[datatype].itemsize if datatype != "BYTES" else size
+    if size != needed:
+        raise BadRequest(f"input '{name}' has {size} bytes of data, shape {list(shape)} of {datatype} needs {needed}")
 
 
 def from_list(name: str, datatype: str, shape: tuple[int, ...], data: object) -> Tensor:
