@@ -49,14 +49,18 @@ CLIENT_CONTAINER = "client"
 
 HTTP_PORT = "http"
 GRPC_PORT = "grpc"
+METRICS_PORT = "metrics"  # an aggregator's plain-HTTP /metrics
 
 # ---- volumes and where containers mount them
 
 MODEL_CACHE_VOLUME = "model-cache"
 DATA_VOLUME = "data"
 TLS_VOLUME = "tls"
+STORE_CA_VOLUME = "store-ca"
 TMP_VOLUME = "tmp"
 # A kubernetes.io/tls Secret's files (tls.crt, tls.key, ca.crt), in every pod that has one.
 TLS_DIR = "/etc/edgeloop/tls"
+# The model store's CA (a ConfigMap's ca.crt), where fetchers and aggregators trust it.
+STORE_CA_DIR = "/etc/edgeloop/store-ca"
 # In the runtime container: the namespace's compiled models on the node (<modelCacheDir>/<namespace>/compiled).
 COMPILED_CACHE_DIR = "/var/lib/edgeloop/compiled"

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from edgeloop import aggregator
+from edgeloop import aggregator, metrics
 from edgeloop import config as operator_config
 from edgeloop.kube import CONCURRENCY, Kube
 
@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("liveness", "http://0.0.0.0:8080/healthz"),
         metavar="URL",
         help="Kopf's liveness endpoint; empty disables it (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(_env("metrics_port", str(metrics.DEFAULT_PORT))),
+        help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics; 0 disables them (default %(default)s)",
     )
     parser.add_argument(
         "--resync-seconds",
@@ -150,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         aggregator_status_limits={
             "max_bytes": args.aggregator_status_max_bytes, "timeout": args.aggregator_status_timeout
         },
+        metrics_port=args.metrics_port,
+        peering=metrics.peering_from(args.peering, [] if args.all_namespaces else args.namespace, args.priority),
     )
     asyncio.run(
         _operate(

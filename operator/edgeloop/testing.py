@@ -77,12 +77,14 @@ class OperatorProcess:
     args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     liveness_port: int = 0
+    metrics_port: int = 0
 
     def start(self, timeout: float = 60.0) -> OperatorProcess:
-        self.liveness_port = _free_port()
+        self.liveness_port, self.metrics_port = _free_port(), _free_port()
         command = [
             str(Path(sys.executable).with_name("edgeloop")), "operator",
-            "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz", *self.args,
+            "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz",
+            "--metrics-port", str(self.metrics_port), *self.args,
         ]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with open(self.log_path, "ab") as log:

@@ -1,6 +1,5 @@
 """Real nodes that go away: the data path of issue 13, on the session's cluster of real nodes (real_devcluster,
-two nodes), with the chart's operator and store as pods (installed by test_real_nodes.py, or here if it did not
-run).
+two nodes), with the chart's operator and store as pods (conftest's real_release).
 
 - A node partitioned from the API server (devcluster's offline nodes: iptables in its netns; its pods keep
   talking to everything else) keeps serving its model from its node cache; the rollout of a new version
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import ssl
 import subprocess
@@ -32,31 +30,16 @@ from edgeloop import testing
 
 from devcluster import nodes
 
-from .conftest import RealDevCluster, wait_for
-from .test_real_nodes import MODELS_NS, RELEASE, RELEASE_NS, ROOT, RUNTIME_IMAGE, Story, digits_inputs, expected, upload
+from .conftest import RealRelease, wait_for
+from .test_real_nodes import ROOT, Story, digits_inputs, expected
+
+MODELS_NS, RELEASE_NS = RealRelease.workload_namespace, RealRelease.namespace
 
 
 @pytest.fixture(scope="module")
-def story(real_devcluster: RealDevCluster) -> Story:
-    """The chart's operator and store, as test_real_nodes.py left them (installed here if it did not run)."""
-    story = Story(real_devcluster, list(real_devcluster.nodes))
-    installed = subprocess.run(["helm", "status", RELEASE, "-n", RELEASE_NS], env=real_devcluster.env,
-                               capture_output=True).returncode == 0
-    if not installed:
-        for node in story.real:  # the node contract, as test_real_nodes.py makes it
-            os.chown(node.host_path / "models", 65532, 65532)
-            os.chmod(node.host_path / "models", 0o2775)
-        real_devcluster.kubectl("create", "namespace", MODELS_NS, check=False)
-        story.helm(
-            "install", RELEASE, str(ROOT / "charts" / "edgeloop"), "--namespace", RELEASE_NS, "--create-namespace",
-            "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{MODELS_NS}}}",
-            "--set", "store.persistence.mode=hostPath",
-            "--set", f"store.persistence.hostPath.node={story.real[0].name}",
-            "--set", f"config.acceleratorClasses.gpu.image={RUNTIME_IMAGE}",
-            "--set", "config.acceleratorClasses.gpu.allowCpuFallback=true",
-            "--wait", "--timeout", "300s",
-        )
-    return story
+def story(real_release: RealRelease) -> Story:
+    """The chart's operator and store on the real nodes (conftest's real_release)."""
+    return Story(real_release, list(real_release.devcluster.nodes))
 
 
 def node_of_pod(story: Story, namespace: str, selector: str) -> str:
@@ -76,7 +59,7 @@ def ask_pod(story: Story, pod_ip: str, name: str, inputs: np.ndarray) -> tuple[l
     import tritonclient.grpc as grpcclient
 
     ca = story.real[0].dir / f"{name}-ca.crt"
-    ca.write_bytes(story.secret(MODELS_NS, f"{name}-tls", "ca.crt"))
+    ca.write_bytes(story.release.secret(MODELS_NS, f"{name}-tls", "ca.crt"))
     client = grpcclient.InferenceServerClient(
         f"{pod_ip}:8001", ssl=True, root_certificates=str(ca),
         channel_args=[("grpc.ssl_target_name_override", f"{name}.{MODELS_NS}.svc")],
@@ -106,7 +89,7 @@ def test_a_partitioned_node_keeps_serving_from_its_cache_and_converges_when_it_r
 
     name = "offline-digits"
     v1, v2 = mlp([64, 32, 10], seed=11), mlp([64, 32, 10], seed=12)
-    digests = [upload(story, v1), upload(story, v2)]
+    digests = [story.release.upload(v1), story.release.upload(v2)]
     model = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
     model["metadata"] = {"name": name, "namespace": MODELS_NS}
     model["spec"]["placement"]["accelerators"] = ["cpu"]  # the nodes' one GPU each serves test_real_nodes' model
@@ -114,7 +97,7 @@ def test_a_partitioned_node_keeps_serving_from_its_cache_and_converges_when_it_r
 
     def serve(version: int) -> None:
         digest = digests[version - 1]
-        model["spec"]["model"] = {"uri": f"http://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}",
+        model["spec"]["model"] = {"uri": story.release.model_uri(digest),
                                   "sha256": digest, "version": str(version)}
         story.devcluster.kubectl("apply", "-f", "-", input=json.dumps(model))
 
@@ -170,9 +153,9 @@ def test_stuck_round_pods_are_diagnosed_with_their_reason_long_before_the_deadli
     from edgeloop_runtime.federated.model import mlp
 
     devcluster = story.devcluster
-    digest = upload(story, mlp([64, 32, 10], seed=7))
+    digest = story.release.upload(mlp([64, 32, 10], seed=7))
     spec = {
-        "model": {"uri": f"http://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}", "sha256": digest,
+        "model": {"uri": story.release.model_uri(digest), "sha256": digest,
                   "version": "1"},
         "participants": {"nodeSelector": {"edgeloop.io/node-group": "edge-real"}, "minClients": 1},
         "deadlineSeconds": 3600,
@@ -249,7 +232,7 @@ class Aggregator:
         self.story, self.round_name = story, round_name
         directory = Path(tempfile.mkdtemp(dir=story.real[0].dir))
         for key in ("tls.crt", "tls.key", "ca.crt"):
-            (directory / key).write_bytes(story.secret(MODELS_NS, f"{round_name}-status-tls", key))
+            (directory / key).write_bytes(story.release.secret(MODELS_NS, f"{round_name}-status-tls", key))
         self.context = ssl.create_default_context(cafile=str(directory / "ca.crt"))
         self.context.check_hostname = False  # its certificate names the Service; the chain is verified
         self.context.load_cert_chain(directory / "tls.crt", directory / "tls.key")
@@ -296,13 +279,13 @@ def test_a_round_resumes_after_losing_its_aggregator_and_drops_a_lost_client_rec
     devcluster = story.devcluster
     pin = "e2e.edgeloop.io/aggregator"
     devcluster.kubectl("label", "node", first.name, f"{pin}=here")
-    digest = upload(story, mlp([64, 32, 10], seed=5))
+    digest = story.release.upload(mlp([64, 32, 10], seed=5))
     rounds = 4
     round_ = {
         "apiVersion": "edgeloop.io/v1alpha1", "kind": "FederatedRound",
         "metadata": {"name": "survivor", "namespace": MODELS_NS},
         "spec": {
-            "model": {"uri": f"http://edgeloop-store.{RELEASE_NS}.svc:8000/sha256/{digest}", "sha256": digest,
+            "model": {"uri": story.release.model_uri(digest), "sha256": digest,
                       "version": "1"},
             "participants": {"nodeSelector": {"edgeloop.io/node-group": "edge-real"}, "minClients": 1,
                              "maxClients": 2},

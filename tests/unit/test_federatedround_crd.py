@@ -37,6 +37,8 @@ def test_names_columns_and_status_subresource(crd):
     assert version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
     assert columns == ["Phase", "Round", "Clients", "Accuracy", "Promoted", "Age"]
+    accuracy = next(c for c in version["additionalPrinterColumns"] if c["name"] == "Accuracy")
+    assert (accuracy["jsonPath"], accuracy["type"]) == (".status.accuracy", "string"), "0.972, not 0.9722222222222222"
 
 
 def test_structural_and_described_for_kubectl_explain(spec):

@@ -348,3 +348,16 @@ def test_with_tls_disabled_the_jobs_speak_plain_http_without_certificates():
         args = parsed(job)
         assert args.aggregator.startswith("http://") and args.tls_cert is None
         assert "tls" not in volumes(job)
+
+
+def test_with_the_stores_ca_the_aggregator_trusts_it_for_its_store_and_its_model():
+    store = config.build({"storeCaConfigMap": "edgeloop-store-ca",
+                          "storeUrl": "https://edgeloop-store.edgeloop-system.svc:8000"})
+    aggregator = render(OWNER, spec(), store, START).aggregator
+    args = parsed(aggregator)
+    assert args.store == "https://edgeloop-store.edgeloop-system.svc:8000"
+    assert str(args.store_ca_cert) == "/etc/edgeloop/store-ca/ca.crt"
+    assert mounts(aggregator)["store-ca"] == {"name": "store-ca", "mountPath": "/etc/edgeloop/store-ca",
+                                               "readOnly": True}
+    assert volumes(aggregator)["store-ca"] == {"name": "store-ca", "configMap": {"name": "edgeloop-store-ca"}}
+    assert parsed(rendered_example().aggregator).store_ca_cert is None

@@ -323,3 +323,20 @@ def test_the_format_and_the_instances_reach_the_runtime():
     args = served(manifests, "digits-cpu")
     assert (args.format, args.model_instances) == ("tflite", 3)
     assert served(render(OWNER, spec(), config.build()), "digits-cpu").model_instances == 0, "unset: automatic"
+
+
+def test_with_the_stores_ca_a_fetch_over_https_trusts_it():
+    """The chart's store serves HTTPS with a CA of its own, published in each workload namespace."""
+    from edgeloop_runtime.cli import build_parser
+
+    store = config.build({"storeCaConfigMap": "edgeloop-store-ca"})
+    uri = "https://edgeloop-store.edgeloop-system.svc:8000/sha256/" + "a" * 64
+    ds = next(iter(render(OWNER, spec(model={"uri": uri}), store).daemon_sets.values()))
+    pod = ds["spec"]["template"]["spec"]
+    [fetch] = pod["initContainers"]
+    assert build_parser(only="fetch").parse_args(fetch["args"]).ca_cert == Path("/etc/edgeloop/store-ca/ca.crt")
+    assert {"name": "store-ca", "mountPath": "/etc/edgeloop/store-ca", "readOnly": True} in fetch["volumeMounts"]
+    assert {"name": "store-ca", "configMap": {"name": "edgeloop-store-ca"}} in pod["volumes"]
+    http = spec(model={"uri": "http://models.example/digits.onnx"})
+    plain = next(iter(render(OWNER, http, store).daemon_sets.values()))["spec"]["template"]["spec"]
+    assert all(v["name"] != "store-ca" for v in plain["volumes"]), "an http:// model needs no CA"

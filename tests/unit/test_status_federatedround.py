@@ -129,6 +129,13 @@ def test_success_publishes_the_result_with_the_version_it_is_promoted_as():
     assert is_done(result)
 
 
+@pytest.mark.parametrize(("accuracy", "shown"), [(0.9722222222222222, "0.972"), (1.0, "1.00"), (0.05, "0.0500")])
+def test_kubectl_get_shows_the_accuracy_to_three_significant_digits(accuracy, shown):
+    result = status(reported=report("Succeeded", metrics={"accuracy": accuracy, "loss": 0.1}))
+    assert result.accuracy == shown and result.metrics.accuracy == accuracy
+    assert status(reported=report("Running")).accuracy == ""
+
+
 def test_a_refused_promotion_is_recorded_and_final():
     refusal = Promotion(False, "BelowMinAccuracy", "accuracy 0.9300 is below minAccuracy 0.95")
     result = status(reported=report("Succeeded"), promotion=refusal)

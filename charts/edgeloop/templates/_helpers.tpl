@@ -94,8 +94,12 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{- $_ := set $config "datasetClaim" .Values.datasets.claimName }}
 {{- end }}
 {{- if .Values.store.enabled }}
-{{- $_ := set $config "storeUrl" (printf "http://%s-store.%s.svc:%d" (include "edgeloop.fullname" .) .Release.Namespace (int .Values.store.service.port)) }}
+{{- $scheme := ternary "https" "http" .Values.store.tls.enabled }}
+{{- $_ := set $config "storeUrl" (printf "%s://%s-store.%s.svc:%d" $scheme (include "edgeloop.fullname" .) .Release.Namespace (int .Values.store.service.port)) }}
 {{- $_ := set $config "storeTokenSecret" (include "edgeloop.storeTokenSecret" .) }}
+{{- if .Values.store.tls.enabled }}
+{{- $_ := set $config "storeCaConfigMap" (include "edgeloop.storeCaConfigMap" .) }}
+{{- end }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -103,6 +107,14 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{/* Namespaces that get the per-namespace objects, as a list. */}}
 {{- define "edgeloop.workloadNamespaces" -}}
 {{- toJson (default .Values.watchNamespaces .Values.workloadNamespaces | uniq) }}
+{{- end }}
+
+{{- define "edgeloop.storeTlsSecret" -}}
+{{- printf "%s-store-tls" (include "edgeloop.fullname" .) }}
+{{- end }}
+
+{{- define "edgeloop.storeCaConfigMap" -}}
+{{- printf "%s-store-ca" (include "edgeloop.fullname" .) }}
 {{- end }}
 
 {{- define "edgeloop.storeTokenSecret" -}}
@@ -127,4 +139,36 @@ runAsGroup: 65532
 fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
+{{- end }}
+
+{{/* "true" when a Prometheus Operator object is rendered: (list <enabled value> <kind> $): enabled true, or auto
+while the cluster serves monitoring.coreos.com/v1/<kind>. */}}
+{{- define "edgeloop.prometheusOperator" -}}
+{{- $enabled := toString (index . 0) }}
+{{- $root := index . 2 }}
+{{- if or (eq $enabled "true") (and (eq $enabled "auto") ($root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" (index . 1)))) -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* The runtime pods' metrics endpoint, for PodMonitors and ServiceMonitors. */}}
+{{- define "edgeloop.runtimeEndpoint" -}}
+port: http
+path: /metrics
+interval: {{ .interval }}
+{{- if ne .root.Values.tls.mode "disabled" }}
+scheme: https
+tlsConfig:
+  {{- toYaml .root.Values.monitoring.podMonitor.runtimeTLSConfig | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Namespaces whose runtime pods are scraped: the workload namespaces, or every one. */}}
+{{- define "edgeloop.monitoredNamespaces" -}}
+{{- $namespaces := include "edgeloop.workloadNamespaces" . | fromJsonArray }}
+{{- if $namespaces -}}
+matchNames: {{ toJson $namespaces }}
+{{- else -}}
+any: true
+{{- end }}
 {{- end }}

@@ -317,6 +317,9 @@ class FederatedRoundStatus(ApiModel):
     base_model: ModelRef | None = Field(default=None, description="The model the round started from.")
     baseline: Metrics | None = Field(default=None, description="The starting model's federated evaluation.")
     metrics: Metrics | None = Field(default=None, description="The trained model's federated evaluation.")
+    accuracy: str = Field(
+        default="", description="metrics.accuracy to 3 significant digits (e.g. 0.972), for kubectl get."
+    )
     result: Result | None = Field(default=None, description="The trained model, once published.")
     promoted: bool = Field(default=False, description="Whether modelRef's InferenceModel now serves the result.")
     conditions: list[Condition] = Field(
@@ -340,7 +343,7 @@ FEDERATED_ROUND = ResourceDefinition(
         PrinterColumn("Phase", ".status.phase", description="Pending, Running, Succeeded or Failed"),
         PrinterColumn("Round", ".status.progress", description="Training round / rounds"),
         PrinterColumn("Clients", ".status.participants.selected", type="integer", description="Selected clients"),
-        PrinterColumn("Accuracy", ".status.metrics.accuracy", type="number", description="Trained model"),
+        PrinterColumn("Accuracy", ".status.accuracy", description="Trained model, 3 significant digits"),
         PrinterColumn("Promoted", ".status.promoted", type="boolean"),
         PrinterColumn("Reason", '.status.conditions[?(@.type=="Succeeded")].reason', priority=1),
         PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),

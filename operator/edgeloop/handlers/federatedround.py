@@ -46,6 +46,7 @@ from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
 from edgeloop.kube import KubeApi, KubeError, kind_of
+from edgeloop.metrics import reconciles
 from edgeloop.names import AGGREGATOR_CONTAINER, AGGREGATOR_ROLE, ROLE_LABEL, ROUND_LABEL, START_ANNOTATION
 from edgeloop.nodes import select, shortfall_message
 from edgeloop.render import Owner
@@ -164,6 +165,7 @@ class FederatedRounds:
 
     # ---- the sync
 
+    @reconciles("FederatedRound")
     async def _sync(self, body: dict[str, Any]) -> None:
         metadata = body["metadata"]
         if metadata.get("deletionTimestamp"):

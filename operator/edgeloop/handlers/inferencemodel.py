@@ -44,6 +44,7 @@ from edgeloop.handlers import KeyedRunner
 from edgeloop.handlers.certificates import Certificates
 from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are_temporary, now, one
 from edgeloop.kube import KubeApi, KubeError, kind_of
+from edgeloop.metrics import reconciles
 from edgeloop.names import ACCELERATOR_LABEL, INFERENCE_MODEL_LABEL, RENDER_HASH
 from edgeloop.nodes import DAEMON_SET_TOLERATIONS, counted_by_daemon_set, eligible_nodes, offline_nodes
 from edgeloop.render.inferencemodel import (
@@ -247,6 +248,7 @@ class InferenceModels:
 
     # ---- the sync
 
+    @reconciles("InferenceModel")
     async def _sync(self, body: dict[str, Any], *, fresh: bool) -> None:
         metadata = body["metadata"]
         if metadata.get("deletionTimestamp"):

@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 
+from edgeloop import metrics
 from edgeloop.aggregator import read_report
 from edgeloop.config import OperatorConfig
 from edgeloop.handlers import inferencemodel, shared
@@ -55,9 +56,18 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:  # Kopf's other keywor
         coalesce_seconds=memo.coalesce_seconds,
         read_report=functools.partial(read_report, **memo.aggregator_status_limits),
     )
+    memo.metrics_server = None
+    if memo.get("metrics_port"):
+        fleet = metrics.FleetCollector(
+            memo.config, indexes["inference_models"], indexes["federated_rounds"], indexes["live_namespaces"]
+        )
+        leadership = metrics.Leadership(memo.kube, memo.peering)
+        memo.metrics_server = await metrics.serve(memo.metrics_port, fleet, leadership)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     await memo.inference_models.close()
     await memo.federated_rounds.close()
+    if memo.metrics_server is not None:
+        await memo.metrics_server.cleanup()

@@ -29,6 +29,8 @@ from edgeloop.render import Owner, render_template
 
 STORE_TOKEN_KEY = "token"
 AGGREGATOR_PORT = 8080
+# The aggregator's /metrics and /healthz in plain HTTP: Prometheus has no client certificate for the main port.
+AGGREGATOR_METRICS_PORT = 9090
 
 # The runtime's defaults for what the spec does not set (FEDERATED.md): the short stages' timeout and how
 # long the aggregator keeps answering after the end. Only the Jobs' safety deadline depends on them.
@@ -195,6 +197,7 @@ def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfi
         training=spec.training,
         clients=len(start.nodes),
         port=AGGREGATOR_PORT,
+        metrics_port=AGGREGATOR_METRICS_PORT,
         store_token_key=STORE_TOKEN_KEY,
         tls_secret=aggregator_tls_secret(owner.name) if config.tls.enabled else None,
         resources=_resources(spec.aggregator.resources) or _resources(spec.runtime.resources),

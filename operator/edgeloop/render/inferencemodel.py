@@ -138,6 +138,7 @@ def daemon_set(
         fetch_resources=config.fetch_resources.to_wire(),
         compiled_cache=COMPILED_CACHE_DIR,
         compiled_sub_path=compiled_cache_sub_path(owner.namespace),
+        store_ca=config.store_ca_config_map if spec.model.uri.startswith("https://") else None,
         tolerations=_tolerations(spec, variant.accelerator),
         tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
         tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},

@@ -417,6 +417,7 @@ def compute(
         base_model=base_model,
         baseline=baseline,
         metrics=metrics,
+        accuracy=f"{metrics.accuracy:#.3g}" if metrics else "",
         result=result,
     )
     started = ConditionUpdate(
