@@ -32,6 +32,8 @@ def cluster(devcluster, tmp_path_factory):
     devcluster.wait_established("inferencemodels.edgeloop.io")
     yield install_service_account(devcluster.kubectl, devcluster.kubeconfig, tmp_path_factory.mktemp("operator"),
                                   namespace=OPERATOR, name=OPERATOR)
+    # As every module that applies them: the next one applies them afresh (and waits for this deletion).
+    devcluster.kubectl("delete", "--ignore-not-found", "-f", str(ROOT / "crds"), "--wait=false")
     devcluster.kubectl("delete", "clusterrole,clusterrolebinding", OPERATOR, "--ignore-not-found")
     devcluster.kubectl("delete", "namespace", OPERATOR, "--wait=false", "--ignore-not-found")
 
