@@ -84,7 +84,7 @@ def traffic(story: real_story.Story, seconds: float, stop: threading.Event | Non
     ca.write_bytes(story.secret(NS, "digits-tls", "ca.crt"))
     pods = story.devcluster.get_json("pods", "-n", NS, "-l", f"edgeloop.io/inferencemodel={MODEL}")["items"]
     inputs = real_story.digits_inputs()
-    answered, refused = [0], [0]
+    answered, malformed, refused = [0], [0], [0]
 
     def drive(pod_ip: str) -> None:
         client = grpcclient.InferenceServerClient(
@@ -102,10 +102,12 @@ def traffic(story: real_story.Story, seconds: float, stop: threading.Event | Non
             if sent % 50 == 0:  # the wrong shape: a failed request (2 %, under the alert's 5 %)
                 wrong = grpcclient.InferInput(name, [1, 3], "FP32")
                 wrong.set_data_from_numpy(np.zeros((1, 3), np.float32))
+                malformed[0] += 1
                 try:
                     client.infer(MODEL, [wrong])
                 except InferenceServerException:
                     refused[0] += 1
+            time.sleep(0.005)  # a steady load, not a benchmark: the machine is shared
         client.close()
 
     threads = [threading.Thread(target=drive, args=(pod["status"]["podIP"],)) for pod in pods]
@@ -113,7 +115,7 @@ def traffic(story: real_story.Story, seconds: float, stop: threading.Event | Non
         thread.start()
     for thread in threads:
         thread.join()
-    assert refused[0] == answered[0] // 50, "every malformed request is refused"
+    assert refused[0] == malformed[0], "every malformed request is refused"
     return answered[0]
 
 
@@ -232,7 +234,7 @@ def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(story, p
 
 
 def test_a_running_rounds_progress_reaches_prometheus(story, prometheus):
-    """A second round (two training rounds, not promoted): its aggregator's plain metrics port is scraped by
+    """A second round (six short training rounds, not promoted): its aggregator's plain metrics port is scraped by
     its annotations while it runs, and the dashboard's row for running rounds answers; the operator's round
     metrics follow it to Succeeded."""
     devcluster, name = story.devcluster, "digits-observed"
@@ -241,7 +243,7 @@ def test_a_running_rounds_progress_reaches_prometheus(story, prometheus):
     spec = round_["spec"]
     spec["participants"] = {"nodeSelector": {"edgeloop.io/node-group": "edge-real"},
                             "minClients": len(story.real), "maxClients": len(story.real)}
-    spec["training"]["rounds"] = 2
+    spec["training"]["rounds"] = 6  # long enough for a few scrapes of its aggregator
     spec["promote"] = {"enabled": False}
     spec["runtime"]["resources"]["requests"] = {"cpu": "100m", "memory": "128Mi"}
     devcluster.kubectl("apply", "-f", "-", input=json.dumps(round_))
