@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test real-nodes demo demo-down clean \
-	bench-devcluster bench-serve bench-federated bench-store-fanout bench-operator-scale images images-cuda \
+	bench-devcluster bench-serve bench-perf-analyzer bench-federated bench-store-fanout bench-operator-scale images images-cuda \
 	images-multiarch
 
 all: test
@@ -74,6 +74,9 @@ bench-devcluster: venv devcluster-build
 
 bench-serve: venv
 	$(BIN)/python bench/serve/run.py
+
+bench-perf-analyzer: venv
+	$(BIN)/python bench/perf_analyzer.py
 
 bench-federated: venv
 	$(BIN)/python bench/federated.py --rounds 10 --repeat 5

@@ -14,7 +14,9 @@ client latency: the server's part must not exceed it. Writes JSON to bench/resul
 
 Sets itself up under bench/.venvs/perf_analyzer: perf_analyzer needs glibc >= 2.38, which Debian 12 lacks, so
 its PyPI wheel (manylinux_2_38) runs through the loader of Debian 13's libc6, libstdc++6 and libgcc-s1,
-unpacked there with dpkg-deb -x (pinned below by version and sha256) and never installed on the system.
+unpacked there with dpkg-deb -x (pinned below by version and sha256) and never installed on the system. Its
+shared-memory mode loads libcudart.so even for system shared memory: the CUDA runtime's wheel provides it
+(no GPU is used).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ import run as serve_bench  # bench/serve/run.py: its models, servers and raw onn
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "bench" / ".venvs" / "perf_analyzer"
 RESULTS = ROOT / "bench" / "results"
-WHEEL = "perf-analyzer==2.60.0"
+WHEELS = {
+    "perf-analyzer==2.60.0": "manylinux_2_38_x86_64",
+    "nvidia-cuda-runtime-cu12==12.9.79": "manylinux_2_17_x86_64",
+}
 DEBIAN = "http://deb.debian.org/debian/pool/main"
 DEBIAN_13 = {  # trixie: the C and C++ runtimes perf_analyzer was built against
     "g/glibc/libc6_2.41-12_amd64.deb": "6cff801097cd0eb2126b60e533f37afdc78456efacdf2bfae62877f00c795d0b",
@@ -58,12 +63,16 @@ def perf_analyzer() -> list[str]:
     if not marker.exists():
         print(f"setting up {TOOL} (perf_analyzer, Debian 13 runtime libraries) ...", flush=True)
         shutil.rmtree(TOOL, ignore_errors=True)
-        TOOL.mkdir(parents=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
-             "--platform", "manylinux_2_38_x86_64", "--target", TOOL / "wheel", WHEEL],
-            check=True,
-        )  # fmt: skip
+        (TOOL / "lib").mkdir(parents=True)
+        for wheel, platform in WHEELS.items():
+            subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
+                 "--platform", platform, "--target", TOOL / "wheel", wheel],
+                check=True,
+            )  # fmt: skip
+        (TOOL / "lib" / "libcudart.so").symlink_to(
+            TOOL / "wheel" / "nvidia" / "cuda_runtime" / "lib" / "libcudart.so.12"
+        )
         for path, digest in DEBIAN_13.items():
             url = f"{DEBIAN}/{path}"
             data = urllib.request.urlopen(url, timeout=120).read()
@@ -74,7 +83,7 @@ def perf_analyzer() -> list[str]:
             subprocess.run(["dpkg-deb", "-x", package, TOOL / "debian13"], check=True)
             package.unlink()
         marker.touch()
-    return [str(libs / "ld-linux-x86-64.so.2"), "--library-path", str(libs), str(binary)]
+    return [str(libs / "ld-linux-x86-64.so.2"), "--library-path", f"{libs}:{TOOL / 'lib'}", str(binary)]
 
 
 def measure(pa: list[str], model: str, url: str, protocol: str, concurrency: int, seconds: float, *extra) -> dict:
@@ -82,7 +91,7 @@ def measure(pa: list[str], model: str, url: str, protocol: str, concurrency: int
     with tempfile.NamedTemporaryFile(suffix=".csv") as report:
         command = [
             *pa, "-m", model, "-u", url, "-i", protocol, "--concurrency-range", f"{concurrency}:{concurrency}",
-            "-p", str(int(seconds * 1000)), "-s", "50", "-r", "6", "-f", report.name, *extra,
+            "-p", str(int(seconds * 1000)), "-s", "50", "-r", "6", "-f", report.name, "--verbose-csv", *extra,
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -216,12 +225,12 @@ def main() -> int:
         }
         shm = run_shared_memory(pa, models, args.seconds, args.rounds, Path(workdir))
         results |= {("squeezenet", *key): row for key, row in shm.items()}
-    print(f"\n{os.cpu_count()} CPUs, perf_analyzer 2.60, {serve_bench.THREADS} onnxruntime thread per run\n")
-    print(report(results))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "perf_analyzer.json").write_text(
         json.dumps([{"key": list(k), **v} for k, v in results.items()], indent=2)
     )
+    print(f"\n{os.cpu_count()} CPUs, perf_analyzer 2.60, {serve_bench.THREADS} onnxruntime thread per run\n")
+    print(report(results))
     return 0
 
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # `make demo`: the devcluster with two real nodes that run pods, where the machine allows (root, Debian's
-# containerd; `make real-nodes` sets them up):
+# containerd; `make real-nodes` sets them up): one labelled as a GPU node and one as an Intel NPU node, without
+# the devices themselves;
 #   - the Helm chart runs the operator and the model store as pods on the real nodes;
-#   - the example InferenceModel serves an (untrained) digits model, asked through its Service with `edgeloop infer`;
+#   - the example InferenceModel serves an (untrained) digits model, asked through its Service with `edgeloop infer`:
+#     the NPU node runs the openvino flavour (OpenVINO on its CPU in the NPU's stead), the GPU node falls back to
+#     the CPU, and `kubectl get im -o wide` and the variants' providers in use say so;
 #   - the example FederatedRound trains it on each real node's own data, with secure aggregation, and promotes it;
 #   - the model rolls to the trained version, asked again.
 # Without real nodes (or with EDGELOOP_DEMO_REAL_NODES=0): the simulated kwok fleet, the CRDs, the operator as
@@ -12,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
 RUN_DIR=$("$BIN/devcluster" status 2>/dev/null | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["run_dir"])' || true)
-REAL_NODES=${EDGELOOP_DEMO_REAL_NODES:-2}
+REAL_NODES=${EDGELOOP_DEMO_REAL_NODES:-2}  # 0: kwok nodes only; otherwise a GPU- and an NPU-labelled real node
 
 stop_operator() {
   local pid_file=$1/operator.pid
@@ -36,14 +39,22 @@ if [[ $REAL_NODES == 0 ]]; then
   "$BIN/devcluster" up
 else
   # Real nodes only: the federated aggregator's Job could otherwise land on a simulated node.
-  "$BIN/devcluster" up --nodes 0 --real-nodes "$REAL_NODES"
+  "$BIN/devcluster" up --nodes 0 --scale edge-real=1 --scale edge-real-npu=1
+  REAL_NODES=2
 fi
 eval "$("$BIN/devcluster" env)"
 RUN_DIR=$("$BIN/devcluster" status | "$BIN/python" -c 'import json,sys; print(json.load(sys.stdin)["run_dir"])')
 
-show_model() {  # its printer columns, wide: per variant, what runs where
+show_model() {  # its printer columns, wide (ACCELERATED: whether every accelerator variant uses its accelerator)
   echo
   kubectl get inferencemodels -o wide
+}
+
+show_providers() {  # per variant (accelerator class): its nodes, and the providers its runtime reports it uses
+  echo
+  printf 'VARIANT\tNODES\tPROVIDERS IN USE (the node whose runtime reported them)\n'
+  kubectl get inferencemodel digits -o jsonpath='{range .status.variants[*]}{.accelerator}{"\t"}{.ready}/{.desired}'\
+'{"\t"}{.providersInUse}{" ("}{.providersReportedBy}{")\n"}{end}'
 }
 
 if [[ $REAL_NODES == 0 ]]; then
@@ -64,6 +75,7 @@ if [[ $REAL_NODES == 0 ]]; then
   echo
   kubectl get daemonsets,pods -l app.kubernetes.io/managed-by=edgeloop -o wide
   show_model
+  echo "(kwok runs no container, so no runtime reports what it runs on: ACCELERATED stays NotSampled)"
   cat <<MSG
 
 The devcluster and the operator stay up. Use them with:  eval "\$($BIN/devcluster env)"
@@ -73,12 +85,22 @@ MSG
 fi
 
 NS=edgeloop-system
+mapfile -t NODE_DIRS < <("$BIN/devcluster" status | "$BIN/python" -c \
+  'import json,sys; [print(n["host_path"]) for n in json.load(sys.stdin)["real_nodes"]]')
+for dir in "${NODE_DIRS[@]}"; do  # as a node's provisioning would (docs/inferencemodel.md, "Node contract")
+  chown 65532:65532 "$dir/models" && chmod 2775 "$dir/models"
+done
 echo "demo: installing the Helm chart: the operator and the model store run as pods on the real nodes"
-# The real nodes are labelled as GPU nodes and have none: their ONNX Runtime falls back to CPU, allowed here.
+# The GPU-labelled node has no GPU: its ONNX Runtime falls back to CPU, allowed here; and the cuda flavour is
+# not built by `make images` (1.5 GB of wheels), so the gpu class runs the cpu image. The NPU-labelled node has
+# no NPU: OpenVINO runs on its CPU instead (device_type CPU).
 # The store keeps its blobs on a PVC of the default StorageClass, k3s's local-path, as on k3s.
+RUNTIME_IMAGE=$("$BIN/python" -c 'from edgeloop import config; print(config.build().runtime_image)')
 helm upgrade --install edgeloop charts/edgeloop --namespace "$NS" --create-namespace \
   --set operator.replicas=1 \
-  --set 'workloadNamespaces={default}' --set config.acceleratorClasses.gpu.allowCpuFallback=true \
+  --set 'workloadNamespaces={default}' \
+  --set config.acceleratorClasses.gpu.allowCpuFallback=true --set "config.acceleratorClasses.gpu.image=$RUNTIME_IMAGE" \
+  --set config.acceleratorClasses.npu.providerOptions.OpenVINOExecutionProvider.device_type=CPU \
   --wait --timeout 300s >/dev/null
 kubectl get pods,pvc -n "$NS" -o wide
 
@@ -86,9 +108,8 @@ kubectl get pods,pvc -n "$NS" -o wide
 STORE="http://$(kubectl get service edgeloop-store -n "$NS" -o jsonpath='{.spec.clusterIP}'):8000"
 TOKEN=$(kubectl get secret edgeloop-store-token -n "$NS" -o jsonpath='{.data.token}' | base64 -d)
 SHA=$("$BIN/python" hack/demo_data.py model "$STORE" "$TOKEN")
-mapfile -t DATA_DIRS < <("$BIN/devcluster" status | "$BIN/python" -c \
-  'import json,sys; [print(n["host_path"] + "/data/digits") for n in json.load(sys.stdin)["real_nodes"]]')
-"$BIN/python" hack/demo_data.py datasets "${DATA_DIRS[@]}"
+# The FederatedRound's dataset `digits` is <datasetRoot>/<its namespace>/digits on each node.
+"$BIN/python" hack/demo_data.py datasets "${NODE_DIRS[@]/%//data/default/digits}"
 echo "demo: model version 1 (sha256 ${SHA:0:12}…) is in the store; each real node holds its share of the digits data"
 
 "$BIN/python" - "$SHA" <<'PY' | kubectl apply -f -
@@ -99,11 +120,11 @@ model["spec"]["model"] = {"uri": f"http://edgeloop-store.edgeloop-system.svc:800
 print(json.dumps(model))
 PY
 
-wait_model() {  # until InferenceModel digits is Ready with the given sha256
+wait_model() {  # until InferenceModel digits is Ready with the given sha256 and its runtimes said what they use
   for _ in $(seq 300); do
-    read -r ready sha < <(kubectl get inferencemodel digits -o \
-      jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.model.sha256}{"\n"}') || true
-    [[ $ready == True && $sha == "$1" ]] && return 0
+    read -r sha ready accelerated < <(kubectl get inferencemodel digits -o jsonpath='{.status.model.sha256} '\
+'{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Accelerated")].reason}{"\n"}') || true
+    [[ $ready == True && $sha == "$1" && $accelerated != NotSampled ]] && return 0
     sleep 1
   done
   echo "demo: InferenceModel digits did not become Ready with ${1:0:12}…" >&2
@@ -124,6 +145,7 @@ ask() {  # `edgeloop infer` through the model's Service, verifying its TLS certi
 echo "demo: waiting for the InferenceModel to be Ready on every node"
 wait_model "$SHA"
 show_model
+show_providers
 echo
 echo "demo: version 1, untrained, asked about 8 digits:"
 ask
@@ -134,7 +156,7 @@ echo "demo: a FederatedRound trains it on the real nodes' own data (secure aggre
 import json, sys, yaml
 round_ = yaml.safe_load(open("examples/federatedround-digits.yaml"))
 clients = int(sys.argv[1])
-round_["spec"]["participants"] = {"nodeSelector": {"edgeloop.io/node-group": "edge-real"},
+round_["spec"]["participants"] = {"nodeSelector": {"kubernetes.io/os": "linux"},  # every real node
                                   "minClients": clients, "maxClients": clients}
 round_["spec"]["training"]["rounds"] = 5
 round_["spec"]["promote"]["minAccuracy"] = 0.8
@@ -147,6 +169,7 @@ TRAINED=$(kubectl get federatedround digits-round-1 -o jsonpath='{.status.result
 echo "demo: rolling the model to version 2 (sha256 ${TRAINED:0:12}…)"
 wait_model "$TRAINED"
 show_model
+show_providers
 echo
 echo "demo: version 2, trained on the nodes, asked about the same 8 digits:"
 ask

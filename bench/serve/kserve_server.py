@@ -54,13 +54,20 @@ class OnnxModel(kserve.Model):
     async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
         feeds = {tensor.name: tensor.as_numpy() for tensor in payload.inputs}
         results = self.session.run(None, feeds)
-        binary = bool((payload.parameters or {}).get("binary_data_output", False))
+        binary = payload.use_binary_outputs
         outputs = []
         for name, array in zip(self.output_names, results, strict=True):
             output = InferOutput(name=name, shape=list(array.shape), datatype=from_np_dtype(array.dtype))
             output.set_data_from_numpy(array, binary_data=binary)
             outputs.append(output)
-        return InferResponse(model_name=self.name, infer_outputs=outputs, response_id=payload.id or generate_uuid())
+        # binary outputs as asked, per request or per output (as KServe's own runtimes build their responses)
+        return InferResponse(
+            model_name=self.name,
+            infer_outputs=outputs,
+            response_id=payload.id or generate_uuid(),
+            use_binary_outputs=binary,
+            requested_outputs=payload.request_outputs,
+        )
 
 
 def answer_triton_config(name: str, document: dict, serialized: bytes) -> None:
@@ -74,9 +81,12 @@ def answer_triton_config(name: str, document: dict, serialized: bytes) -> None:
     rest_server.RESTServer._register_endpoints = with_config
     add_servicer = grpc_server.grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
 
+    async def model_config(request, context):
+        return serialized
+
     def with_model_config(servicer, server):
         add_servicer(servicer, server)
-        handler = grpc.unary_unary_rpc_method_handler(lambda request, context: serialized)  # raw bytes both ways
+        handler = grpc.unary_unary_rpc_method_handler(model_config)  # raw bytes both ways
         server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ModelConfig": handler})]
         )

@@ -262,10 +262,13 @@ def setup_namespaces(node: RealNode) -> None:
     node.mount_ns.touch()
     _run("unshare", f"--mount={node.mount_ns}", "--propagation", "slave", "true")
     # As a node's provisioning would: the model cache (and a hostPath store's directory) writable by the
-    # runtime's user, the datasets' root readable by all. A kubelet-created hostPath would be root's.
-    for sub, owner in (("models", RUNTIME_UID), ("store", RUNTIME_UID), ("data", 0)):
+    # runtime's user, the datasets' root readable by all. A kubelet-created hostPath would be root's. The model
+    # cache is group-writable with the setgid bit, so that the directory the kubelet makes in it for each
+    # namespace (a subPath) is the runtime's group's and writable by it.
+    for sub, owner, mode in (("models", RUNTIME_UID, 0o2775), ("store", RUNTIME_UID, 0o755), ("data", 0, 0o755)):
         (node.host_path / sub).mkdir(parents=True, exist_ok=True)
         os.chown(node.host_path / sub, owner, owner)
+        os.chmod(node.host_path / sub, mode)
     # Host paths that the kubelet and the CNI plugins share between nodes unless each has its own: a kubelet
     # deletes the pod logs of pods it does not know.
     for host_dir, own in ((HOST_PATH, node.host_path), *((Path(p), node.dir / "mounts" / Path(p).name)

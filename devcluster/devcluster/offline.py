@@ -3,7 +3,7 @@
 A simulated (kwok) node goes silent: kwok stops renewing its lease and stops playing its and its pods' stages
 (see manifests/kwok-stages.yaml), so the node lifecycle controller marks it Unknown after its grace
 period, taints it unreachable and marks its pods not Ready, as it does a kubelet that lost its link. Online,
-kwok takes the lease back and reports the node Ready again.
+kwok takes the lease back and reports the node Ready again, then its pods (`online` waits for the node).
 
 A real node is partitioned from the control plane: inside the node's network namespace, iptables drops its
 traffic to and from the apiserver (the kubelet's and kube-proxy's, and its pods' through the `kubernetes`
@@ -92,6 +92,7 @@ def _kwok_offline(api: cluster.Api, name: str) -> None:
     # Only now (kwok replaced the node's pending heartbeat) take the lease. Its renewTime stays kwok's last, so
     # the node lifecycle controller counts the silence from then.
     _patch(api, _lease_path(name), {"spec": {"holderIdentity": LEASE_HOLDER, "leaseDurationSeconds": LEASE_SECONDS}})
+    _annotate_pods(api, name, token)
 
 
 def _kwok_online(api: cluster.Api, name: str) -> None:
@@ -101,6 +102,24 @@ def _kwok_online(api: cluster.Api, name: str) -> None:
         # kwok retries a lease held by another every renew interval (10 s): it creates it anew, manages the node
         # again and plays its initial stage, which reports it Ready.
         api.request("DELETE", _lease_path(name))
+    # Its pods thaw once it is Ready again (before, the node lifecycle controller would mark them not Ready
+    # again), as a kubelet reports its pods after it reconnected.
+    cluster.wait_for(f"node {name} to be Ready again", lambda: _is_ready(api, name), 60)
+    _annotate_pods(api, name, None)
+
+
+def _annotate_pods(api: cluster.Api, node: str, token: str | None) -> None:
+    """Freeze (token) or thaw (None) the pods of a kwok node (manifests/kwok-stages.yaml, pod-on-offline-node)."""
+    code, pods = api.request("GET", f"/api/v1/pods?fieldSelector=spec.nodeName%3D{node}")
+    if code != 200:
+        raise ClusterError(f"listing the pods of node {node}: HTTP {code}: {pods}")
+    for pod in pods["items"]:
+        if (OFFLINE in pod["metadata"].get("annotations", {})) != (token is not None):
+            path = f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/{pod['metadata']['name']}"
+            code, answer = api.request("PATCH", path, {"metadata": {"annotations": {OFFLINE: token}}},
+                                       "application/merge-patch+json")
+            if code not in (200, 404):  # 404: deleted meanwhile
+                raise ClusterError(f"PATCH {path}: HTTP {code}: {answer}")
 
 
 def partition_rules(gateway: str, apiserver_port: int) -> list[list[str]]:

@@ -14,7 +14,7 @@ import posixpath
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -71,6 +71,13 @@ class AcceleratorClass(_Config):
         description="The runtime image of this class's variants: a flavour whose ONNX Runtime has this class's "
         "execution providers (runtime-cuda for CUDA, runtime-openvino for OpenVINO). Empty: runtimeImage. An "
         "InferenceModel's spec.runtime.image replaces it for every variant of that model.",
+    )
+    architectures: list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="The node architectures (kubernetes.io/arch: amd64, arm64, ...) this class's image is built "
+        "for. A node of another architecture does not have this class, whatever its labels: it runs the next class "
+        "it has (the catch-all cpu class, whose image is amd64 and arm64). Empty: every architecture.",
     )
     image_pull_policy: ImagePullPolicy | None = Field(
         default=None, description="imagePullPolicy of this class's variants; unset: imagePullPolicy."
@@ -214,6 +221,12 @@ class OperatorConfig(_Config):
         pattern=r"^https?://[^/]+$",
         description="The model store's base URL; FederatedRounds publish trained models there.",
     )
+    store_ca_config_map: str | None = Field(
+        default=None,
+        description="ConfigMap, in each workload namespace, whose key ca.crt is the CA of the model store's HTTPS "
+        "certificate: fetchers of https:// models and aggregators trust it besides the system's CAs (the Helm chart "
+        "creates it with the store's TLS).",
+    )
     store_token_secret: str = Field(
         default="edgeloop-store-token",
         description="Secret, in each FederatedRound's namespace, whose key `token` is the store's upload token.",
@@ -318,6 +331,8 @@ BUILT_IN: dict[str, Any] = {
             "executionProviders": ["OpenVINOExecutionProvider", CPU_EXECUTION_PROVIDER],
             "providerOptions": {"OpenVINOExecutionProvider": {"device_type": "NPU"}},
             "image": _image("openvino"),
+            # onnxruntime-openvino publishes no aarch64 wheel: the flavour is amd64 only.
+            "architectures": ["amd64"],
         },
         # NVIDIA GPUs: labels from GPU Feature Discovery and NFD (vendor 10de); k3s runs GPU pods through
         # the "nvidia" RuntimeClass, and GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule.
@@ -337,6 +352,8 @@ BUILT_IN: dict[str, Any] = {
             # dynamic batching that cost 490-800 ms per new batch size (HEURISTIC: 105-155 ms).
             "providerOptions": {"CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"}},
             "image": _image("cuda"),
+            # onnxruntime-gpu publishes no aarch64 wheel (Jetson needs NVIDIA's own builds): amd64 only.
+            "architectures": ["amd64"],
         },
         "cpu": {
             "matchAnyLabel": {},

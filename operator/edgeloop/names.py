@@ -20,6 +20,9 @@ ROLE_LABEL = "edgeloop.io/role"
 AGGREGATOR_ROLE, CLIENT_ROLE = "aggregator", "client"
 # On every Secret of TLS by default ("ca", "server" or "client"): the operator watches only these.
 TLS_LABEL = "edgeloop.io/tls"
+# On every InferenceModel pod: the hash of the pod template it was made from. Pods whose hash is not their
+# DaemonSet's current one run an older version; the operator replaces them in waves (OnDelete DaemonSets).
+TEMPLATE_LABEL = "edgeloop.io/template"
 
 # ---- annotations
 
@@ -32,6 +35,8 @@ START_ANNOTATION = "edgeloop.io/start"
 # On a round's client Job: the node it trains on.
 NODE_ANNOTATION = "edgeloop.io/node"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+# On every InferenceModel pod: the model version it serves (what status reports for offline nodes).
+MODEL_VERSION_ANNOTATION = "edgeloop.io/model-version"
 
 # ---- containers
 
@@ -51,8 +56,11 @@ METRICS_PORT = "metrics"  # an aggregator's plain-HTTP /metrics
 MODEL_CACHE_VOLUME = "model-cache"
 DATA_VOLUME = "data"
 TLS_VOLUME = "tls"
+STORE_CA_VOLUME = "store-ca"
 TMP_VOLUME = "tmp"
 # A kubernetes.io/tls Secret's files (tls.crt, tls.key, ca.crt), in every pod that has one.
 TLS_DIR = "/etc/edgeloop/tls"
+# The model store's CA (a ConfigMap's ca.crt), where fetchers and aggregators trust it.
+STORE_CA_DIR = "/etc/edgeloop/store-ca"
 # In the runtime container: the namespace's compiled models on the node (<modelCacheDir>/<namespace>/compiled).
 COMPILED_CACHE_DIR = "/var/lib/edgeloop/compiled"

@@ -30,17 +30,23 @@ class NodeInfo:
     taints: tuple[Mapping[str, str], ...] = ()
     ready: bool = True
     unschedulable: bool = False
+    # Ready Unknown: the node stopped reporting (unreachable); False: it reports itself not ready.
+    unreachable: bool = False
+    ready_since: str = ""  # when its Ready condition last changed
 
     @classmethod
     def from_object(cls, node: Mapping[str, Any]) -> NodeInfo:
         conditions = node.get("status", {}).get("conditions", [])
+        ready = next((c for c in conditions if c.get("type") == "Ready"), {})
         spec = node.get("spec", {})
         return cls(
             name=node["metadata"]["name"],
             labels=dict(node["metadata"].get("labels", {})),
             taints=tuple({k: t[k] for k in ("key", "value", "effect") if k in t} for t in spec.get("taints", [])),
-            ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions),
+            ready=ready.get("status") == "True",
             unschedulable=bool(spec.get("unschedulable")),
+            unreachable=ready.get("status", "Unknown") == "Unknown",
+            ready_since=ready.get("lastTransitionTime", ""),
         )
 
 
@@ -97,6 +103,43 @@ def eligible_nodes(
         for node in nodes
         if node_matches(terms, node_selector, node.labels)
         and all(tolerated(t, tolerations) for t in node.taints if t.get("effect") in ("NoSchedule", "NoExecute"))
+    )
+
+
+# Taints the node lifecycle controller puts on a node that is not Ready. A DaemonSet's pods tolerate their
+# NoExecute form (they stay on the node), not their NoSchedule form (no new pod lands there).
+OFFLINE_TAINT_KEYS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+# What the DaemonSet controller adds to every pod it makes (AddOrUpdateDaemonPodTolerations).
+DAEMON_SET_TOLERATIONS: tuple[Mapping[str, str], ...] = (
+    *({"key": key, "operator": "Exists", "effect": "NoExecute"} for key in OFFLINE_TAINT_KEYS),
+    *(
+        {"key": f"node.kubernetes.io/{key}", "operator": "Exists", "effect": "NoSchedule"}
+        for key in ("disk-pressure", "memory-pressure", "pid-pressure", "unschedulable")
+    ),
+)
+
+
+def offline_nodes(
+    nodes: Iterable[NodeInfo],
+    terms: Sequence[NodeSelectorTerm],
+    node_selector: Mapping[str, str],
+    tolerations: Sequence[Mapping[str, Any]],
+) -> list[NodeInfo]:
+    """The nodes, sorted by name, that are not Ready but would run a pod of these terms, selector and
+    tolerations were they Ready: a variant's offline nodes."""
+    offline = [node for node in nodes if not node.ready]
+    ignoring = [{"key": key, "operator": "Exists"} for key in OFFLINE_TAINT_KEYS]
+    eligible = set(eligible_nodes(offline, terms, node_selector, [*tolerations, *ignoring]))
+    return sorted((node for node in offline if node.name in eligible), key=lambda node: node.name)
+
+
+def counted_by_daemon_set(node: NodeInfo, tolerations: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the DaemonSet controller still counts this (offline) node among the nodes that should run its
+    pods: it does until the node lifecycle controller's NoSchedule taint lands, unless the pods tolerate it."""
+    return all(
+        tolerated(taint, tolerations)
+        for taint in node.taints
+        if taint.get("key") in OFFLINE_TAINT_KEYS and taint.get("effect") == "NoSchedule"
     )
 
 

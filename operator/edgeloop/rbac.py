@@ -35,8 +35,10 @@ RULES: list[dict[str, Any]] = [
     # asked of it through the API server's pod proxy (GET /v2/models/<name>).
     {"apiGroups": [""], "resources": ["pods/log", "pods/proxy"], "verbs": ["get"]},
     # Status: pods of variants with unready nodes, nodes for readiness and placement, the DaemonSet
-    # controller's FailedCreate events; Kopf posts the operator's own events.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    # controller's FailedCreate events; Kopf posts the operator's own events. Rollouts: the operator deletes
+    # the old pods of its OnDelete DaemonSets, wave by wave. It watches the pods of FederatedRounds (stuck
+    # ones are reported within seconds) and reads the kubelet's FailedMount events of those that wait.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
     # Kopf's cluster observation: served namespaces (namespaced mode) and CRDs appearing at run time.

@@ -221,6 +221,7 @@ class GrpcConnection(http2.Http2Connection):
             if self.service.calls > self.limits.max_grpc_calls:
                 raise TooLarge(f"more than {self.limits.max_grpc_calls} gRPC calls at once (--max-grpc-calls)")
         except ServingError as error:
+            self.serving.metrics.refused("grpc", error.outcome)
             self.fail(call, error)
 
     def stream_data(self, call: Call, data: bytes, ended: bool) -> None:
@@ -278,11 +279,11 @@ class GrpcConnection(http2.Http2Connection):
             self._stream_request(call, message, inference)
 
     def _inference(self, call: Call, size: int):
-        """A serving.Call that takes over the memory held by the call's next `size` bytes."""
+        """A serving.Call that takes over the memory held by the call's next `size` bytes (from the budget's point
+        of view nothing changes hands: the bytes stay held, by the inference now)."""
         inference = self.serving.call("grpc")
-        self.serving.budget.release(size)
         call.held -= size
-        inference.reserve(size)
+        inference.held += size
         return inference
 
     def _decompress(self, holder, message: bytes, compressed: int, encoding: bytes) -> bytes:
@@ -341,7 +342,7 @@ class GrpcConnection(http2.Http2Connection):
             self.fail(call, error)
         else:
             self.reply(call, future.result())
-        self.flush()
+        self.flush_soon()
 
     # ModelStreamInfer: each request answered in order, an error answered for its request only
 
@@ -369,7 +370,7 @@ class GrpcConnection(http2.Http2Connection):
         if call.remote_ended and not call.answers:  # the client is done and every answer is out
             self._open_reply(call)
             self.finish(call, OK_TRAILERS)
-        self.flush()
+        self.flush_soon()
 
     # answering
 

@@ -86,8 +86,10 @@ class Http2Connection(asyncio.Protocol):
         self.last_stream_id = 0
         self.send_window = DEFAULT_WINDOW
         self.receive_window = CONNECTION_WINDOW
-        self.credits: dict[int, int] = {}  # received bytes to give back to windows, by stream (0: the connection)
+        self.credits: dict[int, int] = {0: 0}  # consumed bytes to give back to windows, by stream (0: the connection)
         self.going_away = False  # the client sent GOAWAY: the connection closes when its last stream does
+        self.flushing = False  # a flush is scheduled for the end of this event-loop turn
+        self.later: asyncio.TimerHandle | None = None  # a flush scheduled in a millisecond
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16384
         self.continuation: tuple[int, int, bytearray] | None = None  # stream, flags, header block so far
@@ -148,7 +150,14 @@ class Http2Connection(asyncio.Protocol):
         except ConnectionError_ as error:
             self.close(error.code)
             return
-        self.flush()
+        if self.streams:
+            # Calls are in flight: what this read produced (PING and SETTINGS acknowledgements, answers ready at
+            # once) goes out with their answers, in the writes those make anyway. gRPC clients ping with most
+            # requests (to size their windows); a write of its own for each acknowledgement was one system call
+            # per call more than HTTP makes.
+            self.flush_later()
+        else:
+            self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -321,10 +330,8 @@ class Http2Connection(asyncio.Protocol):
         self._drain(stream)
 
     def credit(self, stream_id: int, size: int) -> None:
-        """Gives `size` received bytes back to the client's window (of the connection when `stream_id` is 0), with
-        the next write."""
-        if stream_id == 0:
-            self.receive_window += size
+        """Gives `size` consumed bytes back to the client's window (of the connection when `stream_id` is 0), once
+        half a window's worth has gathered: one WINDOW_UPDATE per many requests, not one each."""
         self.credits[stream_id] = self.credits.get(stream_id, 0) + size
 
     # sending
@@ -372,13 +379,33 @@ class Http2Connection(asyncio.Protocol):
         if self.going_away and not self.streams:
             self.close(NO_ERROR)
 
+    def flush_later(self) -> None:
+        """Flushes with the next answer, or within a millisecond."""
+        self._window_updates()
+        if self.output and not self.flushing and self.later is None:
+            self.later = asyncio.get_running_loop().call_later(0.001, self.flush)
+
+    def flush_soon(self) -> None:
+        """Flushes at the end of this event-loop turn: the answers a batch completes together on one connection
+        go out in one write (a write is a system call; on 2 cores it was a third of a gRPC call's CPU time)."""
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def _window_updates(self) -> None:
+        for stream_id, size in self.credits.items():
+            if size >= (CONNECTION_WINDOW if stream_id == 0 else STREAM_WINDOW) // 2:
+                self.output.append(frame(WINDOW_UPDATE, 0, stream_id, size.to_bytes(4, "big")))
+                self.credits[stream_id] = 0
+                if stream_id == 0:
+                    self.receive_window += size
+
     def flush(self) -> None:
-        if self.credits:
-            self.output.extend(
-                frame(WINDOW_UPDATE, 0, stream_id, size.to_bytes(4, "big")) for stream_id, size in self.credits.items()
-                if size
-            )  # fmt: skip
-            self.credits.clear()
+        self.flushing = False
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        self._window_updates()
         if self.output and self.transport is not None:
             self.transport.write(b"".join(self.output))
         self.output.clear()

@@ -325,6 +325,9 @@ class Connection(asyncio.Protocol):
         """Feeds the parser, a head's worth at most while a head is read: httptools keeps a header field whole
         until it ends, so a head without end must be cut off before it is buffered."""
         limit = self.limits.max_header_bytes
+        if self.receiving == IDLE:  # a request begins (httptools' on_message_begin would cost a call per request)
+            self.receiving = HEAD
+            self.since = time.monotonic()
         if self.receiving == BODY or self.head_bytes + len(data) <= limit:
             self.head_bytes += len(data)
             self.parser.feed_data(data)
@@ -344,12 +347,6 @@ class Connection(asyncio.Protocol):
 
     # httptools callbacks
 
-    def on_message_begin(self) -> None:
-        if self.stopped:
-            raise _StopParsing
-        self.receiving = HEAD
-        self.since = time.monotonic()
-
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > self.limits.max_request_line_bytes:
@@ -357,12 +354,11 @@ class Connection(asyncio.Protocol):
                                "(--max-request-line-bytes)")  # fmt: skip
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # the head's bytes are bounded as they are fed (_feed); its fields are counted here
         self.header_count += 1
         self.header_bytes += len(name) + len(value) + 4
         if self.header_count > self.limits.max_headers:
             raise HeadTooLarge(f"the request has more than {self.limits.max_headers} header fields (--max-headers)")
-        if self.header_bytes + len(self.url) > self.limits.max_header_bytes:
-            raise HeadTooLarge(f"the request head exceeds {self.limits.max_header_bytes} bytes (--max-header-bytes)")
         self.headers[name.lower()] = value
 
     def on_headers_complete(self) -> None:
@@ -403,6 +399,8 @@ class Connection(asyncio.Protocol):
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:
+        if self.stopped:  # pipelined after a request that closes the connection: not answered
+            raise _StopParsing
         path = httptools.parse_url(self.url).path.decode("latin-1") if self.url else "/"
         request = Request(
             self.parser.get_method(),

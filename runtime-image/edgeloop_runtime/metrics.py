@@ -1,5 +1,10 @@
 """Prometheus metrics in the text exposition format, and Triton's per-model statistics.
 
+Triton's metric names where the meaning is the same (nv_inference_*, labels model and version), read from the
+very counters behind the statistics extension, so /metrics and …/stats always agree; edgeloop_* for the rest.
+`edgeloop_model_info` carries what identifies the runtime (digest, node, accelerator, providers in use), to
+be joined on model and version. The names are a contract (CONTRACTS.md, "Runtime metrics").
+
 Everything here is updated from the event loop's thread only, so nothing needs a lock.
 """
 
@@ -20,6 +25,10 @@ def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
         return ""
     escaped = (v.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n") for v in values)
     return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, escaped, strict=True)) + "}"
+
+
+# An inference failure's outcome → the `reason` label of nv_inference_request_failure (Triton's categories).
+FAILURE_REASONS = {"unavailable": "REJECTED", "cancelled": "CANCELED", "error": "BACKEND"}  # else OTHER
 
 
 class Counter:
@@ -133,52 +142,93 @@ class TritonStats:
 
 
 class Metrics:
-    def __init__(self, model: str, version: str, sha256: str, providers: list[str]) -> None:
-        self.model = model
+    def __init__(
+        self, model: str, version: str, sha256: str, providers: list[str], node: str = "", accelerator: str = ""
+    ) -> None:
+        self.model, self.version = model, version
+        self.labels = {"model": model, "version": version}
         self.info = Gauge(
             "edgeloop_model_info",
-            "The model being served; always 1.",
+            "What this runtime serves, where, and with which providers; always 1. Join on model and version.",
             lambda: 1,
-            {"model": model, "version": version, "sha256": sha256, "providers": ",".join(providers)},
-        )
+            {**self.labels, "sha256": sha256, "node": node, "accelerator": accelerator,
+             "providers": ",".join(providers)},
+        )  # fmt: skip
         self.requests = Counter(
-            "edgeloop_requests_total", "Inference requests by protocol and outcome.", ("model", "protocol", "outcome")
+            "edgeloop_requests_total",
+            "Requests by protocol and outcome, those refused before they were read whole included.",
+            ("model", "version", "protocol", "outcome"),
         )
+        self.failures = Counter(
+            "nv_inference_request_failure",
+            "Failed inference requests (Triton's metric): reason REJECTED (no room: queue, memory, draining), "
+            "CANCELED, BACKEND (the model failed), OTHER (the request was wrong).",
+            ("model", "version", "reason"),
+        )
+        for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):  # every series exists from the start, at 0
+            self.failures.inc(model, version, reason, amount=0)
         self.latency = Histogram(
             "edgeloop_request_duration_seconds",
             "Inference request latency in the server, from the full request to the encoded response.",
             LATENCY_BUCKETS,
-            ("model", "protocol"),
+            ("model", "version", "protocol"),
         )
         self.inference = Histogram(
-            "edgeloop_inference_duration_seconds", "ONNX Runtime run time per batch.", LATENCY_BUCKETS, ("model",)
+            "edgeloop_inference_duration_seconds", "Backend run time per batch.", LATENCY_BUCKETS, ("model", "version")
         )
         self.batch_size = Histogram(
-            "edgeloop_batch_size", "Batch size (in samples) of each ONNX Runtime run.", BATCH_BUCKETS, ("model",)
+            "edgeloop_batch_size", "Batch size (in samples) of each backend run.", BATCH_BUCKETS, ("model", "version")
         )
         self.gauges: list[Gauge] = []
         self.triton = TritonStats()
 
-    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self.gauges.append(Gauge(name, help_text, read, {"model": self.model}))
+    def gauge(self, name: str, help_text: str, read: Callable[[], float], **labels: str) -> None:
+        self.gauges.append(Gauge(name, help_text, read, {**self.labels, **labels}))
 
     def request_done(self, call, outcome: str, total_ns: int, encode_ns: int) -> None:
         """An inference request (a serving.Call) answered, `total_ns` after it was received."""
-        self.requests.inc(self.model, call.protocol, outcome)
-        self.latency.observe(total_ns / 1e9, self.model, call.protocol)
+        self.requests.inc(self.model, self.version, call.protocol, outcome)
+        self.latency.observe(total_ns / 1e9, self.model, self.version, call.protocol)
         self.triton.record_request(outcome == "success", total_ns, call, encode_ns)
+        if outcome != "success":
+            self.failures.inc(self.model, self.version, FAILURE_REASONS.get(outcome, "OTHER"))
 
     def refused(self, protocol: str, outcome: str) -> None:
         """A request refused before it was read whole (too large, too slow, malformed, no room)."""
-        self.requests.inc(self.model, protocol, outcome)
+        self.requests.inc(self.model, self.version, protocol, outcome)
 
     def batch_done(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        self.batch_size.observe(size, self.model)
-        self.inference.observe(infer_ns / 1e9, self.model)
+        self.batch_size.observe(size, self.model, self.version)
+        self.inference.observe(infer_ns / 1e9, self.model, self.version)
         self.triton.record_batch(size, input_ns, infer_ns, output_ns)
 
+    def _triton_counters(self) -> list[str]:
+        """Triton's per-model counters, from the statistics' own counts (durations in µs, per request)."""
+        stats = self.triton
+        label_text = _labels(("model", "version"), (self.model, self.version))
+        counters = (
+            ("nv_inference_request_success", "Successful inference requests.", stats.success.count),
+            ("nv_inference_count", "Inferences performed (a batch of n counts n).", stats.inference_count),
+            ("nv_inference_exec_count", "Batches run.", stats.execution_count),
+            ("nv_inference_request_duration_us", "Cumulative time of successful requests, received to answered.",
+             stats.success.ns // 1000),
+            ("nv_inference_queue_duration_us", "Cumulative time requests waited for their batch.",
+             stats.queue.ns // 1000),
+            ("nv_inference_compute_input_duration_us", "Cumulative time requests' inputs took to decode and batch.",
+             stats.compute_input.ns // 1000),
+            ("nv_inference_compute_infer_duration_us", "Cumulative time requests' batches ran.",
+             stats.compute_infer.ns // 1000),
+            ("nv_inference_compute_output_duration_us", "Cumulative time requests' outputs took to split and encode.",
+             stats.compute_output.ns // 1000),
+        )  # fmt: skip
+        lines = []
+        for name, help_text, value in counters:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name}{label_text} {value}"]
+        return lines
+
     def render(self) -> bytes:
-        lines: list[str] = []
-        for metric in (self.info, self.requests, self.latency, self.inference, self.batch_size, *self.gauges):
+        lines = self._triton_counters()
+        for metric in (self.failures, self.info, self.requests, self.latency, self.inference, self.batch_size,
+                       *self.gauges):  # fmt: skip
             lines += metric.render()
         return ("\n".join(lines) + "\n").encode()

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import resource
 import signal
 import ssl
@@ -106,6 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     network.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM (default %(default)s)"
     )
+    identity = parser.add_argument_group("identity (labels of the edgeloop_model_info metric)")
+    identity.add_argument(
+        "--node-name", default=os.environ.get("NODE_NAME", ""), help="the node this runs on (default: $NODE_NAME)"
+    )
+    identity.add_argument("--accelerator", default="", help="the accelerator class of this variant (npu, gpu, cpu, …)")
     Limits.add_arguments(parser.add_argument_group("limits (docs/security.md)"))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -279,15 +285,24 @@ async def _serve(args: argparse.Namespace, model) -> int:
         window_us=args.batch_window_us,
         limits=limits,
         shared_memory_dir=args.shared_memory_dir,
+        node=args.node_name,
+        accelerator=args.accelerator,
     )
     serving.batcher.start()  # requests are refused until the warm-up is done (Serving.ready)
-    listeners = [http_listener(App(serving))]
-    await listeners[0].start(args.host, args.http_port, _tls(args, "http/1.1"))
+    listeners = {"http": http_listener(App(serving))}
+    await listeners["http"].start(args.host, args.http_port, _tls(args, "http/1.1"))
     if args.grpc_port:
         from edgeloop_runtime.grpc_server import grpc_listener  # only with gRPC on
 
-        listeners.append(grpc_listener(serving))
-        await listeners[1].start(args.host, args.grpc_port, _tls(args, "h2"))
+        listeners["grpc"] = grpc_listener(serving)
+        await listeners["grpc"].start(args.host, args.grpc_port, _tls(args, "h2"))
+    for protocol, listener in listeners.items():
+        serving.metrics.gauge(
+            "edgeloop_open_connections",
+            f"Open connections (--max-connections {limits.max_connections}).",
+            lambda listener=listener: len(listener.connections),
+            protocol=protocol,
+        )
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -312,7 +327,7 @@ async def _serve(args: argparse.Namespace, model) -> int:
     deadline = time.monotonic() + args.drain_timeout
     while serving.inflight and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    for listener in listeners:
+    for listener in listeners.values():
         listener.close()
     serving.shared_memory.close()
     await serving.batcher.stop()

@@ -27,6 +27,8 @@ class Serving:
         window_us: int,
         limits: Limits | None = None,
         shared_memory_dir: Path | None = None,
+        node: str = "",
+        accelerator: str = "",
     ) -> None:
         self.model = model
         self.window_us = window_us
@@ -40,9 +42,11 @@ class Serving:
             max_elements=self.limits.max_tensor_elements,
             max_json_bytes=self.limits.max_json_bytes,
         )
-        self.metrics = Metrics(model.name, model.version, model.sha256, model.providers)
+        self.metrics = Metrics(model.name, model.version, model.sha256, model.providers, node, accelerator)
         self.batcher = Batcher(model, self.metrics, max_queue=max_queue, window_us=window_us)
-        self.metrics.gauge("edgeloop_queue_depth", "Requests waiting for a batch.", self.batcher.depth)
+        self.metrics.gauge(
+            "nv_inference_pending_request_count", "Inference requests waiting for a batch.", self.batcher.depth
+        )
         self.metrics.gauge("edgeloop_inflight_requests", "Inference requests in the server.", lambda: self.inflight)
         self.metrics.gauge("edgeloop_ready", "1 while the server accepts inference requests.", lambda: self.ready)
         self.metrics.gauge(

@@ -9,16 +9,22 @@ Fixtures (see README's "The devcluster" for what they stand on):
 - prometheus_operator_crds: the PodMonitor/ServiceMonitor/PrometheusRule CRDs applied to it for one test.
 - real_devcluster: the real-node cluster (`e2e-real`) of REAL_FLEET; `.nodes` (devcluster.nodes.RealNode),
   `.offline(*names)` partitions them; real_namespace: a fresh namespace in it per test.
+- real_release: the Helm chart installed on real_devcluster once per session (operator and store as pods), set up
+  as a user sets it up on nodes without a GPU or NPU; `.helm`, `.upload(model)`, `.service_ip`, `.secret`.
 - prometheus: a real Prometheus scraping real_devcluster's annotated pods (devcluster.prometheus.Prometheus).
 - promtool: the path of Debian's promtool.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import http.client
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -32,13 +38,13 @@ from devcluster.fleet import load_fleet, node_manifests
 from devcluster import build, cluster, nodes, offline
 from devcluster import prometheus as prom
 
-# The real-node cluster's groups (of the default fleet) and counts, shared by every real-node test; e.g.
-# EDGELOOP_E2E_REAL_FLEET=edge-real=1,edge-real-npu=1 for a GPU-labelled and an NPU-labelled node. Two nodes
-# by default: secure aggregation hides nothing with one client.
+# The real-node cluster's groups (of the default fleet) and counts, shared by every real-node test: by default a
+# GPU-labelled node without a GPU and an NPU-labelled node without an NPU (two nodes: secure aggregation hides
+# nothing with one client); e.g. EDGELOOP_E2E_REAL_FLEET=edge-real=2 for two GPU-labelled nodes.
 REAL_FLEET = dict(
     (group, int(count)) for group, _, count in
-    (item.partition("=") for item in os.environ.get(
-        "EDGELOOP_E2E_REAL_FLEET", f"edge-real={os.environ.get('EDGELOOP_E2E_REAL_NODES', '2')}").split(","))
+    (item.partition("=") for item in os.environ.get("EDGELOOP_E2E_REAL_FLEET", "edge-real=1,edge-real-npu=1")
+     .split(","))
 )
 
 
@@ -228,6 +234,95 @@ def real_devcluster() -> RealDevCluster:
 def real_namespace(real_devcluster: RealDevCluster, request) -> str:
     """A fresh namespace in real_devcluster for one test, deleted (without waiting) afterwards."""
     yield from _fresh_namespace(real_devcluster, request)
+
+
+class _VerifiedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to an address (a ClusterIP), verifying the certificate for another name (the Service's)."""
+
+    def __init__(self, *args, server_name: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.server_name)
+
+
+@dataclass(frozen=True)
+class RealRelease:
+    """The Helm chart's release on real_devcluster; models run in `workload_namespace`."""
+
+    devcluster: RealDevCluster
+    name: str = "edgeloop"
+    namespace: str = "edgeloop-system"
+    workload_namespace: str = "models"
+
+    def helm(self, *args: str) -> str:
+        result = subprocess.run(["helm", *args], env=self.devcluster.env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stderr}"
+        return result.stdout
+
+    def service_ip(self, namespace: str, service: str) -> str:
+        return self.devcluster.get_json("service", service, "-n", namespace)["spec"]["clusterIP"]
+
+    def secret(self, namespace: str, name: str, key: str) -> bytes:
+        return base64.b64decode(self.devcluster.get_json("secret", name, "-n", namespace)["data"][key])
+
+    def upload(self, model: bytes) -> str:
+        """Put `model` into the chart's store over HTTPS, through its Service (the host routes Services through
+        real node 0), verifying the certificate the chart made for the Service's name: the token never crosses
+        the network in clear. Its sha256."""
+        digest = hashlib.sha256(model).hexdigest()
+        token = self.secret(self.namespace, f"{self.name}-store-token", "token").decode()
+        ca = self.secret(self.namespace, f"{self.name}-store-tls", "ca.crt").decode()
+        context = ssl.create_default_context(cadata=ca)
+        connection = _VerifiedHTTPS(self.service_ip(self.namespace, f"{self.name}-store"), 8000, timeout=30,
+                                    context=context, server_name=f"{self.name}-store.{self.namespace}.svc")
+        try:
+            connection.request("PUT", f"/sha256/{digest}", body=model, headers={"Authorization": f"Bearer {token}"})
+            response = connection.getresponse()
+            assert response.status in (200, 201), (response.status, response.read()[:200])
+        finally:
+            connection.close()
+        return digest
+
+    def model_uri(self, digest: str) -> str:
+        """Where the nodes fetch a model that upload() put into the store."""
+        return f"https://{self.name}-store.{self.namespace}.svc:8000/sha256/{digest}"
+
+    def debug(self, namespace: str) -> str:
+        return self.devcluster.kubectl("get", "pods,events", "-n", namespace, "-o", "wide", check=False).stdout
+
+
+@pytest.fixture(scope="session")
+def real_release(real_devcluster: RealDevCluster) -> RealRelease:
+    """The Helm chart on the real nodes, installed once per session as a user installs it on a fleet without GPUs
+    and NPUs (test_real_nodes.py checks what it runs)."""
+    from edgeloop import config
+
+    release = RealRelease(real_devcluster)
+    # The node contract, as a node's provisioning would make it: the model cache's group is the runtime's and it
+    # is group-writable with the setgid bit, so the kubelet creates each namespace's cache (a subPath) writable
+    # by the runtime.
+    for node in real_devcluster.nodes:
+        os.chown(node.host_path / "models", 65532, 65532)
+        os.chmod(node.host_path / "models", 0o2775)
+    real_devcluster.kubectl("create", "namespace", release.workload_namespace)
+    release.helm(
+        "install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
+        "--namespace", release.namespace, "--create-namespace",
+        "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{release.workload_namespace}}}",
+        # The store keeps its blobs in a directory of the first node.
+        "--set", "store.persistence.mode=hostPath",
+        "--set", f"store.persistence.hostPath.node={real_devcluster.nodes[0].name}",
+        # The cuda flavour is not built here (`make images` leaves it to its own target: 1.5 GB of wheels), and
+        # these nodes have no GPU anyway: the gpu class runs the cpu image, which has no CUDA provider.
+        "--set", f"config.acceleratorClasses.gpu.image={config.build().runtime_image}",
+        # Nor has the NPU-labelled node an NPU: OpenVINO runs on its CPU in the NPU's stead.
+        "--set", "config.acceleratorClasses.npu.providerOptions.OpenVINOExecutionProvider.device_type=CPU",
+        "--wait", "--timeout", "300s",
+    )
+    return release
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 from devcluster.fleet import load_fleet, node_manifests
@@ -120,13 +121,15 @@ def ready_condition(devcluster, kind: str, name: str, namespace: str | None = No
 
 def test_an_offline_node_is_lost_like_a_silent_kubelet_and_comes_back(devcluster, namespace):
     """kwok stops renewing the node's lease: the node lifecycle controller, not kwok, marks it Unknown, taints
-    it unreachable and its pods not Ready; back online, the node and its pods are Ready again."""
+    it unreachable and its pods not Ready; a pod deleted meanwhile stays Terminating. Back online, the node and
+    its pods are Ready again and the deletion completes."""
     node = "edge-cpu-1"
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "on-edge", "namespace": namespace},
-           "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.example/runtime:1"}]}}
-    devcluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
-    wait_for("the pod to be Ready",
-             lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "True")
+    for name in ("stays", "goes"):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+               "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.example/runtime:1"}]}}
+        devcluster.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        wait_for(f"pod {name} to be Ready",
+                 lambda name=name: ready_condition(devcluster, "pod", name, namespace)["status"] == "True")
 
     with devcluster.offline(node):
         condition = ready_condition(devcluster, "node", node)
@@ -135,14 +138,21 @@ def test_an_offline_node_is_lost_like_a_silent_kubelet_and_comes_back(devcluster
                                                    ("node.kubernetes.io/unreachable", "NoSchedule")} <= {
             (t["key"], t["effect"]) for t in devcluster.get_json("node", node)["spec"].get("taints", [])})
         wait_for("its pod to be marked not Ready",
-                 lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "False")
+                 lambda: ready_condition(devcluster, "pod", "stays", namespace)["status"] == "False")
         assert devcluster.get_json("lease", node, "-n", "kube-node-lease")["spec"]["holderIdentity"] == \
             offline.LEASE_HOLDER
+        devcluster.kubectl("delete", "pod", "goes", "-n", namespace, "--wait=false")
+        time.sleep(3)  # kwok would have finished the deletion within a second
+        assert devcluster.get_json("pod", "goes", "-n", namespace)["metadata"]["deletionTimestamp"], \
+            "no kubelet finishes a deletion on an unreachable node"
+        assert ready_condition(devcluster, "pod", "stays", namespace)["status"] == "False"
 
     assert ready_condition(devcluster, "node", node)["status"] == "True"
     wait_for("the taints to go", lambda: not devcluster.get_json("node", node)["spec"].get("taints"))
     wait_for("its pod to be Ready again",
-             lambda: ready_condition(devcluster, "pod", "on-edge", namespace)["status"] == "True")
+             lambda: ready_condition(devcluster, "pod", "stays", namespace)["status"] == "True")
+    wait_for("the deletion to complete", lambda: devcluster.kubectl(
+        "get", "pod", "goes", "-n", namespace, "--ignore-not-found", "-o", "name").stdout == "")
 
 
 def test_arm64_nodes_join_for_a_test_and_run_the_same_image_names(devcluster, namespace, arm64_nodes):
@@ -157,3 +167,24 @@ def test_arm64_nodes_join_for_a_test_and_run_the_same_image_names(devcluster, na
     pods = {p["spec"]["nodeName"]: p for p in devcluster.get_json("pods", "-n", namespace)["items"]}
     assert set(arm64_nodes) <= set(pods) and len(pods) == 8
     assert {c["image"] for p in pods.values() for c in p["spec"]["containers"]} == {"registry.example/runtime:1"}
+
+
+POD_MONITOR = """
+apiVersion: monitoring.coreos.com/v1
+kind: PodMonitor
+metadata: {name: runtime}
+spec:
+  selector: {matchLabels: {app.kubernetes.io/managed-by: edgeloop}}
+  podMetricsEndpoints: [{port: http, path: /metrics, interval: 15s}]
+"""
+
+
+def test_monitor_objects_are_validated_against_the_prometheus_operator_crds(devcluster, namespace,
+                                                                            prometheus_operator_crds):
+    assert set(prometheus_operator_crds) == {"podmonitors.monitoring.coreos.com",
+                                             "servicemonitors.monitoring.coreos.com",
+                                             "prometheusrules.monitoring.coreos.com"}
+    devcluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=POD_MONITOR)
+    bad = POD_MONITOR.replace("interval: 15s", "interval: soon")
+    result = devcluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=bad, check=False)
+    assert result.returncode != 0 and "interval" in result.stderr, result.stderr

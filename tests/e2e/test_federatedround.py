@@ -593,6 +593,7 @@ def test_the_rendered_jobs_train_for_real_as_local_processes_and_promote_simulat
         "Started": ("True", "JobsCreated"),
         "Succeeded": ("True", "Trained"),
         "Promoted": ("True", "Promoted"),
+        "Degraded": ("False", "RoundEnded"),
     }, json.dumps(status)
     assert status["participants"] == {"selected": 3, "reported": 3, "dropped": 0, "nodes": nodes}
     assert status["metrics"]["accuracy"] >= 0.8 > status["baseline"]["accuracy"]

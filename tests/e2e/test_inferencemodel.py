@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from edgeloop import config
 from edgeloop.testing import WRITE_VERBS, OperatorProcess, audited_calls, install_service_account, service_account_user
 
 from .conftest import wait_for
@@ -171,6 +172,35 @@ def test_a_node_that_loses_its_accelerator_label_moves_to_the_cpu_variant(devclu
         devcluster.kubectl("label", "node", "edge-npu-1", "edgeloop.io/accelerator.npu=true", "--overwrite")
     wait_for("edge-npu-1 back on the npu variant",
              lambda: pods_by_node(devcluster, namespace).get("edge-npu-1") == ["npu"])
+
+
+def test_arm64_boards_run_the_same_image_names_and_never_an_amd64_only_flavour(
+        devcluster, namespace, arm64_nodes, operator):
+    """The cpu flavour is an amd64 + arm64 index: arm64 boards run the same image names as amd64 nodes. The cuda
+    and openvino flavours are amd64 only, so an arm64 board labelled as a GPU node (a Jetson, as GPU Feature
+    Discovery labels it) runs the cpu variant instead of an image that cannot exist for it. (arm64_nodes comes
+    before operator: the model's pods go before the boards do.)"""
+    jetson, board = arm64_nodes
+    devcluster.kubectl("label", "node", jetson, "nvidia.com/gpu.present=true")
+    apply(devcluster, namespace, EXAMPLE)
+
+    def all_placed():
+        body = wait_ready(devcluster, namespace)
+        return {v["accelerator"]: (v["desired"], v["ready"]) for v in body["status"]["variants"]} == {
+            "npu": (2, 2), "gpu": (2, 2), "cpu": (4, 4)}
+
+    wait_for("the boards to serve", all_placed, debug=lambda: json.dumps(model(devcluster, namespace)["status"]))
+    assert pods_by_node(devcluster, namespace) == {**{node: [cls] for node, cls in FLEET.items()},
+                                                   jetson: ["cpu"], board: ["cpu"]}
+    built_in = config.build()
+    images = {pod["spec"]["nodeName"]: {c["image"] for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]}
+              for pod in devcluster.get_json("pods", "-n", namespace)["items"]}
+    assert images[jetson] == images[board] == images["edge-cpu-0"] == {built_in.runtime_image}
+    assert images["edge-gpu-0"] == {built_in.accelerator_classes["gpu"].image}, "amd64 GPU nodes keep the cuda flavour"
+    assert images["edge-npu-0"] == {built_in.accelerator_classes["npu"].image}
+    gpu = devcluster.get_json("daemonset", "digits-gpu", "-n", namespace)["spec"]["template"]["spec"]
+    for term in gpu["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]:
+        assert {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]} in term["matchExpressions"]
 
 
 def test_a_node_labelled_with_a_gpu_it_lacks_is_degraded_then_recovers(devcluster, namespace, operator):

@@ -25,11 +25,11 @@ import yaml
 from edgeloop import metrics
 
 from . import test_real_nodes as real_story
-from .conftest import DevCluster, RealDevCluster, wait_for
+from .conftest import DevCluster, RealDevCluster, RealRelease, wait_for
 
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "edgeloop"
-NS, MODEL = real_story.MODELS_NS, "digits"
+NS, MODEL = RealRelease.workload_namespace, "digits"
 RUNTIME_SOURCE = "\n".join(p.read_text() for p in (ROOT / "runtime-image" / "edgeloop_runtime").glob("*.py"))
 DAEMON_SET_TEMPLATE = (ROOT / "operator" / "edgeloop" / "templates" / "daemonset.yaml.j2").read_text()
 # The runtime's info metric is labelled with its accelerator class once the runtime takes it (C3) and the
@@ -53,8 +53,8 @@ def story(real_devcluster: RealDevCluster) -> real_story.Story:
     return played
 
 
-def helm_template(devcluster: DevCluster, *sets: str, namespace: str = real_story.RELEASE_NS) -> list[dict]:
-    args = ["helm", "template", real_story.RELEASE, str(CHART), "--namespace", namespace]
+def helm_template(devcluster: DevCluster, *sets: str, namespace: str = RealRelease.namespace) -> list[dict]:
+    args = ["helm", "template", RealRelease.name, str(CHART), "--namespace", namespace]
     for value in sets:
         args += ["--set", value]
     result = subprocess.run(args, env=devcluster.env, capture_output=True, text=True, timeout=120)
@@ -188,7 +188,7 @@ def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(story, p
     def scraped():
         up = prometheus.query('up{job="edgeloop-runtime"} == 1 or up{job="kubernetes-pods"} == 1')
         runtimes = sorted(s["metric"]["node"] for s in up if s["metric"]["job"] == "edgeloop-runtime")
-        operator = [s for s in up if s["metric"]["pod"].startswith(f"{real_story.RELEASE}-operator")]
+        operator = [s for s in up if s["metric"]["pod"].startswith(f"{RealRelease.name}-operator")]
         return runtimes == nodes and operator
 
     wait_for("Prometheus to scrape the operator and every runtime", scraped, timeout=120,

@@ -38,13 +38,16 @@ CLAIM = "edgeloop-model-cache"
 
 
 def tenant_role(namespace: str) -> list[dict]:
-    """What a tenant may do: `edit` in its namespace, and edgeloop's custom resources there."""
+    """What a tenant may do: `edit` in its namespace, edgeloop's custom resources and ephemeral containers there."""
     user = USERS[namespace]
     return [
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": {"name": "edgeloop-tenant", "namespace": namespace},
          "rules": [{"apiGroups": ["edgeloop.io"], "resources": ["inferencemodels", "federatedrounds"],
-                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]},
+                    "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                   # Debugging its own pods (`edit` leaves ephemeral containers out): the admission policy must
+                   # still keep them to the namespace's own cache.
+                   {"apiGroups": [""], "resources": ["pods/ephemeralcontainers"], "verbs": ["update", "patch"]}]},
         *({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
            "metadata": {"name": f"{user}-{role}", "namespace": namespace},
            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role},

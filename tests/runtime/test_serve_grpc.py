@@ -107,3 +107,29 @@ def test_typed_contents_as_kserve_clients_send_them(mlp_server, mlp_path):
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     label = np.frombuffer(response.raw_output_contents[1], dtype="<i8")
     np.testing.assert_array_equal(label, mlp_reference(mlp_path, x)[1])
+
+
+def test_large_messages_flow_both_ways_unary_and_streaming(tmp_path, server_factory):
+    """16 MiB in and out: more than the HTTP/2 windows, so the server must give window back as it reads and
+    send as the client's window allows."""
+    from conftest import save
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1024])],
+    )
+    server = server_factory(save(helper.make_model(graph), tmp_path / "identity.onnx"), "--max-batch-size", "0")
+    x = np.arange(4096 * 1024, dtype=np.float32).reshape(4096, 1024)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        np.testing.assert_array_equal(client.infer("model", [make_input(x, "x")]).as_numpy("y"), x)
+        answers = []
+        client.start_stream(callback=lambda result, error: answers.append(error or result.as_numpy("y")))
+        for _ in range(3):
+            client.async_stream_infer("model", [make_input(x, "x")])
+        client.stop_stream()  # waits for the answers
+    assert len(answers) == 3
+    for y in answers:
+        np.testing.assert_array_equal(y, x)

@@ -50,7 +50,7 @@ def dynamic_path(tmp_path_factory):
     return save(helper.make_model(graph), tmp_path_factory.mktemp("models") / "dynamic.onnx")
 
 
-HELD = ("edgeloop_inflight_requests", "edgeloop_queue_depth", "edgeloop_inflight_bytes")
+HELD = ("edgeloop_inflight_requests", "nv_inference_pending_request_count", "edgeloop_inflight_bytes")
 
 
 def metric(server, name: str) -> float:
@@ -443,3 +443,112 @@ def test_grpc_bad_input_is_invalid_argument_with_the_errors_own_code(grpc_client
     with pytest.raises(InferenceServerException) as error:
         grpc_client.get_model_metadata("nope")
     assert error.value.status() == "StatusCode.NOT_FOUND"
+
+
+# gRPC's HTTP/2, frame by frame: what no well-behaved client sends
+
+
+def h2_connect(server) -> socket.socket:
+    from edgeloop_runtime.http2 import PREFACE, SETTINGS, frame
+
+    sock = socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5)
+    sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+    return sock
+
+
+def h2_call_headers(stream_id: int, end_headers: bool = True) -> bytes:
+    from edgeloop_runtime.http2 import END_HEADERS, HEADERS, frame, literal
+
+    block = b"".join(
+        literal(name, value)
+        for name, value in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        )
+    )  # fmt: skip
+    return frame(HEADERS, END_HEADERS if end_headers else 0, stream_id, block)
+
+
+def h2_frames(sock: socket.socket, until: float):
+    """The frames the server sends, as (kind, flags, stream, payload), until it closes or `until` passes."""
+    buffer = b""
+    sock.settimeout(0.2)
+    while time.monotonic() < until:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return
+        if not data:
+            return
+        buffer += data
+        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+            length = int.from_bytes(buffer[:3], "big")
+            yield buffer[3], buffer[4], int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF, buffer[9 : 9 + length]
+            buffer = buffer[9 + length :]
+
+
+def grpc_status(sock: socket.socket, stream_id: int, within: float = 5) -> tuple[int, str]:
+    import hpack
+    from edgeloop_runtime.http2 import HEADERS
+
+    decoder = hpack.Decoder()
+    for kind, _, stream, payload in h2_frames(sock, time.monotonic() + within):
+        if kind == HEADERS:
+            headers = dict(decoder.decode(payload, raw=True))
+            if stream == stream_id and b"grpc-status" in headers:
+                return int(headers[b"grpc-status"]), headers.get(b"grpc-message", b"").decode()
+    raise AssertionError("no gRPC status")
+
+
+def test_grpc_message_beyond_the_limit_is_refused_from_its_length_prefix(server):
+    """A message announcing 1 GiB is refused as soon as its 5-byte prefix arrives, unread."""
+    from edgeloop_runtime.http2 import DATA, frame
+
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(h2_call_headers(1) + frame(DATA, 0, 1, b"\0" + (1 << 30).to_bytes(4, "big")))
+        code, message = grpc_status(sock, 1)
+    assert code == 8 and "--max-body-bytes" in message  # RESOURCE_EXHAUSTED
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_message_sent_too_slowly_times_out(server):
+    from edgeloop_runtime.http2 import DATA, frame
+
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(h2_call_headers(1) + frame(DATA, 0, 1, b"\0" + (100).to_bytes(4, "big") + b"x" * 10))
+        code, message = grpc_status(sock, 1, within=6)
+    assert code == 4 and "--body-timeout" in message  # DEADLINE_EXCEEDED
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_streams_beyond_the_cap_are_refused(server):
+    """100 calls opened at once on one connection: beyond --max-grpc-streams (64), REFUSED_STREAM."""
+    from edgeloop_runtime.http2 import RST_STREAM
+
+    with closing(h2_connect(server)) as sock:
+        sock.sendall(b"".join(h2_call_headers(2 * i + 1) for i in range(100)))
+        refused = {
+            stream
+            for kind, _, stream, payload in h2_frames(sock, time.monotonic() + 2)
+            if kind == RST_STREAM and int.from_bytes(payload, "big") == 0x7
+        }
+    assert len(refused) == 100 - 64
+    assert_grpc_serves_a_good_request(server)
+
+
+def test_grpc_header_block_without_end_closes_the_connection(server):
+    """HEADERS followed by CONTINUATION frames that never end the block (a CONTINUATION flood)."""
+    from edgeloop_runtime.http2 import CONTINUATION, GOAWAY, frame
+
+    before = memory_mb(server.proc.pid)[1]
+    with closing(h2_connect(server)) as sock:
+        sent = send_ignoring_reset(
+            sock, h2_call_headers(1, end_headers=False) + frame(CONTINUATION, 0, 1, b"\0" * 16384) * 2000
+        )
+        goaway = [payload for kind, _, _, payload in h2_frames(sock, time.monotonic() + 3) if kind == GOAWAY]
+    assert goaway and int.from_bytes(goaway[0][4:8], "big") == 0xB  # ENHANCE_YOUR_CALM
+    assert sent < 2000 * 16393, "the server stopped reading"
+    assert memory_mb(server.proc.pid)[1] - before < 16
+    assert_grpc_serves_a_good_request(server)

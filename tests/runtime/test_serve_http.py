@@ -131,33 +131,59 @@ def test_aio_client_concurrent_requests_are_batched_and_each_gets_its_own_rows(m
     assert runs < len(inputs), "concurrent requests should share ONNX Runtime runs"
 
 
-def test_metrics_expose_outcomes_latency_batches_queue_and_model_identity(client, mlp_server, mlp_path):
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """A metric's samples by their label text."""
+    return {
+        line.split("{")[1].split("}")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + "{")
+    }
+
+
+def test_metrics_use_tritons_names_and_agree_with_the_statistics(client, mlp_server, mlp_path):
     client.infer("model", [make_input(np.zeros((1, 64), np.float32), True)])
     with pytest.raises(InferenceServerException):
         client.infer("model", [make_input(np.zeros((1, 63), np.float32), True)])
     response, body = raw_request(mlp_server, "GET", "/metrics")
+    stats = client.get_inference_statistics("model")["model_stats"][0]
     assert response.status == 200
     assert response.getheader("Content-Type").startswith("text/plain")
     text = body.decode()
-    assert (
-        f'edgeloop_model_info{{model="model",version="1",sha256="{sha256_of(mlp_path)}",'
-        'providers="CPUExecutionProvider"} 1'
-    ) in text
-    counts = {
-        line.split("{")[1].split("}")[0]: float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("edgeloop_requests_total{")
-    }
-    assert counts['model="model",protocol="http",outcome="success"'] >= 1
-    assert counts['model="model",protocol="http",outcome="bad_request"'] >= 1
+    labels = 'model="model",version="1"'
+    stat = stats["inference_stats"]
+    assert metric_values(text, "nv_inference_request_success")[labels] == stat["success"]["count"] >= 1
+    assert metric_values(text, "nv_inference_count")[labels] == stats["inference_count"]
+    assert metric_values(text, "nv_inference_exec_count")[labels] == stats["execution_count"]
+    assert metric_values(text, "nv_inference_request_duration_us")[labels] == stat["success"]["ns"] // 1000
+    for kind in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert metric_values(text, f"nv_inference_{kind}_duration_us")[labels] == stat[kind]["ns"] // 1000, kind
+    failures = metric_values(text, "nv_inference_request_failure")
+    assert failures[labels + ',reason="OTHER"'] >= 1 and failures[labels + ',reason="BACKEND"'] == 0
+    requests = metric_values(text, "edgeloop_requests_total")
+    assert requests[labels + ',protocol="http",outcome="success"'] >= 1
+    assert requests[labels + ',protocol="http",outcome="bad_request"'] >= 1
+    assert metric_values(text, "nv_inference_pending_request_count")[labels] == 0
+    assert metric_values(text, "edgeloop_ready")[labels] == 1
+    assert metric_values(text, "edgeloop_open_connections")[labels + ',protocol="http"'] >= 1
     for name in (
         "edgeloop_request_duration_seconds_bucket",
         "edgeloop_batch_size_bucket",
         "edgeloop_inference_duration_seconds_count",
-        'edgeloop_queue_depth{model="model"} 0',
-        'edgeloop_ready{model="model"} 1',
     ):
         assert name in text
+    assert (
+        f'edgeloop_model_info{{{labels},sha256="{sha256_of(mlp_path)}",node="",accelerator="",'
+        'providers="CPUExecutionProvider"} 1'
+    ) in text
+
+
+def test_runtime_info_names_the_node_and_accelerator(mlp_path, server_factory):
+    """CONTRACTS C3: the operator renders --node-name $(NODE_NAME) and --accelerator <class>."""
+    server = server_factory(mlp_path, "--node-name", "edge-gpu-0", "--accelerator", "gpu")
+    _, body = raw_request(server, "GET", "/metrics")
+    info = metric_values(body.decode(), "edgeloop_model_info")
+    (labels,) = info
+    assert 'node="edge-gpu-0",accelerator="gpu",providers="CPUExecutionProvider"' in labels
 
 
 def test_triton_statistics_count_inferences(client):

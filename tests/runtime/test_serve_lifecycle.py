@@ -152,12 +152,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(slow_path, server_fac
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 30
-    while b'edgeloop_inflight_requests{model="model"} 2' not in raw_request(server, "GET", "/metrics")[1]:
+    while b'edgeloop_inflight_requests{model="model",version="1"} 2' not in raw_request(server, "GET", "/metrics")[1]:
         assert time.monotonic() < deadline, "requests never reached the server"
         time.sleep(0.01)
 
     server.proc.terminate()
-    while b'edgeloop_ready{model="model"} 0' not in raw_request(server, "GET", "/metrics")[1]:
+    while b'edgeloop_ready{model="model",version="1"} 0' not in raw_request(server, "GET", "/metrics")[1]:
         time.sleep(0.01)
     probe.request("GET", "/v2/health/ready")
     response = probe.getresponse()

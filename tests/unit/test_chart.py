@@ -4,12 +4,14 @@ values validated, RBAC exactly the operator's, and the objects wired to what the
 from __future__ import annotations
 
 import argparse
+import base64
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
-from edgeloop import chartgen, config, operator_main, rbac
+from edgeloop import certs, chartgen, config, operator_main, rbac
 from edgeloop.api.common import ModelSource
 from edgeloop.api.federatedround import FederatedRoundSpec
 from edgeloop.api.inferencemodel import InferenceModelSpec
@@ -115,6 +117,7 @@ BAD_VALUES = [
     ("provider name", "config.acceleratorClasses.gpu.executionProviders={CUDA}", "does not match pattern"),
     ("provider list not ending on CPU", "config.acceleratorClasses.gpu.executionProviders={CUDAExecutionProvider}",
      "must end with CPUExecutionProvider"),
+    ("architecture", "config.acceleratorClasses.gpu.architectures={ARM64}", "/config/acceleratorClasses/gpu"),
     ("log format", "operator.logFormat=xml", "/operator/logFormat"),
     ("resource quantity", "operator.resources.limits.memory=lots", "/operator/resources/limits/memory"),
     ("image digest", "operator.image.digest=latest", "/operator/image/digest"),
@@ -366,8 +369,8 @@ def test_federated_rounds_find_the_store_and_its_token(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
     loaded = config.load(path)
-    assert loaded.store_url == "http://edgeloop-store.edgeloop-system.svc:8000"
-    secrets = {s["metadata"]["namespace"]: s for s in by_kind(docs, "Secret")}
+    assert loaded.store_url == "https://edgeloop-store.edgeloop-system.svc:8000"
+    secrets = {s["metadata"]["namespace"]: s for s in by_kind(docs, "Secret") if s["type"] == "Opaque"}
     assert sorted(secrets) == ["edge-a", "edgeloop-system"]
     assert {s["metadata"]["name"] for s in secrets.values()} == {loaded.store_token_secret}
     assert secrets["edge-a"]["data"] == secrets["edgeloop-system"]["data"], "one token, in every namespace"
@@ -473,12 +476,44 @@ def test_store_host_path_mode_binds_its_own_volume():
 
 @needs_helm
 def test_an_existing_token_secret_replaces_the_generated_one():
-    docs = template("store.token.existingSecret=my-token")
+    docs = template("store.token.existingSecret=my-token", "store.tls.enabled=false")
     assert not by_kind(docs, "Secret")
     assert "storeTokenSecret: my-token" in one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"]
     volumes = one(docs, "Deployment", "edgeloop-store")["spec"]["template"]["spec"]["volumes"]
     secrets = [v["secret"] for v in volumes if "secret" in v]
     assert secrets == [{"secretName": "my-token", "items": [{"key": "token", "path": "token"}]}]
+
+
+@needs_helm
+def test_the_store_serves_https_with_a_certificate_for_its_names_and_workloads_trust_its_ca(tmp_path):
+    """The upload token and the models cross the network encrypted (issue 16 item 13)."""
+    docs = template("watchNamespaces={edge-a,edge-b}")
+    tls = one(docs, "Secret", "edgeloop-store-tls")
+    files = {key: base64.b64decode(value).decode() for key, value in tls["data"].items()}
+    cert, ca = certs.load_cert(files["tls.crt"]), certs.load_cert(files["ca.crt"])
+    assert certs.signed_by(cert, ca)
+    assert not certs.needs_rotation(files["tls.crt"], files["ca.crt"], datetime.now(UTC),
+                                    certs.service_dns_names("edgeloop-store", "edgeloop-system"))
+    cas = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "edgeloop-store-ca"]
+    assert sorted(c["metadata"]["namespace"] for c in cas) == ["edge-a", "edge-b"]
+    assert all(c["data"] == {"ca.crt": files["ca.crt"]} for c in cas), "public: the CA's certificate only"
+    [store] = one(docs, "Deployment", "edgeloop-store")["spec"]["template"]["spec"]["containers"]
+    args = store["args"]
+    assert args[args.index("--tls-cert") + 1] == "/etc/edgeloop/tls/tls.crt"
+    assert store["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    path = tmp_path / "config.yaml"
+    path.write_text(one(docs, "ConfigMap", "edgeloop-config")["data"]["config.yaml"])
+    loaded = config.load(path)
+    assert (loaded.store_url, loaded.store_ca_config_map) == (
+        "https://edgeloop-store.edgeloop-system.svc:8000", "edgeloop-store-ca")
+    aggregator = federated_pods(loaded)["aggregator"]["spec"]
+    assert {"name": "store-ca", "configMap": {"name": "edgeloop-store-ca"}} in aggregator["volumes"]
+
+    mine = template("store.tls.existingSecret=my-tls", "store.tls.caCert=PEM", "watchNamespaces={edge-a}")
+    assert not [s for s in by_kind(mine, "Secret") if s["metadata"]["name"] == "edgeloop-store-tls"]
+    assert one(mine, "ConfigMap", "edgeloop-store-ca")["data"] == {"ca.crt": "PEM"}
+    result = helm("template", "edgeloop", str(CHART), "--set", "store.tls.existingSecret=my-tls", check=False)
+    assert result.returncode != 0 and "store.tls.existingSecret needs its CA" in result.stderr
 
 
 @needs_helm

@@ -66,6 +66,12 @@ def test_execution_providers_must_end_with_cpu(tmp_path):
         config.load(path)
 
 
+@pytest.mark.parametrize("architectures", [["ARM64"], ["arm64; rm"], ["a"] * 17, "arm64"])
+def test_architectures_are_a_short_list_of_kubernetes_arch_values(architectures):
+    with pytest.raises(config.ConfigError, match="architectures"):
+        config.build({"acceleratorClasses": {"gpu": {"architectures": architectures}}})
+
+
 @pytest.mark.parametrize("content", ["- a list\n", "acceleratorClasses: {gpu: {bogus: 1}}\n", "{unclosed"])
 def test_unusable_files_are_reported(tmp_path, content):
     path = tmp_path / "config.yaml"

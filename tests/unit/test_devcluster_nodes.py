@@ -102,6 +102,9 @@ def test_kwok_plays_the_offline_stage_on_the_annotation_offline_sets_and_answers
     assert node_offline["weight"] > 0, "it must win over kwok's default node stages (weight 0)"
     template = node_offline["next"]["patches"][0]["template"]
     assert offline.OFFLINE_ACK in template and f'"{offline.OFFLINE}"' in template
+    frozen = stages["pod-on-offline-node"]["spec"]
+    assert frozen["selector"] == node_offline["selector"] and frozen["weight"] > 0 and frozen["next"] == {}, \
+        "an offline node's pods: no stage of kwok's plays on them"
     # kwok loads its default stages and these; the controller-manager marks a silent node after 30 s.
     ports = dict.fromkeys(("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"), 1)
     commands = component_commands(Path("/bin-dir"), Path("/run-dir"), ports)

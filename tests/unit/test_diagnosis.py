@@ -76,8 +76,11 @@ def test_unschedulable_pod_is_attributed_to_the_node_the_daemon_set_pinned_it_to
     assert (found.node, found.message) == ("edge-gpu-1", "Insufficient nvidia.com/gpu")
 
 
-def test_a_pod_on_a_node_that_is_not_ready():
-    assert reason(pod_problem(pod("edge-0"), "cpu", not_ready_nodes={"edge-0"})) == "NodeNotReady"
+def test_a_pod_on_an_offline_node_is_no_problem_of_the_model():
+    """The status reports offline nodes apart (NodesOffline); the model is not Degraded because of them."""
+    crashed = pod("edge-0", containers=[terminated("runtime", 1, "boom")])
+    assert pod_problem(crashed, "cpu", not_ready_nodes={"edge-0"}) is None
+    assert reason(pod_problem(crashed, "cpu", not_ready_nodes={"edge-1"})) == "RuntimeFailed"
 
 
 def test_messages_are_the_last_log_line_and_short():

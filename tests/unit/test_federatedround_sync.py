@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -18,6 +19,7 @@ from edgeloop.handlers.shared import ALL_NODES
 from edgeloop.kube import KubeError
 from edgeloop.nodes import NodeInfo
 from edgeloop.render.certificates import decode
+from edgeloop.status.diagnosis import RoundPod
 from edgeloop.status.federatedround import JobState, parse_report
 from edgeloop.testing import FakeKube
 from fr_factories import SHA_TRAINED, report
@@ -52,7 +54,8 @@ class World:
         self.kube = FakeKube()
         self.kube.put(body or federated_round())
         self.kube.put(inference_model())
-        self.rounds, self.jobs, self.services, self.secrets = {}, {}, {}, {}
+        self.rounds, self.jobs, self.services, self.secrets, self.pods = {}, {}, {}, {}, {}
+        self.pod_objects: list[dict] = []  # the round's pods, as the watch shows them
         self.nodes = {ALL_NODES: [NodeInfo.from_object(node(name)) for name in nodes]}
         self.namespaces = {KEY[0]: [True]}
         self.report: dict | None = None  # what GET /v1/status answers; None: unreachable
@@ -67,6 +70,7 @@ class World:
             jobs=self.jobs,
             services=self.services,
             nodes=self.nodes,
+            pods=self.pods,
             namespaces=self.namespaces,
             coalesce_seconds=0,
             read_report=self.read_report,
@@ -100,6 +104,7 @@ class World:
             for (kind, _, _), o in self.kube.objects.items()
             if kind == "Service"
         ]
+        self.pods[KEY] = [RoundPod.from_object(pod) for pod in self.pod_objects]
 
     def sync(self):
         asyncio.run(self.controller.runner.run(KEY))
@@ -109,8 +114,10 @@ class World:
     def status(self):
         return self.kube.objects[ROUND].get("status", {})
 
-    def conditions(self):
-        return {c["type"]: (c["status"], c["reason"]) for c in self.status.get("conditions", [])}
+    def conditions(self, *types):
+        """By type, (status, reason), by default of all but Degraded (stuck pods, tested apart)."""
+        types = types or ("Started", "Succeeded", "Promoted")
+        return {c["type"]: (c["status"], c["reason"]) for c in self.status.get("conditions", []) if c["type"] in types}
 
     @property
     def model(self):
@@ -542,3 +549,87 @@ def test_a_round_of_a_model_served_as_tflite_fails_with_the_reason():
     assert world.conditions()["Started"] == ("False", "UnsupportedModelFormat")
     message = {c["type"]: c["message"] for c in world.status["conditions"]}["Succeeded"]
     assert "InferenceModel digits serves a tflite model" in message
+# ---- stuck pods, seen within seconds
+
+
+def round_pod(name: str, job: str, role: str, *, node: str = "edge-a", waiting: tuple[str, str] | None = None,
+              last_exit: tuple[int, str] | None = None, scheduled_seconds_ago: float = 0) -> dict:
+    """A pod of the round's Job `job` as the watch delivers it: waiting for a reason, or still being created."""
+    scheduled = (datetime.now(UTC) - timedelta(seconds=scheduled_seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    state = {"waiting": {"reason": waiting[0], "message": waiting[1]}} if waiting else {
+        "waiting": {"reason": "ContainerCreating"}}
+    container = {"name": role, "ready": False, "state": state, "restartCount": 0}
+    if last_exit:
+        container["lastState"] = {"terminated": {"exitCode": last_exit[0], "message": last_exit[1]}}
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}", "labels": {"edgeloop.io/role": role},
+                     "ownerReferences": [{"kind": "Job", "uid": f"uid-Job-{job}", "controller": True}]},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Pending", "containerStatuses": [container],
+                   "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled}]},
+    }
+
+
+def test_a_stuck_aggregator_pod_is_degraded_with_its_own_message_and_recovers():
+    world = started_world()
+    world.pod_objects = [round_pod("r1-aggregator-x", "r1-aggregator", "aggregator", waiting=(
+        "ImagePullBackOff", 'Back-off pulling image "registry.example/edgeloop/runtime-federated:0.1.0"'))]
+    world.refresh()
+    world.sync()
+    degraded = next(c for c in world.status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ImagePullFailed")
+    assert degraded["message"] == ('the aggregator pod r1-aggregator-x on node edge-a: Back-off pulling image '
+                                   '"registry.example/edgeloop/runtime-federated:0.1.0"')
+    assert ("FederatedRound", "Warning", "ImagePullFailed") in world.events
+    assert world.status["phase"] == "Running", "only diagnosed: a pull may succeed yet"
+
+    world.pod_objects = []
+    world.refresh()
+    world.sync()
+    assert world.conditions("Degraded") == {"Degraded": ("False", "AsExpected")}
+    assert ("FederatedRound", "Normal", "Recovered") in world.events
+
+
+@pytest.mark.parametrize(("pod", "reason", "message"), [
+    (dict(waiting=("CreateContainerConfigError", 'secret "edgeloop-store-token" not found')),
+     "ContainerCreateFailed", 'secret "edgeloop-store-token" not found'),
+    (dict(waiting=("CrashLoopBackOff", "back-off 10s restarting failed container"),
+          last_exit=(1, "ValueError: /data holds no .npz file")),
+     "CrashLooping", "ValueError: /data holds no .npz file"),
+])
+def test_a_stuck_client_pod_is_named_with_its_node_and_reason(pod, reason, message):
+    world = started_world()
+    world.pod_objects = [round_pod("r1-client-1-y", "r1-client-1", "client", node="edge-b", **pod)]
+    world.refresh()
+    world.sync()
+    degraded = next(c for c in world.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == reason
+    assert degraded["message"] == f"the client pod r1-client-1-y on node edge-b: {message}"
+
+
+def test_a_pod_that_cannot_mount_its_volumes_is_told_by_the_kubelets_event():
+    world = started_world()
+    world.pod_objects = [
+        round_pod("r1-client-0-a", "r1-client-0", "client", scheduled_seconds_ago=1),
+        round_pod("r1-client-2-c", "r1-client-2", "client", node="edge-c", scheduled_seconds_ago=30),
+    ]
+    world.kube.events = [{"reason": "FailedMount", "lastTimestamp": "2026-12-01T10:00:00Z",
+                          "message": 'MountVolume.SetUp failed for volume "data" : hostPath type check failed: '
+                                     "/var/lib/edgeloop/data/digits is not a directory"}]
+    world.refresh()
+    world.kube.calls.clear()
+    world.sync()
+    degraded = next(c for c in world.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "MountFailed"
+    assert degraded["message"].startswith("the client pod r1-client-2-c on node edge-c: MountVolume.SetUp failed")
+    events_listed = [c for c in world.kube.calls if c[:2] == ("list", "events")]
+    assert events_listed == [("list", "events", "involvedObject.uid=uid-r1-client-2-c,reason=FailedMount")], (
+        "only the pod that has waited past the grace")
+
+
+def test_pods_of_an_earlier_round_of_the_same_name_are_not_this_rounds():
+    world = started_world()
+    world.pod_objects = [round_pod("r1-aggregator-old", "gone", "aggregator", waiting=("ErrImagePull", "no"))]
+    world.refresh()
+    world.sync()
+    assert world.conditions("Degraded") == {"Degraded": ("False", "AsExpected")}

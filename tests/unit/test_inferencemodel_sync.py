@@ -13,7 +13,7 @@ from edgeloop import config
 from edgeloop.handlers.inferencemodel import InferenceModels, ServiceState
 from edgeloop.handlers.shared import ALL_NODES
 from edgeloop.kube import KubeError
-from edgeloop.names import ACCELERATOR_LABEL, RENDER_HASH
+from edgeloop.names import ACCELERATOR_LABEL, MODEL_VERSION_ANNOTATION, RENDER_HASH, TEMPLATE_LABEL
 from edgeloop.nodes import NodeInfo
 from edgeloop.status.inferencemodel import DaemonSetState
 from edgeloop.testing import FakeKube
@@ -36,6 +36,7 @@ class World:
         self.counts: dict[str, tuple[int, int]] = {}
         self.extra_pods: list[dict] = []  # besides one ready pod per variant with ready nodes
         self.in_use: dict[str, str] = {}  # what a class's runtime reports; default: the providers configured
+        self.ready_pod = True  # a ready pod of the current template on each variant's first node
         self.events = []
         self.controller = InferenceModels(
             config=operator_config or config.build(), kube=self.kube, models=self.models,
@@ -47,17 +48,19 @@ class World:
         self.refresh()
 
     def refresh(self, **counts_by_class):
-        """Let the watches catch up; DaemonSets of a class get (desired, ready) from now on, default (1, 1)."""
+        """Let the watches catch up; DaemonSets of a class get (desired, ready[, updated]) from now on, default
+        (1, 1)."""
         self.counts.update(counts_by_class)
         self.models[KEY] = [copy.deepcopy(self.kube.objects[MODEL])]
         daemon_sets = []
         for (kind, _, _), obj in self.kube.objects.items():
             if kind == "DaemonSet":
                 accelerator = obj["metadata"]["labels"]["edgeloop.io/accelerator"]
-                desired, ready = self.counts.get(accelerator, (1, 1))
-                daemon_sets.append(DaemonSetState.from_object(daemon_set_status(obj, desired=desired, ready=ready)))
+                desired, ready, *updated = self.counts.get(accelerator, (1, 1))
+                live = daemon_set_status(obj, desired=desired, ready=ready, updated=updated[0] if updated else None)
+                daemon_sets.append(DaemonSetState.from_object(live))
         self.daemon_sets[KEY] = daemon_sets
-        self.kube.pods = [*self.ready_pods(), *self.extra_pods]
+        self.kube.pods = [*(self.ready_pods() if self.ready_pod else ()), *self.extra_pods]
         self.services[KEY] = [
             ServiceState(o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["annotations"][RENDER_HASH])
             for (kind, _, _), o in self.kube.objects.items() if kind == "Service"
@@ -373,3 +376,106 @@ def test_an_image_outside_the_allowlist_is_degraded_and_nothing_is_applied():
     degraded = next(c for c in world.kube.objects[MODEL]["status"]["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ImageNotAllowed")
     assert "docker.io/evil/miner:1 is not in allowedImages" in degraded["message"]
+# ---- rollouts: old pods replaced by the operator, on reachable nodes
+
+
+def old_pod(node: str, template: str, *, ready: bool = True, name: str = "old") -> dict:
+    labels = {**dict(term.split("=") for term in CPU_PODS.split(",")), TEMPLATE_LABEL: template}
+    return {
+        "metadata": {"name": f"{name}-{node}", "uid": f"uid-{name}-{node}", "labels": labels,
+                     "annotations": {MODEL_VERSION_ANNOTATION: "3"}, "creationTimestamp": "2026-11-28T09:00:00Z"},
+        "spec": {"nodeName": node},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
+
+
+def pod_deletions(world):
+    return [c[2] for c in world.kube.writes() if c[0] == "delete" and c[1] == "pods"]
+
+
+def test_a_new_version_replaces_old_pods_on_reachable_nodes_only_and_reports_the_offline_ones():
+    cpu_only = {"placement": {"accelerators": ["cpu"]}, "rollout": {"maxUnavailable": 1}}
+    world = World(body=inference_model(**cpu_only))
+    unreachable = {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
+    world.nodes[ALL_NODES] = [
+        *(NodeInfo(f"edge-cpu-{i}", {}) for i in range(4)),
+        NodeInfo("edge-cpu-4", {}, taints=(unreachable,), ready=False, unreachable=True,
+                 ready_since="2026-11-28T09:30:00Z"),
+    ]
+    world.reconcile()
+    old_template = world.kube.objects[("DaemonSet", "edge", "digits-cpu")]["spec"]["template"]["metadata"][
+        "labels"][TEMPLATE_LABEL]
+    world.edit(model={"sha256": SHA_B, "version": "4"}, **cpu_only)
+    world.reconcile()
+    # The DaemonSet (OnDelete) made a pod of the new template on edge-cpu-0 only; the rest are old.
+    world.extra_pods = [old_pod(f"edge-cpu-{i}", old_template) for i in (1, 2, 3)]
+    world.extra_pods.append(old_pod("edge-cpu-4", old_template, ready=False))
+    world.refresh(cpu=(4, 4, 1))
+    world.kube.calls.clear()
+    world.resync()
+
+    assert pod_deletions(world) == ["old-edge-cpu-1"], "maxUnavailable 1 of the 4 reachable nodes; never edge-cpu-4"
+    status = world.kube.objects[MODEL]["status"]
+    assert status["offlineNodes"] == [{"node": "edge-cpu-4", "accelerator": "cpu", "reason": "Unreachable",
+                                       "since": "2026-11-28T09:30:00Z", "version": "3", "updated": False}]
+    assert (status["offlineNodeCount"], status["desiredNodes"], status["updatedNodes"]) == (1, 5, 1)
+    assert status["rollout"]["state"] == "RollingOut"
+    assert next(c for c in status["conditions"] if c["type"] == "Degraded")["status"] == "False"
+
+    # Until the DaemonSet's counts move, its pods are not listed again, and nothing more is deleted.
+    world.kube.calls.clear()
+    world.resync()
+    assert world.kube.calls == []
+
+
+def test_a_model_with_nothing_to_replace_lists_no_pod():
+    """A burst of new models: their pods are all of the current template, however unready."""
+    world = World()
+    world.reconcile()
+    world.refresh(cpu=(3, 1))
+    world.kube.calls.clear()
+    world.resync()
+    assert not diagnosis_lists(world)
+    assert world.kube.objects[MODEL]["status"]["rollout"]["state"] == "RollingOut"
+    world.refresh(cpu=(3, 3))
+    world.resync()
+    assert world.kube.objects[MODEL]["status"]["rollout"]["state"] == "Complete"
+
+
+def test_a_canary_that_cannot_be_scheduled_halts_the_rollout_though_no_count_moves():
+    now = [0.0]
+    spec = {"placement": {"accelerators": ["cpu"]}, "rollout": {"waves": [1], "pauseSeconds": 10}}
+    world = World(body=inference_model(**spec), clock=lambda: now[0], diagnosis_interval=15)
+    world.nodes[ALL_NODES] = [NodeInfo(f"edge-cpu-{i}", {}) for i in range(4)]
+    world.ready_pod = False
+    world.reconcile()
+    old = world.kube.objects[("DaemonSet", "edge", "digits-cpu")]["spec"]["template"]["metadata"]["labels"][
+        TEMPLATE_LABEL]
+    world.edit(model={"sha256": SHA_B, "version": "4"}, **spec)
+    world.reconcile()
+    new = world.kube.objects[("DaemonSet", "edge", "digits-cpu")]["spec"]["template"]["metadata"]["labels"][
+        TEMPLATE_LABEL]
+    world.extra_pods = [old_pod(f"edge-cpu-{i}", old) for i in range(4)]
+    world.refresh(cpu=(4, 4, 0))
+    world.resync()
+    assert pod_deletions(world) == ["old-edge-cpu-0"], "the canary"
+
+    # Its successor waits for the scheduler; then the scheduler finds no room, which moves no count.
+    canary = old_pod("edge-cpu-0", new, ready=False, name="new")
+    world.extra_pods[0] = canary
+    world.refresh(cpu=(4, 3, 1))
+    now[0] = 1
+    world.resync()
+    assert world.kube.objects[MODEL]["status"]["rollout"]["state"] == "RollingOut"
+    canary["status"]["conditions"].append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                           "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."})
+    world.refresh()
+    now[0] = 16
+    world.kube.calls.clear()
+    world.resync()
+    rollout = world.kube.objects[MODEL]["status"]["rollout"]
+    assert (rollout["state"], rollout["reason"]) == ("Halted", "Unschedulable")
+    assert "new-edge-cpu-0 on node edge-cpu-0 (cpu): 0/4 nodes are available" in rollout["message"]
+    assert pod_deletions(world) == []
+    assert ("Warning", "RolloutHalted") in world.events
+    assert [c for c in world.kube.calls if c[0] == "list"] == [("list", "pods", CPU_PODS)], "one list, not two"

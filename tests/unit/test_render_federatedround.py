@@ -116,6 +116,32 @@ def test_one_client_job_pinned_to_each_selected_node():
     assert tuple(pinned) == NODES
 
 
+def test_the_aggregator_goes_where_spec_aggregator_says_with_its_own_resources():
+    pinned = spec(
+        aggregator={
+            "nodeSelector": {"node-role.kubernetes.io/control-plane": "true"},
+            "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",
+                             "effect": "NoSchedule"}],
+            "resources": {"requests": {"cpu": "500m"}, "limits": {"memory": "1Gi"}},
+        },
+        runtime={"resources": {"requests": {"cpu": "100m"}}},
+    )
+    manifests = render(OWNER, pinned, config.build(), START)
+    aggregator = pod(manifests.aggregator)
+    assert aggregator["nodeSelector"] == {"node-role.kubernetes.io/control-plane": "true"}
+    assert aggregator["tolerations"] == [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists",
+                                          "effect": "NoSchedule"}]
+    assert container(manifests.aggregator)["resources"] == {"requests": {"cpu": "500m"}, "limits": {"memory": "1Gi"}}
+    for client in manifests.clients:
+        assert "nodeSelector" not in pod(client) and "tolerations" not in pod(client)
+        assert container(client)["resources"] == {"requests": {"cpu": "100m"}}
+
+    # Unset: anywhere, with the runtime's resources.
+    default = render(OWNER, spec(runtime={"resources": {"requests": {"cpu": "100m"}}}), config.build(), START)
+    assert "nodeSelector" not in pod(default.aggregator) and "tolerations" not in pod(default.aggregator)
+    assert container(default.aggregator)["resources"] == {"requests": {"cpu": "100m"}}
+
+
 def test_a_named_dataset_is_the_directory_of_that_name_in_the_namespaces_data_on_the_node():
     assert example_spec()["dataset"] == {"name": "digits"}
     for job in rendered_example().clients:
@@ -197,12 +223,14 @@ def test_a_client_that_learns_the_round_failed_fails_its_job_at_once():
     assert pod(rendered_example().clients[0])["restartPolicy"] == "Never"
 
 
-def test_a_crashed_aggregator_restarts_in_its_pod_where_the_checkpoint_is():
+def test_a_crashed_aggregator_restarts_in_its_pod_where_the_checkpoint_is_and_a_lost_one_resumes_from_the_store():
     aggregator = rendered_example().aggregator
     assert pod(aggregator)["restartPolicy"] == "OnFailure"
     volumes = {v["name"]: v for v in pod(aggregator)["volumes"]}
     assert "emptyDir" in volumes["state"]
     assert str(parsed(aggregator).state_dir) == "/state"
+    # The store keeps every round's checkpoint under a ref unique to this round (fed's C4 flag).
+    assert parsed(aggregator).checkpoint_ref == f"edge.digits-round-1.{OWNER.uid}"
     assert volumes["store-token"]["secret"] == {
         "secretName": "edgeloop-store-token",
         "items": [{"key": "token", "path": "token"}],
@@ -320,3 +348,16 @@ def test_with_tls_disabled_the_jobs_speak_plain_http_without_certificates():
         args = parsed(job)
         assert args.aggregator.startswith("http://") and args.tls_cert is None
         assert "tls" not in volumes(job)
+
+
+def test_with_the_stores_ca_the_aggregator_trusts_it_for_its_store_and_its_model():
+    store = config.build({"storeCaConfigMap": "edgeloop-store-ca",
+                          "storeUrl": "https://edgeloop-store.edgeloop-system.svc:8000"})
+    aggregator = render(OWNER, spec(), store, START).aggregator
+    args = parsed(aggregator)
+    assert args.store == "https://edgeloop-store.edgeloop-system.svc:8000"
+    assert str(args.store_ca_cert) == "/etc/edgeloop/store-ca/ca.crt"
+    assert mounts(aggregator)["store-ca"] == {"name": "store-ca", "mountPath": "/etc/edgeloop/store-ca",
+                                               "readOnly": True}
+    assert volumes(aggregator)["store-ca"] == {"name": "store-ca", "configMap": {"name": "edgeloop-store-ca"}}
+    assert parsed(rendered_example().aggregator).store_ca_cert is None

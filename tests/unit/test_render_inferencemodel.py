@@ -118,7 +118,8 @@ def test_restricted_security_context_and_probes():
         mounts = {m["mountPath"]: m for m in runtime["volumeMounts"]}
         assert mounts["/var/lib/edgeloop/models"].get("readOnly") is True, (
             "only the verifying init container writes the models")
-        assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
+        # The operator replaces pods itself, in waves, on reachable nodes (status/rollout.py).
+        assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
 
 
 def test_every_container_has_a_memory_limit_by_default_and_the_spec_decides_for_what_it_names():
@@ -214,6 +215,9 @@ def test_the_runtime_parses_the_rendered_command_lines():
         assert (served.max_batch_size, served.batch_window_us, served.threads) == (16, 500, 1)
         assert served.execution_providers.split(",")[-1] == "CPUExecutionProvider"
         assert served.allow_cpu_fallback is False
+        # Its metrics say which variant and node they come from.
+        assert served.accelerator == ds["metadata"]["labels"]["edgeloop.io/accelerator"]
+        assert runtime["env"] == [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
         ports = {p["name"]: p["containerPort"] for p in runtime["ports"]}
         assert ports == {"http": served.http_port, "grpc": served.grpc_port}
 
@@ -322,3 +326,20 @@ def test_the_format_and_the_instances_reach_the_runtime():
     args = served(manifests, "digits-cpu")
     assert (args.format, args.model_instances) == ("tflite", 3)
     assert served(render(OWNER, spec(), config.build()), "digits-cpu").model_instances == 0, "unset: automatic"
+
+
+def test_with_the_stores_ca_a_fetch_over_https_trusts_it():
+    """The chart's store serves HTTPS with a CA of its own, published in each workload namespace."""
+    from edgeloop_runtime.cli import build_parser
+
+    store = config.build({"storeCaConfigMap": "edgeloop-store-ca"})
+    uri = "https://edgeloop-store.edgeloop-system.svc:8000/sha256/" + "a" * 64
+    ds = next(iter(render(OWNER, spec(model={"uri": uri}), store).daemon_sets.values()))
+    pod = ds["spec"]["template"]["spec"]
+    [fetch] = pod["initContainers"]
+    assert build_parser(only="fetch").parse_args(fetch["args"]).ca_cert == Path("/etc/edgeloop/store-ca/ca.crt")
+    assert {"name": "store-ca", "mountPath": "/etc/edgeloop/store-ca", "readOnly": True} in fetch["volumeMounts"]
+    assert {"name": "store-ca", "configMap": {"name": "edgeloop-store-ca"}} in pod["volumes"]
+    http = spec(model={"uri": "http://models.example/digits.onnx"})
+    plain = next(iter(render(OWNER, http, store).daemon_sets.values()))["spec"]["template"]["spec"]
+    assert all(v["name"] != "store-ca" for v in plain["volumes"]), "an http:// model needs no CA"

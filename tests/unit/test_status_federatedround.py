@@ -54,8 +54,10 @@ def status(previous=None, *, agg=None, reported=None, error="", promotion=None, 
     )
 
 
-def conditions(result):
-    return {c.type: (c.status, c.reason) for c in result.conditions}
+def conditions(result, *types):
+    """By type, (status, reason) of the conditions of `types`, by default of all but Degraded (tested apart)."""
+    types = types or ("Started", "Succeeded", "Promoted")
+    return {c.type: (c.status, c.reason) for c in result.conditions if c.type in types}
 
 
 def test_a_waiting_round_is_pending_and_says_why():
@@ -181,7 +183,7 @@ def test_transition_times_stay_while_a_condition_holds():
         now="2026-11-28T11:00:00Z",
     )
     assert later.round == 3
-    assert [c.last_transition_time for c in later.conditions] == [NOW] * 3
+    assert [c.last_transition_time for c in later.conditions] == [NOW] * 4
 
 
 # ---- the gate
@@ -281,3 +283,36 @@ def test_the_runtime_aggregators_own_status_parses(tmp_path):
 def test_anything_else_is_not_a_report(text):
     with pytest.raises(ValueError):
         parse_report(text)
+
+
+def test_the_aggregator_stuck_comes_first_and_the_others_are_counted():
+    from edgeloop.status.diagnosis import RoundPod
+    from edgeloop.status.federatedround import stuck
+
+    pods = [
+        RoundPod("r-client-0-a", "u0", "j0", "client", "edge-a", "ImagePullFailed", "no such image"),
+        RoundPod("r-client-1-b", "u1", "j1", "client", "edge-b", creating_since="2026-11-28T10:00:00Z"),
+        RoundPod("r-aggregator-c", "u2", "j2", "aggregator", "", "Unschedulable", "0/6 nodes are available"),
+    ]
+    found = stuck(pods, {"u1": "secret not found"})
+    assert (found.status, found.reason) == ("True", "Unschedulable")
+    assert found.message == "the aggregator pod r-aggregator-c: 0/6 nodes are available (and 2 more stuck pods)"
+    assert stuck(pods[1:2], {}).status == "False"
+
+
+def test_degraded_says_round_ended_once_it_succeeded_but_keeps_what_was_stuck_when_it_failed():
+    from edgeloop.status import ConditionUpdate
+
+    stuck_pod = ConditionUpdate("Degraded", "True", "MountFailed", "the client pod …")
+    running = compute(generation=1, spec=spec(), round_name=OWNER.name, nodes=NODES, base_model=BASE,
+                      aggregator=aggregator(), report=AggregatorReport.model_validate(report()), report_error="",
+                      promotion=None, previous=FederatedRoundStatus(), now=NOW, degraded=stuck_pod)
+    assert conditions(running, "Degraded") == {"Degraded": ("True", "MountFailed")}
+    failed = compute(generation=1, spec=spec(), round_name=OWNER.name, nodes=NODES, base_model=BASE,
+                     aggregator=aggregator(finished="Failed"), report=None, report_error="", promotion=None,
+                     previous=running, now=NOW, degraded=stuck_pod)
+    assert conditions(failed, "Degraded") == {"Degraded": ("True", "MountFailed")}
+    succeeded = compute(generation=1, spec=spec(), round_name=OWNER.name, nodes=NODES, base_model=BASE,
+                        aggregator=aggregator(), report=AggregatorReport.model_validate(report("Succeeded")),
+                        report_error="", promotion=None, previous=running, now=NOW, degraded=stuck_pod)
+    assert conditions(succeeded, "Degraded") == {"Degraded": ("False", "RoundEnded")}

@@ -239,3 +239,99 @@ def test_the_runtimes_answer_parses(answer, expected):
 def test_anything_else_is_refused(answer):
     with pytest.raises(ValueError):
         parse_providers(answer)
+
+
+def offline_fleets(*offline, template="t-cpu", counted=False, pod_template="old"):
+    """The cpu variant with offline nodes (each with a pod of `pod_template`, version 1 when old)."""
+    from edgeloop.status.rollout import OfflineView, PodView, VariantFleet
+
+    pods = tuple(
+        PodView(name=f"p-{node}", uid=f"u-{node}", node=node, template=pod_template,
+                version="1" if pod_template == "old" else "3", created="", ready=False, restarts=0, deleting=False)
+        for node in offline
+    )
+    views = tuple(OfflineView(node, node != "edge-cpu-9", f"2026-11-28T09:0{i}:00Z", counted)
+                  for i, node in enumerate(offline))
+    return {"digits-cpu": VariantFleet("cpu", "digits-cpu", template, desired=2, ready=2, complete=True, pods=pods,
+                                       offline=views)}
+
+
+def test_offline_nodes_are_not_a_fault_of_the_model():
+    """Every reachable node serves; two are offline with the old version: NodesOffline, not Degraded."""
+    result = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), fleets=offline_fleets("edge-cpu-8", "edge-cpu-9"))
+    assert conditions(result) == {
+        "Ready": ("True", "NodesOffline"), "Progressing": ("False", "NodesOffline"),
+        "Degraded": ("False", "NodesOffline"),
+    }
+    assert (result.desired_nodes, result.ready_nodes, result.nodes, result.updated_nodes) == (8, 6, "6/8", 6)
+    assert result.offline_node_count == 2 and result.variants[2].offline == 2
+    assert [(n.node, n.accelerator, n.reason, n.since, n.version, n.updated) for n in result.offline_nodes] == [
+        ("edge-cpu-8", "cpu", "Unreachable", "2026-11-28T09:00:00Z", "1", False),
+        ("edge-cpu-9", "cpu", "NotReady", "2026-11-28T09:01:00Z", "1", False),
+    ]
+    progressing = condition(result.conditions, "Progressing").message
+    assert progressing == (
+        "every reachable node runs version 3; 2 offline nodes run an older one and update when they return: "
+        "edge-cpu-8 (unreachable since 2026-11-28T09:00:00Z, version 1), "
+        "edge-cpu-9 (notready since 2026-11-28T09:01:00Z, version 1)"
+    )
+    assert "edge-cpu-8" in condition(result.conditions, "Ready").message
+    assert "edge-cpu-8" in condition(result.conditions, "Degraded").message
+
+
+def test_offline_nodes_that_run_the_current_version_leave_the_rollout_complete():
+    result = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)),
+                    fleets=offline_fleets("edge-cpu-8", pod_template="t-cpu"))
+    assert conditions(result)["Progressing"] == ("False", "RolloutComplete")
+    assert conditions(result)["Ready"] == ("True", "NodesOffline")
+    assert result.updated_nodes == 7 and result.offline_nodes[0].updated
+
+
+def test_an_offline_node_the_daemon_set_still_counts_is_counted_once():
+    """Before the node lifecycle controller's NoSchedule taint lands, the DaemonSet counts the node itself."""
+    result = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(3, 2, 3)), fleets=offline_fleets("edge-cpu-8", counted=True))
+    assert (result.desired_nodes, result.offline_node_count) == (7, 1)
+
+
+def test_every_node_offline():
+    result = status(fleet(npu=(0, 0), gpu=(0, 0), cpu=(0, 0)), fleets=offline_fleets("edge-cpu-8"))
+    assert conditions(result)["Ready"] == ("False", "NodesOffline")
+    assert conditions(result)["Degraded"] == ("False", "NodesOffline"), "no NoMatchingNodes either"
+
+
+def test_a_halted_rollout_is_degraded_and_says_why():
+    from edgeloop.api.inferencemodel import RolloutStatus
+
+    halted = RolloutStatus(revision="r", state="Halted", wave=1, waves=3, reason="FetchFailed",
+                           message="wave 1/3 halted (FetchFailed): the new pod p on node edge-cpu-0 (cpu): refused")
+    result = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2, 1)), rollout=halted)
+    assert conditions(result) == {
+        "Ready": ("False", "RolloutHalted"), "Progressing": ("False", "RolloutHalted"),
+        "Degraded": ("True", "RolloutHalted"),
+    }
+    assert condition(result.conditions, "Degraded").message == halted.message
+    assert result.rollout == halted
+    assert ("Warning", "RolloutHalted") in [(e.type, e.reason) for e in transitions(InferenceModelStatus(), result)]
+
+
+def test_a_rollout_in_waves_says_where_it_stands():
+    from edgeloop.api.inferencemodel import RolloutStatus
+
+    paused = RolloutStatus(revision="r", state="Paused", wave=1, waves=3, healthy_since="2026-11-28T09:59:50Z")
+    result = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2, 1)),
+                    model_spec=spec(rollout={"waves": [1, "50%"], "pauseSeconds": 30}), rollout=paused)
+    assert condition(result.conditions, "Progressing").message == (
+        "wave 1/3 done, its new pods watched for 30 s before the next wave: 5/6 nodes updated to version 3")
+
+
+def test_events_of_offline_nodes_and_waves():
+    from edgeloop.api.inferencemodel import RolloutStatus
+
+    ready = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)))
+    offline = status(fleet(npu=(2, 2), gpu=(2, 2), cpu=(2, 2)), fleets=offline_fleets("edge-cpu-8"), previous=ready)
+    assert [(e.type, e.reason) for e in transitions(ready, offline)] == [("Normal", "NodesOffline")]
+    assert transitions(offline, offline) == []
+
+    one = ready.model_copy(update={"rollout": RolloutStatus(revision="r", wave=1, waves=3)})
+    two = ready.model_copy(update={"rollout": RolloutStatus(revision="r", wave=2, waves=3)})
+    assert [(e.reason, e.message) for e in transitions(one, two)] == [("WaveStarted", "wave 2/3 of the rollout")]

@@ -94,8 +94,12 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{- $_ := set $config "datasetClaim" .Values.datasets.claimName }}
 {{- end }}
 {{- if .Values.store.enabled }}
-{{- $_ := set $config "storeUrl" (printf "http://%s-store.%s.svc:%d" (include "edgeloop.fullname" .) .Release.Namespace (int .Values.store.service.port)) }}
+{{- $scheme := ternary "https" "http" .Values.store.tls.enabled }}
+{{- $_ := set $config "storeUrl" (printf "%s://%s-store.%s.svc:%d" $scheme (include "edgeloop.fullname" .) .Release.Namespace (int .Values.store.service.port)) }}
 {{- $_ := set $config "storeTokenSecret" (include "edgeloop.storeTokenSecret" .) }}
+{{- if .Values.store.tls.enabled }}
+{{- $_ := set $config "storeCaConfigMap" (include "edgeloop.storeCaConfigMap" .) }}
+{{- end }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -103,6 +107,14 @@ equal): a built-in class removed from the values (set to null) is removed with a
 {{/* Namespaces that get the per-namespace objects, as a list. */}}
 {{- define "edgeloop.workloadNamespaces" -}}
 {{- toJson (default .Values.watchNamespaces .Values.workloadNamespaces | uniq) }}
+{{- end }}
+
+{{- define "edgeloop.storeTlsSecret" -}}
+{{- printf "%s-store-tls" (include "edgeloop.fullname" .) }}
+{{- end }}
+
+{{- define "edgeloop.storeCaConfigMap" -}}
+{{- printf "%s-store-ca" (include "edgeloop.fullname" .) }}
 {{- end }}
 
 {{- define "edgeloop.storeTokenSecret" -}}

@@ -208,6 +208,24 @@ class RoundRuntime(ApiModel):
     )
 
 
+class Aggregator(ApiModel):
+    """Where the round's aggregator runs: e.g. pinned to a k3s server node, away from the edge nodes that come
+    and go. Its checkpoint outlives its pod (docs/federatedround.md), so a lost node costs no finished round."""
+
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the aggregator's node must have, e.g. node-role.kubernetes.io/control-plane: "
+        "\"true\".",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations of the aggregator pod."
+    )
+    resources: ResourceRequirements = section(
+        ResourceRequirements, "Compute resources of the aggregator container; empty: runtime.resources."
+    )
+
+
 class FederatedRoundSpec(ApiModel):
     """The desired run. It is immutable: a FederatedRound is one run, and another run is another object."""
 
@@ -253,6 +271,7 @@ class FederatedRoundSpec(ApiModel):
     )
     promote: Promote = section(Promote, "The promotion gate.")
     runtime: RoundRuntime = section(RoundRuntime, "Image and resources of the round's pods.")
+    aggregator: Aggregator = section(Aggregator, "Where the aggregator runs, and its resources.")
 
 
 class ParticipantsStatus(ApiModel):
@@ -305,7 +324,7 @@ class FederatedRoundStatus(ApiModel):
     promoted: bool = Field(default=False, description="Whether modelRef's InferenceModel now serves the result.")
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Started, Succeeded and Promoted.",
+        description="Started, Succeeded, Promoted and Degraded (a pod of the round is stuck, and why).",
         json_schema_extra=CONDITIONS_LIST,
     )
 

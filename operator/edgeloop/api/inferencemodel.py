@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from edgeloop.api.common import (
     CONDITIONS_LIST,
@@ -24,6 +25,8 @@ from edgeloop.api.common import (
 # DNS-1035 labels of at most 63 characters, which leaves this much for the name.
 MAX_NAME_LENGTH = 47
 MAX_CLASS_NAME_LENGTH = 15
+# Fewer inference requests than this on a wave's sampled pods say nothing about its error rate.
+MIN_REQUESTS_FOR_ERROR_RATE = 20
 
 AcceleratorClassName = Annotated[
     str,
@@ -109,22 +112,74 @@ class Serving(ApiModel):
     )
 
 
-class Rollout(ApiModel):
-    """How a new model or configuration reaches the fleet."""
+# A number of nodes: a count of at least 1, or a percentage of a variant's reachable nodes (rounded up).
+COUNT_OR_PERCENT = r"^([1-9][0-9]?|100)%$"
 
-    max_unavailable: int | str = Field(
+
+def _count_or_percent(value: int | str) -> int | str:
+    if (isinstance(value, int) and value < 1) or (isinstance(value, str) and not re.match(COUNT_OR_PERCENT, value)):
+        raise ValueError(f"{value!r} is neither a count of at least 1 nor a percentage from 1% to 100%")
+    return value
+
+
+def count_or_percent(what: str) -> Any:
+    """The type of a number of nodes: int-or-string, checked by the API server (CEL) and by pydantic."""
+    return Annotated[
+        int | str,
+        AfterValidator(_count_or_percent),
+        Field(
+            json_schema_extra={
+                "x-kubernetes-int-or-string": True,
+                "maxLength": 4,  # "100%"; bounds the cost of the rule below
+                "x-kubernetes-validations": [
+                    cel(
+                        f"type(self) == int ? self >= 1 : self.matches('{COUNT_OR_PERCENT}')",
+                        f"{what} must be a count of at least 1 or a percentage from 1% to 100%",
+                    ),
+                ],
+            }
+        ),
+    ]
+
+
+MAX_WAVES = 10
+
+
+class Rollout(ApiModel):
+    """How a new model or configuration reaches the fleet: the operator replaces pods in waves, on the nodes it
+    can reach, and leaves offline nodes until they return."""
+
+    max_unavailable: count_or_percent("maxUnavailable") = Field(
         default="10%",
-        description="How many nodes of each variant may be updating at once: a count (at least 1) or a "
-        "percentage such as 10%.",
-        json_schema_extra={
-            "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                cel(
-                    "type(self) == int ? self >= 1 : self.matches('^([1-9][0-9]?|100)%$')",
-                    "maxUnavailable must be a count of at least 1 or a percentage from 1% to 100%",
-                ),
-            ],
-        },
+        description="How many reachable nodes of each variant may be without a ready pod at once while it is "
+        "updated: a count (at least 1) or a percentage such as 10% of its reachable nodes. Offline nodes do not "
+        "count: they update when they return.",
+    )
+    waves: list[count_or_percent("each wave")] = Field(
+        default_factory=list,
+        max_length=MAX_WAVES,
+        description="Canary waves, e.g. [1, \"10%\", \"50%\"]: how many reachable nodes of each variant run the "
+        "new version once each wave is done (a count, or a percentage rounded up). The next wave starts when "
+        "every new pod is ready and has stayed so, without a restart, for pauseSeconds; a new pod that fails "
+        "(a failed fetch, a crash, a failed probe, an unschedulable pod) or an error rate above maxErrorRate "
+        "halts the rollout, and the status says why. After the last wave every remaining node updates. Empty: "
+        "one wave of every node.",
+    )
+    pause_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=86400,
+        description="How long the new pods of a wave must stay ready, without a restart, before the next wave "
+        "starts.",
+    )
+    max_error_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Halt the rollout when a wave's new pods answered more than this fraction of their "
+        "inference requests with a server error (the runtime's edgeloop_requests_total, outcome error), asked of "
+        "up to 3 of them per variant at the end of the wave's pause, once they have answered at least "
+        f"{MIN_REQUESTS_FOR_ERROR_RATE} requests. Unset: not checked.",
     )
 
 
@@ -135,7 +190,7 @@ class InferenceModelSpec(ApiModel):
     placement: Placement = Field(description="Where the model is served.")
     runtime: RuntimeSpec = section(RuntimeSpec, "Runtime settings shared by every variant.")
     serving: Serving = section(Serving, "Network endpoints of the runtime.")
-    rollout: Rollout = section(Rollout, "Rolling-update behaviour of every variant.")
+    rollout: Rollout = section(Rollout, "How a change reaches the nodes: in waves, on the reachable nodes.")
 
 
 class VariantStatus(ApiModel):
@@ -153,6 +208,7 @@ class VariantStatus(ApiModel):
         "than the class configures is a CPU fallback (condition Accelerated).",
     )
     providers_reported_by: str = Field(default="", description="The node whose runtime reported providersInUse.")
+    offline: int = Field(default=0, description="Nodes of this variant that are offline (not Ready).")
 
 
 class UnhealthyNode(ApiModel):
@@ -165,6 +221,44 @@ class UnhealthyNode(ApiModel):
 
 
 MAX_UNHEALTHY_NODES = 50
+MAX_OFFLINE_NODES = 50
+
+
+class OfflineNode(ApiModel):
+    """A node that should serve the model but is not Ready: cut off from the control plane (its runtime may
+    well go on serving from its node cache), or reporting itself not ready."""
+
+    node: str = Field(description="The node's name.")
+    accelerator: str = Field(description="The variant the node runs.")
+    reason: Literal["Unreachable", "NotReady"] = Field(
+        description="Unreachable: the node stopped reporting (Ready Unknown); NotReady: it reports Ready False."
+    )
+    since: str = Field(default="", description="When its Ready condition last changed (RFC 3339).")
+    version: str = Field(default="", description="The model version its pod runs; empty when it has none.")
+    updated: bool = Field(default=False, description="Whether its pod runs the current model and settings.")
+
+
+RolloutState = Literal["RollingOut", "Paused", "Halted", "Complete"]
+
+
+class RolloutStatus(ApiModel):
+    """Where the operator-driven rollout of the current pod templates stands."""
+
+    revision: str = Field(default="", description="Hash of the pod templates being rolled out.")
+    state: RolloutState = Field(
+        default="RollingOut",
+        description="RollingOut (a wave is updating), Paused (a wave is done and its pods are watched for "
+        "pauseSeconds), Halted (a wave failed: see reason and message; no more pods are replaced until the spec "
+        "changes) or Complete (every reachable node runs the current version).",
+    )
+    wave: int = Field(default=1, description="The wave in progress (1-based), or the last one when complete.")
+    waves: int = Field(default=1, description="Waves in all: spec.rollout.waves, plus a last one of every node.")
+    healthy_since: str = Field(
+        default="",
+        description="When every new pod of the wave was first ready; the next wave starts pauseSeconds later.",
+    )
+    reason: str = Field(default="", description="Why it halted, in CamelCase (e.g. FetchFailed, ErrorRateExceeded).")
+    message: str = Field(default="", description="Details, naming the pod and node.")
 
 
 class InferenceModelStatus(ApiModel):
@@ -180,7 +274,7 @@ class InferenceModelStatus(ApiModel):
     )
     model: ModelRef | None = Field(default=None, description="The model the DaemonSets are rendered for.")
     variants: list[VariantStatus] = Field(default_factory=list, description="One entry per accelerator class.")
-    desired_nodes: int = Field(default=0, description="Nodes that should serve the model.")
+    desired_nodes: int = Field(default=0, description="Nodes that should serve the model, offline ones included.")
     ready_nodes: int = Field(default=0, description="Nodes that serve it.")
     nodes: str = Field(default="", description="ready/desired nodes, for kubectl get.")
     unhealthy_nodes: list[UnhealthyNode] = Field(
@@ -191,6 +285,19 @@ class InferenceModelStatus(ApiModel):
     unhealthy_node_count: int = Field(
         default=0, description="How many nodes are unhealthy in all, including those not listed."
     )
+    updated_nodes: int = Field(
+        default=0, description="Nodes whose pod runs the current model and settings, offline ones included."
+    )
+    offline_nodes: list[OfflineNode] = Field(
+        default_factory=list,
+        max_length=MAX_OFFLINE_NODES,
+        description="Nodes that should serve but are not Ready, longest offline first (at most "
+        f"{MAX_OFFLINE_NODES}): their pods are not replaced while they are offline; they update when they return.",
+    )
+    offline_node_count: int = Field(
+        default=0, description="How many nodes are offline in all, including those not listed."
+    )
+    rollout: RolloutStatus | None = Field(default=None, description="The rollout of the current pod templates.")
 
 
 INFERENCE_MODEL = ResourceDefinition(
@@ -212,6 +319,9 @@ INFERENCE_MODEL = ResourceDefinition(
             description="AcceleratorsInUse, CPUFallback, NoAcceleratedNodes or NotSampled",
         ),
         PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1),
+        PrinterColumn("Offline", ".status.offlineNodeCount", type="integer", description="Offline nodes", priority=1),
+        PrinterColumn("Rollout", ".status.rollout.state", description="RollingOut, Paused, Halted or Complete",
+                      priority=1),
         PrinterColumn("Age", ".metadata.creationTimestamp", type="date"),
     ),
     root_validations=(

@@ -17,6 +17,10 @@ the aggregator, from the Certificates of handlers/certificates.py, so every sync
 their rotation check. The operator reads the aggregator's status (edgeloop.aggregator) with a client
 certificate of its own, read from the watch of the TLS Secrets.
 
+Stuck pods are seen within seconds, not at the deadline: the operator watches the round's pods (a Kopf index of
+what it needs of them) and reports the first one that cannot start or keeps failing as Degraded, with its own
+message; for a pod that waits for its volumes, the kubelet's FailedMount event says why.
+
 Deletion needs no handler: everything carries an owner reference, and the garbage collector removes the
 Jobs (stopping their pods), the Service and the TLS Secrets with the FederatedRound.
 """
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -62,6 +67,7 @@ from edgeloop.render.federatedround import (
     status_tls_secret,
 )
 from edgeloop.status import federatedround as fr_status
+from edgeloop.status.diagnosis import RoundPod
 from edgeloop.status.federatedround import AggregatorReport, JobState, Promotion, Waiting, parse_report
 
 log = logging.getLogger(__name__)
@@ -71,7 +77,11 @@ FR_KIND = kind_of(API_VERSION, FEDERATED_ROUND.kind)
 IM_KIND = kind_of(API_VERSION, "InferenceModel")
 JOB = kind_of("batch/v1", "Job")
 POD = kind_of("v1", "Pod")
+EVENT = kind_of("v1", "Event")
 OWNED = {ROUND_LABEL: kopf.PRESENT}
+# A pod waiting this long for its containers to be created is asked why (the kubelet's FailedMount events).
+MOUNT_GRACE_SECONDS = 5
+MAX_PODS_ASKED = 3
 
 Key = tuple[str, str]  # (namespace, name) of a FederatedRound
 
@@ -86,6 +96,7 @@ class FederatedRounds:
         jobs: Mapping[Key, Any],
         services: Mapping[Key, Any],
         nodes: Mapping[str, Any],
+        pods: Mapping[Key, Any],
         namespaces: Mapping[str, Any],
         coalesce_seconds: float,
         read_report: Callable[[str, ClientTLS | None], AggregatorReport] = read_report,
@@ -97,6 +108,7 @@ class FederatedRounds:
         # None: no certificates are issued (tls.mode disabled, or tests of the sync by itself).
         self._tls = tls if config.tls.enabled else None
         self._rounds, self._jobs, self._services, self._nodes = rounds, jobs, services, nodes
+        self._pods = pods
         self._namespaces = namespaces
         self._read_report = read_report
         self._post_event = post_event
@@ -211,6 +223,7 @@ class FederatedRounds:
             await self._create_missing(owner, spec, aggregator, jobs)
 
         start = Start.from_annotation(aggregator.annotations[START_ANNOTATION])
+        degraded = await self._stuck(key, {aggregator.uid, *(job.uid for job in jobs.values())})
         report, report_error = await self._report(owner, aggregator)
         promotion = None
         if report is not None and report.phase == "Succeeded":
@@ -228,8 +241,27 @@ class FederatedRounds:
             promotion=promotion,
             previous=previous,
             now=now(),
+            degraded=degraded,
         )
         await self._status.publish(body, previous, status)
+
+    async def _stuck(self, key: Key, job_uids: set[str]) -> fr_status.ConditionUpdate:
+        """Degraded from the round's pods, as the watch shows them."""
+        pods = [pod for pod in self._pods.get(key, []) if pod.job_uid in job_uids]
+        waiting = [pod for pod in pods if pod.creating_since and _age(pod.creating_since) >= MOUNT_GRACE_SECONDS]
+        failures = await asyncio.to_thread(self._mount_failures, key[0], waiting[:MAX_PODS_ASKED])
+        return fr_status.stuck(pods, failures)
+
+    def _mount_failures(self, namespace: str, pods: Sequence[RoundPod]) -> dict[str, str]:
+        """By pod uid, the kubelet's latest FailedMount message for pods that wait for their volumes."""
+        found = {}
+        for pod in pods:
+            events = list(self._kube.list(EVENT, namespace, field_selector=f"involvedObject.uid={pod.uid},"
+                                                                             "reason=FailedMount"))
+            if events:
+                latest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+                found[pod.uid] = latest.get("message", "")[:300]
+        return found
 
     # ---- starting
 
@@ -393,6 +425,11 @@ class FederatedRounds:
         return promotion
 
 
+def _age(timestamp: str) -> float:
+    """Seconds since an RFC 3339 time."""
+    return (datetime.now(UTC) - datetime.fromisoformat(timestamp.replace("Z", "+00:00"))).total_seconds()
+
+
 # ---- Kopf registration (the one startup that builds the controller is in handlers/operator.py)
 
 
@@ -404,6 +441,11 @@ def federated_rounds(namespace: str, name: str, body: kopf.Body, **_: Any) -> di
 @kopf.index("batch", "v1", "jobs", labels=OWNED)
 def federated_round_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, JobState]:
     return {(namespace, labels[ROUND_LABEL]): JobState.from_object(body)}
+
+
+@kopf.index("", "v1", "pods", labels=OWNED)
+def federated_round_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, RoundPod]:
+    return {(namespace, labels[ROUND_LABEL]): RoundPod.from_object(body)}
 
 
 @kopf.index("", "v1", "services", labels=OWNED)
@@ -425,6 +467,7 @@ async def reconcile_federated_round(body: kopf.Body, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 @kopf.on.event("", "v1", "services", labels=OWNED)
+@kopf.on.event("", "v1", "pods", labels=OWNED)
 async def federated_round_object_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
     memo.federated_rounds.request((namespace, labels[ROUND_LABEL]))
 

@@ -14,16 +14,22 @@ What each variant really runs on is asked of its runtime (`GET /v2/models/<name>
 pod proxy, on one ready pod), in the background so that no sync waits for a runtime: once per rollout state
 of the variant (its DaemonSet, generation, rendered content and node count), so O(variants) calls, not
 O(nodes).
+
+Rollouts are the operator's (status/rollout.py): the DaemonSets are OnDelete, and each sync deletes the old
+pods that the current wave replaces, on reachable nodes. A variant's pods are listed only while it has old
+pods on reachable nodes, offline nodes or a wave to watch, and again only when its DaemonSet's counts or its
+offline nodes change (or, while a pod is not ready, after a diagnosis interval).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -31,7 +37,7 @@ import kopf
 from pydantic import ValidationError
 
 from edgeloop.api import GROUP, VERSION
-from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec, InferenceModelStatus
+from edgeloop.api.inferencemodel import INFERENCE_MODEL, InferenceModelSpec, InferenceModelStatus, RolloutStatus
 from edgeloop.certs import Usage, service_dns_names
 from edgeloop.config import ConfigError, ImageNotAllowed, OperatorConfig
 from edgeloop.handlers import KeyedRunner
@@ -40,19 +46,22 @@ from edgeloop.handlers.shared import ALL_NODES, StatusPublisher, kube_errors_are
 from edgeloop.kube import KubeApi, KubeError, kind_of
 from edgeloop.metrics import reconciles
 from edgeloop.names import ACCELERATOR_LABEL, INFERENCE_MODEL_LABEL, RENDER_HASH
-from edgeloop.nodes import eligible_nodes
+from edgeloop.nodes import DAEMON_SET_TOLERATIONS, counted_by_daemon_set, eligible_nodes, offline_nodes
 from edgeloop.render.inferencemodel import (
     Manifests,
     Variant,
     labels,
     owner_of,
     render,
+    template_hash,
     tls_secret_name,
     variants,
 )
 from edgeloop.status import inferencemodel as im_status
-from edgeloop.status.diagnosis import NodeProblem, is_ready, missing_pod_problems, node_of, pod_problem
+from edgeloop.status import rollout
+from edgeloop.status.diagnosis import NodeProblem, is_ready, missing_pod_problems, node_of
 from edgeloop.status.inferencemodel import DaemonSetState, Expected, ProvidersSample, SpecProblem, parse_providers
+from edgeloop.status.rollout import ErrorRate, OfflineView, PodView, VariantFleet
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +102,17 @@ class Plan:
                 daemon_set=v.daemon_set,
                 render_hash=_render_hash(self.manifests.daemon_sets[v.daemon_set]),
                 execution_providers=tuple(v.accelerator.execution_providers),
+                template=template_hash(self.manifests.daemon_sets[v.daemon_set]),
             )
             for v in self.variants
         ]
+
+    @property
+    def revision(self) -> str:
+        """What a rollout rolls out: every variant's pod template and spec.rollout (a change of either starts
+        a new rollout, which also retries a halted one)."""
+        parts = [v.template for v in self.expected] + [self.spec.rollout.model_dump_json()]
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,16 @@ class Sampled:
 
 # A failed ask is repeated at most once per diagnosis interval, backing off to this.
 MAX_SAMPLE_RETRY_SECONDS = 600
+
+
+@dataclass(frozen=True)
+class PodSnapshot:
+    """A variant's pods as last listed, and the state of its DaemonSet and offline nodes then: while that state
+    stands (and, if some pod is not ready, for a diagnosis interval at most), the list stands too."""
+
+    state: tuple[Any, ...]
+    listed_at: float
+    pods: tuple[PodView, ...]
 
 
 def _render_hash(manifest: dict[str, Any]) -> str:
@@ -159,6 +186,10 @@ class InferenceModels:
         self._diagnoses: dict[Key, dict[str, Diagnosis]] = {}
         # Per InferenceModel, per DaemonSet: what its runtime said it runs on.
         self._samples: dict[Key, dict[str, Sampled]] = {}
+        # Per InferenceModel, per DaemonSet: its pods, while it has old or unready pods or offline nodes.
+        self._pods: dict[Key, dict[str, PodSnapshot]] = {}
+        # Per InferenceModel: the new pods watched during a wave's pause (uid → restarts).
+        self._watched: dict[Key, dict[str, int]] = {}
         # The asks in flight, by InferenceModel and DaemonSet: a sync never waits for a runtime's answer.
         self._asking: dict[tuple[Key, str], asyncio.Task[None]] = {}
         self.runner: KeyedRunner[Key] = KeyedRunner(self._sync_from_index, delay=coalesce_seconds)
@@ -207,7 +238,7 @@ class InferenceModels:
         if body is None:  # deleted: the garbage collector removes what it owned
             self.runner.forget(key)
             self._status.forget(key)
-            for kept in (self._plans, self._diagnoses, self._samples):
+            for kept in (self._plans, self._diagnoses, self._samples, self._pods, self._watched):
                 kept.pop(key, None)
             for (asked_key, _), task in list(self._asking.items()):
                 if asked_key == key:
@@ -246,7 +277,10 @@ class InferenceModels:
                     return  # the index lags behind a newer generation or a deletion; its own event follows
                 daemon_sets = converged
 
-        problems = [] if problem else await self._diagnose(key, plan, daemon_sets)
+        clock = self._clock()
+        fleets = {} if problem else await self._fleets(key, plan, daemon_sets, previous.rollout, clock)
+        progress = previous.rollout if problem else await self._roll(key, plan, daemon_sets, fleets, previous)
+        problems = [] if problem else await self._diagnose(key, plan, daemon_sets, clock)
         samples = {} if problem else await self._sample_providers(key, plan, daemon_sets)
         status = im_status.compute(
             generation=generation,
@@ -258,6 +292,8 @@ class InferenceModels:
             now=now(),
             spec_problem=problem,
             samples=samples,
+            fleets=fleets,
+            rollout=progress,
         )
         await self._status.publish(body, previous, status)
 
@@ -331,9 +367,148 @@ class InferenceModels:
             del result[ds.name]
         return result
 
+    # ---- the rollout: offline nodes, pods, and the old pods each wave replaces
+
+    async def _fleets(
+        self,
+        key: Key,
+        plan: Plan,
+        daemon_sets: dict[str, DaemonSetState],
+        progress: RolloutStatus | None,
+        clock: float,
+    ) -> dict[str, VariantFleet]:
+        """Each variant's offline nodes (from the nodes index) and, while it has old pods on reachable nodes,
+        offline nodes, or unready pods with waves still to come, its pods: listed again when its DaemonSet's
+        counts or its offline nodes change, or, while some pod is not ready, after a diagnosis interval (a new
+        pod that fails may move no count). A burst of new models lists no pod: they have no old ones."""
+        assert plan.manifests is not None
+        waves_to_come = (
+            progress is not None
+            and progress.revision == plan.revision
+            and progress.state in ("RollingOut", "Paused")
+            and progress.wave < progress.waves
+        )
+        nodes = list(self._nodes.get(ALL_NODES, []))
+        not_ready = {node.name for node in nodes if not node.ready}
+        previous, current = self._pods.get(key, {}), {}
+        fleets = {}
+        for variant, expected in zip(plan.variants, plan.expected, strict=True):
+            pod_spec = plan.manifests.daemon_sets[variant.daemon_set]["spec"]["template"]["spec"]
+            tolerations = [*pod_spec.get("tolerations", []), *DAEMON_SET_TOLERATIONS]
+            offline = tuple(
+                OfflineView(node.name, node.unreachable, node.ready_since, counted_by_daemon_set(node, tolerations))
+                for node in offline_nodes(
+                    nodes, variant.node_selector_terms, plan.spec.placement.node_selector, tolerations
+                )
+            )
+            ds = daemon_sets.get(variant.daemon_set)
+            pods: tuple[PodView, ...] | None = None
+            if ds is not None and (offline or ds.scheduled > ds.updated or (waves_to_come and not ds.complete)):
+                state = (ds.counts, ds.render_hash, tuple(node.node for node in offline))
+                snapshot = previous.get(variant.daemon_set)
+                if (
+                    snapshot is None
+                    or snapshot.state != state
+                    or (not ds.complete and clock - snapshot.listed_at >= self._diagnosis_interval)
+                ):
+                    listed = await asyncio.to_thread(self._list_pods, key, variant, not_ready)
+                    snapshot = PodSnapshot(state, clock, listed)
+                current[variant.daemon_set] = snapshot
+                pods = snapshot.pods
+            fleets[variant.daemon_set] = VariantFleet(
+                accelerator=variant.name,
+                daemon_set=variant.daemon_set,
+                template=expected.template,
+                desired=ds.desired if ds else 0,
+                ready=ds.ready if ds else 0,
+                complete=ds is not None and ds.complete,
+                pods=pods,
+                offline=offline,
+            )
+        self._pods[key] = current
+        return fleets
+
+    def _list_pods(self, key: Key, variant: Variant, not_ready: set[str]) -> tuple[PodView, ...]:
+        namespace, name = key
+        selector = f"{INFERENCE_MODEL_LABEL}={name},{ACCELERATOR_LABEL}={variant.name}"
+        views = (
+            PodView.from_object(pod, variant.name, not_ready)
+            for pod in self._kube.list(POD, namespace, label_selector=selector)
+        )
+        return tuple(view for view in views if view is not None)
+
+    async def _roll(
+        self,
+        key: Key,
+        plan: Plan,
+        daemon_sets: dict[str, DaemonSetState],
+        fleets: dict[str, VariantFleet],
+        previous: InferenceModelStatus,
+    ) -> RolloutStatus | None:
+        """One step of the rollout (status/rollout.py): deletes the old pods it replaces now, and asks for a
+        sync when a wave's pause ends. Only once every DaemonSet is applied and its controller has caught up."""
+        live = [daemon_sets.get(v.daemon_set) for v in plan.expected]
+        if not all(
+            ds and ds.settled and ds.render_hash == v.render_hash for ds, v in zip(live, plan.expected, strict=True)
+        ):
+            return previous.rollout
+        inputs = {
+            "revision": plan.revision,
+            "rollout": plan.spec.rollout,
+            "fleets": [fleets[v.daemon_set] for v in plan.variants],
+            "previous": previous.rollout,
+            "watch": self._watched.get(key, {}),
+            "now": now(),
+        }
+        step = rollout.step(**inputs)
+        if step.sample:
+            rate = await asyncio.to_thread(self._error_rate, key, plan, step.sample)
+            step = rollout.step(**inputs, error_rate=rate)
+        self._watched[key] = dict(step.watch)
+        if step.delete:
+            await self._replace(key, step.delete)
+        if step.wake_in is not None:
+            self.runner.request(key, delay=step.wake_in)
+        elif step.status.state in ("RollingOut", "Paused") and any(not f.complete and f.pods for f in fleets.values()):
+            # New pods that fail may move no count of their DaemonSet: look again after an interval.
+            self.runner.request(key, delay=self._diagnosis_interval)
+        return step.status
+
+    async def _replace(self, key: Key, pods: tuple[PodView, ...]) -> None:
+        """Deletes old pods (the DaemonSet controller makes their successors), and remembers them as leaving
+        until the next list, so that a sync before it does not count them as available."""
+        namespace, name = key
+        for pod in pods:
+            await asyncio.to_thread(self._kube.delete, POD, namespace, pod.name, pod.uid)
+            log.info("%s/%s: replacing pod %s on node %s", namespace, name, pod.name, pod.node)
+        leaving = {pod.uid for pod in pods}
+        for ds, snapshot in self._pods.get(key, {}).items():
+            marked = tuple(replace(p, deleting=True) if p.uid in leaving else p for p in snapshot.pods)
+            self._pods[key][ds] = replace(snapshot, pods=marked)
+
+    def _error_rate(self, key: Key, plan: Plan, pods: tuple[PodView, ...]) -> ErrorRate:
+        """What the runtimes of `pods` answered so far: their Prometheus metrics, through the pod proxy."""
+        namespace, name = key
+        requests = errors = 0
+        asked = []
+        for pod in pods:
+            try:
+                text = self._kube.proxy_get(
+                    namespace, pod.name, plan.spec.serving.http_port, "/metrics", https=self._config.tls.enabled
+                )
+            except KubeError as error:
+                log.warning("%s/%s: could not read the metrics of pod %s: %s", namespace, name, pod.name, error)
+                continue
+            answered, failed = rollout.request_counts(text)
+            requests, errors = requests + answered, errors + failed
+            asked.append(pod.name)
+        return ErrorRate(requests, errors, tuple(asked))
+
     # ---- diagnosis: why nodes do not serve
 
-    async def _diagnose(self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState]) -> list[NodeProblem]:
+    async def _diagnose(
+        self, key: Key, plan: Plan, daemon_sets: dict[str, DaemonSetState], clock: float
+    ) -> list[NodeProblem]:
         """Looks at the pods of the variants whose rollout has stalled.
 
         A DaemonSet with nodes that lack a ready pod, whose counts have not moved for a diagnosis interval,
@@ -344,7 +519,7 @@ class InferenceModels:
         """
         previous = self._diagnoses.get(key, {})
         current: dict[str, Diagnosis] = {}
-        clock, interval = self._clock(), self._diagnosis_interval
+        interval = self._diagnosis_interval
         wake_in: float | None = None
         for variant in plan.variants:
             state = daemon_sets.get(variant.daemon_set)
@@ -354,7 +529,9 @@ class InferenceModels:
             since = last.since if last and last.counts == state.counts else clock
             looked_at, found = (last.looked_at, last.found) if last else (None, [])
             if clock - since >= interval and (looked_at is None or clock - looked_at >= interval):
-                found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state)
+                fresh = self._pods.get(key, {}).get(variant.daemon_set)
+                pods = fresh.pods if fresh is not None and fresh.listed_at == clock else None
+                found = await asyncio.to_thread(self._diagnose_variant, key, plan, variant, state, pods)
                 looked_at = clock
             elif looked_at is None or looked_at < since:
                 due = since + interval - clock
@@ -365,17 +542,16 @@ class InferenceModels:
             self.runner.request(key, delay=wake_in)
         return [problem for diagnosis in current.values() for problem in diagnosis.found]
 
-    def _diagnose_variant(self, key: Key, plan: Plan, variant: Variant, state: DaemonSetState) -> list[NodeProblem]:
-        namespace, name = key
+    def _diagnose_variant(
+        self, key: Key, plan: Plan, variant: Variant, state: DaemonSetState, pods: tuple[PodView, ...] | None
+    ) -> list[NodeProblem]:
+        """`pods`: the variant's pods if this sync listed them already."""
+        namespace = key[0]
         nodes = list(self._nodes.get(ALL_NODES, []))
-        not_ready = {node.name for node in nodes if not node.ready}
-        selector = f"{INFERENCE_MODEL_LABEL}={name},{ACCELERATOR_LABEL}={variant.name}"
-        problems, with_pods = [], set()
-        for pod in self._kube.list(POD, namespace, label_selector=selector):
-            if node := node_of(pod):
-                with_pods.add(node)
-            if found := pod_problem(pod, variant.name, not_ready):
-                problems.append(found)
+        if pods is None:
+            pods = self._list_pods(key, variant, {node.name for node in nodes if not node.ready})
+        problems = [pod.problem for pod in pods if pod.problem is not None]
+        with_pods = {pod.node for pod in pods}
         if state.scheduled < state.desired:
             # A pod the DaemonSet controller cannot create leaves no pod behind, only the controller's events.
             refusals = list(

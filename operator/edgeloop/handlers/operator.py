@@ -50,6 +50,7 @@ async def start(memo: kopf.Memo, **indexes: Any) -> None:  # Kopf's other keywor
         jobs=indexes["federated_round_jobs"],
         services=indexes["federated_round_services"],
         nodes=indexes["nodes"],
+        pods=indexes["federated_round_pods"],
         namespaces=indexes["live_namespaces"],
         tls=certificates,
         coalesce_seconds=memo.coalesce_seconds,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from edgeloop.api.common import ApiModel
 from edgeloop.kube import Kind, KubeApi, KubeError
-from edgeloop.names import MANAGED_BY, TLS_LABEL
+from edgeloop.names import MANAGED_BY, ROUND_LABEL, TLS_LABEL
 from edgeloop.nodes import NodeInfo
 from edgeloop.status import Event
 
@@ -43,6 +43,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.label_selectors["apps", "daemonsets"] = managed
     settings.watching.label_selectors["", "services"] = managed
     settings.watching.label_selectors["batch", "jobs"] = managed
+    settings.watching.label_selectors["", "pods"] = f"{managed},{ROUND_LABEL}"  # a FederatedRound's only
     settings.watching.label_selectors["", "secrets"] = f"{managed},{TLS_LABEL}"
 
 

@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from edgeloop.api.common import ModelSource
+from edgeloop.api.common import ModelSource, ResourceRequirements
 from edgeloop.api.federatedround import FEDERATED_ROUND, FederatedRoundSpec
 from edgeloop.config import OperatorConfig
 from edgeloop.names import (
@@ -173,9 +173,18 @@ def _common(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig) -> d
         "spec": spec,
         "config": config,
         "image": image(spec, config),
-        "resources": {key: value for key, value in spec.runtime.resources.to_wire().items() if value},
         "active_deadline": active_deadline_seconds(spec),
     }
+
+
+def _resources(requirements: ResourceRequirements) -> dict[str, Any]:
+    return {key: value for key, value in requirements.to_wire().items() if value}
+
+
+def checkpoint_ref(owner: Owner) -> str:
+    """The store ref of the round's checkpoint: the uid keeps a recreated round of the same name from resuming an
+    old one, and makes the name unguessable to other tenants."""
+    return f"{owner.namespace}.{owner.name}.{owner.uid}"
 
 
 def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, start: Start) -> dict[str, Any]:
@@ -191,6 +200,10 @@ def aggregator_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfi
         metrics_port=AGGREGATOR_METRICS_PORT,
         store_token_key=STORE_TOKEN_KEY,
         tls_secret=aggregator_tls_secret(owner.name) if config.tls.enabled else None,
+        resources=_resources(spec.aggregator.resources) or _resources(spec.runtime.resources),
+        node_selector=dict(spec.aggregator.node_selector),
+        tolerations=[t.to_wire() for t in spec.aggregator.tolerations],
+        checkpoint_ref=checkpoint_ref(owner),
         **_common(owner, spec, config),
     )
 
@@ -218,6 +231,7 @@ def client_job(owner: Owner, spec: FederatedRoundSpec, config: OperatorConfig, i
         tolerations=[t.to_wire() for t in spec.participants.tolerations],
         dataset_path=dataset_path(spec, config, owner.namespace),
         dataset_sub_path=dataset_sub_path(spec, config, owner.namespace),
+        resources=_resources(spec.runtime.resources),
         **_common(owner, spec, config),
     )
 

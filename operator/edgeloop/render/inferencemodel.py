@@ -15,10 +15,11 @@ from edgeloop.names import (
     MANAGED_BY,
     PART_OF,
     RUNTIME_APP,
+    TEMPLATE_LABEL,
     TLS_REVISION,
 )
 from edgeloop.nodes import NodeSelectorTerm
-from edgeloop.render import Owner, render_template, with_render_hash
+from edgeloop.render import Owner, render_hash, render_template, with_render_hash
 from edgeloop.render.certificates import secret_name
 from edgeloop.render.placement import node_selector_terms
 
@@ -112,32 +113,40 @@ def tls_secret_name(model_name: str) -> str:
     return secret_name(model_name)
 
 
+def template_hash(daemon_set: dict[str, Any]) -> str:
+    """The hash of a rendered DaemonSet's pod template, which its pods carry as a label."""
+    return daemon_set["spec"]["template"]["metadata"]["labels"][TEMPLATE_LABEL]
+
+
 def daemon_set(
     owner: Owner, spec: InferenceModelSpec, config: OperatorConfig, variant: Variant, tls_revision: str = ""
 ) -> dict[str, Any]:
-    return with_render_hash(
-        render_template(
-            "daemonset.yaml.j2",
-            name=variant.daemon_set,
-            namespace=owner.namespace,
-            owner=owner.reference(),
-            labels=labels(owner.name, variant.name),
-            selector={INFERENCE_MODEL_LABEL: owner.name, ACCELERATOR_LABEL: variant.name},
-            model_name=owner.name,
-            spec=spec,
-            config=config,
-            variant=variant,
-            image=image(spec, config, variant.accelerator),
-            image_pull_policy=config.image_pull_policy_of(variant.accelerator),
-            resources=_resources(spec, config, variant.accelerator),
-            fetch_resources=config.fetch_resources.to_wire(),
-            compiled_cache=COMPILED_CACHE_DIR,
-            compiled_sub_path=compiled_cache_sub_path(owner.namespace),
-            tolerations=_tolerations(spec, variant.accelerator),
-            tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
-            tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
-        )
+    manifest = render_template(
+        "daemonset.yaml.j2",
+        name=variant.daemon_set,
+        namespace=owner.namespace,
+        owner=owner.reference(),
+        labels=labels(owner.name, variant.name),
+        selector={INFERENCE_MODEL_LABEL: owner.name, ACCELERATOR_LABEL: variant.name},
+        model_name=owner.name,
+        spec=spec,
+        config=config,
+        variant=variant,
+        image=image(spec, config, variant.accelerator),
+        image_pull_policy=config.image_pull_policy_of(variant.accelerator),
+        resources=_resources(spec, config, variant.accelerator),
+        fetch_resources=config.fetch_resources.to_wire(),
+        compiled_cache=COMPILED_CACHE_DIR,
+        compiled_sub_path=compiled_cache_sub_path(owner.namespace),
+        store_ca=config.store_ca_config_map if spec.model.uri.startswith("https://") else None,
+        tolerations=_tolerations(spec, variant.accelerator),
+        tls_secret=tls_secret_name(owner.name) if config.tls.enabled else None,
+        tls_revision={TLS_REVISION: tls_revision} if config.tls.enabled else {},
     )
+    # Pods tell their version by their template's hash: the operator replaces those of an older one.
+    template = manifest["spec"]["template"]
+    template["metadata"]["labels"][TEMPLATE_LABEL] = render_hash(template)
+    return with_render_hash(manifest)
 
 
 def service(owner: Owner, spec: InferenceModelSpec, config: OperatorConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgeloop.names import FETCH_CONTAINER, RUNTIME_CONTAINER
+from edgeloop.names import FETCH_CONTAINER, ROLE_LABEL, RUNTIME_CONTAINER
 
 # Failure reasons, most telling first: when nodes fail for several reasons, Degraded names the first.
 FAILURES = (
@@ -22,7 +22,6 @@ FAILURES = (
     "RuntimeFailed",
     "PodNotCreated",
     "Unschedulable",
-    "NodeNotReady",
 )
 # `edgeloop-runtime fetch` logs this on a digest mismatch; the fetch container's termination message
 # carries its last log lines (terminationMessagePolicy: FallbackToLogsOnError).
@@ -95,18 +94,17 @@ def is_ready(pod: Mapping[str, Any]) -> bool:
 
 
 def pod_problem(pod: Mapping[str, Any], accelerator: str, not_ready_nodes: Container[str] = ()) -> NodeProblem | None:
-    """Why this DaemonSet pod does not serve, or None if it is ready."""
+    """Why this DaemonSet pod does not serve, or None if it is ready or its node is not Ready (an offline node
+    is no fault of the model's: the status reports offline nodes apart)."""
     node = node_of(pod)
-    if node is None or pod["metadata"].get("deletionTimestamp"):
-        return None  # not tied to a node yet, or on its way out during a rollout
+    if node is None or pod["metadata"].get("deletionTimestamp") or node in not_ready_nodes:
+        return None  # not tied to a node yet, on its way out during a rollout, or offline
 
     def problem(reason: str, message: str) -> NodeProblem:
         return NodeProblem(node=node, accelerator=accelerator, reason=reason, message=_short(message))
 
     if _condition(pod, "Ready").get("status") == "True":
         return None
-    if node in not_ready_nodes:
-        return problem("NodeNotReady", f"node {node} is not Ready")
     scheduled = _condition(pod, "PodScheduled")
     if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
         return problem("Unschedulable", scheduled.get("message", ""))
@@ -132,3 +130,71 @@ def missing_pod_problems(
         for name in eligible
         if name not in have
     ]
+
+
+# ---- a FederatedRound's pods: stuck before they can take part
+
+# A client's exit code when the aggregator reported that the round failed: the round's failure, not the pod's.
+ROUND_FAILED_EXIT_CODE = 2
+
+
+@dataclass(frozen=True)
+class RoundPod:
+    """What the operator keeps of one pod of a round's Jobs (a watch feeds them), and why it is stuck, if it is."""
+
+    name: str
+    uid: str
+    job_uid: str
+    role: str  # aggregator or client
+    node: str
+    reason: str = ""  # CamelCase, when the pod's own status says it is stuck
+    message: str = ""
+    # When it was scheduled, if it waits for its containers to be created (e.g. a volume that cannot be
+    # mounted: only the kubelet's events say so).
+    creating_since: str = ""
+
+    @classmethod
+    def from_object(cls, pod: Mapping[str, Any]) -> RoundPod:
+        metadata, status = pod["metadata"], pod.get("status", {})
+        job = next((o.get("uid", "") for o in metadata.get("ownerReferences", []) if o.get("kind") == "Job"), "")
+        found = None if metadata.get("deletionTimestamp") else _round_pod_problem(pod)
+        scheduled = _condition(pod, "PodScheduled")
+        creating = (
+            found is None
+            and status.get("phase") == "Pending"
+            and scheduled.get("status") == "True"
+            and all(
+                c.get("state", {}).get("waiting", {}).get("reason", "ContainerCreating") == "ContainerCreating"
+                for c in status.get("containerStatuses", [])
+            )
+        )
+        return cls(
+            name=metadata["name"],
+            uid=metadata.get("uid", ""),
+            job_uid=job,
+            role=metadata.get("labels", {}).get(ROLE_LABEL, ""),
+            node=pod.get("spec", {}).get("nodeName", ""),
+            reason=found[0] if found else "",
+            message=_short(found[1]) if found else "",
+            creating_since=scheduled.get("lastTransitionTime", "") if creating else "",
+        )
+
+
+def _round_pod_problem(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when the pod cannot run or keeps failing, from its own status."""
+    scheduled = _condition(pod, "PodScheduled")
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return "Unschedulable", scheduled.get("message", "")
+    for container in pod.get("status", {}).get("containerStatuses", []):
+        if container.get("ready"):
+            continue  # running (again): an earlier crash is behind it
+        waiting = container.get("state", {}).get("waiting", {})
+        if waiting.get("reason") == "CrashLoopBackOff":
+            last = container.get("lastState", {}).get("terminated", {})
+            return "CrashLooping", last.get("message") or f"exit code {last.get('exitCode', '?')}, restarting"
+        terminated = container.get("state", {}).get("terminated", {})
+        if terminated.get("exitCode") == ROUND_FAILED_EXIT_CODE:
+            continue
+        if (found := _container_problem(container, "ContainerFailed")) is not None:
+            return found
+    return None

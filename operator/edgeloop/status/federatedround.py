@@ -8,6 +8,9 @@ Conditions (Kubernetes API conventions; reasons are CamelCase):
 - Started: the round's Jobs exist. False while it waits (NotEnoughNodes, InferenceModelNotFound, ...).
 - Succeeded: Unknown while training; True once the model is trained and published; False if the round failed.
 - Promoted: whether the InferenceModel now serves the trained model, and if not, why not.
+- Degraded: a pod of the round cannot start or keeps failing (an image that cannot be pulled, a missing
+  Secret, a volume that cannot be mounted, a crash loop, no node for it), with its reason and its own message:
+  seen within seconds, where the round would otherwise wait for its deadline.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from edgeloop.api.federatedround import (
     Promote,
     Result,
 )
+from edgeloop.names import AGGREGATOR_ROLE
 from edgeloop.status import ConditionUpdate, Event, condition, merge_conditions
+from edgeloop.status.diagnosis import RoundPod
 
-STARTED, SUCCEEDED, PROMOTED = "Started", "Succeeded", "Promoted"
+STARTED, SUCCEEDED, PROMOTED, DEGRADED = "Started", "Succeeded", "Promoted", "Degraded"
+AS_EXPECTED = ConditionUpdate(DEGRADED, "False", "AsExpected", "")
 TERMINAL = ("Succeeded", "Failed")
 MAX_NAMES_IN_MESSAGES = 10
 
@@ -213,6 +219,7 @@ def pending(
         ConditionUpdate(STARTED, "False", waiting.reason, waiting.message),
         ConditionUpdate(SUCCEEDED, "Unknown", "NotStarted", ""),
         ConditionUpdate(PROMOTED, "Unknown", "NotStarted", ""),
+        AS_EXPECTED,
     ]
     return FederatedRoundStatus(
         observed_generation=generation,
@@ -229,8 +236,8 @@ def aggregator_deleted(previous: FederatedRoundStatus, generation: int, now: str
         ConditionUpdate(SUCCEEDED, "False", "AggregatorDeleted", "the aggregator Job was deleted while the round ran"),
         ConditionUpdate(PROMOTED, "False", "RoundFailed", "the round failed: there is nothing to promote"),
     ]
-    started = condition(previous.conditions, STARTED)
-    kept = [ConditionUpdate(STARTED, started.status, started.reason, started.message)] if started else []
+    kept = [_kept(previous, STARTED)] if condition(previous.conditions, STARTED) else []
+    updates.append(_kept(previous, DEGRADED))
     return previous.model_copy(
         update={
             "observed_generation": generation,
@@ -252,6 +259,7 @@ def cannot_run(
         else ConditionUpdate(STARTED, "False", why.reason, why.message),
         ConditionUpdate(SUCCEEDED, "False", why.reason, why.message),
         ConditionUpdate(PROMOTED, "False", "RoundFailed", "the round failed: there is nothing to promote"),
+        _kept(previous, DEGRADED),
     ]
     return previous.model_copy(
         update={
@@ -263,6 +271,30 @@ def cannot_run(
             "conditions": merge_conditions(previous.conditions, updates, generation, now),
         }
     )
+
+
+def _kept(previous: FederatedRoundStatus, type_: str) -> ConditionUpdate:
+    """The previous condition of `type_` as it was (Degraded: AsExpected when there was none)."""
+    found = condition(previous.conditions, type_)
+    return ConditionUpdate(type_, found.status, found.reason, found.message) if found else AS_EXPECTED
+
+
+def stuck(pods: Sequence[RoundPod], mount_failures: Mapping[str, str]) -> ConditionUpdate:
+    """Degraded, from the round's pods: the first stuck one (the aggregator's before the clients') with its reason
+    and its own message. `mount_failures`: by pod uid, why its volumes cannot be mounted (the kubelet's event)."""
+    found = [(pod, pod.reason, pod.message) for pod in pods if pod.reason]
+    found += [(pod, "MountFailed", mount_failures[pod.uid]) for pod in pods if pod.uid in mount_failures]
+    if not found:
+        return AS_EXPECTED
+    found.sort(key=lambda item: (item[0].role != AGGREGATOR_ROLE, item[0].name))
+    pod, reason, message = found[0]
+    where = f" on node {pod.node}" if pod.node else ""
+    more = f" (and {_plural(len(found) - 1, 'more stuck pod')})" if len(found) > 1 else ""
+    return ConditionUpdate(DEGRADED, "True", reason, f"the {pod.role} pod {pod.name}{where}: {message}{more}")
+
+
+def _plural(count: int, words: str) -> str:
+    return f"{count} {words}{'' if count == 1 else 's'}"
 
 
 def is_done(status: FederatedRoundStatus) -> bool:
@@ -348,9 +380,11 @@ def compute(
     promotion: Promotion | None,
     previous: FederatedRoundStatus,
     now: str,
+    degraded: ConditionUpdate = AS_EXPECTED,
 ) -> FederatedRoundStatus:
     """A started round, from its aggregator Job and the latest report. With no report (none could be read
-    this time), what earlier reports said stands."""
+    this time), what earlier reports said stands. `degraded`: from its pods (`stuck`); once the round has
+    ended, it says RoundEnded, unless the round failed while a pod was stuck (which may be why)."""
     rounds = spec.training.rounds
     if report is not None:
         round_, stage = report.round, report.stage or ""
@@ -391,10 +425,16 @@ def compute(
     )
     succeeded = _succeeded(phase, status, aggregator, report if report and report.terminal else None, report_error)
     promoted = _promoted(phase, promotion, previous)
+    if phase in TERMINAL:
+        before = _kept(previous, DEGRADED)
+        degraded = before if phase == "Failed" and before.status == "True" else ConditionUpdate(
+            DEGRADED, "False", "RoundEnded", ""
+        )
+    updates = [started, succeeded, promoted, degraded]
     return status.model_copy(
         update={
             "promoted": promoted.status == "True",
-            "conditions": merge_conditions(previous.conditions, [started, succeeded, promoted], generation, now),
+            "conditions": merge_conditions(previous.conditions, updates, generation, now),
         }
     )
 
@@ -402,6 +442,13 @@ def compute(
 def transitions(previous: FederatedRoundStatus, current: FederatedRoundStatus) -> list[Event]:
     """Events worth recording on the FederatedRound: a condition reaching a new status or reason."""
     events = []
+    before, now = condition(previous.conditions, DEGRADED), condition(current.conditions, DEGRADED)
+    if now is not None and now.status == "True" and (before is None or (before.status, before.reason) != (
+        now.status, now.reason
+    )):
+        events.append(Event("Warning", now.reason, now.message))
+    if now is not None and now.status == "False" and before is not None and before.status == "True":
+        events.append(Event("Normal", "Recovered", f"no pod of the round is stuck any more (was {before.reason})"))
     for type_ in (STARTED, SUCCEEDED, PROMOTED):
         before, now = condition(previous.conditions, type_), condition(current.conditions, type_)
         if now is None or now.status == "Unknown":

@@ -7,6 +7,10 @@ Conditions (Kubernetes API conventions; reasons are CamelCase):
   (no matching nodes, a failed fetch, a digest mismatch, an unschedulable pod, an invalid spec, ...).
 - Accelerated: every variant of an accelerator class runs on its accelerator's execution provider, as its
   runtime reports (False CPUFallback when one serves on the CPU instead; the model stays Ready).
+
+Offline nodes (not Ready) are no fault of the model: they keep their pod, update when they return, and show
+as reason NodesOffline (Ready stays True when every reachable node serves the current version). A halted
+rollout (status/rollout.py) is Degraded, reason RolloutHalted.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from typing import Any
 
 from edgeloop.api.common import ModelRef
 from edgeloop.api.inferencemodel import (
+    MAX_OFFLINE_NODES,
     MAX_UNHEALTHY_NODES,
     InferenceModelSpec,
     InferenceModelStatus,
+    OfflineNode,
+    RolloutStatus,
     UnhealthyNode,
     VariantStatus,
 )
@@ -30,8 +37,11 @@ from edgeloop.config import CPU_EXECUTION_PROVIDER
 from edgeloop.names import RENDER_HASH
 from edgeloop.status import ConditionUpdate, Event, condition, merge_conditions
 from edgeloop.status.diagnosis import FAILURES, NodeProblem
+from edgeloop.status.rollout import VariantFleet
 
 READY, PROGRESSING, DEGRADED, ACCELERATED = "Ready", "Progressing", "Degraded", "Accelerated"
+NODES_OFFLINE, ROLLOUT_HALTED = "NodesOffline", "RolloutHalted"
+MAX_NAMES_IN_MESSAGES = 10
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class Expected:
     daemon_set: str
     render_hash: str
     execution_providers: tuple[str, ...]
+    template: str = ""  # the pod template's hash
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,35 @@ def _accelerated(
     return ConditionUpdate(ACCELERATED, "True", "AcceleratorsInUse", "; ".join(in_use))
 
 
+def offline_nodes(fleets: Sequence[VariantFleet]) -> list[OfflineNode]:
+    """Every variant's offline nodes, longest offline first, with the version their pod runs."""
+    found = []
+    for fleet in fleets:
+        for offline in fleet.offline:
+            pod = fleet.pod_on(offline.node)
+            found.append(
+                OfflineNode(
+                    node=offline.node,
+                    accelerator=fleet.accelerator,
+                    reason="Unreachable" if offline.unreachable else "NotReady",
+                    since=offline.since,
+                    version=pod.version if pod else "",
+                    updated=pod is not None and pod.template == fleet.template,
+                )
+            )
+    return sorted(found, key=lambda node: (node.since or "~", node.node))
+
+
+def _describe_offline(nodes: Sequence[OfflineNode]) -> str:
+    shown = ", ".join(
+        f"{n.node} ({n.reason.lower()} since {n.since or 'unknown'}, "
+        f"{f'version {n.version}' if n.version else 'no pod'})"
+        for n in nodes[:MAX_NAMES_IN_MESSAGES]
+    )
+    more = len(nodes) - MAX_NAMES_IN_MESSAGES
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
 def compute(
     *,
     generation: int,
@@ -193,9 +233,12 @@ def compute(
     now: str,
     spec_problem: SpecProblem | None = None,
     samples: Mapping[str, ProvidersSample] | None = None,
+    fleets: Mapping[str, VariantFleet] | None = None,
+    rollout: RolloutStatus | None = None,
 ) -> InferenceModelStatus:
-    """`samples`: by DaemonSet, what its runtime reports it runs on (providersInUse, Accelerated)."""
-    samples = samples or {}
+    """`samples`: by DaemonSet, what its runtime reports it runs on (providersInUse, Accelerated). `fleets`: by
+    DaemonSet, its offline nodes and (where the operator looked) pods. `rollout`: where the rollout stands."""
+    samples, fleets = samples or {}, fleets or {}
     live = [daemon_sets.get(variant.daemon_set) for variant in expected]
     applied = spec_problem is None and all(
         ds is not None and ds.render_hash == variant.render_hash for ds, variant in zip(live, expected, strict=True)
@@ -210,18 +253,28 @@ def compute(
             updated=ds.updated if ds and ds.render_hash == variant.render_hash else 0,
             providers_in_use=list(sample.providers) if sample else [],
             providers_reported_by=sample.node if sample else "",
+            offline=len(fleet.offline) if fleet else 0,
         )
         for ds, variant in zip(live, expected, strict=True)
-        for sample in [_reported(samples.get(variant.daemon_set))]
+        for sample, fleet in [(_reported(samples.get(variant.daemon_set)), fleets.get(variant.daemon_set))]
     ]
-    desired = sum(v.desired for v in variants)
+    offline = [] if spec_problem else offline_nodes([fleets[v.daemon_set] for v in expected if v.daemon_set in fleets])
+    # The DaemonSets count offline nodes only until the node lifecycle controller taints them.
+    uncounted = [(f, node.node) for f in fleets.values() for node in f.offline if not node.counted_by_daemon_set]
+    uncounted_updated = sum(1 for f, node in uncounted if (pod := f.pod_on(node)) and pod.template == f.template)
+    reachable = sum(v.desired for v in variants)
+    desired = reachable + len(uncounted)
     ready = sum(v.ready for v in variants)
-    updated = sum(v.updated for v in variants)
+    updated = sum(v.updated for v in variants) + uncounted_updated
     version = spec.model.version
+    halted = rollout is not None and rollout.state == "Halted"
+    outdated = [node for node in offline if not node.updated]
 
     degraded = _degraded_by(problems)
     if spec_problem:
         degraded = ConditionUpdate(DEGRADED, "True", spec_problem.reason, spec_problem.message)
+    elif halted:
+        degraded = ConditionUpdate(DEGRADED, "True", ROLLOUT_HALTED, rollout.message)
     elif settled and desired == 0:
         selector = f" and nodeSelector {dict(spec.placement.node_selector)}" if spec.placement.node_selector else ""
         degraded = ConditionUpdate(
@@ -232,32 +285,68 @@ def compute(
         )
 
     complete = settled and all(ds.complete for ds in live if ds)
-    if complete and desired > 0:
-        ready_condition = ConditionUpdate(
-            READY, "True", "AllNodesReady", f"{_plural(ready, 'node')} serve version {version}"
-        )
+    if complete and reachable > 0 and not halted:
+        if offline:
+            ready_condition = ConditionUpdate(
+                READY,
+                "True",
+                NODES_OFFLINE,
+                f"{_plural(ready, 'reachable node')} serve version {version}; {len(offline)} offline: "
+                + _describe_offline(offline),
+            )
+        else:
+            ready_condition = ConditionUpdate(
+                READY, "True", "AllNodesReady", f"{_plural(ready, 'node')} serve version {version}"
+            )
     elif degraded:
         ready_condition = ConditionUpdate(READY, "False", degraded.reason, degraded.message)
+    elif complete and offline:
+        ready_condition = ConditionUpdate(
+            READY, "False", NODES_OFFLINE, f"every node is offline: {_describe_offline(offline)}"
+        )
     else:
         ready_condition = ConditionUpdate(
             READY, "False", "RollingOut", f"{ready}/{desired} nodes ready, {updated} on version {version}"
         )
 
-    if spec_problem or complete:
+    if spec_problem:
+        progressing = ConditionUpdate(PROGRESSING, "False", spec_problem.reason, "")
+    elif halted:
+        progressing = ConditionUpdate(PROGRESSING, "False", ROLLOUT_HALTED, rollout.message)
+    elif complete and outdated:
         progressing = ConditionUpdate(
-            PROGRESSING, "False", spec_problem.reason if spec_problem else "RolloutComplete",
-            "" if spec_problem else f"every node runs version {version}",
+            PROGRESSING,
+            "False",
+            NODES_OFFLINE,
+            f"every reachable node runs version {version}; {_plural(len(outdated), 'offline node')} "
+            f"run an older one and update when they return: {_describe_offline(outdated)}",
         )
+    elif complete:
+        progressing = ConditionUpdate(PROGRESSING, "False", "RolloutComplete", f"every node runs version {version}")
     elif degraded and settled and updated == desired:
         progressing = ConditionUpdate(
             PROGRESSING, "False", "RolloutBlocked", "every node is updated but some cannot serve: see Degraded"
         )
     else:
         progressing = ConditionUpdate(
-            PROGRESSING, "True", "RollingOut", f"{updated}/{desired} nodes updated to version {version}"
+            PROGRESSING,
+            "True",
+            "RollingOut",
+            f"{_wave(rollout, spec)}{updated}/{desired} nodes updated to version {version}",
         )
 
-    degraded = degraded or ConditionUpdate(DEGRADED, "False", "AsExpected", "")
+    if degraded is None:
+        degraded = (
+            ConditionUpdate(
+                DEGRADED,
+                "False",
+                NODES_OFFLINE,
+                f"{_plural(len(offline), 'node')} offline, no fault of the model (they keep their pod and update "
+                f"when they return): {_describe_offline(offline)}",
+            )
+            if offline
+            else ConditionUpdate(DEGRADED, "False", "AsExpected", "")
+        )
     accelerated = (
         ConditionUpdate(ACCELERATED, "Unknown", spec_problem.reason, "")
         if spec_problem
@@ -278,7 +367,22 @@ def compute(
             for p in ordered[:MAX_UNHEALTHY_NODES]
         ],
         unhealthy_node_count=len(problems),
+        updated_nodes=updated,
+        offline_nodes=offline[:MAX_OFFLINE_NODES],
+        offline_node_count=len(offline),
+        rollout=rollout if applied else previous.rollout,
     )
+
+
+def _wave(rollout: RolloutStatus | None, spec: InferenceModelSpec) -> str:
+    if rollout is None or rollout.waves <= 1:
+        return ""
+    paused = (
+        f" done, its new pods watched for {spec.rollout.pause_seconds} s before the next wave"
+        if rollout.state == "Paused"
+        else ""
+    )
+    return f"wave {rollout.wave}/{rollout.waves}{paused}: "
 
 
 def _reported(sample: ProvidersSample | None) -> ProvidersSample | None:
@@ -290,8 +394,11 @@ def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -
     events = []
     if current.model and (previous.model is None or previous.model.sha256 != current.model.sha256):
         events.append(
-            Event("Normal", "RollingOut", f"rolling out version {current.model.version} "
-                  f"(sha256 {current.model.sha256[:12]}…)")
+            Event(
+                "Normal",
+                "RollingOut",
+                f"rolling out version {current.model.version} (sha256 {current.model.sha256[:12]}…)",
+            )
         )
     before_ready, now_ready = condition(previous.conditions, READY), condition(current.conditions, READY)
     if now_ready and now_ready.status == "True" and (not before_ready or before_ready.status != "True"):
@@ -301,15 +408,18 @@ def transitions(previous: InferenceModelStatus, current: InferenceModelStatus) -
         events.append(Event("Warning", now.reason, now.message))
     if now and now.status == "False" and before and before.status == "True":
         events.append(Event("Normal", "Recovered", f"no longer degraded (was {before.reason})"))
+    if now and now.reason == NODES_OFFLINE and (not before or before.reason != now.reason):
+        events.append(Event("Normal", NODES_OFFLINE, now.message))
     before, now = condition(previous.conditions, ACCELERATED), condition(current.conditions, ACCELERATED)
     if now and now.reason == "CPUFallback" and (not before or before.reason != now.reason):
         events.append(Event("Warning", "CPUFallback", now.message))
+    wave, was = current.rollout, previous.rollout
+    if wave and was and wave.revision == was.revision and wave.wave > was.wave and wave.state != "Complete":
+        events.append(Event("Normal", "WaveStarted", f"wave {wave.wave}/{wave.waves} of the rollout"))
     return events
 
 
-def unreadable(
-    previous: InferenceModelStatus, generation: int, problem: SpecProblem, now: str
-) -> InferenceModelStatus:
+def unreadable(previous: InferenceModelStatus, generation: int, problem: SpecProblem, now: str) -> InferenceModelStatus:
     """The spec cannot even be parsed (a CRD older than the operator): say so, keep the last numbers."""
     updates = [
         ConditionUpdate(READY, "False", problem.reason, problem.message),

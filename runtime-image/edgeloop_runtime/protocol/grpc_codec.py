@@ -72,7 +72,8 @@ def decode_inputs(
             raise BadRequest(f"input '{name}' of datatype {datatype} must be sent in raw_input_contents")
     if raw_index != len(raw):
         raise BadRequest(f"{len(raw) - raw_index} raw_input_contents belong to no input")
-    reserve(cost)
+    if cost:
+        reserve(cost)
     tensors = []
     for name, datatype, shape, data in planned:
         if isinstance(data, Slice):
@@ -88,7 +89,11 @@ def requested_outputs(request: pb.ModelInferRequest, shared_memory: SharedMemory
     """The outputs asked for (all when none is), each with where in shared memory it goes, if anywhere."""
     wanted = {}
     for output in request.outputs:
-        where = Slice.from_parameters(parameters(output.parameters), f"output '{output.name}'")
+        where = (
+            Slice.from_parameters(parameters(output.parameters), f"output '{output.name}'")
+            if output.parameters
+            else None
+        )
         if where is not None and shared_memory is None:
             raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
         wanted[output.name] = where

@@ -25,6 +25,7 @@ from edgeloop_runtime.protocol.tensors import (
     from_buffer,
     from_list,
     to_buffer,
+    to_json,
     to_list,
 )
 from edgeloop_runtime.shared_memory import SharedMemory, Slice
@@ -48,10 +49,10 @@ class InferRequest:
     binary_default: bool  # the request-level `binary_data_output` parameter
 
 
-def _parameters(obj: dict, where: str) -> dict:
+def _parameters(obj: dict, kind: str, name: object = None) -> dict:
     parameters = obj.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise BadRequest(f"'parameters' of {where} must be an object")
+        raise BadRequest(f"'parameters' of {kind}{f' {name!r}' if name is not None else ''} must be an object")
     return parameters
 
 
@@ -92,26 +93,28 @@ def decode_request(
         raise BadRequest("the request must be a JSON object with an 'inputs' list")
 
     offset = header_end
-    planned: list[tuple[str, str, tuple[int, ...], object]] = []  # data: a JSON list, raw bytes or a Slice
+    planned: list[tuple[Callable, str, str, tuple[int, ...], object]] = []  # (decoder, name, datatype, shape, data)
+    names: set[str] = set()
     cost = 0
     for item in header["inputs"]:
         if not isinstance(item, dict):
             raise BadRequest("each entry of 'inputs' must be an object")
         name, datatype, shape = signature.check(item.get("name"), item.get("datatype"), item.get("shape"))
-        if any(name == other[0] for other in planned):
+        if name in names:
             raise BadRequest(f"input '{name}' is given twice")
-        parameters = _parameters(item, f"input '{name}'")
-        where = Slice.from_parameters(parameters, f"input '{name}'")
+        names.add(name)
+        parameters = _parameters(item, "input", name)
+        where = Slice.from_parameters(parameters, f"input '{name}'") if parameters else None
         size = parameters.get("binary_data_size")
         if (where is not None) + (size is not None) + ("data" in item) != 1:
             raise BadRequest(
                 f"input '{name}' needs exactly one of 'data', a binary_data_size or shared_memory_* parameters"
             )
         if where is not None:
-            planned.append((name, datatype, shape, where))
+            planned.append((_from_region(shared_memory), name, datatype, shape, where))
             cost += where.byte_size + decoded_cost(datatype, shape, copied=False)
         elif size is None:
-            planned.append((name, datatype, shape, item["data"]))
+            planned.append((from_list, name, datatype, shape, item["data"]))
             cost += decoded_cost(datatype, shape, copied=True)
         else:
             if header_length is None:
@@ -125,13 +128,14 @@ def decode_request(
                     f"binary payload is truncated: input '{name}' needs {size} bytes at offset {offset}, "
                     f"the body has {len(body)}"
                 )
-            planned.append((name, datatype, shape, view[offset : offset + size]))
+            planned.append((from_buffer, name, datatype, shape, view[offset : offset + size]))
             cost += decoded_cost(datatype, shape, copied=False)
             offset += size
     if offset != len(body):
         raise BadRequest(f"{len(body) - offset} bytes after the last binary input belong to no input")
-    reserve(cost)
-    inputs = [_decode(name, datatype, shape, data, shared_memory) for name, datatype, shape, data in planned]
+    if cost:
+        reserve(cost)
+    inputs = [decode(name, datatype, shape, data) for decode, name, datatype, shape, data in planned]
 
     parameters = _parameters(header, "the request")
     binary_default = bool(parameters.get("binary_data_output", False))
@@ -143,10 +147,10 @@ def decode_request(
         for item in header["outputs"]:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise BadRequest("each entry of 'outputs' must be an object with a 'name'")
-            output_parameters = _parameters(item, f"output '{item['name']}'")
+            output_parameters = _parameters(item, "output", item["name"])
             if output_parameters.get("classification"):
                 raise BadRequest("the classification extension is not supported")
-            where = Slice.from_parameters(output_parameters, f"output '{item['name']}'")
+            where = Slice.from_parameters(output_parameters, f"output '{item['name']}'") if output_parameters else None
             if where is not None and shared_memory is None:
                 raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
             outputs[item["name"]] = Output(bool(output_parameters.get("binary_data", binary_default)), where)
@@ -154,15 +158,16 @@ def decode_request(
     return InferRequest(str(request_id) if request_id else None, inputs, outputs, binary_default)
 
 
-def _decode(name: str, datatype: str, shape: tuple[int, ...], data: object, shared_memory: SharedMemory | None):
-    if isinstance(data, Slice):
-        if shared_memory is None:
-            raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
-        what = f"input '{name}'"
-        data = shared_memory.find(data.region).read(data.offset, data.byte_size, what)
-    if isinstance(data, memoryview | np.ndarray):
+def _from_region(shared_memory: SharedMemory | None) -> Callable:
+    """A decoder of an input in shared memory."""
+    if shared_memory is None:
+        raise BadRequest("shared memory is off on this server (serve --shared-memory-dir)")
+
+    def decode(name: str, datatype: str, shape: tuple[int, ...], where: Slice):
+        data = shared_memory.find(where.region).read(where.offset, where.byte_size, f"input '{name}'")
         return from_buffer(name, datatype, shape, data)
-    return from_list(name, datatype, shape, data)
+
+    return decode
 
 
 def encode_response(
@@ -199,4 +204,9 @@ def encode_response(
     if request.id is not None:
         response["id"] = request.id
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" in header:  # orjson writes a NaN or an infinity as null: write those outputs as Triton does
+        for entry in entries:
+            if "data" in entry:
+                entry["data"] = to_json(entry["datatype"], results[entry["name"]])
+        header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     return [header, *binaries], (len(header) if binaries else None)

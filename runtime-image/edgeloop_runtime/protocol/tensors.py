@@ -104,23 +104,27 @@ class Signature:
             raise BadRequest(f"input '{name}' has unknown datatype {datatype!r}; known: {sorted(NUMPY)}")
         if datatype != spec.datatype:
             raise BadRequest(f"input '{name}' has datatype {datatype}, the model expects {spec.datatype}")
-        if not isinstance(shape, list | tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        if not isinstance(shape, list | tuple):
             raise BadRequest(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r}")
+        want = spec.shape
+        fits = len(shape) == len(want)
+        count = 1
+        for index, dim in enumerate(shape):  # one pass: this runs for every input of every request
+            if type(dim) is not int or dim < 0:
+                raise BadRequest(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r}")
+            if dim > self.max_elements:
+                raise BadRequest(
+                    f"input '{name}' has shape {list(shape)}: no dimension may exceed {self.max_elements} "
+                    "(--max-tensor-elements)"
+                )
+            if fits and want[index] != -1 and want[index] != dim:
+                fits = False
+            count *= dim
+        if not fits:
+            raise BadRequest(f"input '{name}' has shape {list(shape)}, the model expects {list(want)} (-1: any size)")
         shape = tuple(shape)
-        if any(d > self.max_elements for d in shape):
-            raise BadRequest(
-                f"input '{name}' has shape {list(shape)}: no dimension may exceed {self.max_elements} "
-                "(--max-tensor-elements)"
-            )
-        if len(shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, shape, strict=True)
-        ):
-            raise BadRequest(
-                f"input '{name}' has shape {list(shape)}, the model expects {list(spec.shape)} (-1: any size)"
-            )
         if self.max_batch_size and not 1 <= shape[0] <= self.max_batch_size:
             raise BadRequest(f"batch size {shape[0]} is outside 1..{self.max_batch_size} (--max-batch-size)")
-        count = math.prod(shape)
         if count > self.max_elements:
             raise TooLarge(
                 f"input '{name}' has {count} elements, more than {self.max_elements} (--max-tensor-elements)"
@@ -178,11 +182,15 @@ def to_buffer(datatype: str, array: np.ndarray) -> bytes:
 
 
 def to_list(datatype: str, array: np.ndarray) -> object:
-    """Flat row-major JSON data: a contiguous numpy array (orjson writes it natively), a list of str, or, for
-    floats that are not all finite, JSON written as Triton writes it (NaN, Infinity, -Infinity; orjson would
-    write null)."""
+    """Flat row-major JSON data: a contiguous numpy array (orjson writes it natively) or a list of str."""
     if datatype == "BYTES":
         return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
+    return np.ascontiguousarray(array).ravel()
+
+
+def to_json(datatype: str, array: np.ndarray) -> object:
+    """to_list, with floats that are not all finite written as Triton writes them (NaN, Infinity, -Infinity),
+    where orjson would write null."""
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         return orjson.Fragment(json.dumps(array.ravel().tolist()))
-    return np.ascontiguousarray(array).ravel()
+    return to_list(datatype, array)

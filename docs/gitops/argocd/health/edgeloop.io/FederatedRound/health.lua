@@ -1,5 +1,7 @@
 -- Argo CD health of an edgeloop.io FederatedRound: a finite job, so Succeeded is Healthy (whether or not the
--- trained model passed the promotion gate: that is the round's result, not a fault) and Failed is Degraded.
+-- trained model passed the promotion gate: that is the round's result, not a fault) and Failed is Degraded; a
+-- running round with a stuck pod (Degraded=True: an image that cannot be pulled, a missing Secret, a volume
+-- that cannot be mounted, a crash loop) is Degraded too, with the pod's own message.
 local hs = {status = "Progressing", message = "Waiting for the operator to report"}
 local status = obj.status
 if status == nil or status.phase == nil then
@@ -29,6 +31,9 @@ if status.phase == "Succeeded" then
 elseif status.phase == "Failed" then
   hs.status = "Degraded"
   hs.message = describe(conditions["Succeeded"], "Failed")
+elseif conditions["Degraded"] ~= nil and conditions["Degraded"].status == "True" then
+  hs.status = "Degraded"
+  hs.message = describe(conditions["Degraded"], "Degraded")
 elseif status.phase == "Running" then
   hs.message = "Round " .. (status.progress or "")
   if status.stage ~= nil and status.stage ~= "" then

@@ -1,0 +1,343 @@
+"""Real nodes that go away: the data path of issue 13, on the session's cluster of real nodes (real_devcluster,
+two nodes), with the chart's operator and store as pods (conftest's real_release).
+
+- A node partitioned from the API server (devcluster's offline nodes: iptables in its netns; its pods keep
+  talking to everything else) keeps serving its model from its node cache; the rollout of a new version
+  finishes on the other node, though one offline node is as many as maxUnavailable; the status names the
+  offline node with the version it runs; back, it converges to the new version by itself.
+- A FederatedRound survives the loss of its aggregator's pod (its node made unschedulable): the Job's next pod,
+  on the other node, resumes after the last completed round from the checkpoint in the store; then a client's
+  node is lost mid-round (its cable cut: nothing reaches it or leaves it) after it shared its keys, and the
+  round drops it at its deadline and still unmasks the sum, rebuilding the lost client's masks from its
+  neighbour's shares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import ssl
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from edgeloop import testing
+
+from devcluster import nodes
+
+from .conftest import RealRelease, wait_for
+from .test_real_nodes import ROOT, Story, digits_inputs, expected
+
+MODELS_NS, RELEASE_NS = RealRelease.workload_namespace, RealRelease.namespace
+
+
+@pytest.fixture(scope="module")
+def story(real_release: RealRelease) -> Story:
+    """The chart's operator and store on the real nodes (conftest's real_release)."""
+    return Story(real_release, list(real_release.devcluster.nodes))
+
+
+def node_of_pod(story: Story, namespace: str, selector: str) -> str:
+    [pod] = story.devcluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
+    return pod["spec"]["nodeName"]
+
+
+def pods_by_node(story: Story, name: str) -> dict[str, dict]:
+    """The live pods of InferenceModel `name`, by node."""
+    pods = story.devcluster.get_json("pods", "-n", MODELS_NS, "-l", f"edgeloop.io/inferencemodel={name}")["items"]
+    return {p["spec"]["nodeName"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
+
+
+def ask_pod(story: Story, pod_ip: str, name: str, inputs: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """tritonclient over gRPC with TLS straight to one pod's address (the host routes every node's pod
+    range): the versions it serves and its answer."""
+    import tritonclient.grpc as grpcclient
+
+    ca = story.real[0].dir / f"{name}-ca.crt"
+    ca.write_bytes(story.release.secret(MODELS_NS, f"{name}-tls", "ca.crt"))
+    client = grpcclient.InferenceServerClient(
+        f"{pod_ip}:8001", ssl=True, root_certificates=str(ca),
+        channel_args=[("grpc.ssl_target_name_override", f"{name}.{MODELS_NS}.svc")],
+    )
+    try:
+        metadata = client.get_model_metadata(name, as_json=True)
+        [tensor] = metadata["inputs"]
+        request = grpcclient.InferInput(tensor["name"], list(inputs.shape), tensor["datatype"])
+        request.set_data_from_numpy(inputs)
+        result = client.infer(name, [request], client_timeout=20)
+        return metadata["versions"], result.as_numpy(metadata["outputs"][0]["name"])
+    finally:
+        client.close()
+
+
+def model_status(story: Story, name: str) -> dict:
+    return story.devcluster.get_json("inferencemodel", name, "-n", MODELS_NS)
+
+
+def reason_of(body: dict, type_: str) -> tuple[str, str]:
+    found = next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+    return found.get("status", ""), found.get("reason", "")
+
+
+def test_a_partitioned_node_keeps_serving_from_its_cache_and_converges_when_it_returns(story: Story):
+    from edgeloop_runtime.federated.model import mlp
+
+    name = "offline-digits"
+    v1, v2 = mlp([64, 32, 10], seed=11), mlp([64, 32, 10], seed=12)
+    digests = [story.release.upload(v1), story.release.upload(v2)]
+    model = yaml.safe_load((ROOT / "examples" / "inferencemodel-digits.yaml").read_text())
+    model["metadata"] = {"name": name, "namespace": MODELS_NS}
+    model["spec"]["rollout"] = {"maxUnavailable": 1}  # one offline node is as many: RollingUpdate would stall
+
+    def serve(version: int) -> None:
+        digest = digests[version - 1]
+        model["spec"]["model"] = {"uri": story.release.model_uri(digest),
+                                  "sha256": digest, "version": str(version)}
+        story.devcluster.kubectl("apply", "-f", "-", input=json.dumps(model))
+
+    def until(what: str, check) -> dict:
+        return wait_for(what, lambda: (b := model_status(story, name)) and check(b) and b, timeout=300,
+                        debug=lambda: json.dumps(model_status(story, name).get("status"), indent=1)
+                        + story.debug(MODELS_NS))
+
+    serve(1)
+    until("version 1 on both nodes", lambda b: reason_of(b, "Ready") == ("True", "AllNodesReady")
+          and b["status"]["model"]["version"] == "1")
+    # Cut off the node that does not run the operator (which must reach the API server to roll anything).
+    operator_node = node_of_pod(story, RELEASE_NS, "app.kubernetes.io/component=operator")
+    [cut] = [node for node in story.real if node.name != operator_node][:1]
+    inputs = digits_inputs()
+
+    with story.devcluster.offline(cut.name):
+        until("the partitioned node in the status", lambda b: reason_of(b, "Ready") == ("True", "NodesOffline"))
+        pod_ip = pods_by_node(story, name)[cut.name]["status"]["podIP"]
+        versions, outputs = ask_pod(story, pod_ip, name, inputs)
+        assert versions == ["1"], "cut off from the API server, the node serves from its cache"
+        np.testing.assert_allclose(outputs, expected(v1, inputs), rtol=1e-5, atol=1e-6)
+
+        serve(2)
+        done = until("version 2 on the reachable node", lambda b: b["status"].get("model", {}).get("version") == "2"
+                     and b["status"].get("rollout", {}).get("state") == "Complete"
+                     and reason_of(b, "Progressing") == ("False", "NodesOffline"))
+        status = done["status"]
+        assert reason_of(done, "Ready") == ("True", "NodesOffline") and reason_of(done, "Degraded")[0] == "False"
+        assert (status["desiredNodes"], status["updatedNodes"], status["offlineNodeCount"]) == (2, 1, 1)
+        [offline] = status["offlineNodes"]
+        assert (offline["node"], offline["reason"], offline["version"], offline["updated"]) == (
+            cut.name, "Unreachable", "1", False)
+        reachable = pods_by_node(story, name)[operator_node]["status"]["podIP"]
+        assert ask_pod(story, reachable, name, inputs)[0] == ["2"]
+        versions, outputs = ask_pod(story, pod_ip, name, inputs)
+        assert versions == ["1"], "the partitioned node is left alone, serving what it has"
+        np.testing.assert_allclose(outputs, expected(v1, inputs), rtol=1e-5, atol=1e-6)
+
+    # Back: it converges to version 2 without anyone asking.
+    until("both nodes on version 2", lambda b: reason_of(b, "Ready") == ("True", "AllNodesReady")
+          and b["status"]["updatedNodes"] == 2 and b["status"]["offlineNodeCount"] == 0)
+    pod = pods_by_node(story, name)[cut.name]
+    versions, outputs = ask_pod(story, pod["status"]["podIP"], name, inputs)
+    assert versions == ["2"]
+    np.testing.assert_allclose(outputs, expected(v2, inputs), rtol=1e-5, atol=1e-6)
+    assert (cut.host_path / "models" / MODELS_NS / "sha256" / digests[1]).read_bytes() == v2
+    story.devcluster.kubectl("delete", "inferencemodel", name, "-n", MODELS_NS, "--wait=false")
+
+
+def test_stuck_round_pods_are_diagnosed_with_their_reason_long_before_the_deadline(story: Story):
+    """An image that cannot be pulled (the aggregator's), and a dataset a node lacks (a client's)."""
+    from edgeloop_runtime.federated.model import mlp
+
+    devcluster = story.devcluster
+    digest = story.release.upload(mlp([64, 32, 10], seed=7))
+    spec = {
+        "model": {"uri": story.release.model_uri(digest), "sha256": digest,
+                  "version": "1"},
+        "participants": {"nodeSelector": {"edgeloop.io/node-group": "edge-real"}, "minClients": 1},
+        "deadlineSeconds": 3600,
+        "runtime": {"resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}},
+    }
+    rounds = {
+        "no-image": {**spec, "dataset": {"name": "digits"},
+                     "runtime": {**spec["runtime"], "image": "registry.invalid/edgeloop/runtime-federated:0"}},
+        "no-data": {**spec, "dataset": {"name": "nowhere"}},
+    }
+    for name, round_spec in rounds.items():
+        body = {"apiVersion": "edgeloop.io/v1alpha1", "kind": "FederatedRound",
+                "metadata": {"name": name, "namespace": MODELS_NS}, "spec": round_spec}
+        devcluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+    def degraded(name: str):
+        body = devcluster.get_json("federatedround", name, "-n", MODELS_NS)
+        found = next((c for c in body.get("status", {}).get("conditions", []) if c["type"] == "Degraded"), {})
+        return found.get("status") == "True" and (body["status"]["phase"], found)
+
+    try:
+        phase, found = wait_for("the missing image diagnosed", lambda: degraded("no-image"), timeout=90,
+                                debug=lambda: story.debug(MODELS_NS))
+        assert phase == "Running" and found["reason"] == "ImagePullFailed", found
+        assert found["message"].startswith("the aggregator pod no-image-aggregator-"), found
+        assert "registry.invalid/edgeloop/runtime-federated:0" in found["message"], found
+        events = devcluster.get_json("events", "-n", MODELS_NS, "--field-selector",
+                                     "involvedObject.name=no-image,reason=ImagePullFailed")["items"]
+        assert [e["type"] for e in events] == ["Warning"], events
+
+        # The aggregator of no-data runs (it waits for its clients); its clients find no dataset on their node.
+        phase, found = wait_for("the missing dataset diagnosed", lambda: degraded("no-data"), timeout=120,
+                                debug=lambda: story.debug(MODELS_NS))
+        assert phase == "Running" and found["reason"] in ("MountFailed", "ContainerFailed", "CrashLooping"), found
+        assert found["message"].startswith("the client pod no-data-client-"), found
+        body = devcluster.get_json("federatedround", "no-data", "-n", MODELS_NS)
+        health = testing.argocd_health(testing.ARGOCD_HEALTH / "FederatedRound" / "health.lua", body)
+        assert health["status"] == "Degraded" and found["reason"] in health["message"], health
+        testing.capture_argocd_testdata("FederatedRound", "stuck-client", body)
+    finally:
+        devcluster.kubectl("delete", "federatedround", *rounds, "-n", MODELS_NS, "--wait=false")
+
+
+CUT_CHAIN = "E2E-CABLE-CUT"
+
+
+@contextlib.contextmanager
+def cable_cut(node: nodes.RealNode):
+    """Nothing reaches the node or leaves it (its uplink, in its network namespace): lost to the control plane
+    and to every other node and pod, as when its power or its cable goes; restored afterwards."""
+    def iptables(*args: str, check: bool = True) -> None:
+        subprocess.run(["ip", "netns", "exec", node.network.netns(node.index), "iptables", "-w", *args],
+                       check=check, capture_output=True)
+
+    iptables("-N", CUT_CHAIN)
+    iptables("-A", CUT_CHAIN, "-i", "eth0", "-j", "DROP")
+    iptables("-A", CUT_CHAIN, "-o", "eth0", "-j", "DROP")
+    for hook in ("INPUT", "OUTPUT", "FORWARD"):
+        iptables("-I", hook, "1", "-j", CUT_CHAIN)
+    try:
+        yield
+    finally:
+        for hook in ("INPUT", "OUTPUT", "FORWARD"):
+            iptables("-D", hook, "-j", CUT_CHAIN, check=False)
+        iptables("-F", CUT_CHAIN, check=False)
+        iptables("-X", CUT_CHAIN, check=False)
+
+
+class Aggregator:
+    """The round's aggregator asked directly at its pod's address, as the operator asks it (with the round's
+    status certificate, under mTLS)."""
+
+    def __init__(self, story: Story, round_name: str):
+        self.story, self.round_name = story, round_name
+        directory = Path(tempfile.mkdtemp(dir=story.real[0].dir))
+        for key in ("tls.crt", "tls.key", "ca.crt"):
+            (directory / key).write_bytes(story.release.secret(MODELS_NS, f"{round_name}-status-tls", key))
+        self.context = ssl.create_default_context(cafile=str(directory / "ca.crt"))
+        self.context.check_hostname = False  # its certificate names the Service; the chain is verified
+        self.context.load_cert_chain(directory / "tls.crt", directory / "tls.key")
+
+    def pod(self) -> dict | None:
+        pods = self.story.devcluster.get_json("pods", "-n", MODELS_NS, "-l",
+                                              f"edgeloop.io/federatedround={self.round_name},edgeloop.io/role=aggregator")
+        live = [p for p in pods["items"] if not p["metadata"].get("deletionTimestamp")
+                and p["status"].get("podIP") and p["status"].get("phase") == "Running"]
+        return live[0] if live else None
+
+    def status(self) -> dict | None:
+        pod = self.pod()
+        if pod is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            url = f"https://{pod['status']['podIP']}:8080/v1/status"
+            with urllib.request.urlopen(url, timeout=3, context=self.context) as answer:
+                return json.loads(answer.read())
+        return None
+
+    def until(self, what: str, check, timeout: float = 240) -> dict:
+        return wait_for(what, lambda: (s := self.status()) and check(s) and s, timeout,
+                        debug=lambda: self.story.debug(MODELS_NS))
+
+
+def write_datasets(story: Story) -> None:
+    """Each node's own share of digits, in its data path (test_real_nodes.py does the same)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    for node in story.real:
+        data = node.host_path / "data" / MODELS_NS / "digits"
+        data.mkdir(parents=True, exist_ok=True)
+        part = slice(node.index, None, len(story.real))
+        np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
+
+
+def test_a_round_resumes_after_losing_its_aggregator_and_drops_a_lost_client_recovering_its_masks(story: Story):
+    from edgeloop_runtime.federated.model import mlp
+
+    write_datasets(story)
+    first, second = story.real[1], story.real[0]  # the store lives on the first node: never cut off
+    devcluster = story.devcluster
+    pin = "e2e.edgeloop.io/aggregator"
+    devcluster.kubectl("label", "node", first.name, f"{pin}=here")
+    digest = story.release.upload(mlp([64, 32, 10], seed=5))
+    round_ = yaml.safe_load((ROOT / "examples" / "federatedround-digits.yaml").read_text())
+    round_["metadata"] = {"name": "survivor", "namespace": MODELS_NS}
+    round_["spec"] = {
+        "model": {"uri": story.release.model_uri(digest), "sha256": digest,
+                  "version": "1"},
+        "participants": {"nodeSelector": {"edgeloop.io/node-group": "edge-real"}, "minClients": 1, "maxClients": 2},
+        "dataset": {"name": "digits"},
+        # Slow enough local training (about 6 s a round) to lose a client between sharing its keys and uploading.
+        "training": {"rounds": 3, "localEpochs": 40, "batchSize": 1, "learningRate": 0.05},
+        # Two clients, each the other's only neighbour: one survivor's shares rebuild the other's masks.
+        "secureAggregation": {"enabled": True, "threshold": 0.5},
+        "deadlineSeconds": 45,
+        "aggregator": {"nodeSelector": {pin: "here"}, "resources": {"requests": {"cpu": "100m"}}},
+        "runtime": {"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+    }
+    devcluster.kubectl("apply", "-f", "-", input=json.dumps(round_))
+    aggregator = None
+    try:
+        aggregator = wait_for("the round's status certificate", lambda: devcluster.kubectl(
+            "get", "secret", "survivor-status-tls", "-n", MODELS_NS, check=False).returncode == 0
+            and Aggregator(story, "survivor"), timeout=60)
+        aggregator.until("round 1 done, on the first node", lambda s: len(s["history"]) >= 1)
+        old = aggregator.pod()
+        assert old["spec"]["nodeName"] == first.name, "spec.aggregator.nodeSelector pins it"
+
+        # Its node unschedulable (cordoned, and the pin moved to the other node), its pod deleted mid-round.
+        devcluster.kubectl("cordon", first.name)
+        devcluster.kubectl("label", "node", first.name, f"{pin}-")
+        devcluster.kubectl("label", "node", second.name, f"{pin}=here")
+        devcluster.kubectl("delete", "pod", old["metadata"]["name"], "-n", MODELS_NS, "--wait=false")
+        resumed = aggregator.until("a new aggregator, on the other node", lambda s: (
+            (pod := aggregator.pod()) is not None and pod["metadata"]["name"] != old["metadata"]["name"]))
+        new = aggregator.pod()
+        assert new["spec"]["nodeName"] == second.name
+        devcluster.kubectl("uncordon", first.name)
+        log = devcluster.kubectl("logs", "-n", MODELS_NS, new["metadata"]["name"]).stdout
+        found = re.search(r"resuming after round (\d+) from the store's ref models\.survivor\.", log)
+        assert found and int(found[1]) >= 1, log[-2000:]
+        assert len(resumed["history"]) >= int(found[1]), "the completed rounds are not trained again"
+
+        # The first node's client is lost in round 3, after it shared its keys: its cable is cut.
+        aggregator.until("round 3 collecting", lambda s: s["round"] == 3 and s["stage"] == "collect")
+        with cable_cut(first):
+            final_round = aggregator.until("round 3 done without the lost client", lambda s: len(s["history"]) >= 3,
+                                           timeout=120)
+    finally:
+        devcluster.kubectl("uncordon", first.name, check=False)
+        for node in story.real:
+            devcluster.kubectl("label", "node", node.name, f"{pin}-", check=False)
+
+    entry = final_round["history"][2]
+    assert entry["round"] == 3 and entry["participants"] == {"selected": 2, "reported": 1, "dropped": 1}, entry
+    assert "discarded" not in entry, "the lost client's masks were rebuilt and the sum unmasked"
+    assert [h["round"] for h in final_round["history"]] == [1, 2, 3], "each round once, none lost, none repeated"
+
+    def finished():
+        body = devcluster.get_json("federatedround", "survivor", "-n", MODELS_NS)
+        return body.get("status", {}).get("phase") in ("Succeeded", "Failed") and body
+
+    body = wait_for("the round to end", finished, timeout=180, debug=lambda: story.debug(MODELS_NS))
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert body["status"]["result"]["sha256"]
