@@ -146,7 +146,7 @@ class Prometheus:
             {"source_labels": [f"{annotation}path"], "regex": "(.+)", "target_label": "__metrics_path__"},
             {"source_labels": ["__address__", f"{annotation}port"], "regex": r"([^:]+)(?::\d+)?;(\d+)",
              "replacement": "$1:$2", "target_label": "__address__"},
-        ])
+        ], honor_labels=True)  # as prometheus-community's kubernetes-pods job: an exporter's namespace label wins
 
     def reconfigure(self, scrape_configs: list[dict] = (), rule_files: list[Path] = ()) -> None:
         """Scrape the annotated pods and `scrape_configs`, evaluate `rule_files`; applied at once."""

@@ -52,8 +52,7 @@ class Story:
 
 @pytest.fixture(scope="module")
 def story(real_release: RealRelease) -> Story:
-    """The story's model, digits, stays served after it: test_real_nodes_observability.py watches it, then
-    deletes it."""
+    """The story's model, digits, stays served after it; test_real_nodes_observability.py deletes it."""
     return Story(real_release, list(real_release.devcluster.nodes))
 
 

@@ -80,6 +80,7 @@ def test_pod_monitors_select_the_operator_and_the_rendered_runtime_pods():
     operator_monitor = one(docs, "PodMonitor", "edgeloop-operator")
     assert operator_monitor["spec"]["selector"]["matchLabels"].items() <= operator_pod["metadata"]["labels"].items()
     assert operator_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert operator_monitor["spec"]["podMetricsEndpoints"][0]["honorLabels"], "a model's namespace, not the pod's"
     assert operator_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
     runtime_monitor = one(docs, "PodMonitor", "edgeloop-runtime")["spec"]
@@ -106,6 +107,7 @@ def test_service_monitors_replace_pod_monitors_when_chosen():
     operator_pod = one(docs, "Deployment", "edgeloop-operator")["spec"]["template"]
     assert service["spec"]["selector"].items() <= operator_pod["metadata"]["labels"].items()
     monitor = one(docs, "ServiceMonitor", "edgeloop-operator")
+    assert monitor["spec"]["endpoints"][0]["honorLabels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     runtime = one(docs, "ServiceMonitor", "edgeloop-runtime")["spec"]
     from edgeloop.render.inferencemodel import owner_of, render

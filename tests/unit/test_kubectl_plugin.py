@@ -56,6 +56,11 @@ def rendered_pod(accelerator: str, node: str, *, tls: bool = True, ready: bool =
     }
 
 
+def runtime_labels(protocol: str) -> tuple[str, ...]:
+    """The runtime latency histogram's label values: its labels are (model, version, protocol)."""
+    return ("digits", "3", protocol)
+
+
 class Runtimes(FakeKube):
     """Runtimes behind the pod proxy: their real metrics text, with `per_read` requests served between reads."""
 
@@ -74,7 +79,7 @@ class Runtimes(FakeKube):
             return json.dumps({"name": "digits", "parameters": {"execution_providers": "CPUExecutionProvider"}})
         assert path == "/metrics"
         for _ in range(self.per_read):
-            runtime.latency.observe(self.seconds, "digits", "http")
+            runtime.latency.observe(self.seconds, *runtime_labels("http"))
         return runtime.render().decode()
 
 
@@ -158,8 +163,8 @@ def test_quantile_interpolates_as_histogram_quantile():
 
 def test_histogram_adds_up_the_protocols():
     runtime = Metrics("digits", "3", SHA_A, ["CPUExecutionProvider"])
-    runtime.latency.observe(0.002, "digits", "http")
-    runtime.latency.observe(0.002, "digits", "grpc")
+    runtime.latency.observe(0.002, *runtime_labels("http"))
+    runtime.latency.observe(0.002, *runtime_labels("grpc"))
     assert histogram(runtime.render().decode()).total == 2
 
 
