@@ -283,7 +283,7 @@ def test_the_client_id_is_the_certificates_and_a_header_naming_another_is_refuse
 def test_replayed_and_changed_messages_are_refused_and_retries_answered(world, tmp_path):
     # mallory does not evaluate; the rounds close when all three sent, the deadline only guards a slow machine
     fed = Federation(world, tmp_path, clients=3, secure=False, rounds=2, min_clients=2, deadline=30.0)
-    honest(fed, 2)
+    # mallory's first round before the honest clients start: the round cannot close under its retries
     conn = fed.connection("mallory")
     info = json.loads(conn.request("GET", "/v1/round?after=")[1])
     vector = np.zeros(fed.agg.model.size, "<f4")
@@ -294,6 +294,7 @@ def test_replayed_and_changed_messages_are_refused_and_retries_answered(world, t
     changed = pack({"examples": 500, "metrics": {"accuracy": 0.5, "loss": 1.0, "examples": 2}}, vector.tobytes())
     status, body = conn.request("POST", "/v1/update", changed, headers)
     assert status == 409 and b"already sent a different update" in body
+    honest(fed, 2)
     first_round = info["id"]
     info = json.loads(conn.request("GET", f"/v1/round?after={first_round}")[1])
     assert info["round"] == 2
