@@ -270,16 +270,19 @@ class RealRelease:
     def secret(self, namespace: str, name: str, key: str) -> bytes:
         return base64.b64decode(self.devcluster.get_json("secret", name, "-n", namespace)["data"][key])
 
+    def _store(self) -> _VerifiedHTTPS:
+        """An HTTPS connection to the chart's store through its Service (the host routes Services through real
+        node 0), verifying the certificate the chart made for the Service's name."""
+        ca = self.secret(self.namespace, f"{self.name}-store-tls", "ca.crt").decode()
+        return _VerifiedHTTPS(self.service_ip(self.namespace, f"{self.name}-store"), 8000, timeout=30,
+                              context=ssl.create_default_context(cadata=ca),
+                              server_name=f"{self.name}-store.{self.namespace}.svc")
+
     def upload(self, model: bytes) -> str:
-        """Put `model` into the chart's store over HTTPS, through its Service (the host routes Services through
-        real node 0), verifying the certificate the chart made for the Service's name: the token never crosses
-        the network in clear. Its sha256."""
+        """Put `model` into the chart's store (the token never crosses the network in clear). Its sha256."""
         digest = hashlib.sha256(model).hexdigest()
         token = self.secret(self.namespace, f"{self.name}-store-token", "token").decode()
-        ca = self.secret(self.namespace, f"{self.name}-store-tls", "ca.crt").decode()
-        context = ssl.create_default_context(cadata=ca)
-        connection = _VerifiedHTTPS(self.service_ip(self.namespace, f"{self.name}-store"), 8000, timeout=30,
-                                    context=context, server_name=f"{self.name}-store.{self.namespace}.svc")
+        connection = self._store()
         try:
             connection.request("PUT", f"/sha256/{digest}", body=model, headers={"Authorization": f"Bearer {token}"})
             response = connection.getresponse()
@@ -287,6 +290,18 @@ class RealRelease:
         finally:
             connection.close()
         return digest
+
+    def download(self, digest: str) -> bytes:
+        """The blob `digest` as the store serves it to the nodes."""
+        connection = self._store()
+        try:
+            connection.request("GET", f"/sha256/{digest}")
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200, (response.status, body[:200])
+            return body
+        finally:
+            connection.close()
 
     def model_uri(self, digest: str) -> str:
         """Where the nodes fetch a model that upload() put into the store."""
@@ -325,10 +340,10 @@ def real_release(real_devcluster: RealDevCluster) -> RealRelease:
         "upgrade", "--install", release.name, str(Path(__file__).parents[2] / "charts" / "edgeloop"),
         "--namespace", release.namespace, "--create-namespace",
         "--set", "operator.replicas=1", "--set", f"workloadNamespaces={{{release.workload_namespace}}}",
-        # The store keeps its blobs in a directory of the first node, and the operator runs beside it: the other
-        # node is the one the offline tests cut off (a cut node's pods drop out of their Services' endpoints).
-        "--set", "store.persistence.mode=hostPath",
-        "--set", f"store.persistence.hostPath.node={real_devcluster.nodes[0].name}",
+        # The store keeps its blobs on the chart's default persistence (a PVC of k3s's default StorageClass,
+        # local-path: on the disk of the node it first runs on). It and the operator run on the first node: the
+        # other is the one the offline tests cut off (a cut node's pods drop out of their Services' endpoints).
+        "--set", f"store.nodeSelector.kubernetes\\.io/hostname={real_devcluster.nodes[0].name}",
         "--set", f"operator.nodeSelector.kubernetes\\.io/hostname={real_devcluster.nodes[0].name}",
         # The cuda flavour is not built here (`make images` leaves it to its own target: 1.5 GB of wheels), and
         # these nodes have no GPU anyway: the gpu class runs the cpu image, which has no CUDA provider.

@@ -109,6 +109,41 @@ def test_the_chart_runs_the_operator_and_the_store_as_real_pods(story: Story):
     assert not logged_errors(operator_log.splitlines()), operator_log[-3000:]
 
 
+def test_the_stores_blobs_outlive_its_pod_on_the_charts_default_local_path_volume(story: Story):
+    """The chart's default persistence, as on k3s: the store's PVC gets the default StorageClass (local-path),
+    whose volume lives on the disk of the node the store runs on; a blob uploaded before the store's pod is
+    deleted is served, whole, by its replacement."""
+    devcluster, release = story.devcluster, story.release
+    namespace, store = release.namespace, f"{release.name}-store"
+    pvc = devcluster.get_json("pvc", store, "-n", namespace)
+    assert (pvc["spec"]["storageClassName"], pvc["status"]["phase"]) == ("local-path", "Bound"), pvc
+    pv = devcluster.get_json("pv", pvc["spec"]["volumeName"])
+    [term] = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert term["matchExpressions"][0]["values"] == [story.real[0].name], "on the store's node's own disk"
+
+    blob = np.random.default_rng(7).bytes(3 << 20)
+    digest = release.upload(blob)
+    selector = "app.kubernetes.io/component=store"
+    [old] = devcluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
+    devcluster.kubectl("delete", "pod", old["metadata"]["name"], "-n", namespace)
+
+    def replaced() -> bool:
+        pods = devcluster.get_json("pods", "-n", namespace, "-l", selector)["items"]
+        return any(p["metadata"]["uid"] != old["metadata"]["uid"] and not p["metadata"].get("deletionTimestamp")
+                   and all(c["ready"] for c in p["status"].get("containerStatuses", [{"ready": False}]))
+                   for p in pods)
+
+    wait_for("a new store pod, ready", replaced, timeout=180, debug=lambda: story.debug(namespace))
+
+    def served() -> bytes | None:  # once the Service's endpoints name the new pod
+        try:
+            return release.download(digest)
+        except (OSError, AssertionError):
+            return None
+
+    assert hashlib.sha256(wait_for("the blob from the new pod", served, timeout=60)).hexdigest() == digest
+
+
 def digits_inputs() -> np.ndarray:
     from sklearn.datasets import load_digits
 
