@@ -156,7 +156,16 @@ SMOKE = {
             "-c",
             "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p",
         ),
-        (*MODEL_CHECK, "--providers", "CUDAExecutionProvider", "--refuse"),  # no GPU on the build machine
+        # CUDA's and cuDNN's libraries (from their wheels, on no library path) load, so the provider can.
+        (
+            "python",
+            "-c",
+            "import ctypes, onnxruntime as o, pathlib; from edgeloop_runtime.backends.onnxruntime import "
+            "load_nvidia_libraries as load; load(); "
+            "ctypes.CDLL(str(pathlib.Path(o.__file__).parent / 'capi' / 'libonnxruntime_providers_cuda.so'))",
+        ),
+        # No GPU on the build machine: refused, saying so.
+        (*MODEL_CHECK, "--providers", "CUDAExecutionProvider", "--refuse", "no NVIDIA device in this container"),
     ),
     "operator": (
         ("edgeloop", "operator", "--help"),

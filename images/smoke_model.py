@@ -5,11 +5,11 @@ python images/smoke_model.py prepare DIR
     weights as DIR/digits.tflite, DIR/input.npy (8 samples) and DIR/expected.npy: plain onnxruntime's
     answer on CPU, the reference every image and architecture must match.
 python /smoke/smoke_model.py check --format onnx --providers P[,P...] [--provider-options JSON]
-                                   [--tolerance T] [--refuse]
+                                   [--tolerance T] [--refuse [TEXT]]
     (inside an image, DIR mounted at /smoke) loads the model with edgeloop_runtime's backend, asks for
     exactly those providers (no CPU fallback), requires the first one in use, runs the input and compares
     the probabilities with expected.npy. With --refuse, the load must fail (a provider that cannot run
-    here) and the message is printed.
+    here), with TEXT in its message if given, and the message is printed.
 """
 
 from __future__ import annotations
@@ -54,11 +54,13 @@ def check(args: argparse.Namespace) -> int:
     try:
         session = backend_for(args.format).load(data, options)
     except ModelLoadError as error:
-        if args.refuse:
+        if args.refuse is not None:
             print(f"refused, as it must be: {error}")
+            if args.refuse not in str(error):
+                sys.exit(f"the refusal does not say {args.refuse!r}")
             return 0
         raise
-    if args.refuse:
+    if args.refuse is not None:
         sys.exit(f"loaded on {session.providers}, but it must be refused")
     if session.providers[0] != providers[0]:
         sys.exit(f"{providers[0]} is not in use: {session.providers}")
@@ -79,7 +81,7 @@ def main() -> int:
     checking.add_argument("--providers", default="CPUExecutionProvider")
     checking.add_argument("--provider-options", default="{}")
     checking.add_argument("--tolerance", type=float, default=1e-5)
-    checking.add_argument("--refuse", action="store_true")
+    checking.add_argument("--refuse", nargs="?", const="", metavar="TEXT")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.directory)

@@ -176,10 +176,13 @@ class StoreHandler(BoundedHandler):
                 os.fsync(out.fileno())
             if digest.hexdigest() != sha:
                 return None
-            if path.exists():
-                return False
             os.chmod(name, 0o444)
-            os.replace(name, path)  # atomic: a reader sees no blob or the whole verified one
+            try:
+                # Atomic, and only one of concurrent uploads of one blob creates it (201; the others 200): a
+                # reader sees no blob or the whole verified one.
+                os.link(name, path)
+            except FileExistsError:
+                return False
             log.info("stored sha256/%s (%d bytes)", sha, length)
             return True
         finally:

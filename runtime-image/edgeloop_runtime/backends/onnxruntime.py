@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -52,6 +53,32 @@ GPU_PROVIDERS = {
 }
 OPENVINO = "OpenVINOExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
+NVIDIA = {"CUDAExecutionProvider", TENSORRT}
+# ONNX Runtime's error when the nodes it could not give an accelerator would have to run on the CPU.
+CPU_FALLBACK_DISABLED = "fallback to CPU EP has been explicitly disabled"
+
+
+def load_nvidia_libraries() -> None:
+    """Load CUDA's and cuDNN's libraries from their PyPI wheels (the cuda image's site-packages/nvidia), which
+    are on no library path: without this the CUDA provider fails to load (libcublasLt.so.13 not found) even on
+    a GPU. The driver is the node's, mounted by the nvidia container runtime."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        preload(cuda=True, cudnn=True, msvc=False, directory="")
+
+
+def unavailable_accelerators(providers: list[str], error: Exception) -> ModelLoadError:
+    """Why a session with CPU fallback off could not be made: the accelerators failed to initialise."""
+    hint = ""
+    if NVIDIA & set(providers) and not list(Path("/dev").glob("nvidia[0-9]*")):
+        hint = (
+            " no NVIDIA device in this container (/dev/nvidia*): is the node's GPU advertised and the pod's"
+            " runtimeClassName nvidia?"
+        )
+    return ModelLoadError(
+        f"execution providers {providers} failed to initialise on this node (ONNX Runtime's log above says why):"
+        f"{hint} pass --allow-cpu-fallback to serve on CPU instead. ONNX Runtime: {error}"
+    )
 
 
 def tensor_spec(node: ort.NodeArg) -> TensorSpec:
@@ -151,6 +178,8 @@ class OnnxRuntime:
         if CPU not in providers:
             # Without this, ONNX Runtime quietly runs the nodes an accelerator cannot take on CPU.
             settings.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if NVIDIA & set(providers):
+            load_nvidia_libraries()
         if options.compiled_cache is not None:
             options.compiled_cache.mkdir(parents=True, exist_ok=True)
         chosen_options = provider_options(providers, options)
@@ -161,6 +190,8 @@ class OnnxRuntime:
                     data, sess_options=settings, providers=providers, provider_options=chosen_options
                 )
             except Exception as error:  # ONNX Runtime raises its own exception types per failure
+                if CPU_FALLBACK_DISABLED in str(error):
+                    raise unavailable_accelerators(providers, error) from error
                 raise ModelLoadError(f"ONNX Runtime could not load the model: {error}") from error
             # A provider that fails to initialise (no driver, no device) is dropped silently by ONNX Runtime;
             # so is OpenVINO asked for a device it cannot open (it logs an error and leaves CPU).
