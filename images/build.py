@@ -116,6 +116,15 @@ ONE_ARCH = {"runtime-cuda": "amd64", "runtime-openvino": "amd64"}
 MODEL_CHECK = ("python", "/smoke/smoke_model.py", "check")
 OPENVINO_ON = '{"OpenVINOExecutionProvider": {"device_type": "%s"}}'
 RUNTIME_USER = "assert os.getuid() == 65532 == os.stat('/var/lib/edgeloop/models').st_uid"
+CUDA_PROVIDER_LOADS = """
+import ctypes, onnxruntime, pathlib
+from edgeloop_runtime.backends.onnxruntime import load_nvidia_libraries
+load_nvidia_libraries()
+try:
+    ctypes.CDLL(str(pathlib.Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"))
+except OSError as error:
+    assert "libcuda.so.1" in str(error), error
+"""
 SMOKE = {
     "runtime": (
         ("edgeloop-runtime", "--help"),
@@ -156,14 +165,9 @@ SMOKE = {
             "-c",
             "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p",
         ),
-        # CUDA's and cuDNN's libraries (from their wheels, on no library path) load, so the provider can.
-        (
-            "python",
-            "-c",
-            "import ctypes, onnxruntime as o, pathlib; from edgeloop_runtime.backends.onnxruntime import "
-            "load_nvidia_libraries as load; load(); "
-            "ctypes.CDLL(str(pathlib.Path(o.__file__).parent / 'capi' / 'libonnxruntime_providers_cuda.so'))",
-        ),
+        # CUDA's and cuDNN's libraries (from their wheels, on no library path) load, so the provider's library
+        # lacks only the driver's, which the node's nvidia container runtime mounts.
+        ("python", "-c", CUDA_PROVIDER_LOADS),
         # No GPU on the build machine: refused, saying so.
         (*MODEL_CHECK, "--providers", "CUDAExecutionProvider", "--refuse", "no NVIDIA device in this container"),
     ),
