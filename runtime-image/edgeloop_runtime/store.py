@@ -34,6 +34,7 @@ from pathlib import Path
 
 from . import bounded_http
 from .bounded_http import BoundedHandler, BoundedHTTPServer, Limits, Refused
+from .termination import stop_on_sigterm
 
 log = logging.getLogger("edgeloop_runtime.store")
 
@@ -347,5 +348,6 @@ def run(args: argparse.Namespace) -> int:
         args.root, token, args.host, args.port, bounded_http.server_context(args.tls_cert, args.tls_key, None), limits
     )
     log.info("serving %s on %s:%d%s", args.root, *server.server_address[:2], " (TLS)" if args.tls_cert else "")
+    stop_on_sigterm()
     server.serve_forever()
     return 0

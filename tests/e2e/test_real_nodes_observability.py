@@ -301,7 +301,9 @@ def test_a_real_prometheus_answers_every_dashboard_and_alert_expression(observed
         result = check(f"panel {title!r}", expr, labels)
         if "node" in labels and result:
             assert sorted({s["metric"]["node"] for s in result}) == nodes, f"every node in {title!r}"
-    accuracy = check("trained accuracy", f'edgeloop_federatedround_accuracy{{namespace="{NS}"}}', {"federatedround"})
+    # (test_real_nodes.py's round, when it ran, has its series too)
+    trained = f'edgeloop_federatedround_accuracy{{namespace="{NS}", federatedround="{ROUND}"}}'
+    accuracy = check("trained accuracy", trained, {"federatedround"})
     assert float(accuracy[0]["value"][1]) == pytest.approx(fr["status"]["metrics"]["accuracy"])
     failed = check("failed requests", f'sum by (reason) (nv_inference_request_failure{{namespace="{NS}"}}) > 0',
                    {"reason"}, must_return=not PENDING_METRICS)

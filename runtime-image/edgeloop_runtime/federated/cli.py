@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .. import bounded_http
+from ..termination import stop_on_sigterm
 from .aggregator_http import DEFAULT_LIMITS
 from .training import TrainConfig
 from .transport import Client, client_context, server_context
@@ -200,7 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_on_sigterm()
     return args.federated_run(args)
+
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
