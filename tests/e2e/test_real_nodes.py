@@ -56,6 +56,19 @@ def story(real_release: RealRelease) -> Story:
     return Story(real_release, list(real_release.devcluster.nodes))
 
 
+def write_digits(real: list[nodes.RealNode], namespace: str) -> None:
+    """Each node's own share of digits in its data path (the node contract's
+    /var/lib/edgeloop/data/<namespace>/<dataset>)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    for node in real:
+        data = node.host_path / "data" / namespace / "digits"
+        data.mkdir(parents=True, exist_ok=True)
+        part = slice(node.index, None, len(real))
+        np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
+
+
 def run_pod(story: Story, namespace: str, name: str, script: str, node: str) -> str:
     """Run `script` with the runtime image's Python on `node`; its output once it succeeded."""
     pod = {
@@ -278,13 +291,7 @@ def test_a_federated_round_on_real_nodes_trains_promotes_and_rolls_the_model(sto
     namespace = story.namespace
     if not story.model_v1:
         pytest.skip("the model was not served (see the test before)")
-    # Each node's own data, in its data path (the node contract's /var/lib/edgeloop/data/<namespace>/<dataset>).
-    x, y = load_digits(return_X_y=True)
-    for node in story.real:
-        data = node.host_path / "data" / namespace / "digits"
-        data.mkdir(parents=True, exist_ok=True)
-        part = slice(node.index, None, len(story.real))
-        np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
+    write_digits(story.real, namespace)
 
     round_ = yaml.safe_load((ROOT / "examples" / "federatedround-digits.yaml").read_text())
     round_["metadata"]["namespace"] = namespace

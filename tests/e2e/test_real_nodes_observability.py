@@ -26,7 +26,7 @@ import yaml
 from edgeloop import metrics
 
 from .conftest import DevCluster, RealRelease, wait_for
-from .test_real_nodes import GROUP_LABEL, digits_inputs
+from .test_real_nodes import GROUP_LABEL, digits_inputs, write_digits
 
 ROOT = Path(__file__).parents[2]
 CHART = ROOT / "charts" / "edgeloop"
@@ -61,7 +61,6 @@ def observed(real_release: RealRelease) -> Observed:
     """Model `observed` (version 1, the example's placement) served on every real node, and their data for a
     round; both deleted afterwards."""
     from edgeloop_runtime.federated.model import mlp
-    from sklearn.datasets import load_digits
 
     devcluster, real = real_release.devcluster, list(real_release.devcluster.nodes)
     real_release.delete_models("digits")  # test_real_nodes.py's story holds each node's one GPU or NPU
@@ -76,12 +75,7 @@ def observed(real_release: RealRelease) -> Observed:
     model["metadata"] = {"name": MODEL, "namespace": NS}
     model["spec"]["model"] = {"uri": real_release.model_uri(digest), "sha256": digest, "version": "1"}
     devcluster.kubectl("apply", "-f", "-", input=json.dumps(model))
-    x, y = load_digits(return_X_y=True)
-    for node in real:
-        data = node.host_path / "data" / NS / "digits"
-        data.mkdir(parents=True, exist_ok=True)
-        part = slice(node.index, None, len(real))
-        np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
+    write_digits(real, NS)
     watched = Observed(real_release, sorted(n.name for n in real),
                        sorted(n.name for n in real if groups[n.name] == "edge-real"), digest)
 

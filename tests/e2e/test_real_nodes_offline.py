@@ -32,7 +32,7 @@ from edgeloop import testing
 from devcluster import nodes
 
 from .conftest import RealRelease, wait_for
-from .test_real_nodes import ROOT, Story, digits_inputs, expected
+from .test_real_nodes import ROOT, Story, digits_inputs, expected, write_digits
 
 MODELS_NS, RELEASE_NS = RealRelease.workload_namespace, RealRelease.namespace
 
@@ -155,7 +155,7 @@ def test_stuck_round_pods_are_diagnosed_with_their_reason_long_before_the_deadli
     from edgeloop_runtime.federated.model import mlp
 
     devcluster = story.devcluster
-    write_datasets(story)  # no-image's clients have their data: what stops them is only the image
+    write_digits(story.real, MODELS_NS)  # no-image's clients have their data: what stops them is only the image
     digest = story.release.upload(mlp([64, 32, 10], seed=7))
     spec = {
         "model": {"uri": story.release.model_uri(digest), "sha256": digest,
@@ -262,18 +262,6 @@ class Aggregator:
                         debug=lambda: self.story.debug(MODELS_NS))
 
 
-def write_datasets(story: Story) -> None:
-    """Each node's own share of digits, in its data path (test_real_nodes.py does the same)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    for node in story.real:
-        data = node.host_path / "data" / MODELS_NS / "digits"
-        data.mkdir(parents=True, exist_ok=True)
-        part = slice(node.index, None, len(story.real))
-        np.savez(data / "digits.npz", x=(x[part] / 16).astype(np.float32), y=y[part])
-
-
 PIN = "e2e.edgeloop.io/aggregator"
 
 
@@ -282,7 +270,7 @@ def start_round(story: Story, name: str, rounds: int, aggregator_node: str) -> A
     `aggregator_node`; local training of a few seconds a round: time to lose a client or the aggregator."""
     from edgeloop_runtime.federated.model import mlp
 
-    write_datasets(story)
+    write_digits(story.real, MODELS_NS)
     story.devcluster.kubectl("label", "node", aggregator_node, f"{PIN}=here", "--overwrite")
     digest = story.release.upload(mlp([64, 32, 10], seed=5))
     round_ = {

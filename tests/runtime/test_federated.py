@@ -7,13 +7,10 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -28,17 +25,11 @@ from edgeloop_runtime.federated import secagg
 from edgeloop_runtime.federated.data import dirichlet_partition
 from edgeloop_runtime.federated.model import load, mlp
 from edgeloop_runtime.federated.transport import unpack
-from fed_processes import issue_certificates
+from fed_processes import free_port, issue_certificates, runtime
 from sklearn.datasets import load_digits
 
 CLIENTS = 10
 TRAINING = ["--learning-rate", "0.5", "--local-epochs", "2", "--batch-size", "16"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +42,6 @@ def federation(tmp_path_factory) -> Path:
         np.savez(root / f"c{i}.npz", x=x[rows], y=y[rows])
     (root / "m.onnx").write_bytes(mlp([64, 32, 10], seed=0))
     return root
-
-
-def runtime(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
-    out = open(log, "wb")  # noqa: SIM115 - the process owns it until it exits
-    return subprocess.Popen(
-        [sys.executable, "-m", "edgeloop_runtime.cli", *args],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 class Recorder:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ from pathlib import Path
 
 import pytest
 from edgeloop_runtime.federated.model import mlp
+from fed_processes import free_port
 
 pytestmark = pytest.mark.skipif(
     not shutil.which("unshare") or os.geteuid() != 0, reason="needs unshare and root (a PID namespace)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def store(tmp_path: Path) -> tuple[list[str], str]:
