@@ -82,7 +82,6 @@ OWNED = {ROUND_LABEL: kopf.PRESENT}
 # A pod waiting this long for its containers to be created is asked why (the kubelet's FailedMount events).
 MOUNT_GRACE_SECONDS = 5
 MAX_PODS_ASKED = 3
-REPORT_TAIL_LINES = 20  # an aggregator's log lines read for its final report (each ≤ 1 MiB in all)
 
 Key = tuple[str, str]  # (namespace, name) of a FederatedRound
 
@@ -377,8 +376,7 @@ class FederatedRounds:
             return None, f"{unreachable}; its log: {error}"
 
     def _last_logged_report(self, owner: Owner, aggregator: JobState) -> AggregatorReport:
-        """The aggregator prints its final report as the last line of its log; a connection it was still
-        answering may log a line after it, so the last of the log's final lines that is a JSON object."""
+        """The aggregator prints its final report as the last line of its log."""
         selector = f"{ROUND_LABEL}={owner.name},{ROLE_LABEL}={AGGREGATOR_ROLE}"
         pods = [
             pod
@@ -388,9 +386,8 @@ class FederatedRounds:
         if not pods:
             raise LookupError("no pod of the aggregator Job is left")
         latest = max(pods, key=lambda pod: pod["metadata"]["creationTimestamp"])
-        tail = self._kube.log_tail(owner.namespace, latest["metadata"]["name"], AGGREGATOR_CONTAINER, REPORT_TAIL_LINES)
-        reports = [line for line in tail.splitlines() if line.startswith("{")]
-        return parse_report(reports[-1] if reports else "")
+        lines = self._kube.log_tail(owner.namespace, latest["metadata"]["name"], AGGREGATOR_CONTAINER, 1).splitlines()
+        return parse_report(lines[-1] if lines else "")
 
     # ---- promoting
 
