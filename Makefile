@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: all venv devcluster-build crds lint unit e2e test real-nodes demo demo-down clean \
 	bench-devcluster bench-serve bench-perf-analyzer bench-federated bench-store-fanout bench-operator-scale images images-cuda \
-	images-multiarch
+	images-host
 
 all: test
 
@@ -44,18 +44,18 @@ test: venv devcluster-build lint real-nodes
 
 # The runtime flavours (cpu, openvino, federated), operator and pause images as OCI archives in
 # ~/.cache/edgeloop/images, built without a registry (debootstrap base, buildah; needs root); rebuilt only when
-# their inputs change. See docs/images.md.
+# their inputs change. See docs/images.md. `make images`: for amd64 and arm64, one OCI image index each (arm64's
+# RUN steps run under qemu-user-static, installed and registered with binfmt_misc when missing: about 20 min);
+# `make images-host`: for this machine's architecture only, what `make test` and `make demo` build.
 images: venv
+	$(BIN)/python images/build.py --arch amd64,arm64
+
+images-host: venv
 	$(BIN)/python images/build.py
 
 # The CUDA flavour: ~1.5 GB of CUDA and cuDNN wheels, so not part of `make images` (nor CI).
 images-cuda: venv
 	$(BIN)/python images/build.py --only runtime-cuda
-
-# Every image of `make images` for amd64 and arm64, one OCI image index each; arm64's RUN steps run under
-# qemu-user-static (installed and registered with binfmt_misc when missing), far too slow for CI.
-images-multiarch: venv
-	$(BIN)/python images/build.py --arch amd64,arm64
 
 # Real nodes' prerequisites (root: Debian's containerd, runc, CNI plugins; the images). Without root, says so.
 real-nodes: venv
