@@ -70,7 +70,7 @@ def load_nvidia_libraries() -> None:
 def unavailable_accelerators(providers: list[str], error: Exception) -> ModelLoadError:
     """Why a session with CPU fallback off could not be made: the accelerators failed to initialise."""
     hint = ""
-    if NVIDIA & set(providers) and not list(Path("/dev").glob("nvidia[0-9]*")):
+    if NVIDIA & set(providers) and not any(Path("/dev").glob("nvidia[0-9]*")):
         hint = (
             " no NVIDIA device in this container (/dev/nvidia*): is the node's GPU advertised and the pod's"
             " runtimeClassName nvidia?"

@@ -205,7 +205,6 @@ def run(args: argparse.Namespace) -> int:
     return args.federated_run(args)
 
 
-
 def run_aggregate(args: argparse.Namespace) -> int:
     import time
 
